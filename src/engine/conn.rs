@@ -1,0 +1,738 @@
+//! One server-side WebSocket connection as a state machine: bytes and ticks
+//! in, events and bytes to send out. No sockets, no clocks, no threads; the
+//! shard feeds it and carries out what it asks.
+//!
+//! Owns: the connection's phase, its liveness bookkeeping, and the bytes it
+//! must hold between reads (an incomplete frame, a fragmented message, output
+//! the socket would not take yet). Those live in one boxed `Bufs` that exists
+//! only while one of them is non-empty, so an idle connection owns no heap.
+//!
+//! Never does: interpret a text message (that is the handler's), or keep a
+//! buffer past its bound: a frame, a message and the upgrade head are capped
+//! by `Limits`, and the output cap is the shard's to enforce.
+
+use super::wheel::{Link, Tick};
+use super::ws::{self, CloseError, FrameError, HandshakeError, OpCode, Role, UpgradeRequest};
+use crate::metrics::BadInput;
+
+/// Bounds on what a peer can make a connection hold.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// One message (after reassembly), and so one frame. Over it: close 1009.
+    pub max_message: usize,
+    /// The HTTP upgrade head. Over it: 431 and drop.
+    pub max_upgrade: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message: 1 << 20,
+            max_upgrade: 8 << 10,
+        }
+    }
+}
+
+/// Deadlines, in wheel ticks.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub handshake: Tick,
+    pub admit: Tick,
+    pub ping_interval: Tick,
+    pub pong_timeout: Tick,
+    pub linger: Tick,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for the HTTP upgrade request.
+    Handshake,
+    /// Upgraded; the handler has not admitted it yet (e.g. no register).
+    Upgraded,
+    /// Admitted: pinged every interval.
+    Admitted,
+    /// We sent a close frame; waiting for the peer's close or EOF.
+    Closing,
+}
+
+/// Something the peer did that the protocol forbids.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    Handshake(HandshakeError),
+    Frame(FrameError),
+    Close(CloseError),
+    Binary,
+    InvalidUtf8,
+    TooBig,
+    UnexpectedContinuation,
+    ExpectedContinuation,
+}
+
+impl Violation {
+    /// The close code to send, or `None` before the upgrade (HTTP then).
+    pub fn close_code(self) -> Option<u16> {
+        Some(match self {
+            Violation::Handshake(_) => return None,
+            Violation::Binary => 1003,
+            Violation::InvalidUtf8 | Violation::Close(CloseError::Reason) => 1007,
+            Violation::TooBig => 1009,
+            Violation::Frame(_)
+            | Violation::Close(_)
+            | Violation::UnexpectedContinuation
+            | Violation::ExpectedContinuation => 1002,
+        })
+    }
+
+    /// The counter this violation is reported under.
+    pub fn kind(self) -> BadInput {
+        match self {
+            Violation::Handshake(HandshakeError::TooLarge(_) | HandshakeError::TooManyHeaders) => {
+                BadInput::UpgradeTooLarge
+            }
+            Violation::Handshake(HandshakeError::NotGet | HandshakeError::NotUpgrade) => {
+                BadInput::NotAnUpgrade
+            }
+            Violation::Handshake(HandshakeError::BadKey) => BadInput::BadWebsocketKey,
+            Violation::Handshake(HandshakeError::BadVersion) => BadInput::BadWebsocketVersion,
+            Violation::Handshake(_) => BadInput::MalformedHttp,
+            Violation::Frame(FrameError::Unmasked) => BadInput::UnmaskedFrame,
+            Violation::Frame(FrameError::ReservedBits | FrameError::ReservedOpcode(_)) => {
+                BadInput::ReservedBitsOrOpcode
+            }
+            Violation::Frame(FrameError::ControlTooLong(_) | FrameError::FragmentedControl) => {
+                BadInput::BadControlFrame
+            }
+            Violation::Frame(_) => BadInput::BadFrameHeader,
+            Violation::Close(_) => BadInput::BadCloseFrame,
+            Violation::Binary => BadInput::BinaryFrame,
+            Violation::InvalidUtf8 => BadInput::InvalidUtf8,
+            Violation::TooBig => BadInput::MessageTooBig,
+            Violation::UnexpectedContinuation | Violation::ExpectedContinuation => {
+                BadInput::BadFragmentation
+            }
+        }
+    }
+
+    pub fn reason(self) -> String {
+        match self {
+            Violation::Handshake(e) => e.to_string(),
+            Violation::Frame(e) => e.to_string(),
+            Violation::Close(e) => e.to_string(),
+            Violation::Binary => "binary frames are not accepted; send JSON-RPC as text".into(),
+            Violation::InvalidUtf8 => "text message is not valid UTF-8".into(),
+            Violation::TooBig => "message exceeds the size limit".into(),
+            Violation::UnexpectedContinuation => "continuation frame without a message".into(),
+            Violation::ExpectedContinuation => "new message before the previous one ended".into(),
+        }
+    }
+}
+
+/// What a connection tells its handler.
+pub enum Event<'a> {
+    /// A complete upgrade request. `Flow::Continue` accepts it; to refuse,
+    /// write an HTTP response into `out` and return `Flow::Stop`.
+    Upgrade(&'a UpgradeRequest<'a>),
+    /// The 101 response is in `out`; the handler may now send or admit.
+    Open,
+    Text(&'a str),
+    Pong(&'a [u8]),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+/// How a `feed` ended.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Fed {
+    /// All input consumed or held; keep reading.
+    Open,
+    /// The handler returned `Flow::Stop`; the rest of the input was dropped.
+    Stopped,
+    /// The peer sent a close frame (its code, if any); our answer is in `out`.
+    PeerClosed(Option<u16>),
+    Violation(Violation),
+}
+
+/// What a deadline means when it comes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// No upgrade within the handshake deadline: drop the socket.
+    HandshakeTimeout,
+    /// Upgraded but never admitted (no register): close 1008.
+    AdmitTimeout,
+    /// Time to ping; the pong check is the next deadline.
+    SendPing,
+    /// Something arrived since the ping: alive; next ping is scheduled.
+    Alive,
+    /// Nothing arrived since the ping within the pong timeout.
+    PongMissed,
+    /// We closed and the peer never finished the close handshake.
+    LingerOver,
+}
+
+const FRAGMENTED: u8 = 1;
+const SEEN_SINCE_PING: u8 = 2;
+const AWAITING_PONG: u8 = 4;
+/// The handler has accepted the upgrade and not yet been told of the end.
+const LIVE: u8 = 8;
+/// Accepted past the shard's cap: upgraded only to be told 1013.
+const OVER_CAP: u8 = 16;
+/// Was admitted at some point (for the admitted-connections gauge).
+const ADMITTED: u8 = 32;
+
+#[derive(Default)]
+struct Bufs {
+    /// Received bytes that do not form a whole frame (or upgrade head) yet.
+    partial: Vec<u8>,
+    /// A fragmented text message being reassembled.
+    message: Vec<u8>,
+    /// Bytes the socket has not taken yet.
+    out: Vec<u8>,
+}
+
+/// The per-connection state. Kept small: it is multiplied by every service.
+pub struct Conn {
+    /// Wheel membership; the shard's wheel owns its meaning.
+    pub link: Link,
+    /// Distinguishes reuses of a slab slot.
+    pub generation: u32,
+    /// The driver's handle for the socket (a raw fd for epoll).
+    pub handle: i32,
+    phase: Phase,
+    flags: u8,
+    ping_sent: Tick,
+    bufs: Option<Box<Bufs>>,
+}
+
+impl Conn {
+    /// A connection accepted at `now`; returns it and its first deadline.
+    pub fn accepted(handle: i32, generation: u32, now: Tick, timing: &Timing) -> (Conn, Tick) {
+        let conn = Conn {
+            link: Link::default(),
+            generation,
+            handle,
+            phase: Phase::Handshake,
+            flags: 0,
+            ping_sent: 0,
+            bufs: None,
+        };
+        (conn, now + timing.handshake)
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn set_live(&mut self) {
+        self.flags |= LIVE;
+    }
+
+    /// True once: the first call after `set_live`. The handler hears of a
+    /// connection's end exactly once.
+    pub fn take_live(&mut self) -> bool {
+        let live = self.flags & LIVE != 0;
+        self.flags &= !LIVE;
+        live
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.flags & LIVE != 0
+    }
+
+    pub fn mark_over_cap(&mut self) {
+        self.flags |= OVER_CAP;
+    }
+
+    pub fn was_admitted(&self) -> bool {
+        self.flags & ADMITTED != 0
+    }
+
+    pub fn is_over_cap(&self) -> bool {
+        self.flags & OVER_CAP != 0
+    }
+
+    /// Part of a frame (or of the upgrade head) is held: the peer stopped
+    /// mid-frame if the connection ends now.
+    pub fn holds_partial_input(&self) -> bool {
+        self.bufs
+            .as_ref()
+            .is_some_and(|b| !b.partial.is_empty() || !b.message.is_empty())
+    }
+
+    /// Bytes this connection holds on the heap right now.
+    pub fn buffered(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| {
+            b.partial.capacity() + b.message.capacity() + b.out.capacity()
+        })
+    }
+
+    /// Called after the upgrade was accepted: the admit deadline.
+    pub fn upgraded_deadline(&self, now: Tick, timing: &Timing) -> Tick {
+        now + timing.admit
+    }
+
+    /// The handler admitted the connection: start liveness checks. The first
+    /// ping comes after `first_ping` ticks (spread by the caller over the
+    /// interval so pings never come in bursts). Returns the next deadline.
+    pub fn admit(&mut self, now: Tick, first_ping: Tick) -> Option<Tick> {
+        if self.phase != Phase::Upgraded {
+            return None;
+        }
+        self.phase = Phase::Admitted;
+        self.flags |= ADMITTED;
+        Some(now + first_ping.max(1))
+    }
+
+    /// We sent a close frame; the peer has `linger` ticks to answer.
+    pub fn start_closing(&mut self, now: Tick, timing: &Timing) -> Tick {
+        self.phase = Phase::Closing;
+        now + timing.linger
+    }
+
+    /// A deadline came. Returns what it means and the next deadline, if any.
+    pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> (Due, Option<Tick>) {
+        match self.phase {
+            Phase::Handshake => (Due::HandshakeTimeout, None),
+            Phase::Upgraded => (Due::AdmitTimeout, None),
+            Phase::Closing => (Due::LingerOver, None),
+            Phase::Admitted if self.flags & AWAITING_PONG == 0 => {
+                self.flags = (self.flags | AWAITING_PONG) & !SEEN_SINCE_PING;
+                self.ping_sent = now;
+                (Due::SendPing, Some(now + timing.pong_timeout.max(1)))
+            }
+            Phase::Admitted if self.flags & SEEN_SINCE_PING != 0 => {
+                self.flags &= !AWAITING_PONG;
+                let next = (self.ping_sent + timing.ping_interval).max(now + 1);
+                (Due::Alive, Some(next))
+            }
+            Phase::Admitted => (Due::PongMissed, None),
+        }
+    }
+
+    /// Output the socket would not take; kept until `take_pending_out`.
+    pub fn queue_out(&mut self, bytes: &[u8]) {
+        self.bufs
+            .get_or_insert_default()
+            .out
+            .extend_from_slice(bytes);
+    }
+
+    pub fn pending_out(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.out.len())
+    }
+
+    /// Takes the unsent output to try it again; give back what is left with
+    /// `restore_out`.
+    pub fn take_pending_out(&mut self) -> Vec<u8> {
+        let out = self
+            .bufs
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.out))
+            .unwrap_or_default();
+        self.release_if_empty();
+        out
+    }
+
+    pub fn restore_out(&mut self, mut rest: Vec<u8>, sent: usize) {
+        if sent < rest.len() {
+            rest.drain(..sent);
+            let bufs = self.bufs.get_or_insert_default();
+            debug_assert!(bufs.out.is_empty());
+            bufs.out = rest;
+        }
+    }
+
+    fn release_if_empty(&mut self) {
+        if let Some(b) = &mut self.bufs {
+            if b.partial.is_empty() && b.message.is_empty() && b.out.is_empty() {
+                self.bufs = None;
+            } else if b.partial.is_empty() && b.partial.capacity() > 0 {
+                b.partial = Vec::new();
+            }
+        }
+    }
+
+    /// Processes received bytes. `input` may be modified (unmasked in
+    /// place). Whatever does not form a whole frame is kept. Replies the
+    /// protocol requires (pong, close echo, 101) are appended to `out`.
+    pub fn feed<F>(&mut self, input: &mut [u8], limits: &Limits, out: &mut Vec<u8>, sink: F) -> Fed
+    where
+        F: FnMut(Event<'_>, &mut Vec<u8>) -> Flow,
+    {
+        let mut bufs = self.bufs.take();
+        let holding = bufs.as_ref().is_some_and(|b| !b.partial.is_empty());
+        let fed = if holding {
+            let mut partial = {
+                let b = bufs.as_mut().expect("holding implies bufs");
+                b.partial.extend_from_slice(input);
+                std::mem::take(&mut b.partial)
+            };
+            let (fed, used) = self.parse(&mut partial, &mut bufs, limits, out, sink);
+            partial.drain(..used);
+            bufs.as_mut().expect("parse keeps bufs").partial = partial;
+            fed
+        } else {
+            let (fed, used) = self.parse(input, &mut bufs, limits, out, sink);
+            if fed == Fed::Open && used < input.len() {
+                bufs.get_or_insert_default()
+                    .partial
+                    .extend_from_slice(&input[used..]);
+            }
+            fed
+        };
+        self.bufs = bufs;
+        self.release_if_empty();
+        fed
+    }
+
+    fn parse<F>(
+        &mut self,
+        data: &mut [u8],
+        bufs: &mut Option<Box<Bufs>>,
+        limits: &Limits,
+        out: &mut Vec<u8>,
+        mut sink: F,
+    ) -> (Fed, usize)
+    where
+        F: FnMut(Event<'_>, &mut Vec<u8>) -> Flow,
+    {
+        let mut pos = 0;
+        if self.phase == Phase::Handshake {
+            match ws::parse_upgrade(data, limits.max_upgrade) {
+                Ok(None) => return (Fed::Open, 0),
+                Err(e) => return (Fed::Violation(Violation::Handshake(e)), 0),
+                Ok(Some((req, used))) => {
+                    if sink(Event::Upgrade(&req), out) == Flow::Stop {
+                        return (Fed::Stopped, used);
+                    }
+                    ws::write_upgrade_response(out, req.key);
+                    self.phase = Phase::Upgraded;
+                    pos = used;
+                }
+            }
+            if sink(Event::Open, out) == Flow::Stop {
+                return (Fed::Stopped, pos);
+            }
+        }
+        loop {
+            let rest = &mut data[pos..];
+            let header = match ws::decode_header(rest, Role::Server) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return (Fed::Violation(Violation::Frame(e)), pos),
+            };
+            if header.payload_len > limits.max_message as u64 {
+                return (Fed::Violation(Violation::TooBig), pos);
+            }
+            let total = header.header_len + header.payload_len as usize;
+            if rest.len() < total {
+                break;
+            }
+            let payload = &mut rest[header.header_len..total];
+            ws::apply_mask(payload, header.mask.expect("server role requires a mask"));
+            pos += total;
+            self.flags |= SEEN_SINCE_PING;
+            if self.phase == Phase::Closing && header.opcode != OpCode::Close {
+                continue;
+            }
+            let flow = match header.opcode {
+                OpCode::Text if self.flags & FRAGMENTED != 0 => {
+                    return (Fed::Violation(Violation::ExpectedContinuation), pos);
+                }
+                OpCode::Text if header.fin => match std::str::from_utf8(payload) {
+                    Ok(text) => sink(Event::Text(text), out),
+                    Err(_) => return (Fed::Violation(Violation::InvalidUtf8), pos),
+                },
+                OpCode::Text => {
+                    self.flags |= FRAGMENTED;
+                    bufs.get_or_insert_default()
+                        .message
+                        .extend_from_slice(payload);
+                    Flow::Continue
+                }
+                OpCode::Binary => return (Fed::Violation(Violation::Binary), pos),
+                OpCode::Continuation => {
+                    if self.flags & FRAGMENTED == 0 {
+                        return (Fed::Violation(Violation::UnexpectedContinuation), pos);
+                    }
+                    let b = bufs.as_mut().expect("fragmented implies bufs");
+                    if b.message.len() + payload.len() > limits.max_message {
+                        return (Fed::Violation(Violation::TooBig), pos);
+                    }
+                    b.message.extend_from_slice(payload);
+                    if !header.fin {
+                        continue;
+                    }
+                    self.flags &= !FRAGMENTED;
+                    let message = std::mem::take(&mut b.message);
+                    match std::str::from_utf8(&message) {
+                        Ok(text) => sink(Event::Text(text), out),
+                        Err(_) => return (Fed::Violation(Violation::InvalidUtf8), pos),
+                    }
+                }
+                OpCode::Ping => {
+                    ws::encode_frame(out, OpCode::Pong, payload, None);
+                    Flow::Continue
+                }
+                OpCode::Pong => sink(Event::Pong(payload), out),
+                OpCode::Close => {
+                    let code = match ws::parse_close(payload) {
+                        Ok(parsed) => parsed.map(|(code, _)| code),
+                        Err(e) => return (Fed::Violation(Violation::Close(e)), pos),
+                    };
+                    if self.phase != Phase::Closing {
+                        ws::encode_close(out, code.unwrap_or(1000), "", None);
+                    }
+                    self.phase = Phase::Closing;
+                    return (Fed::PeerClosed(code), pos);
+                }
+            };
+            if flow == Flow::Stop {
+                return (Fed::Stopped, pos);
+            }
+        }
+        (Fed::Open, pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn timing() -> Timing {
+        Timing {
+            handshake: 50,
+            admit: 100,
+            ping_interval: 300,
+            pong_timeout: 100,
+            linger: 20,
+        }
+    }
+
+    fn upgrade_bytes() -> Vec<u8> {
+        let mut v = Vec::new();
+        ws::write_upgrade_request(&mut v, "h", "/ws/microservice", KEY, None);
+        v
+    }
+
+    fn client_frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        ws::encode_frame(&mut v, opcode, payload, Some([7, 1, 9, 3]));
+        if !fin {
+            v[0] &= 0x7F;
+        }
+        v
+    }
+
+    /// Records events; accepts every upgrade.
+    #[derive(Default)]
+    struct Log {
+        texts: Vec<String>,
+        pongs: usize,
+        opened: usize,
+    }
+
+    fn feed(conn: &mut Conn, bytes: &[u8], log: &mut Log, out: &mut Vec<u8>) -> Fed {
+        let mut input = bytes.to_vec();
+        conn.feed(
+            &mut input,
+            &Limits {
+                max_message: 1000,
+                max_upgrade: 1024,
+            },
+            out,
+            |ev, _| {
+                match ev {
+                    Event::Upgrade(_) => {}
+                    Event::Open => log.opened += 1,
+                    Event::Text(t) => log.texts.push(t.to_owned()),
+                    Event::Pong(_) => log.pongs += 1,
+                }
+                Flow::Continue
+            },
+        )
+    }
+
+    fn open_conn() -> (Conn, Log, Vec<u8>) {
+        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut log = Log::default();
+        let mut out = Vec::new();
+        assert_eq!(
+            feed(&mut conn, &upgrade_bytes(), &mut log, &mut out),
+            Fed::Open
+        );
+        assert!(out.starts_with(b"HTTP/1.1 101"));
+        assert_eq!(conn.phase(), Phase::Upgraded);
+        out.clear();
+        (conn, log, out)
+    }
+
+    #[test]
+    fn byte_by_byte_delivery_yields_the_same_messages_and_frees_buffers() {
+        let mut stream = upgrade_bytes();
+        stream.extend(client_frame(OpCode::Text, true, b"hello"));
+        stream.extend(client_frame(OpCode::Text, false, b"frag"));
+        stream.extend(client_frame(OpCode::Ping, true, b"p"));
+        stream.extend(client_frame(
+            OpCode::Continuation,
+            true,
+            "mented é".as_bytes(),
+        ));
+        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        for b in &stream {
+            assert_eq!(
+                feed(&mut conn, std::slice::from_ref(b), &mut log, &mut out),
+                Fed::Open
+            );
+        }
+        assert_eq!(log.texts, vec!["hello", "fragmented é"]);
+        assert_eq!(log.opened, 1);
+        assert_eq!(conn.buffered(), 0, "an idle connection holds no buffer");
+        // The ping was answered with a pong carrying its payload.
+        let tail = &out[out.len() - 3..];
+        assert_eq!(tail, &[0x8A, 1, b'p']);
+    }
+
+    #[test]
+    fn violations_map_to_protocol_close_codes() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (client_frame(OpCode::Binary, true, b"x"), 1003),
+            (client_frame(OpCode::Text, true, &[0xFF, 0xFE]), 1007),
+            (client_frame(OpCode::Text, true, &[b'a'; 1001]), 1009),
+            (client_frame(OpCode::Continuation, true, b"x"), 1002),
+            (
+                [
+                    client_frame(OpCode::Text, false, b"a"),
+                    client_frame(OpCode::Text, true, b"b"),
+                ]
+                .concat(),
+                1002,
+            ),
+            (
+                [
+                    client_frame(OpCode::Text, false, &[b'a'; 600]),
+                    client_frame(OpCode::Continuation, true, &[b'a'; 600]),
+                ]
+                .concat(),
+                1009,
+            ),
+            ([0x81u8, 0x05, b'h', b'e', b'l', b'l', b'o'].to_vec(), 1002),
+            (
+                client_frame(OpCode::Close, true, &1005u16.to_be_bytes()),
+                1002,
+            ),
+        ];
+        for (bytes, code) in cases {
+            let (mut conn, mut log, mut out) = open_conn();
+            match feed(&mut conn, &bytes, &mut log, &mut out) {
+                Fed::Violation(v) => assert_eq!(v.close_code(), Some(code), "{v:?}"),
+                other => panic!("expected a violation, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_fragmented_utf8_character_across_frames_is_valid() {
+        let (mut conn, mut log, mut out) = open_conn();
+        let e = "é".as_bytes();
+        let mut bytes = client_frame(OpCode::Text, false, &e[..1]);
+        bytes.extend(client_frame(OpCode::Continuation, true, &e[1..]));
+        assert_eq!(feed(&mut conn, &bytes, &mut log, &mut out), Fed::Open);
+        assert_eq!(log.texts, vec!["é"]);
+    }
+
+    #[test]
+    fn peer_close_is_echoed_once_and_data_after_our_close_is_discarded() {
+        let (mut conn, mut log, mut out) = open_conn();
+        let fed = feed(
+            &mut conn,
+            &client_frame(OpCode::Close, true, &[0x03, 0xE9]),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(fed, Fed::PeerClosed(Some(1001)));
+        assert_eq!(out, vec![0x88, 2, 0x03, 0xE9]);
+
+        let (mut conn, mut log, mut out) = open_conn();
+        conn.start_closing(0, &timing());
+        let mut bytes = client_frame(OpCode::Text, true, b"late");
+        bytes.extend(client_frame(OpCode::Close, true, &[]));
+        assert_eq!(
+            feed(&mut conn, &bytes, &mut log, &mut out),
+            Fed::PeerClosed(None)
+        );
+        assert!(log.texts.is_empty());
+        assert!(out.is_empty(), "our close was already sent");
+    }
+
+    #[test]
+    fn handshake_violation_and_refusal() {
+        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        let fed = feed(
+            &mut conn,
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(
+            fed,
+            Fed::Violation(Violation::Handshake(HandshakeError::NotUpgrade))
+        );
+
+        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut input = upgrade_bytes();
+        let fed = conn.feed(
+            &mut input,
+            &Limits::default(),
+            &mut out,
+            |ev, out| match ev {
+                Event::Upgrade(_) => {
+                    ws::write_http_error(out, 404, "no");
+                    Flow::Stop
+                }
+                _ => Flow::Continue,
+            },
+        );
+        assert_eq!(fed, Fed::Stopped);
+        assert_eq!(conn.phase(), Phase::Handshake);
+    }
+
+    #[test]
+    fn liveness_cycle() {
+        let t = timing();
+        let (mut conn, _, _) = open_conn();
+        assert_eq!(conn.admit(10, 30), Some(40));
+        assert_eq!(conn.on_deadline(40, &t), (Due::SendPing, Some(140)));
+        // A pong (any frame) arrives before the check: alive, next ping at 40 + 300.
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        feed(
+            &mut conn,
+            &client_frame(OpCode::Pong, true, b""),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(log.pongs, 1);
+        assert_eq!(conn.on_deadline(140, &t), (Due::Alive, Some(340)));
+        assert_eq!(conn.on_deadline(340, &t), (Due::SendPing, Some(440)));
+        // Silence until the check: down.
+        assert_eq!(conn.on_deadline(440, &t).0, Due::PongMissed);
+    }
+
+    #[test]
+    fn unsent_output_is_kept_and_released() {
+        let (mut conn, _, _) = open_conn();
+        conn.queue_out(b"abcdef");
+        assert_eq!(conn.pending_out(), 6);
+        let out = conn.take_pending_out();
+        conn.restore_out(out, 4);
+        assert_eq!(conn.take_pending_out(), b"ef");
+        assert_eq!(conn.buffered(), 0);
+    }
+}

@@ -1,0 +1,403 @@
+//! The connection engine: shards that accept WebSocket connections, frame
+//! their messages, ping them and notice when they die.
+//!
+//! Knows nothing of JSON or registries: it hands whole text messages to a
+//! `Handler` (one per shard) and carries out what the handler asks through
+//! its `Cx` (send, close, admit). Everything a connection owns is bounded
+//! by `EngineConfig`.
+
+pub mod conn;
+pub mod epoll;
+pub mod listen;
+pub mod mailbox;
+mod shard;
+pub mod sys;
+pub mod wheel;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use conn::{Limits, Violation};
+use mailbox::{Full, Mailbox};
+pub use ws::UpgradeRequest;
+
+use crate::metrics::{BadInput, ShardStats};
+
+/// Fds a shard keeps free beyond its connection cap: the connections it
+/// accepts past the cap only to answer 1013, plus its own eventfds, epoll
+/// and listener.
+pub const FD_RESERVE: usize = 64;
+/// How many connections past the cap may be in the middle of being told 1013.
+pub const OVER_CAP_GRACE: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub listen: SocketAddr,
+    pub shards: usize,
+    pub max_conns_per_shard: usize,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// The HTTP upgrade must complete within this.
+    pub handshake_timeout: Duration,
+    /// The handler must admit (e.g. on `service/register`) within this.
+    pub admit_timeout: Duration,
+    /// After we send a close frame, how long the peer has to answer.
+    pub close_linger: Duration,
+    pub tick: Duration,
+    pub limits: Limits,
+    /// Unsent output one connection may hold before it is cut as too slow.
+    pub max_pending_out: usize,
+    /// Messages waiting in one shard's mailbox.
+    pub mailbox_capacity: usize,
+}
+
+impl EngineConfig {
+    pub fn new(listen: SocketAddr, shards: usize) -> EngineConfig {
+        EngineConfig {
+            listen,
+            shards,
+            max_conns_per_shard: default_max_conns_per_shard(shards),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            admit_timeout: Duration::from_secs(10),
+            close_linger: Duration::from_secs(2),
+            tick: Duration::from_millis(100),
+            limits: Limits::default(),
+            max_pending_out: 16 << 20,
+            mailbox_capacity: 65_536,
+        }
+    }
+
+    fn ticks(&self, d: Duration) -> wheel::Tick {
+        let ticks = d.as_nanos().div_ceil(self.tick.as_nanos().max(1));
+        ticks.clamp(1, u32::MAX as u128 / 4) as wheel::Tick
+    }
+
+    fn timing(&self) -> conn::Timing {
+        conn::Timing {
+            handshake: self.ticks(self.handshake_timeout),
+            admit: self.ticks(self.admit_timeout),
+            ping_interval: self.ticks(self.ping_interval),
+            pong_timeout: self.ticks(self.pong_timeout),
+            linger: self.ticks(self.close_linger),
+        }
+    }
+
+    fn validate(&self) -> Result<(), StartError> {
+        let bad = |msg: String| Err(StartError::Config(msg));
+        if self.shards == 0 || self.shards > 1024 {
+            return bad(format!("--shards must be 1..=1024, not {}", self.shards));
+        }
+        let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
+        let room = nofile.saturating_sub(FD_RESERVE + self.shards);
+        if self.max_conns_per_shard == 0 || self.max_conns_per_shard > room {
+            return bad(format!(
+                "--max-conns-per-shard {} does not fit one shard's fd table: RLIMIT_NOFILE is {nofile}, \
+                 minus {} reserved, leaves {room}; use more shards to hold more connections",
+                self.max_conns_per_shard,
+                FD_RESERVE + self.shards
+            ));
+        }
+        if self.tick < Duration::from_millis(1) || self.tick > Duration::from_secs(1) {
+            return bad(format!("tick must be 1ms..=1s, not {:?}", self.tick));
+        }
+        if self.ping_interval < self.tick || self.pong_timeout < self.tick {
+            return bad(format!(
+                "--ping-interval and --pong-timeout must be at least one tick ({:?})",
+                self.tick
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Just under what one fd table holds: RLIMIT_NOFILE minus the reserve.
+pub fn default_max_conns_per_shard(shards: usize) -> usize {
+    let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
+    nofile.saturating_sub(FD_RESERVE + shards).max(1)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
+    #[error("shard {shard} could not start: {message}")]
+    Shard { shard: usize, message: String },
+    #[error("cannot create a shard mailbox: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub u16);
+
+/// Names one connection for as long as it lives: a reused slab slot gets a
+/// new generation, so a stale reference is recognised and ignored.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    pub shard: ShardId,
+    pub key: u32,
+    pub generation: u32,
+}
+
+/// Why the handler will hear no more from a connection.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// The peer sent a close frame (with this code, if any).
+    PeerClosed(Option<u16>),
+    /// The socket ended without a close frame (EOF, reset, error).
+    PeerGone,
+    Violation(Violation),
+    /// No frame arrived within the pong timeout after a ping.
+    PongMissed,
+    /// Not admitted within the admit timeout.
+    AdmitTimeout,
+    /// The handler closed it with this code.
+    Closed(u16),
+    /// It would not read what we sent, past `max_pending_out`.
+    SlowConsumer,
+    Shutdown,
+}
+
+/// An upgrade the handler refuses: answered with this HTTP status.
+#[derive(Copy, Clone, Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub message: &'static str,
+    pub kind: BadInput,
+}
+
+/// One per shard; called only from that shard's thread.
+pub trait Handler: Send + 'static {
+    /// What others post to this shard's mailbox.
+    type Msg: Send + 'static;
+
+    /// A valid upgrade request arrived. `Ok` accepts it.
+    fn on_upgrade(&mut self, conn: ConnRef, req: &UpgradeRequest<'_>) -> Result<(), Refusal>;
+    /// The 101 went out; the connection may now be sent to or admitted.
+    fn on_open(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
+    fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str);
+    /// A liveness check passed (once per ping interval per admitted conn).
+    fn on_alive(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
+    /// Exactly once for every connection whose upgrade was accepted.
+    fn on_closed(&mut self, cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause);
+    fn on_message(&mut self, cx: &mut Cx<'_>, msg: Self::Msg);
+    /// Once per tick, after the tick's deadlines.
+    fn on_tick(&mut self, cx: &mut Cx<'_>);
+}
+
+pub(crate) enum Action {
+    Send {
+        conn: ConnRef,
+        frame: Range<usize>,
+    },
+    Close {
+        conn: ConnRef,
+        code: u16,
+        reason: Range<usize>,
+    },
+    Admit(ConnRef),
+}
+
+/// What handlers asked for, carried out by the shard after the callback.
+#[derive(Default)]
+pub(crate) struct Actions {
+    list: Vec<Action>,
+    bytes: Vec<u8>,
+}
+
+impl Actions {
+    fn clear(&mut self) {
+        self.list.clear();
+        self.bytes.clear();
+    }
+}
+
+/// The handler's view of its shard during a callback.
+pub struct Cx<'a> {
+    shard: ShardId,
+    now: Instant,
+    current: Option<ConnRef>,
+    /// Frames for `current`, sent in order right after the callback.
+    out: Option<&'a mut Vec<u8>>,
+    actions: &'a mut Actions,
+    stop_current: bool,
+}
+
+impl<'a> Cx<'a> {
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// The shard's clock at the start of this callback.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Queues one text message to `conn` (ignored if it has gone).
+    pub fn send_text(&mut self, conn: ConnRef, text: &[u8]) {
+        match &mut self.out {
+            Some(out) if Some(conn) == self.current => {
+                ws::encode_frame(out, ws::OpCode::Text, text, None)
+            }
+            _ => {
+                let start = self.actions.bytes.len();
+                ws::encode_frame(&mut self.actions.bytes, ws::OpCode::Text, text, None);
+                let frame = start..self.actions.bytes.len();
+                self.actions.list.push(Action::Send { conn, frame });
+            }
+        }
+    }
+
+    /// Starts the close handshake with `code`. The handler then hears
+    /// `on_closed(Closed(code))` and nothing more from `conn`.
+    pub fn close(&mut self, conn: ConnRef, code: u16, reason: &str) {
+        if Some(conn) == self.current {
+            self.stop_current = true;
+        }
+        let start = self.actions.bytes.len();
+        self.actions.bytes.extend_from_slice(reason.as_bytes());
+        let reason = start..self.actions.bytes.len();
+        self.actions.list.push(Action::Close { conn, code, reason });
+    }
+
+    /// Starts liveness checks (pings) and lifts the admit deadline.
+    pub fn admit(&mut self, conn: ConnRef) {
+        self.actions.list.push(Action::Admit(conn));
+    }
+}
+
+/// A running engine: its shards, their mailboxes and counters.
+pub struct Engine<M: Send + 'static> {
+    threads: Vec<JoinHandle<()>>,
+    mailboxes: Arc<[Mailbox<M>]>,
+    stats: Arc<[ShardStats]>,
+    stop: Arc<AtomicBool>,
+    local_addr: SocketAddr,
+}
+
+impl<M: Send + 'static> Engine<M> {
+    /// Opens the listeners and starts one thread per shard. `make_handler`
+    /// builds each shard's handler; it gets the mailboxes so handlers can
+    /// post to each other.
+    pub fn start<H, F>(config: EngineConfig, mut make_handler: F) -> Result<Engine<M>, StartError>
+    where
+        H: Handler<Msg = M>,
+        F: FnMut(ShardId, Arc<[Mailbox<M>]>, Arc<[ShardStats]>) -> H,
+    {
+        config.validate()?;
+        let mailboxes: Arc<[Mailbox<M>]> = (0..config.shards)
+            .map(|_| Mailbox::new(config.mailbox_capacity))
+            .collect::<Result<Vec<_>, _>>()?
+            .into();
+        let stats: Arc<[ShardStats]> = (0..config.shards).map(|_| ShardStats::default()).collect();
+        let (listeners, local_addr) = listen::open_listeners(config.listen, config.shards)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let epoch = Instant::now();
+        let config = Arc::new(config);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::with_capacity(config.shards);
+        for index in 0..config.shards {
+            let id = ShardId(index as u16);
+            let handler = make_handler(id, mailboxes.clone(), stats.clone());
+            let setup = shard::Setup {
+                id,
+                listener: listeners[index],
+                keep: listeners[index..=index]
+                    .iter()
+                    .copied()
+                    .chain(mailboxes.iter().map(|m| m.wake_fd()))
+                    .collect(),
+                config: config.clone(),
+                mailboxes: mailboxes.clone(),
+                stats: stats.clone(),
+                stop: stop.clone(),
+                epoch,
+            };
+            let shard_ready = ready_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("tether-shard-{index}"))
+                .spawn(move || shard::run(setup, handler, shard_ready));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    let _ = ready_tx.send((index, Err(format!("cannot spawn its thread: {e}"))));
+                }
+            }
+        }
+        drop(ready_tx);
+        let mut failure = None;
+        for _ in 0..config.shards {
+            match ready_rx.recv() {
+                Ok((_, Ok(()))) => {}
+                Ok((shard, Err(message))) => failure = Some(StartError::Shard { shard, message }),
+                Err(_) => {
+                    failure.get_or_insert(StartError::Config("a shard exited during start".into()));
+                    break;
+                }
+            }
+        }
+        // Each shard now holds its own listener in its own fd table.
+        listeners.into_iter().for_each(sys::close);
+        let engine = Engine {
+            threads,
+            mailboxes,
+            stats,
+            stop,
+            local_addr,
+        };
+        match failure {
+            None => Ok(engine),
+            Some(e) => {
+                engine.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shards(&self) -> usize {
+        self.mailboxes.len()
+    }
+
+    pub fn stats(&self) -> &Arc<[ShardStats]> {
+        &self.stats
+    }
+
+    pub fn mailboxes(&self) -> &Arc<[Mailbox<M>]> {
+        &self.mailboxes
+    }
+
+    pub fn post(&self, shard: ShardId, msg: M) -> Result<(), Full<M>> {
+        self.mailboxes[shard.0 as usize].post(msg)
+    }
+
+    /// Closes every connection with 1001 (going away) and joins the shards.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.mailboxes.iter().for_each(Mailbox::wake);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<M: Send + 'static> Drop for Engine<M> {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}

@@ -1,0 +1,755 @@
+//! One shard: a thread with its own fd table, an epoll loop, a slab of
+//! connections and a timer wheel. Nothing here is shared with other
+//! shards except the mailboxes (to receive), the counters (to write) and
+//! the stop flag.
+//!
+//! The loop: wait for readiness or the next tick; accept, read, feed the
+//! connection state machine, hand messages to the handler, write what it
+//! produced, carry out its actions; on each tick, fire the wheel's
+//! deadlines (handshake, admit, ping, pong, linger) and call `on_tick`.
+//!
+//! Never does: block, allocate per idle connection, or read more than a
+//! bounded amount from one connection before serving the others.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use slab::Slab;
+
+use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing};
+use super::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
+use super::mailbox::Mailbox;
+use super::wheel::{Link, Links, Tick, Wheel};
+use super::{
+    Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, OVER_CAP_GRACE, ShardId, sys,
+    ws,
+};
+use crate::metrics::{self, BadInput, ShardStats};
+
+/// The per-shard read buffer: every connection reads into it.
+const SCRATCH: usize = 64 << 10;
+/// Reads from one connection per readiness event before the others' turn.
+const READ_BUDGET: usize = 16;
+/// Accepts per listener event before the others' turn.
+const ACCEPT_BUDGET: usize = 512;
+const EVENTS: usize = 1024;
+const LISTENER: u64 = u64::MAX;
+const MAILBOX: u64 = u64::MAX - 1;
+
+pub(super) struct Setup<M: Send + 'static> {
+    pub id: ShardId,
+    pub listener: RawFd,
+    /// Fds this shard's table keeps besides stdio; the rest are closed.
+    pub keep: Vec<RawFd>,
+    pub config: Arc<EngineConfig>,
+    pub mailboxes: Arc<[Mailbox<M>]>,
+    pub stats: Arc<[ShardStats]>,
+    pub stop: Arc<AtomicBool>,
+    pub epoch: Instant,
+}
+
+fn token(key: u32, generation: u32) -> u64 {
+    (generation as u64) << 32 | key as u64
+}
+
+/// Takes this thread's own fd table and keeps only the fds named in `keep`
+/// (plus stdio): copies of other threads' sockets would otherwise stay open
+/// here and keep those sockets alive after their owners close them.
+fn own_fd_table(keep: &[RawFd]) -> std::io::Result<()> {
+    sys::unshare_fd_table()?;
+    for fd in sys::open_fds()? {
+        if fd > 2 && !keep.contains(&fd) {
+            sys::close(fd);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn run<H: Handler>(
+    setup: Setup<H::Msg>,
+    handler: H,
+    ready: Sender<(usize, Result<(), String>)>,
+) {
+    let index = setup.id.0 as usize;
+    let prepared = own_fd_table(&setup.keep)
+        .and_then(|()| Epoll::new(EVENTS))
+        .and_then(|epoll| {
+            epoll.add(setup.listener, READABLE | EDGE, LISTENER)?;
+            epoll.add(setup.mailboxes[index].wake_fd(), READABLE, MAILBOX)?;
+            Ok(epoll)
+        });
+    let epoll = match prepared {
+        Ok(epoll) => epoll,
+        Err(e) => {
+            let _ = ready.send((index, Err(e.to_string())));
+            return;
+        }
+    };
+    let _ = ready.send((index, Ok(())));
+    drop(ready);
+    let mut shard = Shard::new(setup, handler, epoll);
+    shard.run();
+}
+
+impl Links for Slab<Conn> {
+    fn link(&mut self, key: u32) -> &mut Link {
+        &mut self[key as usize].link
+    }
+}
+
+struct Shard<H: Handler> {
+    id: ShardId,
+    config: Arc<EngineConfig>,
+    timing: Timing,
+    conns: Slab<Conn>,
+    wheel: Wheel,
+    handler: H,
+    epoll: Epoll,
+    listener: RawFd,
+    mailboxes: Arc<[Mailbox<H::Msg>]>,
+    all_stats: Arc<[ShardStats]>,
+    stop: Arc<AtomicBool>,
+    epoch: Instant,
+    now: Tick,
+    clock: Instant,
+    scratch: Box<[u8]>,
+    /// Frames for the connection being fed.
+    out: Vec<u8>,
+    actions: Actions,
+    expired: Vec<u32>,
+    inbox: VecDeque<H::Msg>,
+    /// Connections whose read budget ran out with data possibly left.
+    resume: Vec<u64>,
+    resume_next: Vec<u64>,
+    next_generation: u32,
+    /// Accept again before waiting (budget spent, or room freed).
+    accept_now: bool,
+    /// At the connection bound or out of fds: accept again when room frees.
+    accept_paused: bool,
+    last_accept_warning: Option<Instant>,
+}
+
+impl<H: Handler> Shard<H> {
+    fn new(setup: Setup<H::Msg>, handler: H, epoll: Epoll) -> Shard<H> {
+        let timing = setup.config.timing();
+        let now = 0;
+        Shard {
+            id: setup.id,
+            timing,
+            conns: Slab::with_capacity(setup.config.max_conns_per_shard + OVER_CAP_GRACE),
+            wheel: Wheel::new(now),
+            handler,
+            epoll,
+            listener: setup.listener,
+            mailboxes: setup.mailboxes,
+            all_stats: setup.stats,
+            stop: setup.stop,
+            epoch: setup.epoch,
+            now,
+            clock: Instant::now(),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            out: Vec::with_capacity(4096),
+            actions: Actions::default(),
+            expired: Vec::new(),
+            inbox: VecDeque::new(),
+            resume: Vec::new(),
+            resume_next: Vec::new(),
+            next_generation: 1,
+            accept_now: true,
+            accept_paused: false,
+            last_accept_warning: None,
+            config: setup.config,
+        }
+    }
+
+    fn stats(&self) -> &ShardStats {
+        &self.all_stats[self.id.0 as usize]
+    }
+
+    fn tick_of(&self, at: Instant) -> Tick {
+        (at.duration_since(self.epoch).as_nanos() / self.config.tick.as_nanos()) as Tick
+    }
+
+    fn live(&self, key: u32, generation: u32) -> bool {
+        self.conns
+            .get(key as usize)
+            .is_some_and(|c| c.generation == generation)
+    }
+
+    fn cref(&self, key: u32) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            key,
+            generation: self.conns[key as usize].generation,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut ready: Vec<(u32, u64)> = Vec::with_capacity(EVENTS);
+        while !self.stop.load(Ordering::Relaxed) {
+            let timeout = if self.accept_now || !self.resume.is_empty() {
+                0
+            } else {
+                let next_tick = self.epoch + self.config.tick * (self.now + 1);
+                let wait = next_tick.saturating_duration_since(Instant::now());
+                wait.as_millis().clamp(1, 1000) as i32
+            };
+            match self.epoll.wait(timeout) {
+                Ok(events) => ready.extend(events),
+                Err(e) => {
+                    tracing::error!(shard = self.id.0, "epoll_wait failed: {e}; shard stops");
+                    break;
+                }
+            }
+            self.clock = Instant::now();
+            for (events, token) in ready.drain(..) {
+                match token {
+                    LISTENER => self.accept_now = true,
+                    MAILBOX => self.drain_mailbox(),
+                    token => {
+                        let (key, generation) = (token as u32, (token >> 32) as u32);
+                        if events & WRITABLE != 0 && self.live(key, generation) {
+                            self.flush(key);
+                        }
+                        if events & (READABLE | HANGUP) != 0 && self.live(key, generation) {
+                            self.read(key);
+                        }
+                    }
+                }
+            }
+            if self.accept_now {
+                self.accept();
+            }
+            std::mem::swap(&mut self.resume, &mut self.resume_next);
+            for token in std::mem::take(&mut self.resume_next) {
+                if self.live(token as u32, (token >> 32) as u32) {
+                    self.read(token as u32);
+                }
+            }
+            self.tick();
+        }
+        self.shutdown();
+    }
+
+    fn drain_mailbox(&mut self) {
+        let mut inbox = std::mem::take(&mut self.inbox);
+        self.mailboxes[self.id.0 as usize].take_all(&mut inbox);
+        for msg in inbox.drain(..) {
+            self.call(|h, cx| h.on_message(cx, msg));
+        }
+        self.inbox = inbox;
+    }
+
+    /// Calls the handler outside of any connection's input, then carries
+    /// out what it asked.
+    fn call(&mut self, f: impl FnOnce(&mut H, &mut Cx<'_>)) {
+        let mut cx = Cx {
+            shard: self.id,
+            now: self.clock,
+            current: None,
+            out: None,
+            actions: &mut self.actions,
+            stop_current: false,
+        };
+        f(&mut self.handler, &mut cx);
+        self.apply_actions();
+    }
+
+    fn apply_actions(&mut self) {
+        // Closing a connection calls `on_closed`, which may ask for more.
+        while !self.actions.list.is_empty() {
+            let mut actions = std::mem::take(&mut self.actions);
+            for action in actions.list.drain(..) {
+                match action {
+                    Action::Send { conn, frame } => {
+                        if self.live(conn.key, conn.generation) && conn.shard == self.id {
+                            self.write(conn.key, &actions.bytes[frame]);
+                        }
+                    }
+                    Action::Close { conn, code, reason } => {
+                        if self.live(conn.key, conn.generation) && conn.shard == self.id {
+                            let reason =
+                                String::from_utf8_lossy(&actions.bytes[reason]).into_owned();
+                            self.close(conn.key, code, &reason, CloseCause::Closed(code));
+                        }
+                    }
+                    Action::Admit(conn) => {
+                        if self.live(conn.key, conn.generation) && conn.shard == self.id {
+                            self.admit(conn.key);
+                        }
+                    }
+                }
+            }
+            actions.clear();
+            if self.actions.list.is_empty() {
+                self.actions = actions;
+            }
+        }
+    }
+
+    fn admit(&mut self, key: u32) {
+        let interval = self.timing.ping_interval;
+        let conn = &mut self.conns[key as usize];
+        // Spread first pings over the interval by a hash of the slot, so a
+        // ramp of registrations never turns into a burst of pings.
+        let spread =
+            (key.wrapping_mul(2_654_435_761) ^ conn.generation.wrapping_mul(40_503)) % interval;
+        if let Some(deadline) = conn.admit(self.now, spread + 1) {
+            self.wheel.insert(&mut self.conns, key, deadline);
+            metrics::inc(&self.stats().open_admitted);
+        }
+    }
+
+    // -- accept --------------------------------------------------------------
+
+    fn accept(&mut self) {
+        self.accept_now = false;
+        for _ in 0..ACCEPT_BUDGET {
+            if self.conns.len() >= self.config.max_conns_per_shard + OVER_CAP_GRACE {
+                self.accept_paused = true;
+                return;
+            }
+            match sys::accept(self.listener) {
+                Ok(fd) => self.adopt(fd),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS: the backlog keeps the
+                    // connections; try again when room frees or next tick.
+                    metrics::inc(&self.stats().accept_errors);
+                    self.accept_paused = true;
+                    let quiet = self
+                        .last_accept_warning
+                        .is_some_and(|t| t.elapsed().as_secs() < 10);
+                    if !quiet {
+                        self.last_accept_warning = Some(Instant::now());
+                        tracing::warn!(
+                            shard = self.id.0,
+                            open = self.conns.len(),
+                            "accept failed: {e}; pausing accepts until connections close \
+                             (raise RLIMIT_NOFILE or add shards)"
+                        );
+                    }
+                    return;
+                }
+            }
+        }
+        self.accept_now = true;
+    }
+
+    fn adopt(&mut self, fd: RawFd) {
+        let _ = sys::set_nodelay(fd);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let over_cap = self.conns.len() >= self.config.max_conns_per_shard;
+        let entry = self.conns.vacant_entry();
+        let key = entry.key() as u32;
+        if let Err(e) = self.epoll.add(
+            fd,
+            READABLE | WRITABLE | HANGUP | EDGE,
+            token(key, generation),
+        ) {
+            tracing::warn!(shard = self.id.0, "cannot watch an accepted socket: {e}");
+            sys::close(fd);
+            return;
+        }
+        let (mut conn, deadline) = Conn::accepted(fd, generation, self.now, &self.timing);
+        if over_cap {
+            conn.mark_over_cap();
+        }
+        entry.insert(conn);
+        self.wheel.insert(&mut self.conns, key, deadline);
+        let stats = self.stats();
+        metrics::inc(&stats.accepted);
+        metrics::inc(&stats.open_connections);
+    }
+
+    // -- input ---------------------------------------------------------------
+
+    fn read(&mut self, key: u32) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.conns.get(key as usize) else {
+                return;
+            };
+            match sys::recv(conn.handle, &mut self.scratch) {
+                Ok(0) => return self.lost(key),
+                Ok(n) => {
+                    self.stats().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    let generation = conn.generation;
+                    self.feed(key, n);
+                    // A short read drained the socket; edge-triggered epoll
+                    // reports anything that arrives later.
+                    if n < self.scratch.len() || !self.live(key, generation) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.lost(key),
+            }
+        }
+        let generation = self.conns[key as usize].generation;
+        self.resume.push(token(key, generation));
+    }
+
+    /// Feeds `scratch[..n]` to connection `key` and acts on the outcome.
+    fn feed(&mut self, key: u32, n: usize) {
+        let Shard {
+            id,
+            conns,
+            handler,
+            scratch,
+            out,
+            actions,
+            config,
+            clock,
+            epoch,
+            all_stats,
+            ..
+        } = self;
+        let stats = &all_stats[id.0 as usize];
+        let conn = &mut conns[key as usize];
+        let cref = ConnRef {
+            shard: *id,
+            key,
+            generation: conn.generation,
+        };
+        let phase_before = conn.phase();
+        let over_cap = conn.is_over_cap();
+        let mut accepted = false;
+        out.clear();
+        let fed = conn.feed(&mut scratch[..n], &config.limits, out, |event, out| {
+            let mut cx = Cx {
+                shard: *id,
+                now: *clock,
+                current: Some(cref),
+                out: None,
+                actions,
+                stop_current: false,
+            };
+            match event {
+                Event::Upgrade(_) if over_cap => {}
+                Event::Upgrade(req) => match handler.on_upgrade(cref, req) {
+                    Ok(()) => accepted = true,
+                    Err(refusal) => {
+                        stats.bad(refusal.kind);
+                        ws::write_http_error(out, refusal.status, refusal.message);
+                        return Flow::Stop;
+                    }
+                },
+                Event::Open if over_cap => {
+                    metrics::inc(&stats.rejected_over_cap);
+                    ws::encode_close(
+                        out,
+                        1013,
+                        "shard at its connection limit; try again later",
+                        None,
+                    );
+                    return Flow::Stop;
+                }
+                Event::Open => {
+                    cx.out = Some(out);
+                    handler.on_open(&mut cx, cref);
+                }
+                Event::Text(text) => {
+                    cx.out = Some(out);
+                    handler.on_text(&mut cx, cref, text);
+                }
+                Event::Pong(payload) => {
+                    metrics::inc(&stats.pongs_received);
+                    if let Ok(sent) = <[u8; 8]>::try_from(payload) {
+                        let sent_ns = u64::from_be_bytes(sent);
+                        let now_ns = clock.duration_since(*epoch).as_nanos() as u64;
+                        if let Some(rtt) = now_ns
+                            .checked_sub(sent_ns)
+                            .filter(|ns| *ns < 3_600_000_000_000)
+                        {
+                            stats.rtt(rtt / 1000);
+                        }
+                    }
+                }
+            }
+            if cx.stop_current {
+                Flow::Stop
+            } else {
+                Flow::Continue
+            }
+        });
+        if accepted {
+            conn.set_live();
+            metrics::inc(&stats.open_upgraded);
+        }
+        if phase_before == Phase::Handshake && conn.phase() == Phase::Upgraded {
+            let deadline = conn.upgraded_deadline(self.now, &self.timing);
+            self.wheel.insert(&mut self.conns, key, deadline);
+        }
+        let phase = self.conns[key as usize].phase();
+        let out = std::mem::take(&mut self.out);
+        let alive = out.is_empty() || self.write(key, &out);
+        self.out = out;
+        if alive {
+            match fed {
+                Fed::Open => {}
+                // Refused at the upgrade, or told 1013: the answer is out.
+                Fed::Stopped if phase == Phase::Handshake || over_cap => self.linger(key),
+                // The handler closed it: its Close action follows.
+                Fed::Stopped => {}
+                Fed::PeerClosed(code) => {
+                    metrics::inc(&self.stats().peer_closed);
+                    self.notify_closed(key, CloseCause::PeerClosed(code));
+                    self.drop_conn(key);
+                }
+                Fed::Violation(v) => {
+                    self.stats().bad(v.kind());
+                    match v.close_code() {
+                        Some(code) => self.close(key, code, &v.reason(), CloseCause::Violation(v)),
+                        None => {
+                            let Violation::Handshake(e) = v else {
+                                unreachable!()
+                            };
+                            let mut answer = Vec::new();
+                            ws::write_http_error(&mut answer, e.status(), &e.to_string());
+                            if self.write(key, &answer) {
+                                self.linger(key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.apply_actions();
+    }
+
+    /// The peer went away without a close frame.
+    fn lost(&mut self, key: u32) {
+        let conn = &self.conns[key as usize];
+        if conn.holds_partial_input() && conn.phase() != Phase::Closing {
+            self.stats().bad(BadInput::ResetMidFrame);
+        }
+        metrics::inc(&self.stats().peer_gone);
+        self.notify_closed(key, CloseCause::PeerGone);
+        self.drop_conn(key);
+    }
+
+    // -- output --------------------------------------------------------------
+
+    /// Sends `bytes` or keeps what the socket will not take. Returns false
+    /// if the connection is gone (it was dropped here).
+    fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
+        let max = self.config.max_pending_out;
+        let conn = &mut self.conns[key as usize];
+        let pending = conn.pending_out();
+        if pending > 0 {
+            if pending + bytes.len() > max {
+                return self.cut_slow(key);
+            }
+            conn.queue_out(bytes);
+            return true;
+        }
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match sys::send(conn.handle, &bytes[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.lost(key);
+                    return false;
+                }
+            }
+        }
+        self.stats()
+            .bytes_out
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        if sent < bytes.len() {
+            if bytes.len() - sent > max {
+                return self.cut_slow(key);
+            }
+            self.conns[key as usize].queue_out(&bytes[sent..]);
+        }
+        true
+    }
+
+    /// The socket became writable: send what was kept.
+    fn flush(&mut self, key: u32) {
+        let conn = &mut self.conns[key as usize];
+        if conn.pending_out() == 0 {
+            return;
+        }
+        let pending = conn.take_pending_out();
+        let mut sent = 0;
+        while sent < pending.len() {
+            match sys::send(conn.handle, &pending[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.lost(key),
+            }
+        }
+        self.stats()
+            .bytes_out
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        self.conns[key as usize].restore_out(pending, sent);
+    }
+
+    fn cut_slow(&mut self, key: u32) -> bool {
+        metrics::inc(&self.stats().slow_consumers_cut);
+        self.notify_closed(key, CloseCause::SlowConsumer);
+        self.drop_conn(key);
+        false
+    }
+
+    // -- closing -------------------------------------------------------------
+
+    /// Tells the handler, once, that the connection is over for it.
+    fn notify_closed(&mut self, key: u32, cause: CloseCause) {
+        let conn = &mut self.conns[key as usize];
+        if !conn.take_live() {
+            return;
+        }
+        metrics::dec(&self.stats().open_upgraded);
+        let cref = self.cref(key);
+        self.call(|h, cx| h.on_closed(cx, cref, cause));
+    }
+
+    /// Starts the close handshake: the handler is told, a close frame goes
+    /// out, and the peer has `close_linger` to answer.
+    fn close(&mut self, key: u32, code: u16, reason: &str, cause: CloseCause) {
+        if !self.conns.contains(key as usize) || self.conns[key as usize].phase() == Phase::Closing
+        {
+            return;
+        }
+        let generation = self.conns[key as usize].generation;
+        self.notify_closed(key, cause);
+        if !self.live(key, generation) {
+            return;
+        }
+        let mut frame = Vec::with_capacity(ws::MAX_CONTROL_PAYLOAD + 4);
+        ws::encode_close(&mut frame, code, reason, None);
+        if self.write(key, &frame) {
+            self.linger(key);
+        }
+    }
+
+    /// Our last bytes are out: wait for the peer's close or EOF.
+    fn linger(&mut self, key: u32) {
+        let conn = &mut self.conns[key as usize];
+        if conn.phase() == Phase::Handshake && conn.pending_out() == 0 {
+            // An HTTP refusal: FIN after the response.
+            sys::shutdown_write(conn.handle);
+        }
+        let deadline = conn.start_closing(self.now, &self.timing);
+        self.wheel.insert(&mut self.conns, key, deadline);
+    }
+
+    fn drop_conn(&mut self, key: u32) {
+        self.wheel.cancel(&mut self.conns, key);
+        let conn = self.conns.remove(key as usize);
+        debug_assert!(!conn.is_live(), "handler must hear of the end first");
+        sys::close(conn.handle);
+        let stats = &self.all_stats[self.id.0 as usize];
+        metrics::dec(&stats.open_connections);
+        if conn.was_admitted() {
+            metrics::dec(&stats.open_admitted);
+        }
+        if self.accept_paused {
+            self.accept_paused = false;
+            self.accept_now = true;
+        }
+    }
+
+    // -- time ----------------------------------------------------------------
+
+    fn tick(&mut self) {
+        let now = self.tick_of(self.clock);
+        if now <= self.now {
+            return;
+        }
+        self.now = now;
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(&mut self.conns, now, &mut expired);
+        for &key in &expired {
+            if self.conns.contains(key as usize) {
+                self.deadline(key);
+            }
+        }
+        expired.clear();
+        self.expired = expired;
+        self.call(|h, cx| h.on_tick(cx));
+        if self.accept_paused && self.conns.len() < self.config.max_conns_per_shard + OVER_CAP_GRACE
+        {
+            self.accept_paused = false;
+            self.accept_now = true;
+        }
+    }
+
+    fn deadline(&mut self, key: u32) {
+        let (due, next) = self.conns[key as usize].on_deadline(self.now, &self.timing);
+        if let Some(next) = next {
+            self.wheel.insert(&mut self.conns, key, next);
+        }
+        match due {
+            Due::HandshakeTimeout => {
+                self.stats().bad(BadInput::HandshakeTimeout);
+                self.drop_conn(key);
+            }
+            Due::AdmitTimeout => {
+                self.stats().bad(BadInput::RegisterTimeout);
+                let reason = "service/register did not arrive in time";
+                self.close(key, 1008, reason, CloseCause::AdmitTimeout);
+            }
+            Due::SendPing => {
+                let sent_ns = self.clock.duration_since(self.epoch).as_nanos() as u64;
+                let mut frame = [0u8; 10];
+                frame[0] = 0x80 | ws::OpCode::Ping as u8;
+                frame[1] = 8;
+                frame[2..].copy_from_slice(&sent_ns.to_be_bytes());
+                if self.write(key, &frame) {
+                    metrics::inc(&self.stats().pings_sent);
+                }
+            }
+            Due::Alive => {
+                let cref = self.cref(key);
+                self.call(|h, cx| h.on_alive(cx, cref));
+            }
+            Due::PongMissed => {
+                metrics::inc(&self.stats().pongs_missed);
+                self.notify_closed(key, CloseCause::PongMissed);
+                // A frozen peer will not answer a close handshake; tell a
+                // half-alive one why, then let the socket go.
+                let mut frame = Vec::with_capacity(32);
+                ws::encode_close(&mut frame, 1008, "no pong within pong-timeout", None);
+                let _ = sys::send(self.conns[key as usize].handle, &frame);
+                self.drop_conn(key);
+            }
+            Due::LingerOver => self.drop_conn(key),
+        }
+    }
+
+    /// Stop: every connection is told 1001 (going away) and released.
+    fn shutdown(&mut self) {
+        let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
+        let mut frame = Vec::new();
+        ws::encode_close(&mut frame, 1001, "controller shutting down", None);
+        for key in keys {
+            let conn = &self.conns[key as usize];
+            if conn.is_live() {
+                let _ = sys::send(conn.handle, &frame);
+            }
+            self.notify_closed(key, CloseCause::Shutdown);
+            self.drop_conn(key);
+        }
+        sys::close(self.listener);
+    }
+}
+
+use super::conn::Violation;

@@ -1,0 +1,178 @@
+//! Thin wrappers over the socket and process syscalls the drivers use.
+//! Each returns `io::Result` and carries no policy: retries, limits and
+//! what an error means are decided by the caller.
+
+use std::io;
+use std::os::fd::RawFd;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Gives the calling thread its own copy of the fd table, so the fds it
+/// opens from now on count against its own RLIMIT_NOFILE.
+pub fn unshare_fd_table() -> io::Result<()> {
+    // SAFETY: unshare takes flags only; CLONE_FILES affects just this thread.
+    check(unsafe { libc::unshare(libc::CLONE_FILES) }).map(drop)
+}
+
+/// The fds open in the calling thread's table.
+pub fn open_fds() -> io::Result<Vec<RawFd>> {
+    let mut fds = Vec::new();
+    for entry in std::fs::read_dir("/proc/thread-self/fd")? {
+        if let Some(fd) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            fds.push(fd);
+        }
+    }
+    Ok(fds)
+}
+
+pub fn close(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and never uses it again.
+    unsafe { libc::close(fd) };
+}
+
+/// Accepts one connection, non-blocking and close-on-exec.
+pub fn accept(listener: RawFd) -> io::Result<RawFd> {
+    // SAFETY: null address pointers are allowed; we do not need the peer.
+    check(unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })
+}
+
+pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+    check_size(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
+}
+
+/// Sends without raising SIGPIPE on a closed peer (EPIPE instead).
+pub fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of `buf.len()` bytes.
+    check_size(unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: shutdown on an fd we own; an error (already closed) is harmless.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Disables Nagle: control messages are small and latency-bound.
+pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int with its exact size.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The soft RLIMIT_NOFILE: how many fds one fd table may hold.
+pub fn nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok(lim.rlim_cur)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (never beyond it).
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            check(libc::setrlimit(libc::RLIMIT_NOFILE, &lim))?;
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
+/// spawns afterwards) so one thread can wait for them with `wait_for_signal`.
+pub fn block_termination_signals() -> io::Result<()> {
+    // SAFETY: builds a signal set on the stack and changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let ret = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM (blocked beforehand); returns its number.
+pub fn wait_for_signal() -> io::Result<i32> {
+    // SAFETY: the set lives on the stack; sigwait writes the signal number.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let mut sig = 0;
+        let ret = libc::sigwait(&set, &mut sig);
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        Ok(sig)
+    }
+}
+
+/// An eventfd: a counter other threads write to wake a loop.
+pub fn eventfd() -> io::Result<RawFd> {
+    // SAFETY: eventfd takes an initial value and flags.
+    check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+}
+
+pub fn eventfd_wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64; EAGAIN (counter full) still
+    // leaves the fd readable, which is all a wake needs.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+pub fn eventfd_drain(fd: RawFd) {
+    let mut value: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64.
+    unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+}
