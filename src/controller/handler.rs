@@ -1,0 +1,633 @@
+//! The per-shard protocol handler: turns a connection's text messages into
+//! registry changes and replies, per ../shared/PROTOCOL.md, and relays
+//! commands and discovery notifications to the shard's sockets.
+//!
+//! Holds 12 bytes per connection (`ConnState`); everything else about an
+//! instance lives in the registry. Registry locks are short: never held
+//! while serializing a snapshot or touching a socket.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use super::commands::{CommandOutcome, CommandRequest, Commands, outcome_of};
+use super::rpc::{self, Message, ParseError};
+use super::{ShardMsg, Shared};
+use crate::engine::mailbox::Mailbox;
+use crate::engine::{CloseCause, ConnRef, Cx, Handler, Refusal, ShardId, UpgradeRequest};
+use crate::metrics::{BadInput, ShardStats};
+use crate::registry::{Owner, slot_of};
+
+const MICROSERVICE_PATH: &str = "/ws/microservice";
+const DISCOVERY_PATH: &str = "/ws/discovery";
+const NO_SLOT: u32 = u32::MAX;
+const MAX_TOUCHED_PER_TICK: usize = 1 << 16;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
+enum Endpoint {
+    #[default]
+    Microservice,
+    Discovery,
+}
+
+/// What the handler knows of one connection.
+#[derive(Copy, Clone, Default)]
+struct ConnState {
+    generation: u32,
+    /// Registry slot of its registration (or of the one it deregistered).
+    slot: u32,
+    endpoint: Endpoint,
+    registered: bool,
+    inflight: u16,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn owner_of(conn: ConnRef) -> Owner {
+    Owner {
+        shard: conn.shard.0,
+        key: conn.key,
+        generation: conn.generation,
+    }
+}
+
+pub(crate) fn conn_of(owner: Owner) -> ConnRef {
+    ConnRef {
+        shard: ShardId(owner.shard),
+        key: owner.key,
+        generation: owner.generation,
+    }
+}
+
+pub struct ShardHandler {
+    shard: ShardId,
+    shared: Arc<Shared>,
+    mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    stats: Arc<[ShardStats]>,
+    conns: Vec<ConnState>,
+    /// Reused for every message we write.
+    buf: Vec<u8>,
+    /// Registered connections seen alive since the last tick.
+    touched: Vec<(u32, Owner)>,
+    commands: Commands,
+}
+
+impl ShardHandler {
+    pub(crate) fn new(
+        shard: ShardId,
+        shared: Arc<Shared>,
+        mailboxes: Arc<[Mailbox<ShardMsg>]>,
+        stats: Arc<[ShardStats]>,
+    ) -> ShardHandler {
+        ShardHandler {
+            shard,
+            shared,
+            mailboxes,
+            stats,
+            conns: Vec::new(),
+            buf: Vec::with_capacity(4096),
+            touched: Vec::new(),
+            commands: Commands::default(),
+        }
+    }
+
+    /// Notes a sign of life, applied to the registry once per tick. Bounded:
+    /// past the bound a busy connection's lastSeenAt waits for the next tick.
+    fn touch(&mut self, conn: ConnRef) {
+        if self.touched.len() >= MAX_TOUCHED_PER_TICK {
+            return;
+        }
+        if let Some(&mut ConnState {
+            registered: true,
+            slot,
+            ..
+        }) = self.state(conn)
+        {
+            self.touched.push((slot, owner_of(conn)));
+        }
+    }
+
+    fn bad(&self, kind: BadInput) {
+        self.stats[self.shard.0 as usize].bad(kind);
+    }
+
+    fn state(&mut self, conn: ConnRef) -> Option<&mut ConnState> {
+        self.conns
+            .get_mut(conn.key as usize)
+            .filter(|s| s.generation == conn.generation)
+    }
+
+    /// The id this connection registered, if it still owns that record.
+    fn registered_id(&self, conn: ConnRef) -> Option<Uuid> {
+        let state = self
+            .conns
+            .get(conn.key as usize)
+            .filter(|s| s.generation == conn.generation)?;
+        if !state.registered {
+            return None;
+        }
+        self.shared.registry().owned_id(state.slot, owner_of(conn))
+    }
+
+    fn reply_result<T: serde::Serialize + ?Sized>(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        id: &RawValue,
+        result: &T,
+    ) {
+        self.buf.clear();
+        rpc::write_result(&mut self.buf, id, result);
+        cx.send_text(conn, &self.buf);
+    }
+
+    fn reply_error(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        id: Option<&RawValue>,
+        code: i64,
+        message: &str,
+    ) {
+        self.buf.clear();
+        rpc::write_error(&mut self.buf, id, code, message);
+        cx.send_text(conn, &self.buf);
+    }
+
+    fn request(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        id: &RawValue,
+        method: &str,
+        params: Option<&RawValue>,
+    ) {
+        let Some(state) = self.state(conn).copied() else {
+            return;
+        };
+        let discovery = method.starts_with("discovery/");
+        let known = discovery
+            || matches!(
+                method,
+                "service/register" | "service/deregister" | "service/update_metadata"
+            );
+        if !known {
+            self.bad(BadInput::MethodNotFound);
+            return self.reply_error(
+                cx,
+                conn,
+                Some(id),
+                rpc::METHOD_NOT_FOUND,
+                &format!("method not found: {method}"),
+            );
+        }
+        if state.endpoint == Endpoint::Discovery && !discovery {
+            self.bad(BadInput::MethodNotFound);
+            let msg =
+                format!("{method} is not served on {DISCOVERY_PATH}: only discovery/* methods are");
+            return self.reply_error(cx, conn, Some(id), rpc::METHOD_NOT_FOUND, &msg);
+        }
+        if state.endpoint == Endpoint::Microservice
+            && !state.registered
+            && method != "service/register"
+        {
+            // A connection that deregistered may still repeat its deregister.
+            if !(method == "service/deregister" && state.slot != NO_SLOT) {
+                self.bad(BadInput::NotRegistered);
+                let msg = "not registered yet: send service/register first";
+                return self.reply_error(cx, conn, Some(id), rpc::NOT_REGISTERED, msg);
+            }
+        }
+        match method {
+            "service/register" => self.register(cx, conn, state, id, params),
+            "service/deregister" => self.deregister(cx, conn, state, id, params),
+            "service/update_metadata" => {
+                if self.update(conn, params) {
+                    self.reply_result(cx, conn, id, &serde_json::json!({"status": "updated"}));
+                } else {
+                    self.reply_error(
+                        cx,
+                        conn,
+                        Some(id),
+                        rpc::INVALID_PARAMS,
+                        "invalid metadata update",
+                    );
+                }
+            }
+            "discovery/lookup" | "discovery/subscribe" | "discovery/unsubscribe" => {
+                self.discovery(cx, conn, id, method, params)
+            }
+            _ => {
+                self.bad(BadInput::MethodNotFound);
+                self.reply_error(
+                    cx,
+                    conn,
+                    Some(id),
+                    rpc::METHOD_NOT_FOUND,
+                    &format!("method not found: {method}"),
+                );
+            }
+        }
+    }
+
+    fn register(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        state: ConnState,
+        id: &RawValue,
+        params: Option<&RawValue>,
+    ) {
+        if state.registered {
+            self.bad(BadInput::InvalidRequest);
+            let msg = "already registered on this connection; open another connection to register another instance";
+            return self.reply_error(cx, conn, Some(id), rpc::INVALID_REQUEST, msg);
+        }
+        let request = match rpc::register_params(params) {
+            Ok(r) => r,
+            Err(msg) => {
+                self.bad(BadInput::InvalidParams);
+                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
+            }
+        };
+        if let Some(auth) = &self.shared.auth {
+            if let Err(why) = auth.check_service(request.jwt.as_deref(), &request.service_id) {
+                self.bad(BadInput::Unauthorized);
+                self.reply_error(
+                    cx,
+                    conn,
+                    Some(id),
+                    rpc::UNAUTHORIZED,
+                    &format!("unauthorized: {why}"),
+                );
+                return cx.close(conn, 1008, "unauthorized");
+            }
+        }
+        let registered =
+            self.shared
+                .registry()
+                .register(&request.registration(), owner_of(conn), now_ms());
+        if let Some(s) = self.state(conn) {
+            s.slot = slot_of(&registered.id);
+            s.registered = true;
+        }
+        if let Some(old) = registered.superseded {
+            self.supersede(cx, conn_of(old));
+        }
+        cx.admit(conn);
+        let result =
+            serde_json::json!({"runtimeInstanceId": registered.id, "status": "registered"});
+        self.reply_result(cx, conn, id, &result);
+    }
+
+    fn supersede(&mut self, cx: &mut Cx<'_>, old: ConnRef) {
+        if old.shard == self.shard {
+            self.mark_unregistered(old);
+            cx.close(old, 4000, "superseded");
+        } else if self.mailboxes[old.shard.0 as usize]
+            .post(ShardMsg::Supersede(old))
+            .is_err()
+        {
+            // Its record is already replaced; the old socket stays open
+            // until it ends by itself, unable to touch the new record.
+            tracing::warn!(
+                shard = old.shard.0,
+                "mailbox full: could not close a superseded connection"
+            );
+        }
+    }
+
+    fn mark_unregistered(&mut self, conn: ConnRef) {
+        if let Some(s) = self.state(conn) {
+            s.registered = false;
+            s.slot = NO_SLOT;
+        }
+    }
+
+    fn deregister(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        state: ConnState,
+        id: &RawValue,
+        params: Option<&RawValue>,
+    ) {
+        let (instance, reason) = match rpc::deregister_params(params) {
+            Ok(p) => p,
+            Err(msg) => {
+                self.bad(BadInput::InvalidParams);
+                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
+            }
+        };
+        let done = if state.registered {
+            self.shared
+                .registry()
+                .deregister(&instance, owner_of(conn), &reason, now_ms())
+        } else {
+            // Idempotent: this connection already deregistered this one.
+            slot_of(&instance) == state.slot
+        };
+        if !done {
+            self.bad(BadInput::InvalidParams);
+            let msg = format!("runtimeInstanceId {instance} is not this connection's instance");
+            return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
+        }
+        if let Some(s) = self.state(conn) {
+            s.registered = false;
+        }
+        let result = serde_json::json!({"runtimeInstanceId": instance, "status": "deregistered"});
+        self.reply_result(cx, conn, id, &result);
+    }
+
+    /// Applies `service/update_metadata`; false if the params are invalid.
+    fn update(&mut self, conn: ConnRef, params: Option<&RawValue>) -> bool {
+        let Some(instance) = self.registered_id(conn) else {
+            self.bad(BadInput::NotRegistered);
+            return false;
+        };
+        match rpc::update_params(params) {
+            Ok(update) => {
+                self.shared.registry().update(
+                    &instance,
+                    owner_of(conn),
+                    &update.update(),
+                    now_ms(),
+                );
+                true
+            }
+            Err(_) => {
+                self.bad(BadInput::InvalidParams);
+                false
+            }
+        }
+    }
+
+    fn discovery(
+        &mut self,
+        cx: &mut Cx<'_>,
+        conn: ConnRef,
+        id: &RawValue,
+        method: &str,
+        params: Option<&RawValue>,
+    ) {
+        let filter = match rpc::filter_params(params) {
+            Ok(f) => f,
+            Err(msg) => {
+                self.bad(BadInput::InvalidParams);
+                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
+            }
+        };
+        let owner = owner_of(conn);
+        match method {
+            "discovery/lookup" => {
+                let snapshot = self.shared.registry().lookup(&filter);
+                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
+            }
+            "discovery/subscribe" => {
+                let subscribed = self.shared.registry().subscribe(&filter, owner);
+                match subscribed {
+                    Ok(snapshot) => self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot)),
+                    Err(e) => {
+                        self.reply_error(cx, conn, Some(id), rpc::RATE_LIMITED, &e.to_string())
+                    }
+                }
+            }
+            _ => {
+                self.shared.registry().unsubscribe(&filter, owner);
+                self.reply_result(cx, conn, id, &rpc::unsubscribed(&filter));
+            }
+        }
+    }
+
+    fn notification(&mut self, conn: ConnRef, method: &str, params: Option<&RawValue>, text: &str) {
+        match method {
+            "service/update_metadata" => {
+                self.update(conn, params);
+            }
+            m if m.starts_with("notifications/") => match self.registered_id(conn) {
+                Some(instance) => self.shared.watchers.relay(&instance, text),
+                None => self.bad(BadInput::NotRegistered),
+            },
+            _ => self.bad(BadInput::MethodNotFound),
+        }
+    }
+
+    fn response(&mut self, conn: ConnRef, id: &RawValue, outcome: Result<&RawValue, &RawValue>) {
+        let finished = id
+            .get()
+            .parse::<u64>()
+            .ok()
+            .is_some_and(|wire_id| self.commands.finish(conn, wire_id, outcome_of(outcome)));
+        if finished {
+            if let Some(s) = self.state(conn) {
+                s.inflight = s.inflight.saturating_sub(1);
+            }
+        } else {
+            self.bad(BadInput::UnknownReplyId);
+        }
+    }
+
+    fn command(
+        &mut self,
+        cx: &mut Cx<'_>,
+        request: CommandRequest,
+        permit: super::commands::Permit,
+    ) {
+        let conn = request.target;
+        let max = self.shared.config.max_inflight_per_instance;
+        let owns = self.registered_id(conn) == Some(request.instance);
+        let Some(state) = self.state(conn).filter(|_| owns) else {
+            return (request.reply)(CommandOutcome::NotFound);
+        };
+        if state.inflight as usize >= max {
+            return (request.reply)(CommandOutcome::Busy(
+                "too many commands in flight for this instance",
+            ));
+        }
+        state.inflight += 1;
+        let deadline = cx.now() + request.timeout;
+        let wire_id = self.commands.start(conn, deadline, request.reply, permit);
+        self.buf.clear();
+        rpc::write_request(
+            &mut self.buf,
+            wire_id,
+            &request.method,
+            request.params.as_deref(),
+        );
+        cx.send_text(conn, &self.buf);
+    }
+}
+
+impl Handler for ShardHandler {
+    type Msg = ShardMsg;
+
+    fn on_upgrade(&mut self, conn: ConnRef, req: &UpgradeRequest<'_>) -> Result<(), Refusal> {
+        let endpoint = match req.path {
+            MICROSERVICE_PATH => Endpoint::Microservice,
+            DISCOVERY_PATH => Endpoint::Discovery,
+            _ => {
+                return Err(Refusal {
+                    status: 404,
+                    message: "no such path: tether serves /ws/microservice and /ws/discovery",
+                    kind: BadInput::WrongPath,
+                });
+            }
+        };
+        if endpoint == Endpoint::Discovery {
+            if let Some(auth) = &self.shared.auth {
+                if auth.check_bearer(req.authorization).is_err() {
+                    return Err(Refusal {
+                        status: 401,
+                        message: "a valid Authorization: Bearer token is required on /ws/discovery",
+                        kind: BadInput::Unauthorized,
+                    });
+                }
+            }
+        }
+        let key = conn.key as usize;
+        if self.conns.len() <= key {
+            self.conns.resize(key + 1, ConnState::default());
+        }
+        self.conns[key] = ConnState {
+            generation: conn.generation,
+            slot: NO_SLOT,
+            endpoint,
+            registered: false,
+            inflight: 0,
+        };
+        Ok(())
+    }
+
+    fn on_open(&mut self, cx: &mut Cx<'_>, conn: ConnRef) {
+        if self
+            .state(conn)
+            .is_some_and(|s| s.endpoint == Endpoint::Discovery)
+        {
+            cx.admit(conn);
+        }
+    }
+
+    fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str) {
+        self.touch(conn);
+        match rpc::parse(text) {
+            Ok(Message::Request { id, method, params }) => {
+                self.request(cx, conn, id, &method, params)
+            }
+            Ok(Message::Notification { method, params }) => {
+                self.notification(conn, &method, params, text)
+            }
+            Ok(Message::Response { id, outcome }) => self.response(conn, id, outcome),
+            Err(ParseError::Json) => {
+                self.bad(BadInput::InvalidJson);
+                self.reply_error(
+                    cx,
+                    conn,
+                    None,
+                    rpc::PARSE_ERROR,
+                    "parse error: the text frame is not valid JSON",
+                );
+            }
+            Err(ParseError::Invalid { id, why }) => {
+                self.bad(BadInput::InvalidRequest);
+                self.reply_error(
+                    cx,
+                    conn,
+                    id,
+                    rpc::INVALID_REQUEST,
+                    &format!("invalid request: {why}"),
+                );
+            }
+        }
+    }
+
+    fn on_alive(&mut self, _cx: &mut Cx<'_>, conn: ConnRef) {
+        self.touch(conn);
+    }
+
+    fn on_closed(&mut self, _cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
+        let Some(state) = self.state(conn).copied() else {
+            return;
+        };
+        let owner = owner_of(conn);
+        {
+            let mut registry = self.shared.registry();
+            registry.unsubscribe_all(owner);
+            if let Some(instance) = state
+                .registered
+                .then(|| registry.owned_id(state.slot, owner))
+                .flatten()
+            {
+                let now = now_ms();
+                match cause {
+                    CloseCause::PongMissed => {
+                        registry.mark_down(&instance, owner, "no pong within pong-timeout", now);
+                    }
+                    _ => registry.disconnected(&instance, owner, now),
+                }
+            }
+        }
+        if state.inflight > 0 {
+            self.commands.fail_conn(conn);
+        }
+        if let Some(s) = self.state(conn) {
+            *s = ConnState {
+                generation: 0,
+                slot: NO_SLOT,
+                ..ConnState::default()
+            };
+        }
+    }
+
+    fn on_message(&mut self, cx: &mut Cx<'_>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Supersede(old) => {
+                self.mark_unregistered(old);
+                cx.close(old, 4000, "superseded");
+            }
+            ShardMsg::Command(request, permit) => self.command(cx, *request, permit),
+        }
+    }
+
+    fn on_tick(&mut self, cx: &mut Cx<'_>) {
+        let now = now_ms();
+        let notifications = {
+            let mut registry = self.shared.registry();
+            for (slot, owner) in self.touched.drain(..) {
+                if let Some(id) = registry.owned_id(slot, owner) {
+                    registry.touch(&id, owner, now);
+                }
+            }
+            if self.shard.0 == 0 {
+                registry.expire_down(now);
+            }
+            registry.take_notifications(self.shard.0, now)
+        };
+        for n in notifications {
+            self.buf.clear();
+            rpc::write_notification(
+                &mut self.buf,
+                "discovery/changed",
+                &rpc::SnapshotJson(&n.snapshot),
+            );
+            for owner in n.owners {
+                cx.send_text(conn_of(owner), &self.buf);
+            }
+        }
+        if !self.commands.is_empty() {
+            for conn in self.commands.expire(Instant::now()) {
+                if let Some(s) = self.state(conn) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                }
+            }
+        }
+    }
+}
+
+/// A default for commands that did not name a timeout.
+pub(crate) const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,278 @@
+//! The controller: the engine's shards running the registry protocol, and
+//! the library API the admin plane, the CLI and the tests use (commands,
+//! lookups, events, relayed service notifications, counters).
+//!
+//! Shared state is one registry behind one mutex, locked briefly by
+//! shards (registrations, lookups, one batch per tick) and by API callers;
+//! commands travel to the shard holding the instance's socket through its
+//! mailbox, so no API call ever blocks a shard.
+
+pub mod auth;
+pub mod commands;
+mod handler;
+pub mod rpc;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::engine::{ConnRef, Engine, EngineConfig, StartError};
+use crate::metrics::ShardStats;
+use crate::registry::events::{Event, ReplayError};
+use crate::registry::{Filter, Registry, RegistryConfig, Snapshot, Status};
+pub use commands::{CommandOutcome, Reply};
+use commands::{CommandRequest, Permit};
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    pub engine: EngineConfig,
+    pub registry: RegistryConfig,
+    /// This controller's hostId: the `host` claim service tokens must carry.
+    pub host_id: String,
+    pub command_timeout: Duration,
+    pub max_inflight_per_instance: usize,
+    pub max_inflight_total: usize,
+    /// Relayed service notifications queued per watcher before dropping.
+    pub watcher_queue: usize,
+}
+
+impl ControllerConfig {
+    pub fn new(engine: EngineConfig) -> ControllerConfig {
+        ControllerConfig {
+            registry: RegistryConfig::default(),
+            host_id: default_host_id(),
+            command_timeout: handler::DEFAULT_COMMAND_TIMEOUT,
+            max_inflight_per_instance: 64,
+            max_inflight_total: 4096,
+            watcher_queue: 1024,
+            engine,
+        }
+    }
+}
+
+/// The machine's host name, the usual hostId.
+pub fn default_host_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// What other threads post to a shard.
+pub enum ShardMsg {
+    /// Close this connection with 4000: its registration was replaced.
+    Supersede(ConnRef),
+    /// Send a command to an instance on this shard.
+    Command(Box<CommandRequest>, Permit),
+}
+
+/// Service notifications (`notifications/*`) relayed to whoever watches
+/// that instance; dropped when nobody does.
+#[derive(Default)]
+pub struct Watchers {
+    count: AtomicUsize,
+    by_instance: Mutex<HashMap<Uuid, Vec<SyncSender<Arc<str>>>>>,
+}
+
+impl Watchers {
+    fn relay(&self, instance: &Uuid, text: &str) {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = map.get_mut(instance) else {
+            return;
+        };
+        let text: Arc<str> = Arc::from(text);
+        let before = list.len();
+        // A full queue drops this message; a closed one drops the watcher.
+        list.retain(|tx| {
+            !matches!(
+                tx.try_send(text.clone()),
+                Err(TrySendError::Disconnected(_))
+            )
+        });
+        self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
+        if list.is_empty() {
+            map.remove(instance);
+        }
+    }
+
+    fn watch(&self, instance: Uuid, queue: usize) -> Receiver<Arc<str>> {
+        let (tx, rx) = sync_channel(queue);
+        let mut map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(instance).or_default().push(tx);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        rx
+    }
+}
+
+pub struct Shared {
+    registry: Mutex<Registry>,
+    pub config: ControllerConfig,
+    inflight: Arc<AtomicUsize>,
+    watchers: Watchers,
+    auth: Option<auth::Auth>,
+}
+
+impl Shared {
+    /// Locks the registry. Keep the guard briefly: shards wait on it.
+    pub fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running controller.
+pub struct Controller {
+    engine: Engine<ShardMsg>,
+    shared: Arc<Shared>,
+}
+
+impl Controller {
+    pub fn start(
+        config: ControllerConfig,
+        auth: Option<auth::Auth>,
+    ) -> Result<Controller, StartError> {
+        let shards = config.engine.shards;
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::new(config.registry.clone(), shards)),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            watchers: Watchers::default(),
+            auth,
+            config: config.clone(),
+        });
+        let for_shards = shared.clone();
+        let engine = Engine::start(config.engine, move |id, mailboxes, stats| {
+            handler::ShardHandler::new(id, for_shards.clone(), mailboxes, stats)
+        })?;
+        Ok(Controller { engine, shared })
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.engine.local_addr()
+    }
+
+    pub fn shards(&self) -> usize {
+        self.engine.shards()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn stats(&self) -> &Arc<[ShardStats]> {
+        self.engine.stats()
+    }
+
+    /// Commands in flight in all.
+    pub fn commands_in_flight(&self) -> usize {
+        self.shared.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn lookup(&self, filter: &Filter) -> Snapshot {
+        self.shared.registry().lookup(filter)
+    }
+
+    /// Events after `since` (kept ones first), then live ones.
+    pub fn subscribe_events(
+        &self,
+        since: Option<u64>,
+    ) -> Result<(u64, Receiver<Event>), ReplayError> {
+        self.shared.registry().events.subscribe(since)
+    }
+
+    /// Relays the `notifications/*` an instance sends, while the receiver lives.
+    pub fn watch_notifications(&self, instance: Uuid) -> Receiver<Arc<str>> {
+        self.shared
+            .watchers
+            .watch(instance, self.shared.config.watcher_queue)
+    }
+
+    /// Sends `method` with `params` to an instance; `reply` is called
+    /// exactly once with the outcome (possibly before this returns).
+    pub fn call(
+        &self,
+        instance: Uuid,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        timeout: Option<Duration>,
+        reply: Reply,
+    ) {
+        let target = {
+            let registry = self.shared.registry();
+            registry
+                .get(&instance)
+                .filter(|i| i.status == Status::Up)
+                .map(|i| handler::conn_of(i.owner))
+        };
+        let Some(target) = target else {
+            return reply(CommandOutcome::NotFound);
+        };
+        let max = self.shared.config.max_inflight_total;
+        let Some(permit) = Permit::try_take(&self.shared.inflight, max) else {
+            return reply(CommandOutcome::Busy(
+                "too many commands in flight in the controller",
+            ));
+        };
+        let timeout = timeout.unwrap_or(self.shared.config.command_timeout);
+        let request = Box::new(CommandRequest {
+            instance,
+            target,
+            method: method.to_string(),
+            params,
+            timeout,
+            reply,
+        });
+        if let Err(full) = self
+            .engine
+            .post(target.shard, ShardMsg::Command(request, permit))
+        {
+            let ShardMsg::Command(request, _permit) = full.0 else {
+                unreachable!()
+            };
+            (request.reply)(CommandOutcome::Busy("the instance's shard queue is full"));
+        }
+    }
+
+    /// `call`, waiting for the outcome.
+    pub fn call_blocking(
+        &self,
+        instance: Uuid,
+        method: &str,
+        params: Option<Box<RawValue>>,
+        timeout: Option<Duration>,
+    ) -> CommandOutcome {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.call(
+            instance,
+            method,
+            params,
+            timeout,
+            Box::new(move |o| drop(tx.send(o))),
+        );
+        rx.recv().unwrap_or(CommandOutcome::Gone)
+    }
+
+    /// `tools/call` of tool `name` with `arguments`, waiting for the outcome.
+    pub fn call_tool(
+        &self,
+        instance: Uuid,
+        name: &str,
+        arguments: serde_json::Value,
+    ) -> CommandOutcome {
+        let params = serde_json::json!({"name": name, "arguments": arguments});
+        let raw = RawValue::from_string(params.to_string()).expect("json! is valid JSON");
+        self.call_blocking(instance, "tools/call", Some(raw), None)
+    }
+
+    /// Closes every connection with 1001 and stops the shards.
+    pub fn shutdown(self) {
+        self.engine.shutdown();
+    }
+}

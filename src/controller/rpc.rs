@@ -1,0 +1,675 @@
+//! The JSON-RPC 2.0 side of the wire protocol (../shared/PROTOCOL.md):
+//! reading one message, validating method parameters, and writing
+//! responses, requests and snapshots. Pure functions on strings and byte
+//! buffers; the names and codes here are a compatibility contract.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::registry::{Filter, MetadataUpdate, Node, Registration, Snapshot};
+
+pub const PARSE_ERROR: i64 = -32700;
+pub const INVALID_REQUEST: i64 = -32600;
+pub const METHOD_NOT_FOUND: i64 = -32601;
+pub const INVALID_PARAMS: i64 = -32602;
+pub const INTERNAL_ERROR: i64 = -32603;
+pub const NOT_REGISTERED: i64 = -32001;
+pub const UNAUTHORIZED: i64 = -32002;
+pub const RATE_LIMITED: i64 = -32003;
+
+/// Bounds on what a registration may carry.
+pub const MAX_NAME: usize = 256;
+pub const MAX_HOST: usize = 253;
+pub const MAX_TAGS: usize = 64;
+pub const MAX_TAGS_JSON: usize = 4096;
+
+/// One inbound message, borrowing from the frame's text.
+#[derive(Debug)]
+pub enum Message<'a> {
+    Request {
+        id: &'a RawValue,
+        method: Cow<'a, str>,
+        params: Option<&'a RawValue>,
+    },
+    Notification {
+        method: Cow<'a, str>,
+        params: Option<&'a RawValue>,
+    },
+    Response {
+        id: &'a RawValue,
+        outcome: Result<&'a RawValue, &'a RawValue>,
+    },
+}
+
+#[derive(Debug)]
+pub enum ParseError<'a> {
+    /// Not JSON at all: -32700 with id null.
+    Json,
+    /// JSON, but not a JSON-RPC 2.0 message: -32600.
+    Invalid {
+        id: Option<&'a RawValue>,
+        why: &'static str,
+    },
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    jsonrpc: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    method: Option<&'a RawValue>,
+    #[serde(borrow)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+}
+
+fn is_valid_id(id: &RawValue) -> bool {
+    matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+/// Reads one JSON-RPC message. `"method": null` in a response is accepted
+/// (some clients send it).
+pub fn parse(text: &str) -> Result<Message<'_>, ParseError<'_>> {
+    let envelope: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(e) => e,
+        Err(_) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
+            return Err(ParseError::Invalid {
+                id: None,
+                why: "a JSON-RPC message must be one JSON object",
+            });
+        }
+        Err(_) => return Err(ParseError::Json),
+    };
+    let id = envelope.id;
+    let invalid = |why| {
+        Err(ParseError::Invalid {
+            id: id.filter(|i| is_valid_id(i)),
+            why,
+        })
+    };
+    if envelope.jsonrpc.as_deref() != Some("2.0") {
+        return invalid("\"jsonrpc\" must be \"2.0\"");
+    }
+    if id.is_some_and(|i| !is_valid_id(i)) {
+        return invalid("\"id\" must be a string or a number");
+    }
+    let method = match envelope.method.map(RawValue::get) {
+        None | Some("null") => None,
+        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw) {
+            Ok(m) => Some(m),
+            Err(_) => return invalid("\"method\" must be a string"),
+        },
+    };
+    match (method, id) {
+        (Some(method), Some(id)) => Ok(Message::Request {
+            id,
+            method,
+            params: envelope.params,
+        }),
+        (Some(method), None) => Ok(Message::Notification {
+            method,
+            params: envelope.params,
+        }),
+        (None, Some(id)) => match (envelope.result, envelope.error) {
+            (Some(result), None) => Ok(Message::Response {
+                id,
+                outcome: Ok(result),
+            }),
+            (None, Some(error)) => Ok(Message::Response {
+                id,
+                outcome: Err(error),
+            }),
+            _ => invalid("a response carries exactly one of \"result\" and \"error\""),
+        },
+        (None, None) => invalid("a message needs a \"method\" (request) or an \"id\" (response)"),
+    }
+}
+
+// -- writing -------------------------------------------------------------------
+
+pub fn write_result<T: Serialize + ?Sized>(out: &mut Vec<u8>, id: &RawValue, result: &T) {
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.get().as_bytes());
+    out.extend_from_slice(b",\"result\":");
+    serde_json::to_writer(&mut *out, result).expect("serializing to a Vec cannot fail");
+    out.push(b'}');
+}
+
+pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, code: i64, message: &str) {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        code: i64,
+        message: &'a str,
+    }
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.map_or("null", RawValue::get).as_bytes());
+    out.extend_from_slice(b",\"error\":");
+    serde_json::to_writer(&mut *out, &Error { code, message })
+        .expect("serializing to a Vec cannot fail");
+    out.push(b'}');
+}
+
+pub fn write_notification<T: Serialize + ?Sized>(out: &mut Vec<u8>, method: &str, params: &T) {
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
+    serde_json::to_writer(&mut *out, method).expect("serializing to a Vec cannot fail");
+    out.extend_from_slice(b",\"params\":");
+    serde_json::to_writer(&mut *out, params).expect("serializing to a Vec cannot fail");
+    out.push(b'}');
+}
+
+/// A controller → service request with our own numeric id.
+pub fn write_request(out: &mut Vec<u8>, id: u64, method: &str, params: Option<&RawValue>) {
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.to_string().as_bytes());
+    out.extend_from_slice(b",\"method\":");
+    serde_json::to_writer(&mut *out, method).expect("serializing to a Vec cannot fail");
+    if let Some(params) = params {
+        out.extend_from_slice(b",\"params\":");
+        out.extend_from_slice(params.get().as_bytes());
+    }
+    out.push(b'}');
+}
+
+/// Milliseconds since the Unix epoch, written as RFC 3339 UTC with
+/// milliseconds (`2026-11-23T05:59:00.123Z`).
+pub struct Rfc3339(pub u64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(self.0);
+        humantime::format_rfc3339_millis(at).fmt(f)
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+struct Display<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Display<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeJson<'a> {
+    runtime_instance_id: &'a Uuid,
+    service_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    env_tag: Option<&'a str>,
+    /// Always a string: clients parse it strictly.
+    environment: &'a str,
+    version: &'a str,
+    protocol: &'a str,
+    address: Display<&'a crate::registry::NodeAddress>,
+    port: u16,
+    tags: &'a RawValue,
+    connected_at: Rfc3339,
+    last_seen_at: Rfc3339,
+    connected: bool,
+}
+
+impl<'a> NodeJson<'a> {
+    fn new(n: &'a Node) -> NodeJson<'a> {
+        let tags = serde_json::from_str(&n.tags_json).expect("tags are stored as canonical JSON");
+        NodeJson {
+            runtime_instance_id: &n.runtime_instance_id,
+            service_id: &n.service_id,
+            env_tag: Some(&*n.env_tag).filter(|e| !e.is_empty()),
+            environment: &n.env_tag,
+            version: &n.version,
+            protocol: &n.protocol,
+            address: Display(&n.address),
+            port: n.port,
+            tags,
+            connected_at: Rfc3339(n.connected_at_ms),
+            last_seen_at: Rfc3339(n.last_seen_ms),
+            connected: n.status == crate::registry::Status::Up,
+        }
+    }
+}
+
+/// A discovery snapshot as the protocol shows it: the filter echoed as it
+/// was asked (clients key their caches on it), then the nodes.
+pub struct SnapshotJson<'a>(pub &'a Snapshot);
+
+impl Serialize for SnapshotJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct Nodes<'a>(&'a [Node]);
+        impl Serialize for Nodes<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for n in self.0 {
+                    seq.serialize_element(&NodeJson::new(n))?;
+                }
+                seq.end()
+            }
+        }
+        let snap = self.0;
+        let mut st = s.serialize_struct("Snapshot", 5)?;
+        st.serialize_field("serviceId", &snap.filter.service_id)?;
+        if let Some(env) = &snap.filter.env_tag {
+            st.serialize_field("envTag", env)?;
+        }
+        if let Some(protocol) = &snap.filter.protocol {
+            st.serialize_field("protocol", protocol)?;
+        }
+        st.serialize_field("nodes", &Nodes(&snap.nodes))?;
+        if snap.truncated {
+            st.serialize_field("truncated", &true)?;
+        }
+        st.end()
+    }
+}
+
+/// One node as JSON (admin views use the same shape as discovery).
+pub fn node_json(node: &Node) -> serde_json::Value {
+    serde_json::to_value(NodeJson::new(node)).expect("nodes serialize")
+}
+
+// -- parameters ----------------------------------------------------------------
+
+fn params_of<'a, T: Deserialize<'a>>(params: Option<&'a RawValue>) -> Result<T, String> {
+    let raw = params.map_or("{}", RawValue::get);
+    serde_json::from_str(raw).map_err(|e| format!("invalid params: {e}"))
+}
+
+fn bounded<'a>(field: &str, value: &'a str, max: usize) -> Result<&'a str, String> {
+    if value.len() > max {
+        return Err(format!(
+            "{field} is {} bytes; the limit is {max}",
+            value.len()
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!("{field} contains control characters"));
+    }
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RegisterParams<'a> {
+    #[serde(borrow)]
+    service_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    protocol: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    address: Option<Cow<'a, str>>,
+    port: Option<i64>,
+    #[serde(default)]
+    tags: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(borrow, default)]
+    env_tag: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    jwt: Option<Cow<'a, str>>,
+}
+
+/// A `service/register` whose parameters passed validation; borrow it as a
+/// `Registration` for the registry.
+#[derive(Debug)]
+pub struct RegisterRequest<'a> {
+    pub service_id: Cow<'a, str>,
+    pub version: Cow<'a, str>,
+    pub protocol: Cow<'a, str>,
+    pub address: String,
+    pub port: u16,
+    pub env_tag: Option<Cow<'a, str>>,
+    pub tags_json: String,
+    pub jwt: Option<Cow<'a, str>>,
+}
+
+impl RegisterRequest<'_> {
+    pub fn registration(&self) -> Registration<'_> {
+        Registration {
+            service_id: &self.service_id,
+            version: &self.version,
+            protocol: &self.protocol,
+            address: &self.address,
+            port: self.port,
+            env_tag: self.env_tag.as_deref(),
+            tags_json: &self.tags_json,
+        }
+    }
+}
+
+fn valid_port(port: i64) -> Result<u16, String> {
+    u16::try_from(port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port must be 1..65535, not {port}"))
+}
+
+/// A concrete address: an IP that is not the unspecified address, or a
+/// host name. Brackets around an IPv6 address are removed.
+fn valid_address(address: &str) -> Result<String, String> {
+    let bare = address
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(address);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        if ip.is_unspecified() {
+            return Err(format!(
+                "address {address} is not concrete: register the address other services can reach (not 0.0.0.0 or ::)"
+            ));
+        }
+        return Ok(ip.to_string());
+    }
+    let host_ok = !bare.is_empty()
+        && bare.len() <= MAX_HOST
+        && !bare.starts_with(['-', '.'])
+        && bare
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+    if host_ok {
+        Ok(bare.to_string())
+    } else {
+        Err(format!(
+            "address {address:?} is neither an IP address nor a host name"
+        ))
+    }
+}
+
+fn tags_json(tags: Option<serde_json::Map<String, serde_json::Value>>) -> Result<String, String> {
+    let tags = tags.unwrap_or_default();
+    if tags.len() > MAX_TAGS {
+        return Err(format!("{} tags; the limit is {MAX_TAGS}", tags.len()));
+    }
+    // serde_json's Map keeps keys sorted: this is the canonical form.
+    let json = serde_json::to_string(&tags).expect("a map serializes");
+    if json.len() > MAX_TAGS_JSON {
+        return Err(format!(
+            "tags take {} bytes; the limit is {MAX_TAGS_JSON}",
+            json.len()
+        ));
+    }
+    Ok(json)
+}
+
+pub fn register_params(params: Option<&RawValue>) -> Result<RegisterRequest<'_>, String> {
+    let p: RegisterParams<'_> = params_of(params)?;
+    let service_id = p.service_id.ok_or("missing serviceId")?;
+    if service_id.is_empty() {
+        return Err("serviceId is empty".into());
+    }
+    bounded("serviceId", &service_id, MAX_NAME)?;
+    let address = valid_address(p.address.as_deref().ok_or("missing address")?)?;
+    let port = valid_port(p.port.ok_or("missing port")?)?;
+    let version = p.version.unwrap_or(Cow::Borrowed(""));
+    bounded("version", &version, MAX_NAME)?;
+    let protocol = p.protocol.unwrap_or(Cow::Borrowed(""));
+    bounded("protocol", &protocol, MAX_NAME)?;
+    if let Some(env) = &p.env_tag {
+        bounded("envTag", env, MAX_NAME)?;
+    }
+    Ok(RegisterRequest {
+        service_id,
+        version,
+        protocol,
+        address,
+        port,
+        env_tag: p.env_tag,
+        tags_json: tags_json(p.tags)?,
+        jwt: p.jwt,
+    })
+}
+
+#[derive(Deserialize)]
+struct UpdateParams<'a> {
+    #[serde(borrow, default)]
+    version: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    protocol: Option<Cow<'a, str>>,
+    #[serde(default)]
+    port: Option<i64>,
+    #[serde(default)]
+    tags: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub struct UpdateRequest<'a> {
+    version: Option<Cow<'a, str>>,
+    protocol: Option<Cow<'a, str>>,
+    port: Option<u16>,
+    tags_json: Option<String>,
+}
+
+impl UpdateRequest<'_> {
+    pub fn update(&self) -> MetadataUpdate<'_> {
+        MetadataUpdate {
+            version: self.version.as_deref(),
+            protocol: self.protocol.as_deref(),
+            port: self.port,
+            tags_json: self.tags_json.as_deref(),
+        }
+    }
+}
+
+pub fn update_params(params: Option<&RawValue>) -> Result<UpdateRequest<'_>, String> {
+    let p: UpdateParams<'_> = params_of(params)?;
+    for (field, value) in [("version", &p.version), ("protocol", &p.protocol)] {
+        if let Some(v) = value {
+            bounded(field, v, MAX_NAME)?;
+        }
+    }
+    Ok(UpdateRequest {
+        port: p.port.map(valid_port).transpose()?,
+        tags_json: p.tags.map(|t| tags_json(Some(t))).transpose()?,
+        version: p.version,
+        protocol: p.protocol,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeregisterParams<'a> {
+    #[serde(borrow)]
+    runtime_instance_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+}
+
+pub fn deregister_params(params: Option<&RawValue>) -> Result<(Uuid, String), String> {
+    let p: DeregisterParams<'_> = params_of(params)?;
+    let raw = p.runtime_instance_id.ok_or("missing runtimeInstanceId")?;
+    let id =
+        Uuid::parse_str(&raw).map_err(|_| format!("runtimeInstanceId {raw:?} is not a UUID"))?;
+    let reason = p.reason.unwrap_or(Cow::Borrowed("programmatic"));
+    Ok((id, bounded("reason", &reason, 64)?.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FilterParams<'a> {
+    #[serde(borrow)]
+    service_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    env_tag: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    protocol: Option<Cow<'a, str>>,
+}
+
+pub fn filter_params(params: Option<&RawValue>) -> Result<Filter, String> {
+    let p: FilterParams<'_> = params_of(params)?;
+    let service_id = p.service_id.ok_or("missing serviceId")?;
+    bounded("serviceId", &service_id, MAX_NAME)?;
+    let env_tag = p
+        .env_tag
+        .map(|e| bounded("envTag", &e, MAX_NAME).map(str::to_owned))
+        .transpose()?;
+    let protocol = p
+        .protocol
+        .map(|e| bounded("protocol", &e, MAX_NAME).map(str::to_owned))
+        .transpose()?;
+    Ok(Filter {
+        service_id: service_id.into_owned(),
+        env_tag,
+        protocol,
+    })
+}
+
+/// The reply to `discovery/unsubscribe`: the filter echoed.
+pub fn unsubscribed(filter: &Filter) -> serde_json::Value {
+    let mut v = serde_json::json!({"status": "unsubscribed", "serviceId": filter.service_id});
+    if let Some(env) = &filter.env_tag {
+        v["envTag"] = env.as_str().into();
+    }
+    if let Some(protocol) = &filter.protocol {
+        v["protocol"] = protocol.as_str().into();
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> &RawValue {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn classifies_messages() {
+        let m =
+            parse(r#"{"jsonrpc":"2.0","id":"register-1","method":"service/register","params":{}}"#)
+                .unwrap();
+        assert!(
+            matches!(m, Message::Request { id, ref method, .. } if id.get() == "\"register-1\"" && method == "service/register")
+        );
+        let m = parse(
+            r#"{"jsonrpc":"2.0","method":"service/update_metadata","params":{"version":"2"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, Message::Notification { .. }));
+        let m = parse(r#"{"jsonrpc":"2.0","id":17,"method":null,"result":{"ok":true}}"#).unwrap();
+        assert!(matches!(m, Message::Response { id, outcome: Ok(_) } if id.get() == "17"));
+        let m = parse(r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"x"}}"#).unwrap();
+        assert!(matches!(
+            m,
+            Message::Response {
+                outcome: Err(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn rejects_what_is_not_json_rpc() {
+        assert!(matches!(parse("{not json"), Err(ParseError::Json)));
+        assert!(matches!(
+            parse("[1,2]"),
+            Err(ParseError::Invalid { id: None, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"id":1,"method":"x"}"#),
+            Err(ParseError::Invalid { id: Some(_), .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#),
+            Err(ParseError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
+            Err(ParseError::Invalid { id: None, .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"jsonrpc":"2.0","id":1,"method":7}"#),
+            Err(ParseError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse(r#"{"jsonrpc":"2.0","id":1}"#),
+            Err(ParseError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn writes_envelopes_without_a_method_in_responses() {
+        let mut out = Vec::new();
+        write_result(
+            &mut out,
+            raw("\"1\""),
+            &serde_json::json!({"status": "registered"}),
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"jsonrpc":"2.0","id":"1","result":{"status":"registered"}})
+        );
+        out.clear();
+        write_error(&mut out, None, PARSE_ERROR, "parse error");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["id"], serde_json::Value::Null);
+        assert_eq!(v["error"]["code"], -32700);
+        assert!(v.get("method").is_none());
+    }
+
+    #[test]
+    fn register_validation() {
+        let ok = register_params(Some(raw(
+            r#"{"serviceId":"user","version":"1","protocol":"https","address":"[::1]","port":8443,"tags":{"b":"2","a":"1"},"envTag":"prod","jwt":"t"}"#,
+        )))
+        .unwrap();
+        assert_eq!(
+            (ok.address.as_str(), ok.port, ok.tags_json.as_str()),
+            ("::1", 8443, r#"{"a":"1","b":"2"}"#)
+        );
+        let bad = [
+            (
+                r#"{"serviceId":"u","address":"0.0.0.0","port":1}"#,
+                "not concrete",
+            ),
+            (
+                r#"{"serviceId":"u","address":"::","port":1}"#,
+                "not concrete",
+            ),
+            (
+                r#"{"serviceId":"u","address":"h","port":0}"#,
+                "port must be",
+            ),
+            (
+                r#"{"serviceId":"u","address":"h","port":70000}"#,
+                "port must be",
+            ),
+            (r#"{"address":"h","port":1}"#, "missing serviceId"),
+            (r#"{"serviceId":"u","port":1}"#, "missing address"),
+            (r#"{"serviceId":"u","address":"h"}"#, "missing port"),
+            (
+                r#"{"serviceId":"u","address":"bad host!","port":1}"#,
+                "neither",
+            ),
+            (
+                r#"{"serviceId":"u","address":"h","port":"x"}"#,
+                "invalid params",
+            ),
+        ];
+        for (params, why) in bad {
+            let err = register_params(Some(raw(params))).unwrap_err();
+            assert!(err.contains(why), "{params}: {err}");
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_millis() {
+        assert_eq!(
+            Rfc3339(1_795_413_540_123).to_string(),
+            "2026-11-23T05:59:00.123Z"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The event log: every state change of an instance, numbered by a
+//! sequence that only grows. Kept in a bounded replay ring and fanned out
+//! to subscribers through bounded queues; a subscriber whose queue is full
+//! is cut (its receiver sees the channel close) and must resync from a
+//! snapshot and a sequence number. Nothing here grows without a bound.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+
+use uuid::Uuid;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Registered,
+    Updated,
+    Down,
+    Deregistered,
+    Superseded,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub kind: EventKind,
+    pub runtime_instance_id: Uuid,
+    pub service_id: Arc<str>,
+    /// Why (e.g. the deregister reason, "disconnected", "pong timeout").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Arc<str>>,
+}
+
+pub struct EventLog {
+    next_seq: u64,
+    ring: VecDeque<Event>,
+    ring_capacity: usize,
+    subscribers: Vec<SyncSender<Event>>,
+    subscriber_capacity: usize,
+    max_subscribers: usize,
+    cut: u64,
+}
+
+/// Why a replay could not be served.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error(
+        "events after seq {since} are no longer kept (oldest kept is {oldest}); take a snapshot"
+    )]
+    Gone { since: u64, oldest: u64 },
+    #[error("{0} event subscribers already; the limit is reached")]
+    TooManySubscribers(usize),
+}
+
+impl EventLog {
+    pub fn new(
+        ring_capacity: usize,
+        subscriber_capacity: usize,
+        max_subscribers: usize,
+    ) -> EventLog {
+        EventLog {
+            next_seq: 1,
+            ring: VecDeque::with_capacity(ring_capacity.min(4096)),
+            ring_capacity: ring_capacity.max(1),
+            subscribers: Vec::new(),
+            subscriber_capacity: subscriber_capacity.max(1),
+            max_subscribers,
+            cut: 0,
+        }
+    }
+
+    /// The sequence number the last event received (0 before any).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Subscribers cut so far for falling behind.
+    pub fn cut_count(&self) -> u64 {
+        self.cut
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
+    pub fn publish(
+        &mut self,
+        at_ms: u64,
+        kind: EventKind,
+        id: Uuid,
+        service: Arc<str>,
+        reason: Option<Arc<str>>,
+    ) {
+        let event = Event {
+            seq: self.next_seq,
+            at_ms,
+            kind,
+            runtime_instance_id: id,
+            service_id: service,
+            reason,
+        };
+        self.next_seq += 1;
+        let before = self.subscribers.len();
+        self.subscribers
+            .retain(|tx| match tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+            });
+        self.cut += (before - self.subscribers.len()) as u64;
+        if self.ring.len() == self.ring_capacity {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(event);
+    }
+
+    /// Subscribes from `since` (exclusive): the kept events after it are
+    /// queued first, then live ones. `None` starts at the next event.
+    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
+        if self.subscribers.len() >= self.max_subscribers {
+            return Err(ReplayError::TooManySubscribers(self.subscribers.len()));
+        }
+        let replay: Vec<&Event> = match since {
+            None => Vec::new(),
+            Some(since) => {
+                let oldest = self.ring.front().map_or(self.next_seq, |e| e.seq);
+                if since + 1 < oldest && since < self.last_seq() {
+                    return Err(ReplayError::Gone { since, oldest });
+                }
+                self.ring.iter().filter(|e| e.seq > since).collect()
+            }
+        };
+        let (tx, rx) = sync_channel(self.subscriber_capacity + replay.len());
+        for event in replay {
+            tx.try_send(event.clone()).expect("sized for the replay");
+        }
+        self.subscribers.push(tx);
+        Ok((self.last_seq(), rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(log: &mut EventLog, n: usize) {
+        for _ in 0..n {
+            log.publish(0, EventKind::Registered, Uuid::nil(), Arc::from("s"), None);
+        }
+    }
+
+    #[test]
+    fn sequence_grows_and_replay_resumes_without_gaps() {
+        let mut log = EventLog::new(10, 100, 4);
+        publish(&mut log, 5);
+        let (at, rx) = log.subscribe(Some(2)).unwrap();
+        assert_eq!(at, 5);
+        publish(&mut log, 2);
+        let seqs: Vec<u64> = rx.try_iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn replay_past_the_ring_is_refused() {
+        let mut log = EventLog::new(3, 100, 4);
+        publish(&mut log, 10);
+        assert_eq!(
+            log.subscribe(Some(2)).unwrap_err(),
+            ReplayError::Gone {
+                since: 2,
+                oldest: 8
+            }
+        );
+        assert!(log.subscribe(Some(7)).is_ok());
+    }
+
+    #[test]
+    fn a_full_subscriber_is_cut_and_others_continue() {
+        let mut log = EventLog::new(100, 2, 4);
+        let (_, slow) = log.subscribe(None).unwrap();
+        let (_, fast) = log.subscribe(None).unwrap();
+        publish(&mut log, 2);
+        assert_eq!(fast.try_iter().count(), 2);
+        publish(&mut log, 1);
+        assert_eq!(log.cut_count(), 1);
+        assert_eq!(log.subscriber_count(), 1);
+        assert_eq!(slow.try_iter().count(), 2);
+        assert!(
+            slow.recv().is_err(),
+            "the slow subscriber's channel is closed"
+        );
+        assert_eq!(fast.try_iter().count(), 1);
+    }
+}
