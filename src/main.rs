@@ -1,1 +1,303 @@
-fn main() {}
+//! The `tether` command: controller, agent (one service or a swarm).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use tether::agent::swarm::{Swarm, SwarmConfig};
+use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_source_ips};
+use tether::controller::auth::Auth;
+use tether::controller::{Controller, ControllerConfig, default_host_id};
+use tether::engine::{EngineConfig, sys};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "tether",
+    version,
+    about = "A control plane that holds one direct WebSocket per service"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller: services connect to ws://ADDR/ws/microservice.
+    Controller(ControllerArgs),
+    /// Run one service's agent, or a swarm of simulated services.
+    Agent(AgentArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30s or 500ms: {e}"))
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Address for service connections (dual stack with [::]).
+    #[arg(long, env = "CONTROLLER_ADDR", default_value = "[::]:8438")]
+    listen: SocketAddr,
+    /// Shards (threads, each with its own fd table); default: one per core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// How often each registered service is pinged.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    ping_interval: Duration,
+    /// How long a ping may go unanswered before the service is down.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    pong_timeout: Duration,
+    /// Connections per shard; past it new upgrades are told 1013.
+    /// Default: just under RLIMIT_NOFILE.
+    #[arg(long)]
+    max_conns_per_shard: Option<usize>,
+    /// service/register must arrive within this after the upgrade.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    register_timeout: Duration,
+    /// This controller's hostId (the `host` claim of service tokens).
+    #[arg(long)]
+    host_id: Option<String>,
+    /// Verify service JWTs with this HS256 shared key (file), for development.
+    #[arg(long, conflicts_with = "auth_jwks")]
+    auth_shared_key_file: Option<std::path::PathBuf>,
+    /// Verify service JWTs (RS256/ES256) with the keys of this JWKS file.
+    #[arg(long)]
+    auth_jwks: Option<std::path::PathBuf>,
+    /// Most nodes in one discovery snapshot.
+    #[arg(long, default_value_t = 10_000)]
+    max_snapshot_nodes: usize,
+    /// Default timeout of commands sent to services.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    command_timeout: Duration,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The controller's service endpoint.
+    #[arg(long, default_value = "ws://127.0.0.1:8438/ws/microservice")]
+    controller: ControllerUrl,
+    #[arg(long)]
+    service_id: String,
+    /// Simulate N services in this process instead of one.
+    #[arg(long)]
+    swarm: Option<usize>,
+    /// Source addresses to spread connections over, e.g. 127.0.0.2-127.0.0.9.
+    #[arg(long)]
+    source_ips: Option<String>,
+    /// Swarm worker threads (each its own fd table); default: N / 15,000.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// New connections per second (swarm ramp).
+    #[arg(long, default_value_t = 5_000.0)]
+    connect_rate: f64,
+    /// Spread the swarm over this many serviceIds (ID-0 … ID-k).
+    #[arg(long, default_value_t = 1)]
+    distinct_ids: usize,
+    /// Offset of this swarm's service indexes (keeps addresses distinct across swarms).
+    #[arg(long, default_value_t = 0)]
+    index_offset: usize,
+    #[arg(long)]
+    env_tag: Option<String>,
+    #[arg(long, default_value = "1.0.0")]
+    version: String,
+    #[arg(long, default_value = "https")]
+    protocol: String,
+    /// The address other services reach this one at (single agent).
+    #[arg(long, default_value = "127.0.0.1")]
+    address: String,
+    #[arg(long, default_value_t = 8443)]
+    port: u16,
+    /// The registration JWT.
+    #[arg(long, env = "TETHER_JWT")]
+    jwt: Option<String>,
+    /// Reconnect after exactly min(60s, 1s·2^n): no jitter (herd experiments).
+    #[arg(long)]
+    no_jitter: bool,
+    /// Send a WebSocket ping this often (light-fabric clients use 30s).
+    #[arg(long, value_parser = duration)]
+    client_ping: Option<Duration>,
+    /// Stop by itself after this long.
+    #[arg(long, value_parser = duration)]
+    exit_after: Option<Duration>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Signals are taken by the main thread only: block them before any
+    // other thread starts so every thread inherits the mask.
+    sys::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    match cli.command {
+        Command::Controller(args) => controller(args),
+        Command::Agent(args) => agent(args),
+    }
+}
+
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let shards = args
+        .shards
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut engine = EngineConfig::new(args.listen, shards);
+    engine.ping_interval = args.ping_interval;
+    engine.pong_timeout = args.pong_timeout;
+    engine.admit_timeout = args.register_timeout;
+    if let Some(max) = args.max_conns_per_shard {
+        engine.max_conns_per_shard = max;
+    }
+    let max_conns = engine.max_conns_per_shard;
+    let mut config = ControllerConfig::new(engine);
+    config.host_id = args.host_id.unwrap_or_else(default_host_id);
+    config.registry.max_snapshot_nodes = args.max_snapshot_nodes;
+    config.command_timeout = args.command_timeout;
+    let auth = match (&args.auth_shared_key_file, &args.auth_jwks) {
+        (Some(path), _) => {
+            let key =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            Some(Auth::shared_secret(trim_ascii(&key), &config.host_id))
+        }
+        (_, Some(path)) => {
+            let json = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Some(Auth::from_jwks(&json, &config.host_id).map_err(anyhow::Error::msg)?)
+        }
+        _ => None,
+    };
+    let auth_mode = if auth.is_some() { "on" } else { "off" };
+    let controller = Controller::start(config, auth).context("the controller could not start")?;
+    println!(
+        "tether controller ready: listening on {} ({} shards, epoll, up to {} connections per shard, auth {})",
+        controller.local_addr(),
+        controller.shards(),
+        max_conns,
+        auth_mode
+    );
+    loop {
+        if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
+            tracing::info!(signal = sig, "stopping: closing every connection with 1001");
+            break;
+        }
+    }
+    controller.shutdown();
+    Ok(())
+}
+
+fn trim_ascii(bytes: &[u8]) -> &[u8] {
+    bytes.trim_ascii()
+}
+
+fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let backoff = Backoff {
+        jitter: !args.no_jitter,
+        ..Backoff::default()
+    };
+    let deadline = args.exit_after.map(|d| Instant::now() + d);
+    let sources = args
+        .source_ips
+        .as_deref()
+        .map(parse_source_ips)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    match args.swarm {
+        None => {
+            let mut spec = ServiceSpec::new(&args.service_id, &args.address, args.port);
+            spec.version = args.version;
+            spec.protocol = args.protocol;
+            spec.env_tag = args.env_tag;
+            spec.jwt = args.jwt;
+            let agent = Agent::start(args.controller.clone(), spec, Arc::new(NoTools), backoff)?;
+            let mut announced = None;
+            loop {
+                let id = agent.runtime_instance_id();
+                if id != announced {
+                    match id {
+                        Some(id) => println!("registered as {id} with {}", args.controller.addr),
+                        None => {
+                            println!("not registered; reconnecting to {}", args.controller.addr)
+                        }
+                    }
+                    announced = id;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d)
+                    || sys::wait_for_signal(Duration::from_millis(200))?.is_some()
+                {
+                    break;
+                }
+            }
+            let deregistered = agent.deregister("interrupt", Duration::from_secs(5));
+            println!(
+                "{}",
+                if deregistered {
+                    "deregistered"
+                } else {
+                    "stopped without deregistering"
+                }
+            );
+            agent.stop();
+            Ok(())
+        }
+        Some(0) => bail!("--swarm needs at least one service"),
+        Some(n) => {
+            let mut config = SwarmConfig::new(args.controller, n);
+            config.service_id = args.service_id;
+            config.distinct_ids = args.distinct_ids.max(1);
+            config.index_offset = args.index_offset;
+            config.env_tag = args.env_tag.or(Some("prod".into()));
+            config.threads = args.threads;
+            config.sources = sources.unwrap_or_default();
+            config.connect_rate = args.connect_rate;
+            config.backoff = backoff;
+            config.client_ping = args.client_ping;
+            config.jwt = args.jwt;
+            config.run_for = args.exit_after;
+            swarm(config, deadline)
+        }
+    }
+}
+
+fn swarm(config: SwarmConfig, deadline: Option<Instant>) -> anyhow::Result<()> {
+    let target = config.services as u64;
+    let swarm = Swarm::start(config).context("the swarm could not start")?;
+    let stats = swarm.stats().clone();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut all_at: Option<Duration> = None;
+    loop {
+        let signal = sys::wait_for_signal(Duration::from_secs(1))?;
+        let elapsed = swarm.started().elapsed();
+        let registered = load(&stats.registered);
+        println!(
+            "swarm: registered={registered} target={target} open={} registrations={} attempts={} connect_failures={} refused={} closed_by_controller={} elapsed_ms={}",
+            load(&stats.open),
+            load(&stats.registrations),
+            load(&stats.connect_attempts),
+            load(&stats.connect_failures),
+            load(&stats.refused),
+            load(&stats.closed_by_controller),
+            elapsed.as_millis()
+        );
+        if all_at.is_none() && registered >= target {
+            all_at = Some(elapsed);
+            println!(
+                "swarm: all {target} registered in {} ms ({:.0}/s)",
+                elapsed.as_millis(),
+                target as f64 / elapsed.as_secs_f64().max(1e-3)
+            );
+        }
+        if signal.is_some() || deadline.is_some_and(|d| Instant::now() >= d) || !swarm.running() {
+            break;
+        }
+    }
+    swarm.stop();
+    Ok(())
+}

@@ -141,20 +141,29 @@ pub fn block_termination_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM (blocked beforehand); returns its number.
-pub fn wait_for_signal() -> io::Result<i32> {
-    // SAFETY: the set lives on the stack; sigwait writes the signal number.
+/// Waits up to `timeout` for SIGINT or SIGTERM (blocked beforehand with
+/// `block_termination_signals`); returns the signal, or `None` on timeout.
+pub fn wait_for_signal(timeout: std::time::Duration) -> io::Result<Option<i32>> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: the set and timespec live on the stack for the call; a null
+    // siginfo pointer is allowed.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
-        let mut sig = 0;
-        let ret = libc::sigwait(&set, &mut sig);
-        if ret != 0 {
-            return Err(io::Error::from_raw_os_error(ret));
+        let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+        if sig < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+                _ => Err(err),
+            };
         }
-        Ok(sig)
+        Ok(Some(sig))
     }
 }
 
@@ -175,4 +184,38 @@ pub fn eventfd_drain(fd: RawFd) {
     let mut value: u64 = 0;
     // SAFETY: reads 8 bytes into a live u64.
     unsafe { libc::read(fd, (&mut value as *mut u64).cast(), 8) };
+}
+
+/// Lets `bind(ip:0)` defer the port choice to `connect`, so one source
+/// address serves ~28k connections per destination, not ~28k in all.
+pub fn set_bind_address_no_port(fd: RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a pointer to a live c_int with its exact size.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The pending error of a socket (SO_ERROR), e.g. a failed connect.
+pub fn take_socket_error(fd: RawFd) -> io::Result<Option<io::Error>> {
+    let mut err: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `err`.
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
 }

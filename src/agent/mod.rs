@@ -1,0 +1,221 @@
+//! The client side: what a service runs to hold its connection to the
+//! controller. `Agent` is the SDK for one Rust service; `swarm` runs many
+//! simulated services in one process for tests and load tests. Both drive
+//! the same sans-IO `Session` from the same epoll `worker`.
+//!
+//! Reconnects use exponential backoff with full jitter (PROTOCOL.md):
+//! `sleep = random(0, min(cap, base·2^n))`, n reset after a connection
+//! that lived longer than 10 s.
+
+mod sdk;
+pub mod session;
+pub mod swarm;
+mod worker;
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+pub use sdk::{Agent, AgentError};
+pub use worker::{SwarmStats, WorkerConfig};
+
+/// What a service registers as.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub service_id: String,
+    pub version: String,
+    pub protocol: String,
+    pub address: String,
+    pub port: u16,
+    pub env_tag: Option<String>,
+    pub tags: Map<String, Value>,
+    pub jwt: Option<String>,
+}
+
+impl ServiceSpec {
+    pub fn new(service_id: &str, address: &str, port: u16) -> ServiceSpec {
+        ServiceSpec {
+            service_id: service_id.into(),
+            version: "1.0.0".into(),
+            protocol: "https".into(),
+            address: address.into(),
+            port,
+            env_tag: None,
+            tags: Map::new(),
+            jwt: None,
+        }
+    }
+}
+
+/// The tools a service answers besides the built-in `get_service_info`
+/// and `check`.
+pub trait Tools: Send + Sync {
+    /// Descriptions for `tools/list`: `[{name, description, inputSchema}]`.
+    fn list(&self) -> Vec<Value> {
+        Vec::new()
+    }
+
+    /// Runs a tool; `None` if there is no such tool (answered -32601).
+    fn call(&self, name: &str, arguments: Value) -> Option<Result<Value, (i64, String)>> {
+        let _ = (name, arguments);
+        None
+    }
+}
+
+/// Only the built-in tools.
+pub struct NoTools;
+
+impl Tools for NoTools {}
+
+pub(crate) fn builtin_tools() -> Vec<Value> {
+    vec![
+        serde_json::json!({"name": "get_service_info", "description": "The service's registration", "inputSchema": {"type": "object"}}),
+        serde_json::json!({"name": "check", "description": "Health check", "inputSchema": {"type": "object"}}),
+    ]
+}
+
+/// Reconnect delays.
+#[derive(Clone, Copy, Debug)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+    /// Full jitter (the default). Without it every client waits exactly
+    /// `min(cap, base·2^n)`: what the herd scenario compares against.
+    pub jitter: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+            jitter: true,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnect attempt `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.cap);
+        if self.jitter {
+            ceiling.mul_f64(fastrand::f64())
+        } else {
+            ceiling
+        }
+    }
+}
+
+/// A controller WebSocket URL, `ws://HOST:PORT/PATH`.
+#[derive(Clone, Debug)]
+pub struct ControllerUrl {
+    pub addr: SocketAddr,
+    /// What goes into the Host header.
+    pub host: String,
+    pub path: String,
+}
+
+impl std::str::FromStr for ControllerUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, Self::Err> {
+        let rest = url.strip_prefix("ws://").ok_or_else(|| {
+            format!("{url}: only ws:// URLs are supported (the controller speaks plain WebSocket)")
+        })?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/ws/microservice"),
+        };
+        let with_port = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            authority.to_string()
+        } else {
+            format!("{authority}:8438")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: cannot resolve {with_port}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: {with_port} resolves to nothing"))?;
+        Ok(ControllerUrl {
+            addr,
+            host: with_port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// Parses `127.0.0.2-127.0.0.9` (a range), `127.0.0.2,127.0.0.5` (a list) or one address.
+pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
+    let mut ips = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let bad = || format!("{part}: expected FROM-TO with two IPv4 addresses");
+                let from: std::net::Ipv4Addr = from.trim().parse().map_err(|_| bad())?;
+                let to: std::net::Ipv4Addr = to.trim().parse().map_err(|_| bad())?;
+                let (a, b) = (u32::from(from), u32::from(to));
+                if b < a || b - a > 65_535 {
+                    return Err(format!(
+                        "{part}: the range is empty or larger than 65,536 addresses"
+                    ));
+                }
+                ips.extend((a..=b).map(|ip| IpAddr::V4(ip.into())));
+            }
+            None => ips.push(
+                part.parse()
+                    .map_err(|_| format!("{part}: not an IP address"))?,
+            ),
+        }
+    }
+    if ips.is_empty() {
+        return Err("no source addresses given".into());
+    }
+    Ok(ips)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded_and_jittered() {
+        let b = Backoff::default();
+        for attempt in 0..40 {
+            assert!(b.delay(attempt) <= Duration::from_secs(60));
+        }
+        let fixed = Backoff { jitter: false, ..b };
+        assert_eq!(fixed.delay(0), Duration::from_secs(1));
+        assert_eq!(fixed.delay(3), Duration::from_secs(8));
+        assert_eq!(fixed.delay(10), Duration::from_secs(60));
+        let samples: Vec<Duration> = (0..50).map(|_| b.delay(5)).collect();
+        assert!(
+            samples.iter().any(|d| *d != samples[0]),
+            "full jitter varies"
+        );
+    }
+
+    #[test]
+    fn urls_and_source_ranges() {
+        let url: ControllerUrl = "ws://127.0.0.1:9000/ws/discovery".parse().unwrap();
+        assert_eq!(
+            (url.addr.port(), url.path.as_str()),
+            (9000, "/ws/discovery")
+        );
+        let url: ControllerUrl = "ws://127.0.0.1".parse().unwrap();
+        assert_eq!(
+            (url.addr.port(), url.path.as_str()),
+            (8438, "/ws/microservice")
+        );
+        assert!("http://x".parse::<ControllerUrl>().is_err());
+        assert_eq!(parse_source_ips("127.0.0.2-127.0.0.4").unwrap().len(), 3);
+        assert_eq!(parse_source_ips("127.0.0.2, ::1").unwrap().len(), 2);
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+    }
+}

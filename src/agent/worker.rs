@@ -1,0 +1,619 @@
+//! The client event loop: one thread, its own fd table, an epoll set, and
+//! any number of service sessions, each reconnecting on its own with
+//! backoff. The swarm runs several workers; the SDK runs one with one
+//! session and a control mailbox.
+//!
+//! Bounded: connects per second (so a ramp does not overflow the
+//! controller's listen queue), unsent output per session, requests waiting
+//! per session. Every worker stops at its deadline or its stop flag.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{IntoRawFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc::SyncSender;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+use super::session::{Phase, Session, SessionEvent};
+use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
+use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
+use crate::engine::mailbox::Mailbox;
+use crate::engine::sys;
+use crate::metrics::{dec, inc};
+
+const MAX_UNSENT: usize = 32 << 20;
+const CONTROL: u64 = u64::MAX;
+/// A connection that lived this long resets the backoff (PROTOCOL.md).
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Counters a swarm reports; gauges are `open` and `registered`.
+#[derive(Default)]
+pub struct SwarmStats {
+    pub target: AtomicU64,
+    pub open: AtomicU64,
+    pub registered: AtomicU64,
+    pub registrations: AtomicU64,
+    pub connect_attempts: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub refused: AtomicU64,
+    pub closed_by_controller: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct WorkerConfig {
+    pub controller: ControllerUrl,
+    pub authorization: Option<String>,
+    pub sources: Vec<IpAddr>,
+    pub backoff: Backoff,
+    /// New connections per second this worker may open.
+    pub connect_rate: f64,
+    /// The registration must be answered within this, else reconnect.
+    pub register_timeout: Duration,
+    /// Send a ping this often (None: only answer the controller's).
+    pub client_ping: Option<Duration>,
+    pub stop: Arc<AtomicBool>,
+    pub deadline: Option<Instant>,
+}
+
+/// What another thread asks a worker to do (the SDK's calls).
+pub enum Control {
+    Request {
+        method: &'static str,
+        params: Value,
+        reply: SyncSender<Result<Value, Value>>,
+    },
+    Deregister {
+        reason: String,
+        reply: SyncSender<bool>,
+    },
+}
+
+/// Hears every session event (the SDK's state and subscriptions).
+pub trait Observer: Send {
+    fn event(&mut self, slot: usize, event: &SessionEvent);
+
+    /// Requests to send right after each (re-)registration, e.g. to renew
+    /// discovery subscriptions; their replies are not reported.
+    fn after_register(&mut self) -> Vec<(&'static str, Value)> {
+        Vec::new()
+    }
+}
+
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn event(&mut self, _: usize, _: &SessionEvent) {}
+}
+
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Connecting,
+    Open,
+}
+
+struct Slot {
+    session: Session,
+    fd: RawFd,
+    generation: u32,
+    state: State,
+    unsent: Vec<u8>,
+    attempts: u32,
+    opened_at: Instant,
+    source: Option<IpAddr>,
+    registered: bool,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Reconnect,
+    RegisterTimeout,
+    ClientPing,
+}
+
+pub struct Worker<O: Observer> {
+    config: WorkerConfig,
+    slots: Vec<Slot>,
+    tools: Arc<dyn Tools>,
+    observer: O,
+    stats: Arc<SwarmStats>,
+    control: Option<Arc<Mailbox<Control>>>,
+    epoll: Epoll,
+    timers: BinaryHeap<Reverse<(Instant, usize, u32, Timer)>>,
+    connect_queue: VecDeque<usize>,
+    tokens: f64,
+    last_refill: Instant,
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+    events: Vec<SessionEvent>,
+    replies: HashMap<(usize, u64), SyncSender<Result<Value, Value>>>,
+    deregistering: HashMap<(usize, u64), SyncSender<bool>>,
+}
+
+fn token(slot: usize, generation: u32) -> u64 {
+    (generation as u64) << 32 | slot as u64
+}
+
+impl<O: Observer> Worker<O> {
+    /// Must be called on the thread that will run it: it takes that
+    /// thread's own fd table.
+    pub fn new(
+        config: WorkerConfig,
+        specs: Vec<Arc<ServiceSpec>>,
+        first_index: usize,
+        tools: Arc<dyn Tools>,
+        observer: O,
+        stats: Arc<SwarmStats>,
+        control: Option<Arc<Mailbox<Control>>>,
+    ) -> std::io::Result<Worker<O>> {
+        sys::unshare_fd_table()?;
+        let keep = control.as_ref().map(|c| c.wake_fd());
+        for fd in sys::open_fds()? {
+            if fd > 2 && Some(fd) != keep {
+                sys::close(fd);
+            }
+        }
+        let epoll = Epoll::new(1024)?;
+        if let Some(c) = &control {
+            epoll.add(c.wake_fd(), READABLE, CONTROL)?;
+        }
+        let now = Instant::now();
+        let sources = config.sources.clone();
+        let slots = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| Slot {
+                session: Session::new(spec),
+                fd: -1,
+                generation: 0,
+                state: State::Waiting,
+                unsent: Vec::new(),
+                attempts: 0,
+                opened_at: now,
+                source: (!sources.is_empty()).then(|| sources[(first_index + i) % sources.len()]),
+                registered: false,
+            })
+            .collect::<Vec<_>>();
+        Ok(Worker {
+            connect_queue: (0..slots.len()).collect(),
+            tokens: 1.0,
+            last_refill: now,
+            config,
+            slots,
+            tools,
+            observer,
+            stats,
+            control,
+            epoll,
+            timers: BinaryHeap::new(),
+            scratch: vec![0; 64 << 10],
+            out: Vec::new(),
+            events: Vec::new(),
+            replies: HashMap::new(),
+            deregistering: HashMap::new(),
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        self.config.stop.load(Relaxed) || self.config.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    pub fn run(mut self) {
+        let mut ready = Vec::with_capacity(1024);
+        while !self.stopping() {
+            let now = Instant::now();
+            self.connect_some(now);
+            self.fire_timers(now);
+            let next_timer = self
+                .timers
+                .peek()
+                .map(|Reverse((at, ..))| at.saturating_duration_since(now));
+            let mut wait = next_timer
+                .unwrap_or(Duration::from_millis(100))
+                .min(Duration::from_millis(100));
+            if !self.connect_queue.is_empty() {
+                wait = wait.min(Duration::from_millis(5));
+            }
+            match self.epoll.wait(wait.as_millis().max(1) as i32) {
+                Ok(events) => ready.extend(events),
+                Err(e) => {
+                    tracing::error!("agent epoll_wait failed: {e}");
+                    break;
+                }
+            }
+            for (events, token) in ready.drain(..) {
+                if token == CONTROL {
+                    self.drain_control();
+                    continue;
+                }
+                let (slot, generation) = (token as u32 as usize, (token >> 32) as u32);
+                if self
+                    .slots
+                    .get(slot)
+                    .is_none_or(|s| s.generation != generation || s.fd < 0)
+                {
+                    continue;
+                }
+                if self.slots[slot].state == State::Connecting {
+                    self.finish_connect(slot);
+                    continue;
+                }
+                if events & WRITABLE != 0 {
+                    self.flush(slot);
+                }
+                if events & (READABLE | HANGUP) != 0 {
+                    self.read(slot);
+                }
+            }
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].fd >= 0 {
+                self.out.clear();
+                let mut out = std::mem::take(&mut self.out);
+                self.slots[slot].session.close(1001, &mut out);
+                let _ = sys::send(self.slots[slot].fd, &out);
+                self.out = out;
+                self.disconnect(slot);
+            }
+        }
+    }
+
+    fn connect_some(&mut self, now: Instant) {
+        let rate = self.config.connect_rate.max(1.0);
+        let elapsed = now.duration_since(self.last_refill).as_secs_f64();
+        self.last_refill = now;
+        self.tokens = (self.tokens + elapsed * rate).min(rate / 10.0 + 1.0);
+        while self.tokens >= 1.0 {
+            let Some(slot) = self.connect_queue.pop_front() else {
+                break;
+            };
+            self.tokens -= 1.0;
+            self.connect(slot);
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, slot, generation, timer))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let s = &self.slots[slot];
+            match timer {
+                Timer::Reconnect if s.state == State::Waiting => self.connect_queue.push_back(slot),
+                Timer::RegisterTimeout
+                    if s.generation == generation && s.state == State::Open && !s.registered =>
+                {
+                    self.fail(slot)
+                }
+                Timer::ClientPing if s.generation == generation && s.state == State::Open => {
+                    let mut out = std::mem::take(&mut self.out);
+                    out.clear();
+                    self.slots[slot].session.ping(&mut out);
+                    self.send(slot, &out);
+                    self.out = out;
+                    if let Some(every) = self.config.client_ping {
+                        self.timers.push(Reverse((
+                            now + every,
+                            slot,
+                            generation,
+                            Timer::ClientPing,
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn connect(&mut self, slot: usize) {
+        inc(&self.stats.connect_attempts);
+        let addr = self.config.controller.addr;
+        let source = self.slots[slot].source;
+        match open_socket(addr, source) {
+            Ok(fd) => {
+                let s = &mut self.slots[slot];
+                s.generation = s.generation.wrapping_add(1);
+                s.fd = fd;
+                s.state = State::Connecting;
+                if let Err(e) = self.epoll.add(
+                    fd,
+                    READABLE | WRITABLE | HANGUP | EDGE,
+                    token(slot, s.generation),
+                ) {
+                    tracing::warn!("cannot watch a socket: {e}");
+                    self.fail(slot);
+                }
+            }
+            Err(e) => {
+                tracing::debug!("connect to {addr} failed: {e}");
+                inc(&self.stats.connect_failures);
+                self.schedule_reconnect(slot);
+            }
+        }
+    }
+
+    fn finish_connect(&mut self, slot: usize) {
+        match sys::take_socket_error(self.slots[slot].fd) {
+            Ok(None) => {}
+            _ => {
+                inc(&self.stats.connect_failures);
+                return self.fail(slot);
+            }
+        }
+        let now = Instant::now();
+        let generation = self.slots[slot].generation;
+        {
+            let s = &mut self.slots[slot];
+            s.state = State::Open;
+            s.opened_at = now;
+        }
+        inc(&self.stats.open);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let url = &self.config.controller;
+        self.slots[slot].session.start(
+            &url.host,
+            &url.path,
+            self.config.authorization.as_deref(),
+            &mut out,
+        );
+        self.send(slot, &out);
+        self.out = out;
+        self.timers.push(Reverse((
+            now + self.config.register_timeout,
+            slot,
+            generation,
+            Timer::RegisterTimeout,
+        )));
+        if let Some(every) = self.config.client_ping {
+            self.timers
+                .push(Reverse((now + every, slot, generation, Timer::ClientPing)));
+        }
+        // Data may already be waiting; edge-triggered epoll will not repeat it.
+        self.read(slot);
+    }
+
+    fn read(&mut self, slot: usize) {
+        loop {
+            if self.slots[slot].fd < 0 {
+                return;
+            }
+            match sys::recv(self.slots[slot].fd, &mut self.scratch) {
+                Ok(0) => return self.fail(slot),
+                Ok(n) => {
+                    let mut out = std::mem::take(&mut self.out);
+                    let mut events = std::mem::take(&mut self.events);
+                    out.clear();
+                    let s = &mut self.slots[slot];
+                    s.session
+                        .on_input(&self.scratch[..n], &*self.tools, &mut out, &mut events);
+                    if !out.is_empty() {
+                        self.send(slot, &out);
+                    }
+                    self.out = out;
+                    for event in events.drain(..) {
+                        self.on_event(slot, event);
+                    }
+                    self.events = events;
+                    if n < self.scratch.len() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(slot),
+            }
+        }
+    }
+
+    fn on_event(&mut self, slot: usize, event: SessionEvent) {
+        self.observer.event(slot, &event);
+        match event {
+            SessionEvent::Registered(_) => {
+                self.slots[slot].registered = true;
+                inc(&self.stats.registered);
+                inc(&self.stats.registrations);
+                let renewals = self.observer.after_register();
+                if !renewals.is_empty() {
+                    let mut out = std::mem::take(&mut self.out);
+                    out.clear();
+                    for (method, params) in renewals {
+                        self.slots[slot].session.request(method, params, &mut out);
+                    }
+                    self.send(slot, &out);
+                    self.out = out;
+                }
+            }
+            SessionEvent::Refused { code, message } => {
+                inc(&self.stats.refused);
+                tracing::debug!(code, "registration refused: {message}");
+                self.fail(slot);
+            }
+            SessionEvent::Closed { code, .. } => {
+                if code.is_some() {
+                    inc(&self.stats.closed_by_controller);
+                }
+                self.fail(slot);
+            }
+            SessionEvent::Reply { id, outcome } => {
+                if let Some(tx) = self.replies.remove(&(slot, id)) {
+                    let _ = tx.try_send(outcome);
+                } else if let Some(tx) = self.deregistering.remove(&(slot, id)) {
+                    let _ = tx.try_send(outcome.is_ok());
+                    if self.slots[slot].registered {
+                        self.slots[slot].registered = false;
+                        dec(&self.stats.registered);
+                    }
+                }
+            }
+            SessionEvent::Notification { .. } => {}
+        }
+    }
+
+    fn drain_control(&mut self) {
+        let Some(control) = self.control.clone() else {
+            return;
+        };
+        let mut inbox = VecDeque::new();
+        control.take_all(&mut inbox);
+        for msg in inbox {
+            // The SDK runs one session: slot 0.
+            let slot = 0;
+            let mut out = std::mem::take(&mut self.out);
+            out.clear();
+            let usable = self.slots[slot].state == State::Open;
+            match msg {
+                Control::Request {
+                    method,
+                    params,
+                    reply,
+                } => {
+                    let registered = self.slots[slot].session.phase() == Phase::Registered;
+                    match self.slots[slot]
+                        .session
+                        .request(method, params, &mut out)
+                        .filter(|_| usable && registered)
+                    {
+                        Some(id) => {
+                            self.replies.insert((slot, id), reply);
+                        }
+                        None => {
+                            let _ = reply.try_send(Err(
+                                serde_json::json!({"message": "not connected and registered"}),
+                            ));
+                            out.clear();
+                        }
+                    }
+                }
+                Control::Deregister { reason, reply } => {
+                    match self.slots[slot].session.deregister(&reason, &mut out) {
+                        Some(id) if usable => {
+                            self.deregistering.insert((slot, id), reply);
+                        }
+                        _ => {
+                            let _ = reply.try_send(false);
+                            out.clear();
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                self.send(slot, &out);
+            }
+            self.out = out;
+        }
+    }
+
+    /// Sends or keeps what the socket will not take.
+    fn send(&mut self, slot: usize, bytes: &[u8]) {
+        let s = &mut self.slots[slot];
+        if s.fd < 0 {
+            return;
+        }
+        if !s.unsent.is_empty() {
+            if s.unsent.len() + bytes.len() > MAX_UNSENT {
+                return self.fail(slot);
+            }
+            s.unsent.extend_from_slice(bytes);
+            return;
+        }
+        let mut sent = 0;
+        while sent < bytes.len() {
+            match sys::send(s.fd, &bytes[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(slot),
+            }
+        }
+        s.unsent.extend_from_slice(&bytes[sent..]);
+    }
+
+    fn flush(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let mut sent = 0;
+        while sent < s.unsent.len() {
+            match sys::send(s.fd, &s.unsent[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(slot),
+            }
+        }
+        s.unsent.drain(..sent);
+        if s.unsent.is_empty() {
+            s.unsent = Vec::new();
+        }
+    }
+
+    fn disconnect(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if s.fd >= 0 {
+            sys::close(s.fd);
+            s.fd = -1;
+        }
+        if s.state == State::Open {
+            dec(&self.stats.open);
+        }
+        if s.registered {
+            s.registered = false;
+            dec(&self.stats.registered);
+        }
+        s.state = State::Waiting;
+        s.unsent = Vec::new();
+        self.replies.retain(|(i, _), _| *i != slot);
+        self.deregistering.retain(|(i, _), _| *i != slot);
+    }
+
+    /// The connection failed or ended: reconnect after the backoff.
+    fn fail(&mut self, slot: usize) {
+        self.disconnect(slot);
+        self.schedule_reconnect(slot);
+    }
+
+    fn schedule_reconnect(&mut self, slot: usize) {
+        let now = Instant::now();
+        let s = &mut self.slots[slot];
+        if now.duration_since(s.opened_at) > STABLE_AFTER {
+            s.attempts = 0;
+        }
+        let delay = self.config.backoff.delay(s.attempts);
+        s.attempts = s.attempts.saturating_add(1);
+        s.state = State::Waiting;
+        self.timers
+            .push(Reverse((now + delay, slot, s.generation, Timer::Reconnect)));
+    }
+}
+
+fn open_socket(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<RawFd> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+        if ip.is_ipv4() {
+            let _ = sys::set_bind_address_no_port(fd);
+        }
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into_raw_fd())
+}
