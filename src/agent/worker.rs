@@ -248,7 +248,7 @@ impl<O: Observer> Worker<O> {
                     self.flush(slot);
                 }
                 if events & (READABLE | HANGUP) != 0 {
-                    self.read(slot);
+                    self.read(slot, events & HANGUP != 0);
                 }
             }
         }
@@ -381,10 +381,12 @@ impl<O: Observer> Worker<O> {
                 .push(Reverse((now + every, slot, generation, Timer::ClientPing)));
         }
         // Data may already be waiting; edge-triggered epoll will not repeat it.
-        self.read(slot);
+        self.read(slot, true);
     }
 
-    fn read(&mut self, slot: usize) {
+    /// Reads until drained; with `hangup`, until EOF or EAGAIN (a short
+    /// read does not prove the EOF behind it was seen).
+    fn read(&mut self, slot: usize, hangup: bool) {
         loop {
             if self.slots[slot].fd < 0 {
                 return;
@@ -406,7 +408,7 @@ impl<O: Observer> Worker<O> {
                         self.on_event(slot, event);
                     }
                     self.events = events;
-                    if n < self.scratch.len() {
+                    if n < self.scratch.len() && !hangup {
                         return;
                     }
                 }

@@ -85,7 +85,16 @@ impl Drop for Permit {
 struct Pending {
     conn: ConnRef,
     reply: Reply,
-    _permit: Permit,
+    permit: Permit,
+}
+
+impl Pending {
+    /// Frees the in-flight slot first, so whoever hears the outcome sees
+    /// the bound already released.
+    fn end(self, outcome: CommandOutcome) {
+        drop(self.permit);
+        (self.reply)(outcome);
+    }
 }
 
 /// One shard's commands in flight.
@@ -114,7 +123,7 @@ impl Commands {
             Pending {
                 conn,
                 reply,
-                _permit: permit,
+                permit,
             },
         );
         self.deadlines.push(Reverse((deadline, id)));
@@ -126,8 +135,7 @@ impl Commands {
     pub fn finish(&mut self, conn: ConnRef, id: u64, outcome: CommandOutcome) -> bool {
         match self.pending.get(&id) {
             Some(p) if p.conn == conn => {
-                let p = self.pending.remove(&id).expect("just found");
-                (p.reply)(outcome);
+                self.pending.remove(&id).expect("just found").end(outcome);
                 true
             }
             _ => false,
@@ -145,7 +153,7 @@ impl Commands {
             self.deadlines.pop();
             if let Some(p) = self.pending.remove(&id) {
                 conns.push(p.conn);
-                (p.reply)(CommandOutcome::Timeout);
+                p.end(CommandOutcome::Timeout);
             }
         }
         // Drop heap entries of commands that already ended, so the heap is
@@ -167,8 +175,10 @@ impl Commands {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let p = self.pending.remove(&id).expect("just listed");
-            (p.reply)(CommandOutcome::Gone);
+            self.pending
+                .remove(&id)
+                .expect("just listed")
+                .end(CommandOutcome::Gone);
         }
     }
 }

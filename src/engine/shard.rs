@@ -217,7 +217,7 @@ impl<H: Handler> Shard<H> {
                             self.flush(key);
                         }
                         if events & (READABLE | HANGUP) != 0 && self.live(key, generation) {
-                            self.read(key);
+                            self.read(key, events & HANGUP != 0);
                         }
                     }
                 }
@@ -228,7 +228,7 @@ impl<H: Handler> Shard<H> {
             std::mem::swap(&mut self.resume, &mut self.resume_next);
             for token in std::mem::take(&mut self.resume_next) {
                 if self.live(token as u32, (token >> 32) as u32) {
-                    self.read(token as u32);
+                    self.read(token as u32, true);
                 }
             }
             self.tick();
@@ -375,7 +375,11 @@ impl<H: Handler> Shard<H> {
 
     // -- input ---------------------------------------------------------------
 
-    fn read(&mut self, key: u32) {
+    /// Reads until the socket is drained. With `hangup` (the peer shut its
+    /// side in the same edge as its last data) a short read does not prove
+    /// it drained: the EOF behind the data gets no edge of its own, so read
+    /// on until EOF or EAGAIN.
+    fn read(&mut self, key: u32, hangup: bool) {
         for _ in 0..READ_BUDGET {
             let Some(conn) = self.conns.get(key as usize) else {
                 return;
@@ -386,9 +390,9 @@ impl<H: Handler> Shard<H> {
                     self.stats().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     let generation = conn.generation;
                     self.feed(key, n);
-                    // A short read drained the socket; edge-triggered epoll
-                    // reports anything that arrives later.
-                    if n < self.scratch.len() || !self.live(key, generation) {
+                    // Otherwise a short read drained the socket, and
+                    // edge-triggered epoll reports anything arriving later.
+                    if (n < self.scratch.len() && !hangup) || !self.live(key, generation) {
                         return;
                     }
                 }

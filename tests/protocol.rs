@@ -1,0 +1,338 @@
+//! The registry protocol end to end, real sockets on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tether::controller::CommandOutcome;
+use tether::registry::Filter;
+use tether::registry::events::EventKind;
+
+fn node_ids(snapshot: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = snapshot["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["runtimeInstanceId"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn register_lookup_subscribe_sees_arrivals_and_departures_then_deregister() {
+    let ctl = controller(2);
+    let addr = ctl.local_addr();
+    let (mut watcher, _) = registered(addr, "watcher", "10.0.0.100", 9000);
+    let (mut first, first_id) = registered(addr, "user", "10.0.0.1", 8443);
+
+    let lookup = watcher.call("discovery/lookup", json!({"serviceId": "user"}));
+    let snapshot = &lookup["result"];
+    assert_eq!(snapshot["serviceId"], "user");
+    assert_eq!(node_ids(snapshot), vec![first_id.to_string()]);
+    let node = &snapshot["nodes"][0];
+    assert_eq!(node["environment"], "prod");
+    assert_eq!(node["envTag"], "prod");
+    assert_eq!(node["address"], "10.0.0.1");
+    assert_eq!(node["port"], 8443);
+    assert_eq!(node["tags"], json!({"zone": "a"}));
+    assert_eq!(node["connected"], true);
+    for field in ["connectedAt", "lastSeenAt"] {
+        let at = node[field].as_str().unwrap();
+        assert!(
+            humantime::parse_rfc3339(at).is_ok() && at.ends_with('Z'),
+            "{field}: {at}"
+        );
+    }
+
+    let sub = watcher.call(
+        "discovery/subscribe",
+        json!({"serviceId": "user", "envTag": "prod"}),
+    );
+    assert_eq!(node_ids(&sub["result"]), vec![first_id.to_string()]);
+    assert_eq!(sub["result"]["envTag"], "prod", "the filter is echoed");
+
+    // A second instance arrives: one discovery/changed with both.
+    let (_second, second_id) = registered(addr, "user", "10.0.0.2", 8443);
+    let changed = watcher.recv_json();
+    assert_eq!(changed["method"], "discovery/changed");
+    assert_eq!(changed["params"]["envTag"], "prod");
+    let mut both = vec![first_id.to_string(), second_id.to_string()];
+    both.sort();
+    assert_eq!(node_ids(&changed["params"]), both);
+
+    // A third arrives and leaves (socket closed without deregister).
+    let (third, third_id) = registered(addr, "user", "10.0.0.3", 8443);
+    loop {
+        let changed = watcher.recv_json();
+        if node_ids(&changed["params"]).contains(&third_id.to_string()) {
+            break;
+        }
+    }
+    drop(third);
+    loop {
+        let changed = watcher.recv_json();
+        let ids = node_ids(&changed["params"]);
+        if !ids.contains(&third_id.to_string()) {
+            assert_eq!(ids, both);
+            break;
+        }
+    }
+
+    // Deregister: confirmed, idempotent, and the instance leaves discovery.
+    let params = json!({"runtimeInstanceId": first_id, "reason": "programmatic"});
+    let reply = first.call("service/deregister", params.clone());
+    assert_eq!(
+        reply["result"],
+        json!({"runtimeInstanceId": first_id.to_string(), "status": "deregistered"})
+    );
+    assert_eq!(
+        first.call("service/deregister", params)["result"]["status"],
+        "deregistered"
+    );
+    let unsub = watcher.call(
+        "discovery/unsubscribe",
+        json!({"serviceId": "user", "envTag": "prod"}),
+    );
+    assert_eq!(
+        unsub["result"],
+        json!({"status": "unsubscribed", "serviceId": "user", "envTag": "prod"})
+    );
+    let lookup = watcher.call("discovery/lookup", json!({"serviceId": "user"}));
+    assert_eq!(node_ids(&lookup["result"]), vec![second_id.to_string()]);
+}
+
+#[test]
+fn same_identity_supersedes_the_older_connection_with_4000() {
+    let ctl = controller(2);
+    let addr = ctl.local_addr();
+    let (_events_at, events) = ctl.subscribe_events(None).unwrap();
+    let (mut old, old_id) = registered(addr, "user", "10.0.0.1", 8443);
+    // Several connections so the successor likely lands on another shard too.
+    let (mut new, new_id) = registered(addr, "user", "10.0.0.1", 8443);
+    assert_ne!(old_id, new_id);
+    assert_eq!(old.expect_close(), Some(4000));
+    // The old socket closing must not remove its successor.
+    drop(old);
+    std::thread::sleep(Duration::from_millis(300));
+    let lookup = new.call("discovery/lookup", json!({"serviceId": "user"}));
+    assert_eq!(node_ids(&lookup["result"]), vec![new_id.to_string()]);
+    let kinds: Vec<EventKind> = events.try_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            EventKind::Registered,
+            EventKind::Superseded,
+            EventKind::Registered
+        ]
+    );
+}
+
+#[test]
+fn supersede_across_shards() {
+    // With many shards, repeat until the two connections sit on different shards.
+    let ctl = controller(4);
+    let addr = ctl.local_addr();
+    let mut successors = Vec::new();
+    for port in 1..=20u16 {
+        let (mut old, _) = registered(addr, "svc", "10.1.1.1", port);
+        successors.push(registered(addr, "svc", "10.1.1.1", port));
+        assert_eq!(old.expect_close(), Some(4000), "port {port}");
+    }
+    assert_eq!(ctl.shared().registry().len_up(), 20);
+}
+
+#[test]
+fn update_metadata_reaches_discovery_and_subscribers() {
+    let ctl = controller(1);
+    let addr = ctl.local_addr();
+    let (mut svc, id) = registered(addr, "user", "10.0.0.1", 8443);
+    let mut watcher = Client::connect(addr, "/ws/discovery");
+    watcher.call("discovery/subscribe", json!({"serviceId": "user"}));
+    svc.send_json(
+        &json!({"jsonrpc": "2.0", "method": "service/update_metadata",
+                          "params": {"version": "2.0.0", "tags": {"zone": "b"}}}),
+    );
+    let changed = watcher.recv_json();
+    assert_eq!(changed["method"], "discovery/changed");
+    assert_eq!(changed["params"]["nodes"][0]["version"], "2.0.0");
+    assert_eq!(changed["params"]["nodes"][0]["tags"], json!({"zone": "b"}));
+    assert_eq!(
+        changed["params"]["nodes"][0]["runtimeInstanceId"],
+        id.to_string()
+    );
+}
+
+#[test]
+fn discovery_endpoint_serves_only_discovery() {
+    let ctl = controller(1);
+    let addr = ctl.local_addr();
+    let (_svc, _) = registered(addr, "user", "10.0.0.1", 8443);
+    let mut d = Client::connect(addr, "/ws/discovery");
+    assert_eq!(
+        d.call("discovery/lookup", json!({"serviceId": "user"}))["result"]["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let reply = d.call("service/register", register_params("x", "10.0.0.9", 1));
+    assert_eq!(reply["error"]["code"], -32601);
+}
+
+#[test]
+fn commands_round_trip_time_out_and_report_unsupported() {
+    let mut config = config(2);
+    config.command_timeout = Duration::from_millis(500);
+    let ctl = start(config);
+    let addr = ctl.local_addr();
+    let (mut svc, id) = registered(addr, "user", "10.0.0.1", 8443);
+
+    // The service answers this one.
+    let server = std::thread::spawn(move || {
+        let req = svc.recv_json();
+        assert_eq!(req["method"], "tools/call");
+        assert_eq!(req["params"]["name"], "get_service_info");
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": req["id"], "method": null, "result": {"serviceId": "user"}}));
+        let unknown = svc.recv_json();
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": unknown["id"],
+                              "error": {"code": -32601, "message": "Method not found"}}));
+        let ignored = svc.recv_json();
+        assert_eq!(ignored["params"]["name"], "check");
+        svc // keep the socket open, never answering the last one
+    });
+    match ctl.call_tool(id, "get_service_info", json!({})) {
+        CommandOutcome::Ok(result) => assert_eq!(result.get(), r#"{"serviceId":"user"}"#),
+        other => panic!("expected a result, got {other:?}"),
+    }
+    assert!(matches!(
+        ctl.call_tool(id, "no_such_tool", json!({})),
+        CommandOutcome::Unsupported(_)
+    ));
+    assert!(matches!(
+        ctl.call_tool(id, "check", json!({})),
+        CommandOutcome::Timeout
+    ));
+    let mut svc = server.join().unwrap();
+    assert_eq!(ctl.commands_in_flight(), 0);
+
+    // A late reply to the timed-out command is an unknown id: counted, harmless.
+    svc.send_json(&json!({"jsonrpc": "2.0", "id": 3, "result": {}}));
+    eventually("unknown reply counted", || {
+        bad_count(ctl.stats(), tether::metrics::BadInput::UnknownReplyId) == 1
+    });
+    assert!(matches!(
+        ctl.call_tool(uuid::Uuid::now_v7(), "check", json!({})),
+        CommandOutcome::NotFound
+    ));
+
+    // The instance goes away while a command waits: Gone.
+    let (tx, rx) = std::sync::mpsc::channel();
+    ctl.call(
+        id,
+        "tools/list",
+        None,
+        Some(Duration::from_secs(5)),
+        Box::new(move |o| tx.send(o.label()).unwrap()),
+    );
+    assert_eq!(svc.recv_json()["method"], "tools/list");
+    drop(svc);
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "gone");
+}
+
+#[test]
+fn per_instance_command_bound_is_enforced() {
+    let mut config = config(1);
+    config.max_inflight_per_instance = 2;
+    config.command_timeout = Duration::from_secs(2);
+    let ctl = start(config);
+    let (svc, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 8443);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..3 {
+        let tx = tx.clone();
+        ctl.call(
+            id,
+            "tools/list",
+            None,
+            None,
+            Box::new(move |o| tx.send(o.label()).unwrap()),
+        );
+    }
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "busy");
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "timeout");
+    assert_eq!(rx.recv_timeout(WAIT).unwrap(), "timeout");
+    drop(svc);
+}
+
+#[test]
+fn service_notifications_are_relayed_to_watchers_only() {
+    let ctl = controller(1);
+    let (mut svc, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 8443);
+    let log = json!({"jsonrpc": "2.0", "method": "notifications/log",
+                     "params": {"timestamp": 1, "level": "INFO", "logger": "app", "message": "hello"}});
+    svc.send_json(&log); // nobody watches: dropped
+    let watch = ctl.watch_notifications(id);
+    svc.send_json(&log);
+    let got = watch.recv_timeout(WAIT).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&got).unwrap()["params"]["message"],
+        "hello"
+    );
+    assert!(watch.try_recv().is_err(), "the first one was not kept");
+}
+
+#[test]
+fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
+    use std::sync::{Arc, Mutex};
+    use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec};
+    let ctl = controller(2);
+    let url: ControllerUrl = format!("ws://{}/ws/microservice", ctl.local_addr())
+        .parse()
+        .unwrap();
+    let agent = Agent::start(
+        url.clone(),
+        ServiceSpec::new("billing", "10.0.0.5", 7000),
+        Arc::new(NoTools),
+        Backoff::default(),
+    )
+    .unwrap();
+    let id = agent.wait_registered(WAIT).expect("registers");
+    let snap = agent.lookup("billing", None, WAIT).unwrap();
+    assert_eq!(snap["nodes"][0]["runtimeInstanceId"], id.to_string());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    agent.on_change(move |snap| {
+        s.lock()
+            .unwrap()
+            .push(snap["nodes"].as_array().unwrap().len())
+    });
+    agent.subscribe("billing", None, WAIT).unwrap();
+    let other = Agent::start(
+        url,
+        ServiceSpec::new("billing", "10.0.0.6", 7000),
+        Arc::new(NoTools),
+        Backoff::default(),
+    )
+    .unwrap();
+    other.wait_registered(WAIT).unwrap();
+    eventually("subscriber sees two", || seen.lock().unwrap().contains(&2));
+    // Built-in tools answer commands.
+    match ctl.call_tool(id, "check", json!({})) {
+        CommandOutcome::Ok(r) => assert_eq!(r.get(), r#"{"result":"OK"}"#),
+        o => panic!("{o:?}"),
+    }
+    assert!(other.deregister("programmatic", WAIT));
+    eventually("subscriber sees one", || {
+        seen.lock().unwrap().last() == Some(&1)
+    });
+    let filter = Filter {
+        service_id: "billing".into(),
+        env_tag: None,
+        protocol: None,
+    };
+    assert_eq!(ctl.lookup(&filter).nodes.len(), 1);
+    agent.stop();
+    other.stop();
+}
