@@ -272,7 +272,12 @@ fn service_notifications_are_relayed_to_watchers_only() {
     let (mut svc, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 8443);
     let log = json!({"jsonrpc": "2.0", "method": "notifications/log",
                      "params": {"timestamp": 1, "level": "INFO", "logger": "app", "message": "hello"}});
-    svc.send_json(&log); // nobody watches: dropped
+    let mut unwatched = log.clone();
+    unwatched["params"]["message"] = json!("nobody listens");
+    svc.send_json(&unwatched); // nobody watches: dropped
+    // Messages on one socket are handled in order: after this round trip
+    // the first log has been dealt with.
+    svc.call("discovery/lookup", json!({"serviceId": "user"}));
     let watch = ctl.watch_notifications(id);
     svc.send_json(&log);
     let got = watch.recv_timeout(WAIT).unwrap();

@@ -256,18 +256,18 @@ impl ShardHandler {
                 return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
             }
         };
-        if let Some(auth) = &self.shared.auth {
-            if let Err(why) = auth.check_service(request.jwt.as_deref(), &request.service_id) {
-                self.bad(BadInput::Unauthorized);
-                self.reply_error(
-                    cx,
-                    conn,
-                    Some(id),
-                    rpc::UNAUTHORIZED,
-                    &format!("unauthorized: {why}"),
-                );
-                return cx.close(conn, 1008, "unauthorized");
-            }
+        if let Some(auth) = &self.shared.auth
+            && let Err(why) = auth.check_service(request.jwt.as_deref(), &request.service_id)
+        {
+            self.bad(BadInput::Unauthorized);
+            self.reply_error(
+                cx,
+                conn,
+                Some(id),
+                rpc::UNAUTHORIZED,
+                &format!("unauthorized: {why}"),
+            );
+            return cx.close(conn, 1008, "unauthorized");
         }
         let registered =
             self.shared
@@ -479,16 +479,15 @@ impl Handler for ShardHandler {
                 });
             }
         };
-        if endpoint == Endpoint::Discovery {
-            if let Some(auth) = &self.shared.auth {
-                if auth.check_bearer(req.authorization).is_err() {
-                    return Err(Refusal {
-                        status: 401,
-                        message: "a valid Authorization: Bearer token is required on /ws/discovery",
-                        kind: BadInput::Unauthorized,
-                    });
-                }
-            }
+        if endpoint == Endpoint::Discovery
+            && let Some(auth) = &self.shared.auth
+            && auth.check_bearer(req.authorization).is_err()
+        {
+            return Err(Refusal {
+                status: 401,
+                message: "a valid Authorization: Bearer token is required on /ws/discovery",
+                kind: BadInput::Unauthorized,
+            });
         }
         let key = conn.key as usize;
         if self.conns.len() <= key {

@@ -383,6 +383,13 @@ impl Conn {
             }
             fed
         };
+        if let (Fed::Violation(_), Some(b)) = (fed, bufs.as_mut()) {
+            // Nothing after a violation is worth keeping: the connection is
+            // closing, and garbage must not accumulate while it lingers.
+            b.partial = Vec::new();
+            b.message = Vec::new();
+            self.flags &= !FRAGMENTED;
+        }
         self.bufs = bufs;
         self.release_if_empty();
         fed
@@ -635,6 +642,23 @@ mod tests {
                 other => panic!("expected a violation, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn nothing_is_held_after_a_violation() {
+        let (mut conn, mut log, mut out) = open_conn();
+        let mut bytes = client_frame(OpCode::Text, false, b"start");
+        bytes.extend([0x81, 0x05]); // unmasked: a violation
+        bytes.extend(vec![b'x'; 500]);
+        assert!(matches!(
+            feed(&mut conn, &bytes, &mut log, &mut out),
+            Fed::Violation(_)
+        ));
+        conn.start_closing(0, &timing());
+        for _ in 0..10 {
+            feed(&mut conn, &[0x81, 0x05, 1, 2, 3], &mut log, &mut out);
+        }
+        assert_eq!(conn.buffered(), 0);
     }
 
     #[test]

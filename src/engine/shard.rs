@@ -96,6 +96,15 @@ pub(super) fn run<H: Handler>(
     shard.run();
 }
 
+/// Ticks from admission to a connection's first ping: a hash of its slot
+/// spread over the interval (1..=interval), so a ramp of registrations
+/// never turns into a burst of pings and later rounds stay spread.
+pub(super) fn first_ping_offset(key: u32, generation: u32, interval: Tick) -> Tick {
+    let h = (key.wrapping_mul(2_654_435_761) ^ generation.wrapping_mul(40_503))
+        .wrapping_mul(2_246_822_519);
+    (h >> 7) % interval.max(1) + 1
+}
+
 impl Links for Slab<Conn> {
     fn link(&mut self, key: u32) -> &mut Link {
         &mut self[key as usize].link
@@ -295,11 +304,8 @@ impl<H: Handler> Shard<H> {
     fn admit(&mut self, key: u32) {
         let interval = self.timing.ping_interval;
         let conn = &mut self.conns[key as usize];
-        // Spread first pings over the interval by a hash of the slot, so a
-        // ramp of registrations never turns into a burst of pings.
-        let spread =
-            (key.wrapping_mul(2_654_435_761) ^ conn.generation.wrapping_mul(40_503)) % interval;
-        if let Some(deadline) = conn.admit(self.now, spread + 1) {
+        let spread = first_ping_offset(key, conn.generation, interval);
+        if let Some(deadline) = conn.admit(self.now, spread) {
             self.wheel.insert(&mut self.conns, key, deadline);
             metrics::inc(&self.stats().open_admitted);
         }
@@ -757,3 +763,23 @@ impl<H: Handler> Shard<H> {
 }
 
 use super::conn::Violation;
+
+#[cfg(test)]
+mod tests {
+    use super::first_ping_offset;
+
+    #[test]
+    fn first_pings_spread_evenly_over_the_interval() {
+        // 30 s at 100 ms ticks; consecutive slots, as a ramp fills them.
+        let interval = 300;
+        let mut buckets = [0u32; 10];
+        for key in 0..30_000u32 {
+            let offset = first_ping_offset(key, key / 7 + 1, interval);
+            assert!((1..=interval).contains(&offset));
+            buckets[((offset - 1) * 10 / interval) as usize] += 1;
+        }
+        for count in buckets {
+            assert!((2_700..=3_300).contains(&count), "{buckets:?}");
+        }
+    }
+}

@@ -462,11 +462,11 @@ impl Registry {
     /// The owner's connection ended without a deregister: an up record is
     /// removed; a down one stays for its retention period.
     pub fn disconnected(&mut self, id: &Uuid, owner: Owner, now_ms: u64) {
-        if let Some(slot) = self.slot_owned(id, owner) {
-            if self.instances[slot as usize].status == Status::Up {
-                self.publish(now_ms, EventKind::Deregistered, slot, Some("disconnected"));
-                self.remove(slot);
-            }
+        if let Some(slot) = self.slot_owned(id, owner)
+            && self.instances[slot as usize].status == Status::Up
+        {
+            self.publish(now_ms, EventKind::Deregistered, slot, Some("disconnected"));
+            self.remove(slot);
         }
     }
 

@@ -1,0 +1,157 @@
+//! The `tether` binary as a newcomer runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn tether() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+/// Kills the child when dropped, so a failing test leaves nothing behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a controller and returns it with the address from its ready line.
+fn controller(extra: &[&str]) -> (Running, String) {
+    let mut child = tether()
+        .args(["controller", "--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("tether controller ready: listening on 127.0.0.1:"),
+        "{line}"
+    );
+    let addr = line.split_whitespace().nth(5).unwrap().to_string();
+    (Running(child), addr)
+}
+
+#[test]
+fn controller_prints_one_ready_line_and_stops_on_sigterm() {
+    let (mut running, addr) = controller(&[]);
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    drop(c.try_clone());
+    unsafe_free_sigterm(running.0.id());
+    let status = running.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::io::Write::write(&mut c, b"x");
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn bad_flags_exit_non_zero_with_a_clear_message() {
+    let out = tether()
+        .args(["controller", "--ping-interval", "soon"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a duration"), "{err}");
+
+    let out = tether()
+        .args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--max-conns-per-shard",
+            "999999999",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RLIMIT_NOFILE"), "{err}");
+}
+
+#[test]
+fn a_port_in_use_is_reported() {
+    let (_running, addr) = controller(&[]);
+    let out = tether()
+        .args(["controller", "--listen", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+}
+
+#[test]
+fn the_swarm_reports_its_ramp_until_all_are_registered() {
+    let (_running, addr) = controller(&[]);
+    let out = tether()
+        .args([
+            "agent",
+            "--controller",
+            &format!("ws://{addr}/ws/microservice"),
+            "--service-id",
+            "cli",
+        ])
+        .args([
+            "--swarm",
+            "300",
+            "--source-ips",
+            "127.0.0.2-127.0.0.3",
+            "--exit-after",
+            "3s",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("swarm: all 300 registered in"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("swarm: registered=300 target=300")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_single_agent_registers_and_deregisters_on_sigint() {
+    let (_running, addr) = controller(&[]);
+    let mut agent = tether()
+        .args([
+            "agent",
+            "--controller",
+            &format!("ws://{addr}"),
+            "--service-id",
+            "one",
+            "--address",
+            "10.1.2.3",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.starts_with("registered as "), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    Command::new("kill")
+        .args(["-INT", &agent.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l == "deregistered"), "{rest:?}");
+    assert!(agent.wait().unwrap().success());
+    assert!(Instant::now() < deadline);
+}

@@ -1,0 +1,151 @@
+//! Liveness: pings, pongs, and how fast a silent service is marked down.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tether::engine::ws::OpCode;
+use tether::metrics;
+use tether::registry::Status;
+use tether::registry::events::EventKind;
+
+const INTERVAL: Duration = Duration::from_millis(1000);
+const PONG_TIMEOUT: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(100);
+
+fn fast_pings(shards: usize) -> tether::controller::Controller {
+    let mut config = config(shards);
+    config.engine.ping_interval = INTERVAL;
+    config.engine.pong_timeout = PONG_TIMEOUT;
+    config.engine.tick = TICK;
+    start(config)
+}
+
+#[test]
+fn a_silent_service_is_marked_down_within_interval_plus_timeout_plus_a_tick() {
+    let ctl = fast_pings(2);
+    let addr = ctl.local_addr();
+    let (_, events) = ctl.subscribe_events(None).unwrap();
+    let mut watcher = Client::connect(addr, "/ws/discovery");
+    watcher.call("discovery/subscribe", json!({"serviceId": "user"}));
+    let (mut healthy, healthy_id) = registered(addr, "user", "10.0.0.1", 1);
+    // The zombie registers and then never reads again: no pongs.
+    let (mut zombie, zombie_id) = registered(addr, "user", "10.0.0.2", 1);
+    let silent_since = Instant::now();
+
+    // Keep the healthy one answering while waiting for the zombie's down.
+    let bound = INTERVAL + PONG_TIMEOUT + TICK;
+    let mut down_after = None;
+    let mut pings_seen = 0;
+    while silent_since.elapsed() < bound + Duration::from_secs(3) && down_after.is_none() {
+        if let Some(common::Frame::Ping(p)) = healthy.next_frame(Duration::from_millis(10)) {
+            pings_seen += 1;
+            healthy.send_frame(OpCode::Pong, &p);
+        }
+        if let Some(common::Frame::Ping(p)) = watcher.next_frame(Duration::from_millis(10)) {
+            watcher.send_frame(OpCode::Pong, &p);
+        }
+        for e in events.try_iter() {
+            if e.kind == EventKind::Down && e.runtime_instance_id == zombie_id {
+                down_after = Some(silent_since.elapsed());
+            }
+        }
+    }
+    let down_after = down_after.expect("the zombie is marked down");
+    eprintln!("zombie detected after {down_after:?} (bound {bound:?})");
+    // Scheduling noise on a shared machine gets a small grace.
+    assert!(
+        down_after <= bound + Duration::from_millis(400),
+        "down after {down_after:?}, bound {bound:?}"
+    );
+
+    // It left discovery, is kept as down, and its socket was closed.
+    let registry = ctl.shared().registry();
+    assert_eq!(registry.get(&zombie_id).unwrap().status, Status::Down);
+    assert_eq!(registry.get(&healthy_id).unwrap().status, Status::Up);
+    drop(registry);
+    assert!(zombie.sees_eof(WAIT), "the zombie's socket is closed");
+    let lookup = watcher.call("discovery/lookup", json!({"serviceId": "user"}));
+    assert_eq!(lookup["result"]["nodes"].as_array().unwrap().len(), 1);
+
+    // The healthy one was pinged and is still fine a while later.
+    let until = Instant::now() + INTERVAL * 2;
+    while Instant::now() < until {
+        if let Some(common::Frame::Ping(p)) = healthy.next_frame(Duration::from_millis(10)) {
+            pings_seen += 1;
+            healthy.send_frame(OpCode::Pong, &p);
+        }
+        if let Some(common::Frame::Ping(p)) = watcher.next_frame(Duration::from_millis(10)) {
+            watcher.send_frame(OpCode::Pong, &p);
+        }
+    }
+    assert!(
+        pings_seen >= 2,
+        "pinged every interval ({pings_seen} pings)"
+    );
+    assert_eq!(
+        ctl.shared().registry().get(&healthy_id).unwrap().status,
+        Status::Up
+    );
+    assert_eq!(metrics::total(ctl.stats(), |s| &s.pongs_missed), 1);
+    assert!(
+        metrics::total(ctl.stats(), |s| &s.rtt_count) >= 2,
+        "pong round trips are measured"
+    );
+}
+
+#[test]
+fn any_frame_counts_as_life() {
+    let ctl = fast_pings(1);
+    let (mut c, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
+    // Never answer pings, but keep talking.
+    c.auto_pong = false;
+    let until = Instant::now() + (INTERVAL + PONG_TIMEOUT) * 3;
+    while Instant::now() < until {
+        c.send_json(&json!({"jsonrpc": "2.0", "method": "notifications/log", "params": {"message": "tick"}}));
+        while c.next_frame(Duration::from_millis(1)).is_some() {}
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ctl.shared().registry().get(&id).unwrap().status, Status::Up);
+    assert_eq!(metrics::total(ctl.stats(), |s| &s.pongs_missed), 0);
+}
+
+#[test]
+fn pings_from_services_are_answered_at_once() {
+    let ctl = fast_pings(1);
+    let (mut c, _) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
+    c.send_frame(OpCode::Ping, b"hello");
+    loop {
+        match c.next_frame(WAIT) {
+            Some(common::Frame::Pong(p)) => {
+                assert_eq!(p, b"hello");
+                break;
+            }
+            Some(common::Frame::Ping(_)) => {}
+            other => panic!("expected a pong, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_closed_service_leaves_and_lastseen_advances() {
+    let ctl = fast_pings(1);
+    let (mut c, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
+    let first_seen = ctl.shared().registry().get(&id).unwrap().last_seen_ms;
+    let until = Instant::now() + INTERVAL * 2;
+    while Instant::now() < until {
+        if let Some(common::Frame::Ping(p)) = c.next_frame(Duration::from_millis(20)) {
+            c.send_frame(OpCode::Pong, &p);
+        }
+    }
+    assert!(
+        ctl.shared().registry().get(&id).unwrap().last_seen_ms > first_seen,
+        "lastSeenAt moves on pongs"
+    );
+    drop(c);
+    eventually("removed on close", || {
+        ctl.shared().registry().get(&id).is_none()
+    });
+}
