@@ -129,6 +129,8 @@ struct AgentArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before anything else allocates much: see the function's comment.
+    let thp = sys::disable_transparent_huge_pages();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -139,6 +141,11 @@ fn main() -> anyhow::Result<()> {
     // Signals are taken by the main thread only: block them before any
     // other thread starts so every thread inherits the mask.
     sys::block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
+    if let Err(e) = thp {
+        tracing::warn!(
+            "cannot opt out of transparent huge pages ({e}); RSS will be rounded up to 2 MiB regions"
+        );
+    }
     match cli.command {
         Command::Controller(args) => controller(args),
         Command::Agent(args) => agent(args),

@@ -1,11 +1,36 @@
-//! tether-loadtest: the harness that runs the controller, the gateway and
-//! swarms of simulated services on loopback and reports what each topology
-//! costs. The scenarios land with the load-test issue; until then this
-//! binary only says so, so nobody mistakes it for a measurement.
+//! tether-loadtest: runs the controller and swarms of simulated services
+//! as real processes on loopback and reports what they cost, per
+//! ../shared/MEASURING.md. Scenarios grow with the load-test issue; today:
+//! `memory`.
+
+mod memory;
+mod procs;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tether-loadtest", about = "Measure tether on this machine")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Controller RSS growth per registered idle service, kernel memory per socket.
+    Memory(memory::MemoryArgs),
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "no scenario is implemented yet; measure the controller with \
-         `tether measure` (see README.md)"
-    )
+    match Cli::parse().scenario {
+        Scenario::Memory(args) => {
+            let json = args.json.clone();
+            let report = memory::run(args)?;
+            memory::print(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
+    }
+    Ok(())
 }

@@ -760,3 +760,18 @@ mod tests {
         assert_eq!(conn.buffered(), 0);
     }
 }
+
+#[cfg(test)]
+mod budget {
+    /// Every service holds one of these: its size is part of the
+    /// per-service memory budget (README, performance). Grow it only on
+    /// purpose.
+    #[test]
+    fn a_connection_fits_in_40_bytes() {
+        assert!(
+            size_of::<super::Conn>() <= 40,
+            "Conn is {} bytes",
+            size_of::<super::Conn>()
+        );
+    }
+}

@@ -1007,6 +1007,16 @@ mod tests {
         r.subscribe(&filter("c"), owner(1)).unwrap();
     }
 
+    /// One record per service: part of the per-service memory budget.
+    #[test]
+    fn an_instance_record_fits_in_96_bytes() {
+        assert!(
+            size_of::<Instance>() <= 96,
+            "Instance is {} bytes",
+            size_of::<Instance>()
+        );
+    }
+
     #[test]
     fn snapshots_are_capped() {
         let config = RegistryConfig {

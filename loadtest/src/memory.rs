@@ -1,0 +1,185 @@
+//! `memory`: the controller's RSS growth per registered idle service, and
+//! the kernel's memory per connection, measured as ../shared/MEASURING.md
+//! defines them. One controller, swarm processes on 127.0.0.x, N services
+//! with realistic metadata (100 serviceIds, a version, an envTag, a tag).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::procs::{self, Proc};
+
+#[derive(clap::Args)]
+pub struct MemoryArgs {
+    /// Services to register.
+    #[arg(long, default_value_t = 50_000)]
+    pub services: usize,
+    /// Controller shards.
+    #[arg(long, default_value_t = 4)]
+    pub shards: usize,
+    /// Services per swarm process.
+    #[arg(long, default_value_t = 50_000)]
+    pub per_swarm: usize,
+    /// Seconds to let the ramp settle before reading RSS.
+    #[arg(long, default_value_t = 5)]
+    pub settle: u64,
+    /// The tether binary (default: next to this one).
+    #[arg(long)]
+    pub tether: Option<std::path::PathBuf>,
+    /// Write the figures as JSON here too.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+pub struct MemoryReport {
+    pub services: usize,
+    pub shards: usize,
+    pub controller_rss_start_kb: u64,
+    pub controller_rss_loaded_kb: u64,
+    pub user_bytes_per_service: f64,
+    pub slab_delta_kb: i64,
+    pub sunreclaim_delta_kb: i64,
+    pub sockstat_tcp_mem_delta_pages: i64,
+    /// Both ends run on this machine: 2 sockets per service.
+    pub kernel_bytes_per_socket_slab: f64,
+    pub kernel_bytes_per_socket_sockstat: f64,
+    pub registration_seconds: f64,
+    pub registrations_per_second: f64,
+    /// Controller utime+stime over the ramp and settle.
+    pub controller_cpu_seconds: f64,
+    pub kernel: String,
+}
+
+/// Source addresses for `n` services: ~10,000 per address, from 127.0.0.2.
+pub fn source_range(n: usize) -> String {
+    let count = n.div_ceil(10_000).clamp(1, 250);
+    format!("127.0.0.2-127.0.0.{}", 1 + count)
+}
+
+pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
+    let tether = procs::tether_binary(args.tether.as_deref())?;
+    let port = procs::free_port()?;
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(&tether);
+    cmd.args([
+        "controller",
+        "--listen",
+        &listen,
+        "--shards",
+        &args.shards.to_string(),
+    ]);
+    let mut controller = Proc::spawn("controller", cmd)?;
+    controller.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("tether controller ready")
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = controller.pid();
+    let rss_start = procs::status_kb(pid, "VmRSS")?;
+    let (slab0, sunr0, sock0) = (
+        procs::meminfo_kb("Slab")?,
+        procs::meminfo_kb("SUnreclaim")?,
+        procs::sockstat_tcp_mem_pages()?,
+    );
+    eprintln!("controller pid {pid} on {listen}: VmRSS {rss_start} kB after start");
+
+    let cpu_start = procs::cpu_seconds(pid)?;
+    let started = Instant::now();
+    let mut swarms = Vec::new();
+    let mut offset = 0;
+    while offset < args.services {
+        let n = args.per_swarm.min(args.services - offset);
+        let mut cmd = Command::new(&tether);
+        cmd.args([
+            "agent",
+            "--controller",
+            &format!("ws://{listen}/ws/microservice"),
+            "--service-id",
+            "svc",
+        ])
+        .args([
+            "--swarm",
+            &n.to_string(),
+            "--distinct-ids",
+            "100",
+            "--index-offset",
+            &offset.to_string(),
+        ])
+        .args(["--source-ips", &source_range(n), "--exit-after", "30m"]);
+        swarms.push(Proc::spawn(&format!("swarm@{offset}"), cmd)?);
+        offset += n;
+    }
+    let ramp_limit = Duration::from_secs(60 + args.services as u64 / 500);
+    for swarm in &mut swarms {
+        let line = swarm.wait_line(ramp_limit, |l| l.contains(" registered in "))?;
+        eprintln!("{}: {line}", swarm.name);
+    }
+    let registration_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "all {} registered after {registration_seconds:.1} s; settling {} s",
+        args.services, args.settle
+    );
+    std::thread::sleep(Duration::from_secs(args.settle));
+    let rss_loaded = procs::status_kb(pid, "VmRSS").context("the controller died")?;
+    let controller_cpu_seconds = procs::cpu_seconds(pid)? - cpu_start;
+    let slab = procs::meminfo_kb("Slab")? as i64 - slab0 as i64;
+    let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
+    let sock = procs::sockstat_tcp_mem_pages()? as i64 - sock0 as i64;
+    for swarm in swarms {
+        swarm.stop(Duration::from_secs(10));
+    }
+    controller.stop(Duration::from_secs(10));
+    let n = args.services as f64;
+    let sockets = 2.0 * n;
+    Ok(MemoryReport {
+        services: args.services,
+        shards: args.shards,
+        controller_rss_start_kb: rss_start,
+        controller_rss_loaded_kb: rss_loaded,
+        user_bytes_per_service: (rss_loaded as f64 - rss_start as f64) * 1024.0 / n,
+        slab_delta_kb: slab,
+        sunreclaim_delta_kb: sunr,
+        sockstat_tcp_mem_delta_pages: sock,
+        kernel_bytes_per_socket_slab: slab as f64 * 1024.0 / sockets,
+        kernel_bytes_per_socket_sockstat: sock as f64 * 4096.0 / sockets,
+        registration_seconds,
+        registrations_per_second: n / registration_seconds,
+        controller_cpu_seconds,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+    })
+}
+
+pub fn print(r: &MemoryReport) {
+    println!("services registered            {}", r.services);
+    println!("controller shards              {}", r.shards);
+    println!(
+        "controller VmRSS start/loaded  {} kB / {} kB",
+        r.controller_rss_start_kb, r.controller_rss_loaded_kb
+    );
+    println!(
+        "user memory per service        {:.0} bytes   (target <= 256)",
+        r.user_bytes_per_service
+    );
+    println!(
+        "kernel per socket (both ends)  {:.0} bytes Slab, {:.0} bytes sockstat TCP mem",
+        r.kernel_bytes_per_socket_slab, r.kernel_bytes_per_socket_sockstat
+    );
+    println!(
+        "  (Slab {:+} kB, SUnreclaim {:+} kB, sockstat {:+} pages)",
+        r.slab_delta_kb, r.sunreclaim_delta_kb, r.sockstat_tcp_mem_delta_pages
+    );
+    println!(
+        "registration                   {:.1} s, {:.0} services/s",
+        r.registration_seconds, r.registrations_per_second
+    );
+    println!(
+        "controller CPU (ramp + settle) {:.2} s",
+        r.controller_cpu_seconds
+    );
+    println!("kernel                         {}", r.kernel);
+}

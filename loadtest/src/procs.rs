@@ -1,0 +1,178 @@
+//! Real processes on loopback and what /proc says about them. Every child
+//! is killed when its handle drops, so a failed run leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The `tether` binary: `--tether`, or next to this one (same target dir).
+pub fn tether_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let me = std::env::current_exe()?;
+    let candidate = me.with_file_name("tether");
+    if candidate.exists() {
+        return Ok(candidate);
+    }
+    bail!(
+        "no tether binary next to {}: build it with `cargo build --release --workspace` or pass --tether PATH",
+        me.display()
+    )
+}
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Option<Receiver<String>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        Ok(Proc {
+            name: name.into(),
+            child,
+            lines: Some(forward_lines(stdout)),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stdout line that satisfies `want`; returns it.
+    pub fn wait_line(
+        &mut self,
+        timeout: Duration,
+        want: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        let lines = self.lines.as_ref().expect("stdout is read");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => bail!("{} printed no expected line within {timeout:?}", self.name),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGINT, then wait up to `grace` before killing.
+    pub fn stop(mut self, grace: Duration) {
+        self.signal(libc::SIGINT);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(stdout: ChildStdout) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A field of /proc/PID/status in kB (e.g. "VmRSS").
+pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_kb(&text, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+fn field_kb(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.strip_prefix(':')))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A field of /proc/meminfo in kB (e.g. "Slab", "SUnreclaim").
+pub fn meminfo_kb(field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    field_kb(&text, field).with_context(|| format!("no {field} in /proc/meminfo"))
+}
+
+/// TCP pages in use from /proc/net/sockstat ("TCP: ... mem N").
+pub fn sockstat_tcp_mem_pages() -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .context("no TCP line in /proc/net/sockstat")?;
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "mem" {
+            return Ok(words.next().context("mem without a value")?.parse()?);
+        }
+    }
+    bail!("no mem in {line:?}")
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after ')'.
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf with a constant name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// A loopback port nobody listens on right now (and outside the ephemeral range).
+pub fn free_port() -> anyhow::Result<u16> {
+    for port in 18_000..19_000u16 {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port in 18000..19000 on 127.0.0.1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let pid = std::process::id();
+        assert!(status_kb(pid, "VmRSS").unwrap() > 0);
+        assert!(meminfo_kb("Slab").unwrap() > 0);
+        assert!(sockstat_tcp_mem_pages().is_ok());
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        assert_eq!(field_kb("VmRSS:\t  1234 kB\n", "VmRSS"), Some(1234));
+    }
+}
