@@ -397,6 +397,7 @@ pub fn write_upgrade_response(out: &mut Vec<u8>, key: &str) {
 pub fn write_http_error(out: &mut Vec<u8>, status: u16, message: &str) {
     let reason = match status {
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
