@@ -158,3 +158,67 @@ fn es256_tokens_verify_against_a_jwks() {
         -32002
     );
 }
+
+#[test]
+fn an_authorization_header_on_the_upgrade_stands_in_for_the_jwt_field() {
+    let ctl = with_auth(Auth::shared_secret(SECRET, HOST));
+    let addr = ctl.local_addr();
+    let token = hs256(json!({"host": HOST, "sid": "user", "exp": exp()}));
+    let mut c = Client::tcp(addr);
+    assert_eq!(
+        c.upgrade("/ws/microservice", Some(&format!("Bearer {token}"))),
+        101
+    );
+    assert_eq!(
+        register_with(&mut c, None)["result"]["status"],
+        "registered"
+    );
+    // The header names another service: refused at register.
+    let other = hs256(json!({"host": HOST, "sid": "billing", "exp": exp()}));
+    let mut c = Client::tcp(addr);
+    assert_eq!(
+        c.upgrade("/ws/microservice", Some(&format!("Bearer {other}"))),
+        101
+    );
+    assert_eq!(register_with(&mut c, None)["error"]["code"], -32002);
+    // An invalid header is refused at the upgrade.
+    let mut c = Client::tcp(addr);
+    assert_eq!(
+        c.upgrade("/ws/microservice", Some("Bearer not.a.token")),
+        401
+    );
+}
+
+#[test]
+fn a_refused_agent_reconnects_once_per_refusal() {
+    use std::time::Duration;
+    use tether::agent::Backoff;
+    use tether::agent::swarm::{Swarm, SwarmConfig};
+    let ctl = with_auth(Auth::shared_secret(SECRET, HOST));
+    let url = format!("ws://{}/ws/microservice", ctl.local_addr())
+        .parse()
+        .unwrap();
+    let mut config = SwarmConfig::new(url, 20);
+    config.backoff = Backoff {
+        base: Duration::from_millis(20),
+        cap: Duration::from_millis(80),
+        jitter: true,
+    };
+    config.run_for = Some(Duration::from_secs(2));
+    let swarm = Swarm::start(config).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let stats = swarm.stats().clone();
+    swarm.stop();
+    let (attempts, refused) = (load(&stats.connect_attempts), load(&stats.refused));
+    assert!(
+        refused >= 20,
+        "every service was refused at least once ({refused})"
+    );
+    // Each refusal (an error and a close in one read) leads to one attempt.
+    assert!(
+        attempts <= refused + 20,
+        "{attempts} attempts for {refused} refusals"
+    );
+    assert_eq!(load(&stats.open), 0);
+}

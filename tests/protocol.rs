@@ -166,6 +166,47 @@ fn update_metadata_reaches_discovery_and_subscribers() {
 }
 
 #[test]
+fn an_update_to_a_port_another_instance_holds_is_refused_but_the_rest_applies() {
+    let ctl = controller(1);
+    let addr = ctl.local_addr();
+    let (mut a, a_id) = registered(addr, "user", "10.0.0.1", 1);
+    let (_b, _) = registered(addr, "user", "10.0.0.1", 2);
+    let reply = a.call(
+        "service/update_metadata",
+        json!({"port": 2, "version": "9"}),
+    );
+    assert_eq!(reply["error"]["code"], -32602, "{reply}");
+    let node = tether::controller::rpc::node_json(&ctl.shared().registry().node_of(&a_id).unwrap());
+    assert_eq!(
+        (node["port"].clone(), node["version"].clone()),
+        (json!(1), json!("9"))
+    );
+    assert_eq!(
+        a.call("service/update_metadata", json!({"port": 3}))["result"]["status"],
+        "updated"
+    );
+}
+
+#[test]
+fn notification_watches_are_bounded_and_freed_when_dropped() {
+    let mut config = config(1);
+    config.max_watchers = 2;
+    let ctl = start(config);
+    let (_svc, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
+    let first = ctl.watch_notifications(id).unwrap();
+    let _second = ctl.watch_notifications(id).unwrap();
+    assert!(
+        ctl.watch_notifications(id).is_err(),
+        "the third is over the bound"
+    );
+    drop(first);
+    assert!(
+        ctl.watch_notifications(id).is_ok(),
+        "a dropped watch frees its place"
+    );
+}
+
+#[test]
 fn discovery_endpoint_serves_only_discovery() {
     let ctl = controller(1);
     let addr = ctl.local_addr();
@@ -278,7 +319,7 @@ fn service_notifications_are_relayed_to_watchers_only() {
     // Messages on one socket are handled in order: after this round trip
     // the first log has been dealt with.
     svc.call("discovery/lookup", json!({"serviceId": "user"}));
-    let watch = ctl.watch_notifications(id);
+    let watch = ctl.watch_notifications(id).unwrap();
     svc.send_json(&log);
     let got = watch.recv_timeout(WAIT).unwrap();
     assert_eq!(

@@ -108,6 +108,8 @@ struct Slot {
     opened_at: Instant,
     source: Option<IpAddr>,
     registered: bool,
+    /// A reconnect timer is pending for this slot.
+    reconnect_scheduled: bool,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -178,6 +180,7 @@ impl<O: Observer> Worker<O> {
                 opened_at: now,
                 source: (!sources.is_empty()).then(|| sources[(first_index + i) % sources.len()]),
                 registered: false,
+                reconnect_scheduled: false,
             })
             .collect::<Vec<_>>();
         Ok(Worker {
@@ -290,7 +293,10 @@ impl<O: Observer> Worker<O> {
             self.timers.pop();
             let s = &self.slots[slot];
             match timer {
-                Timer::Reconnect if s.state == State::Waiting => self.connect_queue.push_back(slot),
+                Timer::Reconnect if s.state == State::Waiting && s.reconnect_scheduled => {
+                    self.slots[slot].reconnect_scheduled = false;
+                    self.connect_queue.push_back(slot);
+                }
                 Timer::RegisterTimeout
                     if s.generation == generation && s.state == State::Open && !s.registered =>
                 {
@@ -317,6 +323,9 @@ impl<O: Observer> Worker<O> {
     }
 
     fn connect(&mut self, slot: usize) {
+        if self.slots[slot].fd >= 0 {
+            return;
+        }
         inc(&self.stats.connect_attempts);
         let addr = self.config.controller.addr;
         let source = self.slots[slot].source;
@@ -405,7 +414,11 @@ impl<O: Observer> Worker<O> {
                     }
                     self.out = out;
                     for event in events.drain(..) {
-                        self.on_event(slot, event);
+                        // Once an event ended the connection, the rest of
+                        // this read belongs to it and is moot.
+                        if self.slots[slot].fd >= 0 {
+                            self.on_event(slot, event);
+                        }
                     }
                     self.events = events;
                     if n < self.scratch.len() && !hangup {
@@ -482,11 +495,14 @@ impl<O: Observer> Worker<O> {
                     reply,
                 } => {
                     let registered = self.slots[slot].session.phase() == Phase::Registered;
-                    match self.slots[slot]
-                        .session
-                        .request(method, params, &mut out)
-                        .filter(|_| usable && registered)
-                    {
+                    // Only a usable session may take the request: a refused
+                    // one must not leave an entry waiting for a reply.
+                    let sent = if usable && registered {
+                        self.slots[slot].session.request(method, params, &mut out)
+                    } else {
+                        None
+                    };
+                    match sent {
                         Some(id) => {
                             self.replies.insert((slot, id), reply);
                         }
@@ -499,8 +515,13 @@ impl<O: Observer> Worker<O> {
                     }
                 }
                 Control::Deregister { reason, reply } => {
-                    match self.slots[slot].session.deregister(&reason, &mut out) {
-                        Some(id) if usable => {
+                    let sent = if usable {
+                        self.slots[slot].session.deregister(&reason, &mut out)
+                    } else {
+                        None
+                    };
+                    match sent {
+                        Some(id) => {
                             self.deregistering.insert((slot, id), reply);
                         }
                         _ => {
@@ -584,9 +605,15 @@ impl<O: Observer> Worker<O> {
         self.schedule_reconnect(slot);
     }
 
+    /// Schedules one reconnect (a second request while one is pending is
+    /// ignored, so a failure reported twice backs off once).
     fn schedule_reconnect(&mut self, slot: usize) {
         let now = Instant::now();
         let s = &mut self.slots[slot];
+        if s.reconnect_scheduled {
+            return;
+        }
+        s.reconnect_scheduled = true;
         if now.duration_since(s.opened_at) > STABLE_AFTER {
             s.attempts = 0;
         }

@@ -77,9 +77,10 @@ impl Auth {
             .map_err(|e| format!("token rejected: {e}"))
     }
 
-    /// Checks the `jwt` of a `service/register` for `service_id`.
-    pub fn check_service(&self, jwt: Option<&str>, service_id: &str) -> Result<(), String> {
-        let token = jwt.ok_or("the registration carries no jwt")?;
+    /// Verifies a service token (signature, expiry, `host` claim) and
+    /// returns the service it names: the first of `sid`, `service_id`,
+    /// `cid`, `sub`. A `Bearer ` prefix is tolerated.
+    pub fn service_of(&self, token: &str) -> Result<String, String> {
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
         let claims = self.claims(token)?;
         if claims.host.as_deref() != Some(self.host_id.as_str()) {
@@ -88,19 +89,32 @@ impl Auth {
                 self.host_id
             ));
         }
-        let named = [&claims.sid, &claims.service_id, &claims.cid, &claims.sub]
+        [claims.sid, claims.service_id, claims.cid, claims.sub]
             .into_iter()
             .flatten()
-            .next();
-        match named {
-            Some(name) if name == service_id => Ok(()),
-            Some(name) => Err(format!(
-                "the token is for service {name:?}, not {service_id:?}"
-            )),
-            None => Err("the token names no service (sid, service_id, cid or sub)".into()),
-        }
+            .next()
+            .ok_or_else(|| "the token names no service (sid, service_id, cid or sub)".into())
     }
 
+    /// Checks the `jwt` of a `service/register` for `service_id`.
+    pub fn check_service(&self, jwt: Option<&str>, service_id: &str) -> Result<(), String> {
+        let named = self.service_of(jwt.ok_or("the registration carries no jwt")?)?;
+        check_named(&named, service_id)
+    }
+}
+
+/// The service a verified token names must be the one registering.
+pub fn check_named(named: &str, service_id: &str) -> Result<(), String> {
+    if named == service_id {
+        Ok(())
+    } else {
+        Err(format!(
+            "the token is for service {named:?}, not {service_id:?}"
+        ))
+    }
+}
+
+impl Auth {
     /// Checks an `Authorization: Bearer` header (on `/ws/discovery`).
     pub fn check_bearer(&self, header: Option<&str>) -> Result<(), String> {
         let token = header

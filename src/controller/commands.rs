@@ -116,6 +116,14 @@ impl Commands {
 
     /// Records a request about to be sent; returns the wire id to use.
     pub fn start(&mut self, conn: ConnRef, deadline: Instant, reply: Reply, permit: Permit) -> u64 {
+        // Heap entries of commands that already ended are dropped lazily; keep
+        // the heap bounded by what is in flight even when `expire` finds
+        // nothing pending at tick time.
+        if self.deadlines.len() > 2 * self.pending.len() + 64 {
+            let pending = &self.pending;
+            self.deadlines
+                .retain(|Reverse((_, id))| pending.contains_key(id));
+        }
         self.next_id += 1;
         let id = self.next_id;
         self.pending.insert(
@@ -155,13 +163,6 @@ impl Commands {
                 conns.push(p.conn);
                 p.end(CommandOutcome::Timeout);
             }
-        }
-        // Drop heap entries of commands that already ended, so the heap is
-        // bounded by what is in flight.
-        if self.deadlines.len() > 2 * self.pending.len() + 64 {
-            let pending = &self.pending;
-            self.deadlines
-                .retain(|Reverse((_, id))| pending.contains_key(id));
         }
         conns
     }
@@ -266,6 +267,29 @@ mod tests {
         assert!(c.is_empty());
         assert_eq!(*log.lock().unwrap(), vec!["ok", "timeout", "gone"]);
         assert_eq!(counter.load(Ordering::SeqCst), 0, "every permit returned");
+    }
+
+    #[test]
+    fn the_deadline_heap_stays_bounded_when_replies_beat_every_tick() {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let (_, reply) = recorder();
+        let mut c = Commands::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        for _ in 0..10_000 {
+            let id = c.start(
+                conn(1),
+                later,
+                reply(),
+                Permit::try_take(&counter, 10).unwrap(),
+            );
+            let raw: Box<RawValue> = RawValue::from_string("{}".into()).unwrap();
+            assert!(c.finish(conn(1), id, CommandOutcome::Ok(raw)));
+        }
+        assert!(
+            c.deadlines.len() <= 65,
+            "{} stale deadlines",
+            c.deadlines.len()
+        );
     }
 
     #[test]

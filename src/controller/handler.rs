@@ -6,6 +6,7 @@
 //! instance lives in the registry. Registry locks are short: never held
 //! while serializing a snapshot or touching a socket.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +19,7 @@ use super::{ShardMsg, Shared};
 use crate::engine::mailbox::Mailbox;
 use crate::engine::{CloseCause, ConnRef, Cx, Handler, Refusal, ShardId, UpgradeRequest};
 use crate::metrics::{BadInput, ShardStats};
-use crate::registry::{Owner, slot_of};
+use crate::registry::{Owner, UpdateOutcome, slot_of};
 
 const MICROSERVICE_PATH: &str = "/ws/microservice";
 const DISCOVERY_PATH: &str = "/ws/discovery";
@@ -49,6 +50,12 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Milliseconds on a clock that never steps (for coalescing intervals).
+pub(crate) fn monotonic_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1_000_000
+}
+
 pub(crate) fn owner_of(conn: ConnRef) -> Owner {
     Owner {
         shard: conn.shard.0,
@@ -75,6 +82,11 @@ pub struct ShardHandler {
     buf: Vec<u8>,
     /// Registered connections seen alive since the last tick.
     touched: Vec<(u32, Owner)>,
+    /// Superseded connections on other shards whose mailbox was full.
+    supersede_retry: Vec<ConnRef>,
+    /// Services named by verified upgrade bearer tokens, until register
+    /// (by connection key, with its generation). Empty when auth is off.
+    bearer: HashMap<u32, (u32, Box<str>)>,
     commands: Commands,
 }
 
@@ -93,6 +105,8 @@ impl ShardHandler {
             conns: Vec::new(),
             buf: Vec::with_capacity(4096),
             touched: Vec::new(),
+            supersede_retry: Vec::new(),
+            bearer: HashMap::new(),
             commands: Commands::default(),
         }
     }
@@ -207,19 +221,12 @@ impl ShardHandler {
         match method {
             "service/register" => self.register(cx, conn, state, id, params),
             "service/deregister" => self.deregister(cx, conn, state, id, params),
-            "service/update_metadata" => {
-                if self.update(conn, params) {
-                    self.reply_result(cx, conn, id, &serde_json::json!({"status": "updated"}));
-                } else {
-                    self.reply_error(
-                        cx,
-                        conn,
-                        Some(id),
-                        rpc::INVALID_PARAMS,
-                        "invalid metadata update",
-                    );
+            "service/update_metadata" => match self.update(conn, params) {
+                Ok(()) => {
+                    self.reply_result(cx, conn, id, &serde_json::json!({"status": "updated"}))
                 }
-            }
+                Err((code, msg)) => self.reply_error(cx, conn, Some(id), code, &msg),
+            },
             "discovery/lookup" | "discovery/subscribe" | "discovery/unsubscribe" => {
                 self.discovery(cx, conn, id, method, params)
             }
@@ -256,8 +263,16 @@ impl ShardHandler {
                 return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
             }
         };
+        let upgrade_bearer = self
+            .bearer
+            .remove(&conn.key)
+            .filter(|(generation, _)| *generation == conn.generation);
         if let Some(auth) = &self.shared.auth
-            && let Err(why) = auth.check_service(request.jwt.as_deref(), &request.service_id)
+            && let Err(why) = match (request.jwt.as_deref(), upgrade_bearer) {
+                // The Authorization header of the upgrade stands in for `jwt`.
+                (None, Some((_, named))) => super::auth::check_named(&named, &request.service_id),
+                (jwt, _) => auth.check_service(jwt, &request.service_id),
+            }
         {
             self.bad(BadInput::Unauthorized);
             self.reply_error(
@@ -294,12 +309,9 @@ impl ShardHandler {
             .post(ShardMsg::Supersede(old))
             .is_err()
         {
-            // Its record is already replaced; the old socket stays open
-            // until it ends by itself, unable to touch the new record.
-            tracing::warn!(
-                shard = old.shard.0,
-                "mailbox full: could not close a superseded connection"
-            );
+            // Its record is already replaced (it cannot touch the new one),
+            // but its socket must still be closed: try again each tick.
+            self.supersede_retry.push(old);
         }
     }
 
@@ -346,24 +358,33 @@ impl ShardHandler {
     }
 
     /// Applies `service/update_metadata`; false if the params are invalid.
-    fn update(&mut self, conn: ConnRef, params: Option<&RawValue>) -> bool {
+    /// Applies `service/update_metadata`; `Err` says why it was not (fully) applied.
+    fn update(&mut self, conn: ConnRef, params: Option<&RawValue>) -> Result<(), (i64, String)> {
         let Some(instance) = self.registered_id(conn) else {
             self.bad(BadInput::NotRegistered);
-            return false;
+            return Err((
+                rpc::NOT_REGISTERED,
+                "not registered yet: send service/register first".into(),
+            ));
         };
-        match rpc::update_params(params) {
-            Ok(update) => {
-                self.shared.registry().update(
-                    &instance,
-                    owner_of(conn),
-                    &update.update(),
-                    now_ms(),
-                );
-                true
-            }
-            Err(_) => {
+        let update = rpc::update_params(params).inspect_err(|_| self.bad(BadInput::InvalidParams));
+        let update = update.map_err(|msg| (rpc::INVALID_PARAMS, msg))?;
+        let outcome =
+            self.shared
+                .registry()
+                .update(&instance, owner_of(conn), &update.update(), now_ms());
+        match outcome {
+            UpdateOutcome::Updated => Ok(()),
+            UpdateOutcome::NotOwner => Err((
+                rpc::NOT_REGISTERED,
+                "this connection's registration was replaced".into(),
+            )),
+            UpdateOutcome::PortTaken => {
                 self.bad(BadInput::InvalidParams);
-                false
+                Err((
+                    rpc::INVALID_PARAMS,
+                    "the other fields were applied, but the new port is already registered by another instance with this serviceId, envTag and address".into(),
+                ))
             }
         }
     }
@@ -408,7 +429,8 @@ impl ShardHandler {
     fn notification(&mut self, conn: ConnRef, method: &str, params: Option<&RawValue>, text: &str) {
         match method {
             "service/update_metadata" => {
-                self.update(conn, params);
+                // A notification gets no answer; failures are counted.
+                let _ = self.update(conn, params);
             }
             m if m.starts_with("notifications/") => match self.registered_id(conn) {
                 Some(instance) => self.shared.watchers.relay(&instance, text),
@@ -445,7 +467,7 @@ impl ShardHandler {
         let Some(state) = self.state(conn).filter(|_| owns) else {
             return (request.reply)(CommandOutcome::NotFound);
         };
-        if state.inflight as usize >= max {
+        if state.inflight as usize >= max.min(u16::MAX as usize) {
             return (request.reply)(CommandOutcome::Busy(
                 "too many commands in flight for this instance",
             ));
@@ -479,15 +501,31 @@ impl Handler for ShardHandler {
                 });
             }
         };
-        if endpoint == Endpoint::Discovery
-            && let Some(auth) = &self.shared.auth
-            && auth.check_bearer(req.authorization).is_err()
-        {
-            return Err(Refusal {
-                status: 401,
-                message: "a valid Authorization: Bearer token is required on /ws/discovery",
-                kind: BadInput::Unauthorized,
-            });
+        if let Some(auth) = &self.shared.auth {
+            match (endpoint, req.authorization) {
+                (Endpoint::Discovery, header) if auth.check_bearer(header).is_err() => {
+                    return Err(Refusal {
+                        status: 401,
+                        message: "a valid Authorization: Bearer token is required on /ws/discovery",
+                        kind: BadInput::Unauthorized,
+                    });
+                }
+                (Endpoint::Microservice, Some(header)) => match auth.service_of(header) {
+                    // Kept (the service it names) until service/register.
+                    Ok(named) => {
+                        self.bearer
+                            .insert(conn.key, (conn.generation, named.into_boxed_str()));
+                    }
+                    Err(_) => {
+                        return Err(Refusal {
+                            status: 401,
+                            message: "the Authorization bearer token is not valid for this controller",
+                            kind: BadInput::Unauthorized,
+                        });
+                    }
+                },
+                _ => {}
+            }
         }
         let key = conn.key as usize;
         if self.conns.len() <= key {
@@ -550,6 +588,9 @@ impl Handler for ShardHandler {
     }
 
     fn on_closed(&mut self, _cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
+        if !self.bearer.is_empty() {
+            self.bearer.remove(&conn.key);
+        }
         let Some(state) = self.state(conn).copied() else {
             return;
         };
@@ -595,6 +636,10 @@ impl Handler for ShardHandler {
 
     fn on_tick(&mut self, cx: &mut Cx<'_>) {
         let now = now_ms();
+        let retry = std::mem::take(&mut self.supersede_retry);
+        for old in retry {
+            self.supersede(cx, old);
+        }
         let notifications = {
             let mut registry = self.shared.registry();
             for (slot, owner) in self.touched.drain(..) {
@@ -605,7 +650,7 @@ impl Handler for ShardHandler {
             if self.shard.0 == 0 {
                 registry.expire_down(now);
             }
-            registry.take_notifications(self.shard.0, now)
+            registry.take_notifications(self.shard.0, monotonic_ms())
         };
         for n in notifications {
             self.buf.clear();
@@ -614,9 +659,8 @@ impl Handler for ShardHandler {
                 "discovery/changed",
                 &rpc::SnapshotJson(&n.snapshot),
             );
-            for owner in n.owners {
-                cx.send_text(conn_of(owner), &self.buf);
-            }
+            // One encoded frame for every subscriber of this filter.
+            cx.send_text_to_all(n.owners.into_iter().map(conn_of), &self.buf);
         }
         if !self.commands.is_empty() {
             for conn in self.commands.expire(Instant::now()) {

@@ -15,7 +15,7 @@ pub mod rpc;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde_json::value::RawValue;
@@ -39,6 +39,8 @@ pub struct ControllerConfig {
     pub max_inflight_total: usize,
     /// Relayed service notifications queued per watcher before dropping.
     pub watcher_queue: usize,
+    /// Notification watches that may exist at once.
+    pub max_watchers: usize,
 }
 
 impl ControllerConfig {
@@ -50,6 +52,7 @@ impl ControllerConfig {
             max_inflight_per_instance: 64,
             max_inflight_total: 4096,
             watcher_queue: 1024,
+            max_watchers: 4096,
             engine,
         }
     }
@@ -73,12 +76,41 @@ pub enum ShardMsg {
 }
 
 /// Service notifications (`notifications/*`) relayed to whoever watches
-/// that instance; dropped when nobody does.
+/// that instance; dropped when nobody does. Bounded: each watch queues at
+/// most `watcher_queue` messages (more are dropped), and at most
+/// `max_watchers` watches exist.
 #[derive(Default)]
 pub struct Watchers {
     count: AtomicUsize,
-    by_instance: Mutex<HashMap<Uuid, Vec<SyncSender<Arc<str>>>>>,
+    by_instance: Mutex<HashMap<Uuid, Vec<WatchSender>>>,
 }
+
+/// One watch's queue, and a token that dies with its `Watch`.
+type WatchSender = (SyncSender<Arc<str>>, Weak<()>);
+
+/// The receiving end of `Controller::watch_notifications`; dropping it ends
+/// the watch.
+pub struct Watch {
+    rx: Receiver<Arc<str>>,
+    _alive: Arc<()>,
+}
+
+impl Watch {
+    pub fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Arc<str>, std::sync::mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+
+    pub fn try_recv(&self) -> Result<Arc<str>, std::sync::mpsc::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0} notification watches exist already, the limit")]
+pub struct WatchError(pub usize);
 
 impl Watchers {
     fn relay(&self, instance: &Uuid, text: &str) {
@@ -91,12 +123,13 @@ impl Watchers {
         };
         let text: Arc<str> = Arc::from(text);
         let before = list.len();
-        // A full queue drops this message; a closed one drops the watcher.
-        list.retain(|tx| {
-            !matches!(
-                tx.try_send(text.clone()),
-                Err(TrySendError::Disconnected(_))
-            )
+        // A full queue drops this message; a dropped watch leaves.
+        list.retain(|(tx, alive)| {
+            alive.strong_count() > 0
+                && !matches!(
+                    tx.try_send(text.clone()),
+                    Err(TrySendError::Disconnected(_))
+                )
         });
         self.count.fetch_sub(before - list.len(), Ordering::Relaxed);
         if list.is_empty() {
@@ -104,12 +137,29 @@ impl Watchers {
         }
     }
 
-    fn watch(&self, instance: Uuid, queue: usize) -> Receiver<Arc<str>> {
-        let (tx, rx) = sync_channel(queue);
+    fn watch(&self, instance: Uuid, queue: usize, max: usize) -> Result<Watch, WatchError> {
         let mut map = self.by_instance.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(instance).or_default().push(tx);
+        if self.count.load(Ordering::Relaxed) >= max {
+            // Dropped watches of quiet instances are only found by a sweep.
+            let mut removed = 0;
+            map.retain(|_, list| {
+                let before = list.len();
+                list.retain(|(_, alive)| alive.strong_count() > 0);
+                removed += before - list.len();
+                !list.is_empty()
+            });
+            self.count.fetch_sub(removed, Ordering::Relaxed);
+            if self.count.load(Ordering::Relaxed) >= max {
+                return Err(WatchError(max));
+            }
+        }
+        let (tx, rx) = sync_channel(queue);
+        let alive = Arc::new(());
+        map.entry(instance)
+            .or_default()
+            .push((tx, Arc::downgrade(&alive)));
         self.count.fetch_add(1, Ordering::Relaxed);
-        rx
+        Ok(Watch { rx, _alive: alive })
     }
 }
 
@@ -188,10 +238,11 @@ impl Controller {
     }
 
     /// Relays the `notifications/*` an instance sends, while the receiver lives.
-    pub fn watch_notifications(&self, instance: Uuid) -> Receiver<Arc<str>> {
+    pub fn watch_notifications(&self, instance: Uuid) -> Result<Watch, WatchError> {
+        let config = &self.shared.config;
         self.shared
             .watchers
-            .watch(instance, self.shared.config.watcher_queue)
+            .watch(instance, config.watcher_queue, config.max_watchers)
     }
 
     /// Sends `method` with `params` to an instance; `reply` is called

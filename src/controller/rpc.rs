@@ -393,6 +393,11 @@ fn tags_json(tags: Option<serde_json::Map<String, serde_json::Value>>) -> Result
     if tags.len() > MAX_TAGS {
         return Err(format!("{} tags; the limit is {MAX_TAGS}", tags.len()));
     }
+    // Clients read tags as a map of strings; one registrant with other
+    // values would break every snapshot that includes it.
+    if let Some((key, _)) = tags.iter().find(|(_, v)| !v.is_string()) {
+        return Err(format!("tag {key:?} must have a string value"));
+    }
     // serde_json's Map keeps keys sorted: this is the canonical form.
     let json = serde_json::to_string(&tags).expect("a map serializes");
     if json.len() > MAX_TAGS_JSON {
@@ -657,6 +662,10 @@ mod tests {
             (
                 r#"{"serviceId":"u","address":"h","port":"x"}"#,
                 "invalid params",
+            ),
+            (
+                r#"{"serviceId":"u","address":"h","port":1,"tags":{"n":1}}"#,
+                "string value",
             ),
         ];
         for (params, why) in bad {

@@ -465,7 +465,9 @@ impl Conn {
                     if self.flags & FRAGMENTED == 0 {
                         return (Fed::Violation(Violation::UnexpectedContinuation), pos);
                     }
-                    let b = bufs.as_mut().expect("fragmented implies bufs");
+                    // An empty first fragment holds no bytes, so no buffer
+                    // need exist yet.
+                    let b = bufs.get_or_insert_default();
                     if b.message.len() + payload.len() > limits.max_message {
                         return (Fed::Violation(Violation::TooBig), pos);
                     }
@@ -642,6 +644,56 @@ mod tests {
                 other => panic!("expected a violation, got {other:?}"),
             }
         }
+    }
+
+    /// An empty first fragment used to leave FRAGMENTED set with no
+    /// buffer, and the next continuation panicked the shard.
+    #[test]
+    fn an_empty_first_fragment_then_a_continuation_in_a_later_read() {
+        let (mut conn, mut log, mut out) = open_conn();
+        assert_eq!(
+            feed(
+                &mut conn,
+                &client_frame(OpCode::Text, false, b""),
+                &mut log,
+                &mut out
+            ),
+            Fed::Open
+        );
+        assert_eq!(
+            feed(
+                &mut conn,
+                &client_frame(OpCode::Continuation, false, b""),
+                &mut log,
+                &mut out
+            ),
+            Fed::Open
+        );
+        assert_eq!(
+            feed(
+                &mut conn,
+                &client_frame(OpCode::Continuation, true, b"{}"),
+                &mut log,
+                &mut out
+            ),
+            Fed::Open
+        );
+        assert_eq!(log.texts, vec!["{}"]);
+        // An empty message in fragments is an empty text.
+        feed(
+            &mut conn,
+            &client_frame(OpCode::Text, false, b""),
+            &mut log,
+            &mut out,
+        );
+        feed(
+            &mut conn,
+            &client_frame(OpCode::Continuation, true, b""),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(log.texts, vec!["{}", ""]);
+        assert_eq!(conn.buffered(), 0);
     }
 
     #[test]

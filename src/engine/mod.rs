@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// Unsent output one connection may hold before it is cut as too slow.
     pub max_pending_out: usize,
+    /// Unsent output all of one shard's connections may hold together.
+    pub max_pending_out_per_shard: usize,
     /// Messages waiting in one shard's mailbox.
     pub mailbox_capacity: usize,
 }
@@ -70,6 +72,7 @@ impl EngineConfig {
             tick: Duration::from_millis(100),
             limits: Limits::default(),
             max_pending_out: 16 << 20,
+            max_pending_out_per_shard: 256 << 20,
             mailbox_capacity: 65_536,
         }
     }
@@ -104,8 +107,9 @@ impl EngineConfig {
                 FD_RESERVE + self.shards
             ));
         }
-        if self.tick < Duration::from_millis(1) || self.tick > Duration::from_secs(1) {
-            return bad(format!("tick must be 1ms..=1s, not {:?}", self.tick));
+        // Ticks are u32: at 50 ms they wrap after 6.8 years of uptime.
+        if self.tick < Duration::from_millis(50) || self.tick > Duration::from_secs(1) {
+            return bad(format!("tick must be 50ms..=1s, not {:?}", self.tick));
         }
         if self.ping_interval < self.tick || self.pong_timeout < self.tick {
             return bad(format!(
@@ -253,6 +257,20 @@ impl<'a> Cx<'a> {
                 let frame = start..self.actions.bytes.len();
                 self.actions.list.push(Action::Send { conn, frame });
             }
+        }
+    }
+
+    /// Queues the same text message to every connection in `conns`,
+    /// encoded once (a discovery snapshot to all its subscribers).
+    pub fn send_text_to_all(&mut self, conns: impl IntoIterator<Item = ConnRef>, text: &[u8]) {
+        let start = self.actions.bytes.len();
+        ws::encode_frame(&mut self.actions.bytes, ws::OpCode::Text, text, None);
+        let frame = start..self.actions.bytes.len();
+        for conn in conns {
+            self.actions.list.push(Action::Send {
+                conn,
+                frame: frame.clone(),
+            });
         }
     }
 

@@ -93,7 +93,17 @@ pub(super) fn run<H: Handler>(
     let _ = ready.send((index, Ok(())));
     drop(ready);
     let mut shard = Shard::new(setup, handler, epoll);
-    shard.run();
+    // A shard that died would leave its sockets' instances registered and
+    // its queued commands unanswered: better the whole process stops and
+    // the service manager restarts it.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run()));
+    if ran.is_err() {
+        tracing::error!(
+            shard = index,
+            "shard panicked; aborting the controller so it can be restarted"
+        );
+        std::process::abort();
+    }
 }
 
 /// Ticks from admission to a connection's first ping: a hash of its slot
@@ -132,6 +142,8 @@ struct Shard<H: Handler> {
     actions: Actions,
     expired: Vec<u32>,
     inbox: VecDeque<H::Msg>,
+    /// Unsent output held by all of this shard's connections.
+    pending_total: usize,
     /// Connections whose read budget ran out with data possibly left.
     resume: Vec<u64>,
     resume_next: Vec<u64>,
@@ -166,6 +178,7 @@ impl<H: Handler> Shard<H> {
             actions: Actions::default(),
             expired: Vec::new(),
             inbox: VecDeque::new(),
+            pending_total: 0,
             resume: Vec::new(),
             resume_next: Vec::new(),
             next_generation: 1,
@@ -555,15 +568,9 @@ impl<H: Handler> Shard<H> {
     /// Sends `bytes` or keeps what the socket will not take. Returns false
     /// if the connection is gone (it was dropped here).
     fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
-        let max = self.config.max_pending_out;
         let conn = &mut self.conns[key as usize];
-        let pending = conn.pending_out();
-        if pending > 0 {
-            if pending + bytes.len() > max {
-                return self.cut_slow(key);
-            }
-            conn.queue_out(bytes);
-            return true;
+        if conn.pending_out() > 0 {
+            return self.keep_unsent(key, bytes);
         }
         let mut sent = 0;
         while sent < bytes.len() {
@@ -581,11 +588,22 @@ impl<H: Handler> Shard<H> {
             .bytes_out
             .fetch_add(sent as u64, Ordering::Relaxed);
         if sent < bytes.len() {
-            if bytes.len() - sent > max {
-                return self.cut_slow(key);
-            }
-            self.conns[key as usize].queue_out(&bytes[sent..]);
+            return self.keep_unsent(key, &bytes[sent..]);
         }
+        true
+    }
+
+    /// Keeps output the socket would not take, within the per-connection
+    /// and per-shard bounds; past either the connection is cut as too slow.
+    fn keep_unsent(&mut self, key: u32, bytes: &[u8]) -> bool {
+        let conn = &mut self.conns[key as usize];
+        if conn.pending_out() + bytes.len() > self.config.max_pending_out
+            || self.pending_total + bytes.len() > self.config.max_pending_out_per_shard
+        {
+            return self.cut_slow(key);
+        }
+        conn.queue_out(bytes);
+        self.pending_total += bytes.len();
         true
     }
 
@@ -608,7 +626,13 @@ impl<H: Handler> Shard<H> {
         self.stats()
             .bytes_out
             .fetch_add(sent as u64, Ordering::Relaxed);
-        self.conns[key as usize].restore_out(pending, sent);
+        self.pending_total -= sent;
+        let conn = &mut self.conns[key as usize];
+        conn.restore_out(pending, sent);
+        if conn.pending_out() == 0 && conn.phase() == Phase::Closing {
+            // Our last bytes are out: FIN.
+            sys::shutdown_write(conn.handle);
+        }
     }
 
     fn cut_slow(&mut self, key: u32) -> bool {
@@ -653,8 +677,8 @@ impl<H: Handler> Shard<H> {
     /// Our last bytes are out: wait for the peer's close or EOF.
     fn linger(&mut self, key: u32) {
         let conn = &mut self.conns[key as usize];
-        if conn.phase() == Phase::Handshake && conn.pending_out() == 0 {
-            // An HTTP refusal: FIN after the response.
+        if conn.pending_out() == 0 {
+            // Nothing more will be sent: FIN now (else when `flush` drains).
             sys::shutdown_write(conn.handle);
         }
         let deadline = conn.start_closing(self.now, &self.timing);
@@ -665,6 +689,7 @@ impl<H: Handler> Shard<H> {
         self.wheel.cancel(&mut self.conns, key);
         let conn = self.conns.remove(key as usize);
         debug_assert!(!conn.is_live(), "handler must hear of the end first");
+        self.pending_total -= conn.pending_out();
         sys::close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
@@ -736,9 +761,13 @@ impl<H: Handler> Shard<H> {
                 self.notify_closed(key, CloseCause::PongMissed);
                 // A frozen peer will not answer a close handshake; tell a
                 // half-alive one why, then let the socket go.
-                let mut frame = Vec::with_capacity(32);
-                ws::encode_close(&mut frame, 1008, "no pong within pong-timeout", None);
-                let _ = sys::send(self.conns[key as usize].handle, &frame);
+                let conn = &self.conns[key as usize];
+                // Never splice a close frame into a half-sent frame.
+                if conn.pending_out() == 0 {
+                    let mut frame = Vec::with_capacity(32);
+                    ws::encode_close(&mut frame, 1008, "no pong within pong-timeout", None);
+                    let _ = sys::send(conn.handle, &frame);
+                }
                 self.drop_conn(key);
             }
             Due::LingerOver => self.drop_conn(key),
@@ -752,7 +781,7 @@ impl<H: Handler> Shard<H> {
         ws::encode_close(&mut frame, 1001, "controller shutting down", None);
         for key in keys {
             let conn = &self.conns[key as usize];
-            if conn.is_live() {
+            if conn.is_live() && conn.pending_out() == 0 {
                 let _ = sys::send(conn.handle, &frame);
             }
             self.notify_closed(key, CloseCause::Shutdown);

@@ -95,6 +95,16 @@ pub struct MetadataUpdate<'a> {
     pub tags_json: Option<&'a str>,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    Updated,
+    /// Not the caller's record (superseded, or another connection's).
+    NotOwner,
+    /// Everything but the port was applied: another instance already has
+    /// this identity with the new port.
+    PortTaken,
+}
+
 #[derive(Debug)]
 pub struct Registered {
     pub id: Uuid,
@@ -382,16 +392,16 @@ impl Registry {
         Registered { id, superseded }
     }
 
-    /// Applies a metadata update from the owner. False if not its record.
+    /// Applies a metadata update from the owner.
     pub fn update(
         &mut self,
         id: &Uuid,
         owner: Owner,
         update: &MetadataUpdate<'_>,
         now_ms: u64,
-    ) -> bool {
+    ) -> UpdateOutcome {
         let Some(slot) = self.slot_owned(id, owner) else {
-            return false;
+            return UpdateOutcome::NotOwner;
         };
         let mut port_taken = false;
         if let Some(port) = update.port {
@@ -446,7 +456,11 @@ impl Registry {
         let service = record.service;
         self.changed.insert(service);
         self.publish(now_ms, EventKind::Updated, slot, None);
-        true
+        if port_taken {
+            UpdateOutcome::PortTaken
+        } else {
+            UpdateOutcome::Updated
+        }
     }
 
     /// Removes the owner's record. False if it is not the owner's.
@@ -484,7 +498,11 @@ impl Registry {
         self.down_count += 1;
         self.down.push_back((slot, *id, now_ms));
         self.publish(now_ms, EventKind::Down, slot, Some(reason));
-        while self.down_count > self.config.max_down_retained {
+        while self.down_count > self.config.max_down_retained
+            // Entries of down records replaced by a new registration stay
+            // queued until they age out; bound them too.
+            || self.down.len() > 2 * self.config.max_down_retained + 1024
+        {
             self.forget_oldest_down();
         }
         true
@@ -758,6 +776,8 @@ impl Registry {
     /// notifications, then hands `shard` the ones it may send now (each
     /// subscription at most once per `notify_interval_ms`), with their
     /// snapshots. Subscriptions still inside their interval stay due.
+    /// `now_ms` is a monotonic clock: a wall-clock step must not stall
+    /// notifications.
     pub fn take_notifications(&mut self, shard: u16, now_ms: u64) -> Vec<Notification> {
         for service in std::mem::take(&mut self.changed) {
             for key in self.subs_by_service.get(&service).into_iter().flatten() {
@@ -948,8 +968,14 @@ mod tests {
             port: Some(2),
             ..Default::default()
         };
-        assert!(r.update(&a.id, owner(1), &update, 5));
-        assert!(!r.update(&a.id, owner(9), &update, 5));
+        assert_eq!(
+            r.update(&a.id, owner(1), &update, 5),
+            UpdateOutcome::Updated
+        );
+        assert_eq!(
+            r.update(&a.id, owner(9), &update, 5),
+            UpdateOutcome::NotOwner
+        );
         let node = r.node_of(&a.id).unwrap();
         assert_eq!((&*node.version, node.port), ("2.0.0", 2));
         // The new port now identifies it.
