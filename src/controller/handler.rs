@@ -97,12 +97,14 @@ impl ShardHandler {
         mailboxes: Arc<[Mailbox<ShardMsg>]>,
         stats: Arc<[ShardStats]>,
     ) -> ShardHandler {
+        let max_conns = shared.config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE;
         ShardHandler {
             shard,
             shared,
             mailboxes,
             stats,
-            conns: Vec::new(),
+            // One entry per connection the shard may hold: reserved, not touched.
+            conns: Vec::with_capacity(max_conns),
             buf: Vec::with_capacity(4096),
             touched: Vec::new(),
             supersede_retry: Vec::new(),

@@ -190,6 +190,11 @@ impl Controller {
         auth: Option<auth::Auth>,
     ) -> Result<Controller, StartError> {
         let shards = config.engine.shards;
+        let mut config = config;
+        config.registry.capacity = config.registry.capacity.max(
+            shards * (config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE)
+                + config.registry.max_down_retained,
+        );
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::new(config.registry.clone(), shards)),
             inflight: Arc::new(AtomicUsize::new(0)),
