@@ -36,17 +36,32 @@ pub enum CommandOutcome {
 }
 
 impl CommandOutcome {
+    /// Every label, in `index` order (metrics contract: do not rename).
+    pub const LABELS: [&'static str; 7] = [
+        "ok",
+        "unsupported",
+        "failed",
+        "timeout",
+        "not_found",
+        "gone",
+        "busy",
+    ];
+
+    pub fn index(&self) -> usize {
+        match self {
+            CommandOutcome::Ok(_) => 0,
+            CommandOutcome::Unsupported(_) => 1,
+            CommandOutcome::Failed { .. } => 2,
+            CommandOutcome::Timeout => 3,
+            CommandOutcome::NotFound => 4,
+            CommandOutcome::Gone => 5,
+            CommandOutcome::Busy(_) => 6,
+        }
+    }
+
     /// A short stable name (for counters and audit lines).
     pub fn label(&self) -> &'static str {
-        match self {
-            CommandOutcome::Ok(_) => "ok",
-            CommandOutcome::Unsupported(_) => "unsupported",
-            CommandOutcome::Failed { .. } => "failed",
-            CommandOutcome::Timeout => "timeout",
-            CommandOutcome::NotFound => "not_found",
-            CommandOutcome::Gone => "gone",
-            CommandOutcome::Busy(_) => "busy",
-        }
+        Self::LABELS[self.index()]
     }
 }
 

@@ -13,7 +13,7 @@ mod handler;
 pub mod rpc;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -21,6 +21,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::engine::mailbox::Mailbox;
 use crate::engine::{ConnRef, Engine, EngineConfig, StartError};
 use crate::metrics::ShardStats;
 use crate::registry::events::{Event, ReplayError};
@@ -168,6 +169,8 @@ pub struct Shared {
     pub config: ControllerConfig,
     inflight: Arc<AtomicUsize>,
     watchers: Watchers,
+    /// Commands ended, indexed by `CommandOutcome::index`.
+    command_outcomes: [std::sync::atomic::AtomicU64; CommandOutcome::LABELS.len()],
     auth: Option<auth::Auth>,
 }
 
@@ -178,10 +181,20 @@ impl Shared {
     }
 }
 
-/// A running controller.
+/// A running controller: its shards and its API.
 pub struct Controller {
     engine: Engine<ShardMsg>,
+    api: Arc<Api>,
+}
+
+/// What the controller offers to the admin plane, the CLI and tests. Cheap
+/// to share (`Controller::api`); never blocks a shard.
+pub struct Api {
     shared: Arc<Shared>,
+    mailboxes: Arc<[Mailbox<ShardMsg>]>,
+    stats: Arc<[ShardStats]>,
+    local_addr: std::net::SocketAddr,
+    stopping: AtomicBool,
 }
 
 impl Controller {
@@ -199,6 +212,7 @@ impl Controller {
             registry: Mutex::new(Registry::new(config.registry.clone(), shards)),
             inflight: Arc::new(AtomicUsize::new(0)),
             watchers: Watchers::default(),
+            command_outcomes: Default::default(),
             auth,
             config: config.clone(),
         });
@@ -206,15 +220,43 @@ impl Controller {
         let engine = Engine::start(config.engine, move |id, mailboxes, stats| {
             handler::ShardHandler::new(id, for_shards.clone(), mailboxes, stats)
         })?;
-        Ok(Controller { engine, shared })
+        let api = Arc::new(Api {
+            shared,
+            mailboxes: engine.mailboxes().clone(),
+            stats: engine.stats().clone(),
+            local_addr: engine.local_addr(),
+            stopping: AtomicBool::new(false),
+        });
+        Ok(Controller { engine, api })
     }
 
+    pub fn api(&self) -> Arc<Api> {
+        self.api.clone()
+    }
+
+    /// Closes every connection with 1001 and stops the shards.
+    pub fn shutdown(self) {
+        self.api.stopping.store(true, Ordering::SeqCst);
+        self.engine.shutdown();
+    }
+}
+
+impl std::ops::Deref for Controller {
+    type Target = Api;
+
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl Api {
+    /// The service endpoint's address.
     pub fn local_addr(&self) -> std::net::SocketAddr {
-        self.engine.local_addr()
+        self.local_addr
     }
 
     pub fn shards(&self) -> usize {
-        self.engine.shards()
+        self.mailboxes.len()
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -222,12 +264,26 @@ impl Controller {
     }
 
     pub fn stats(&self) -> &Arc<[ShardStats]> {
-        self.engine.stats()
+        &self.stats
+    }
+
+    /// False once shutdown has begun (for /readyz).
+    pub fn ready(&self) -> bool {
+        !self.stopping.load(Ordering::Relaxed)
     }
 
     /// Commands in flight in all.
     pub fn commands_in_flight(&self) -> usize {
         self.shared.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Commands ended, by outcome label (`CommandOutcome::label`).
+    pub fn command_outcomes(&self) -> Vec<(&'static str, u64)> {
+        CommandOutcome::LABELS
+            .iter()
+            .zip(&self.shared.command_outcomes)
+            .map(|(label, n)| (*label, n.load(Ordering::Relaxed)))
+            .collect()
     }
 
     pub fn lookup(&self, filter: &Filter) -> Snapshot {
@@ -242,7 +298,7 @@ impl Controller {
         self.shared.registry().events.subscribe(since)
     }
 
-    /// Relays the `notifications/*` an instance sends, while the receiver lives.
+    /// Relays the `notifications/*` an instance sends, while the watch lives.
     pub fn watch_notifications(&self, instance: Uuid) -> Result<Watch, WatchError> {
         let config = &self.shared.config;
         self.shared
@@ -260,6 +316,11 @@ impl Controller {
         timeout: Option<Duration>,
         reply: Reply,
     ) {
+        let counted = self.shared.clone();
+        let reply: Reply = Box::new(move |outcome| {
+            counted.command_outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+            reply(outcome)
+        });
         let target = {
             let registry = self.shared.registry();
             registry
@@ -285,9 +346,8 @@ impl Controller {
             timeout,
             reply,
         });
-        if let Err(full) = self
-            .engine
-            .post(target.shard, ShardMsg::Command(request, permit))
+        if let Err(full) =
+            self.mailboxes[target.shard.0 as usize].post(ShardMsg::Command(request, permit))
         {
             let ShardMsg::Command(request, _permit) = full.0 else {
                 unreachable!()
@@ -322,13 +382,13 @@ impl Controller {
         name: &str,
         arguments: serde_json::Value,
     ) -> CommandOutcome {
-        let params = serde_json::json!({"name": name, "arguments": arguments});
-        let raw = RawValue::from_string(params.to_string()).expect("json! is valid JSON");
+        let raw = tool_call_params(name, &arguments);
         self.call_blocking(instance, "tools/call", Some(raw), None)
     }
+}
 
-    /// Closes every connection with 1001 and stops the shards.
-    pub fn shutdown(self) {
-        self.engine.shutdown();
-    }
+/// The `params` of a `tools/call`.
+pub fn tool_call_params(name: &str, arguments: &serde_json::Value) -> Box<RawValue> {
+    let params = serde_json::json!({"name": name, "arguments": arguments});
+    RawValue::from_string(params.to_string()).expect("json! is valid JSON")
 }

@@ -1,16 +1,19 @@
 //! The event log: every state change of an instance, numbered by a
 //! sequence that only grows. Kept in a bounded replay ring and fanned out
-//! to subscribers through bounded queues; a subscriber whose queue is full
-//! is cut (its receiver sees the channel close) and must resync from a
-//! snapshot and a sequence number. Nothing here grows without a bound.
+//! to subscribers through bounded sinks; a subscriber whose sink is full is
+//! cut (its sink is dropped, so its receiver sees the end) and must resync
+//! from a snapshot and a sequence number. Nothing here grows without a bound.
+//!
+//! Sinks are a trait so the admin plane can use its runtime's channels
+//! while this module stays free of any runtime.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use uuid::Uuid;
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     Registered,
@@ -18,6 +21,26 @@ pub enum EventKind {
     Down,
     Deregistered,
     Superseded,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 5] = [
+        EventKind::Registered,
+        EventKind::Updated,
+        EventKind::Down,
+        EventKind::Deregistered,
+        EventKind::Superseded,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EventKind::Registered => "registered",
+            EventKind::Updated => "updated",
+            EventKind::Down => "down",
+            EventKind::Deregistered => "deregistered",
+            EventKind::Superseded => "superseded",
+        }
+    }
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -29,22 +52,35 @@ pub struct Event {
     pub kind: EventKind,
     pub runtime_instance_id: Uuid,
     pub service_id: Arc<str>,
-    /// Why (e.g. the deregister reason, "disconnected", "pong timeout").
+    /// Why (e.g. the deregister reason, "disconnected", "no pong …").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Arc<str>>,
+}
+
+/// Where a subscriber's events go. `offer` must not block: false means the
+/// subscriber is full or gone, and it is cut.
+pub trait EventSink: Send {
+    fn offer(&self, event: &Event) -> bool;
+}
+
+impl EventSink for SyncSender<Event> {
+    fn offer(&self, event: &Event) -> bool {
+        self.try_send(event.clone()).is_ok()
+    }
 }
 
 pub struct EventLog {
     next_seq: u64,
     ring: VecDeque<Event>,
     ring_capacity: usize,
-    subscribers: Vec<SyncSender<Event>>,
+    subscribers: Vec<Box<dyn EventSink>>,
     subscriber_capacity: usize,
     max_subscribers: usize,
     cut: u64,
+    counts: [u64; EventKind::ALL.len()],
 }
 
-/// Why a replay could not be served.
+/// Why a subscription could not be served.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayError {
     #[error(
@@ -69,6 +105,7 @@ impl EventLog {
             subscriber_capacity: subscriber_capacity.max(1),
             max_subscribers,
             cut: 0,
+            counts: [0; EventKind::ALL.len()],
         }
     }
 
@@ -84,6 +121,11 @@ impl EventLog {
 
     pub fn subscriber_count(&self) -> usize {
         self.subscribers.len()
+    }
+
+    /// Events published so far of `kind`.
+    pub fn count(&self, kind: EventKind) -> u64 {
+        self.counts[kind as usize]
     }
 
     pub fn publish(
@@ -103,12 +145,9 @@ impl EventLog {
             reason,
         };
         self.next_seq += 1;
+        self.counts[kind as usize] += 1;
         let before = self.subscribers.len();
-        self.subscribers
-            .retain(|tx| match tx.try_send(event.clone()) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-            });
+        self.subscribers.retain(|sink| sink.offer(&event));
         self.cut += (before - self.subscribers.len()) as u64;
         if self.ring.len() == self.ring_capacity {
             self.ring.pop_front();
@@ -117,8 +156,15 @@ impl EventLog {
     }
 
     /// Subscribes from `since` (exclusive): the kept events after it are
-    /// queued first, then live ones. `None` starts at the next event.
-    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
+    /// offered first, then live ones. `None` starts at the next event.
+    /// `make_sink` gets the capacity the sink needs (its queue plus the
+    /// replay) and returns the sink and whatever the caller keeps.
+    /// Returns the last sequence number before live events.
+    pub fn subscribe_with<R>(
+        &mut self,
+        since: Option<u64>,
+        make_sink: impl FnOnce(usize) -> (Box<dyn EventSink>, R),
+    ) -> Result<(u64, R), ReplayError> {
         if self.subscribers.len() >= self.max_subscribers {
             return Err(ReplayError::TooManySubscribers(self.subscribers.len()));
         }
@@ -132,12 +178,21 @@ impl EventLog {
                 self.ring.iter().filter(|e| e.seq > since).collect()
             }
         };
-        let (tx, rx) = sync_channel(self.subscriber_capacity + replay.len());
+        let (sink, keep) = make_sink(self.subscriber_capacity + replay.len());
         for event in replay {
-            tx.try_send(event.clone()).expect("sized for the replay");
+            let taken = sink.offer(event);
+            debug_assert!(taken, "sized for the replay");
         }
-        self.subscribers.push(tx);
-        Ok((self.last_seq(), rx))
+        self.subscribers.push(sink);
+        Ok((self.last_seq(), keep))
+    }
+
+    /// `subscribe_with` on a std channel.
+    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
+        self.subscribe_with(since, |capacity| {
+            let (tx, rx) = sync_channel(capacity);
+            (Box::new(tx) as Box<dyn EventSink>, rx)
+        })
     }
 }
 
@@ -160,6 +215,8 @@ mod tests {
         publish(&mut log, 2);
         let seqs: Vec<u64> = rx.try_iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
+        assert_eq!(log.count(EventKind::Registered), 7);
+        assert_eq!(log.count(EventKind::Down), 0);
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub struct Node {
     pub connected_at_ms: u64,
     pub last_seen_ms: u64,
     pub status: Status,
+    /// The shard holding its socket.
+    pub shard: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -157,6 +159,32 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     /// More instances matched than `max_snapshot_nodes`.
     pub truncated: bool,
+}
+
+/// What an admin listing asks for (every field optional).
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    pub service_id: Option<String>,
+    pub env_tag: Option<String>,
+    pub status: Option<Status>,
+    pub q: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub total: usize,
+    pub items: Vec<Node>,
+    /// The cursor of the next page, if there is one.
+    pub next: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub up: usize,
+    pub down: usize,
+    pub distinct_services: usize,
+    /// (serviceId, up instances), largest first.
+    pub services: Vec<(Arc<str>, usize)>,
 }
 
 /// A discovery subscription that must be told of a change.
@@ -241,6 +269,8 @@ pub struct Registry {
     changed: HashSet<Sym>,
     /// Subscriptions due a notification, per shard of their owner.
     due: Vec<Vec<(SubKey, Owner)>>,
+    /// One past the highest slot ever used (where listings stop).
+    high_water: u32,
     pub events: EventLog,
 }
 
@@ -274,6 +304,7 @@ impl Registry {
             changed: HashSet::new(),
             due: (0..shards).map(|_| Vec::new()).collect(),
             events,
+            high_water: 0,
         }
     }
 
@@ -367,6 +398,7 @@ impl Registry {
         let tags = self.strings.intern(reg.tags_json);
         let entry = self.instances.vacant_entry();
         let slot = entry.key() as u32;
+        self.high_water = self.high_water.max(slot + 1);
         let mut random = [0u8; 10];
         random[..6].copy_from_slice(&fastrand::u64(..).to_le_bytes()[..6]);
         random[6..].copy_from_slice(&slot.to_be_bytes());
@@ -594,16 +626,13 @@ impl Registry {
     fn node(&self, i: &Instance) -> Node {
         let s = |sym| self.strings.resolve(sym).clone();
         Node {
+            shard: i.owner.shard,
             runtime_instance_id: i.id,
             service_id: s(i.service),
             env_tag: s(i.env),
             version: s(i.version),
             protocol: s(i.protocol),
-            address: match i.address {
-                Address::V4(v4) => NodeAddress::Ip(IpAddr::V4(v4)),
-                Address::V6(v6) => NodeAddress::Ip(IpAddr::V6(v6)),
-                Address::Host(h) => NodeAddress::Host(s(h)),
-            },
+            address: self.node_address(i.address),
             port: i.port,
             tags_json: s(i.tags),
             connected_at_ms: i.connected_at_ms,
@@ -835,6 +864,100 @@ impl Registry {
         self.instances.iter().map(|(_, i)| i)
     }
 
+    /// One page of the records matching `query`, from slot `cursor` on, at
+    /// most `limit`; `total` counts every match. Filters on serviceId and
+    /// envTag compare interned ids; `q` is a case-insensitive substring of
+    /// the serviceId, envTag, version, address, tags or runtimeInstanceId.
+    pub fn page(&self, query: &Query, cursor: u32, limit: usize) -> Page {
+        let empty = Page {
+            total: 0,
+            items: Vec::new(),
+            next: None,
+        };
+        let sym = |s: &Option<String>| match s {
+            None => Some(None),
+            Some(text) => self.strings.find(text).map(Some),
+        };
+        let (Some(service), Some(env)) = (sym(&query.service_id), sym(&query.env_tag)) else {
+            return empty;
+        };
+        let q = query
+            .q
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .filter(|q| !q.is_empty());
+        let matches = |i: &Instance| {
+            service.is_none_or(|s| s == i.service)
+                && env.is_none_or(|e| e == i.env)
+                && query.status.is_none_or(|st| st == i.status)
+                && q.as_deref().is_none_or(|q| self.contains(i, q))
+        };
+        let unfiltered =
+            service.is_none() && env.is_none() && query.status.is_none() && q.is_none();
+        let mut page = Page {
+            total: if unfiltered { self.instances.len() } else { 0 },
+            items: Vec::new(),
+            next: None,
+        };
+        for slot in 0..self.high_water {
+            let Some(i) = self.instances.get(slot as usize) else {
+                continue;
+            };
+            if !matches(i) {
+                continue;
+            }
+            if slot >= cursor {
+                if page.items.len() < limit {
+                    page.items.push(self.node(i));
+                } else if page.next.is_none() {
+                    page.next = Some(slot);
+                    if unfiltered {
+                        break;
+                    }
+                }
+            }
+            if !unfiltered {
+                page.total += 1;
+            }
+        }
+        page
+    }
+
+    fn contains(&self, i: &Instance, q: &str) -> bool {
+        let has = |text: &str| text.to_ascii_lowercase().contains(q);
+        [i.service, i.env, i.version, i.tags]
+            .into_iter()
+            .any(|s| has(self.strings.resolve(s)))
+            || has(&self.node_address(i.address).to_string())
+            || has(&i.id.to_string())
+    }
+
+    fn node_address(&self, address: Address) -> NodeAddress {
+        match address {
+            Address::V4(v4) => NodeAddress::Ip(IpAddr::V4(v4)),
+            Address::V6(v6) => NodeAddress::Ip(IpAddr::V6(v6)),
+            Address::Host(h) => NodeAddress::Host(self.strings.resolve(h).clone()),
+        }
+    }
+
+    /// Counts by status, and up instances by serviceId (the `top` largest).
+    pub fn summary(&self, top: usize) -> Summary {
+        let mut services: Vec<(Arc<str>, usize)> = self
+            .by_service
+            .iter()
+            .map(|(s, list)| (self.strings.resolve(*s).clone(), list.len()))
+            .collect();
+        let distinct_services = services.len();
+        services.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        services.truncate(top);
+        Summary {
+            up: self.len_up(),
+            down: self.len_down(),
+            distinct_services,
+            services,
+        }
+    }
+
     /// Distinct strings interned (for memory accounting).
     pub fn interned(&self) -> usize {
         self.strings.len()
@@ -1047,6 +1170,54 @@ mod tests {
             "Instance is {} bytes",
             size_of::<Instance>()
         );
+    }
+
+    #[test]
+    fn pages_filter_count_and_continue() {
+        let mut r = Registry::new(RegistryConfig::default(), 2);
+        for i in 0..25u32 {
+            let service = if i % 5 == 0 { "billing" } else { "user" };
+            r.register(&reg(service, &format!("10.0.1.{i}"), 1), owner(i), 0);
+        }
+        let down = r.register(&reg("user", "10.0.9.9", 1), owner(99), 0).id;
+        r.mark_down(&down, owner(99), "pong", 1);
+        let all = r.page(&Query::default(), 0, 10);
+        assert_eq!((all.total, all.items.len()), (26, 10));
+        let mut seen = all.items.len();
+        let mut cursor = all.next;
+        while let Some(c) = cursor {
+            let p = r.page(&Query::default(), c, 10);
+            seen += p.items.len();
+            cursor = p.next;
+        }
+        assert_eq!(seen, 26, "paging visits every record once");
+        let users = Query {
+            service_id: Some("user".into()),
+            status: Some(Status::Up),
+            ..Default::default()
+        };
+        assert_eq!(r.page(&users, 0, 100).total, 20);
+        let by_q = Query {
+            q: Some("10.0.1.1".into()),
+            ..Default::default()
+        };
+        assert_eq!(r.page(&by_q, 0, 100).total, 11, "10.0.1.1 and 10.0.1.10-19");
+        let downs = Query {
+            status: Some(Status::Down),
+            ..Default::default()
+        };
+        assert_eq!(r.page(&downs, 0, 100).items[0].runtime_instance_id, down);
+        let nobody = Query {
+            service_id: Some("nobody".into()),
+            ..Default::default()
+        };
+        assert_eq!(r.page(&nobody, 0, 100).total, 0);
+        let summary = r.summary(1);
+        assert_eq!(
+            (summary.up, summary.down, summary.distinct_services),
+            (25, 1, 2)
+        );
+        assert_eq!(summary.services, vec![(Arc::from("user"), 20)]);
     }
 
     #[test]
