@@ -5,6 +5,7 @@
 //! `controller` glues the two with the JSON-RPC protocol; `agent` is the
 //! client side (SDK and load-test swarm).
 
+pub mod admin;
 pub mod agent;
 pub mod controller;
 pub mod engine;

@@ -7,11 +7,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
+use tether::admin::audit::AuditConfig;
+use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::swarm::{Swarm, SwarmConfig};
 use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_source_ips};
 use tether::controller::auth::Auth;
 use tether::controller::{Controller, ControllerConfig, default_host_id};
 use tether::engine::{EngineConfig, sys};
+
+mod cli;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -33,6 +37,10 @@ enum Command {
     Controller(ControllerArgs),
     /// Run one service's agent, or a swarm of simulated services.
     Agent(AgentArgs),
+    /// A controller's summary, from its admin API.
+    Status(StatusArgs),
+    /// List a controller's registered services, from its admin API.
+    Services(ServicesArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -76,6 +84,58 @@ struct ControllerArgs {
     /// Default timeout of commands sent to services.
     #[arg(long, value_parser = duration, default_value = "10s")]
     command_timeout: Duration,
+    /// The admin API (REST, /events, /metrics, /ctrl/mcp). Keep it internal:
+    /// it trusts the X-Tether-User and X-Tether-Scopes headers.
+    #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = "127.0.0.1:8439")]
+    admin: SocketAddr,
+    /// Run without the admin API.
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
+    /// Append every admin command to this JSON-lines file (fsync'd in
+    /// batches, rotated at 64 MiB, 5 kept). Without it, to the log.
+    #[arg(long)]
+    audit_log: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct AdminClientArgs {
+    /// The controller's admin API.
+    #[arg(
+        long,
+        env = "TETHER_ADMIN_URL",
+        default_value = "http://127.0.0.1:8439"
+    )]
+    admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    client: AdminClientArgs,
+}
+
+#[derive(Args)]
+struct ServicesArgs {
+    #[command(flatten)]
+    client: AdminClientArgs,
+    #[arg(long)]
+    service_id: Option<String>,
+    #[arg(long)]
+    env_tag: Option<String>,
+    /// up or down.
+    #[arg(long)]
+    status: Option<String>,
+    /// Case-insensitive substring of id, serviceId, address, version, tags.
+    #[arg(long)]
+    q: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// The nextCursor of a previous page.
+    #[arg(long)]
+    cursor: Option<String>,
 }
 
 #[derive(Args)]
@@ -149,6 +209,18 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => controller(args),
         Command::Agent(args) => agent(args),
+        Command::Status(args) => cli::status(&args.client.admin, args.client.json),
+        Command::Services(args) => {
+            let query = cli::ServicesQuery {
+                service_id: args.service_id,
+                env_tag: args.env_tag,
+                status: args.status,
+                q: args.q,
+                limit: args.limit,
+                cursor: args.cursor,
+            };
+            cli::services(&args.client.admin, &query, args.client.json)
+        }
     }
 }
 
@@ -183,12 +255,23 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let auth_mode = if auth.is_some() { "on" } else { "off" };
     let controller = Controller::start(config, auth).context("the controller could not start")?;
+    let admin = if args.no_admin {
+        None
+    } else {
+        let mut admin = AdminConfig::new(args.admin);
+        admin.audit = args.audit_log.map(AuditConfig::new);
+        Some(AdminServer::start(controller.api(), admin).context("the admin API could not start")?)
+    };
+    let admin_line = admin.as_ref().map_or("admin off".to_string(), |a| {
+        format!("admin on {}", a.local_addr())
+    });
     println!(
-        "tether controller ready: listening on {} ({} shards, epoll, up to {} connections per shard, auth {})",
+        "tether controller ready: listening on {} ({} shards, epoll, up to {} connections per shard, auth {}, {})",
         controller.local_addr(),
         controller.shards(),
         max_conns,
-        auth_mode
+        auth_mode,
+        admin_line
     );
     loop {
         if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
@@ -196,7 +279,14 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    controller.shutdown();
+    // Not ready first (so load balancers stop sending), then the shards.
+    if let Some(admin) = admin {
+        controller.api().set_stopping();
+        controller.shutdown();
+        admin.shutdown();
+    } else {
+        controller.shutdown();
+    }
     Ok(())
 }
 

@@ -20,8 +20,22 @@ impl Drop for Running {
 
 /// Starts a controller and returns it with the address from its ready line.
 fn controller(extra: &[&str]) -> (Running, String) {
+    let (running, addr, _) = controller_with_admin(extra);
+    (running, addr)
+}
+
+/// Also returns the admin API's address from the ready line.
+fn controller_with_admin(extra: &[&str]) -> (Running, String, String) {
     let mut child = tether()
-        .args(["controller", "--listen", "127.0.0.1:0", "--shards", "2"])
+        .args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -36,7 +50,13 @@ fn controller(extra: &[&str]) -> (Running, String) {
         "{line}"
     );
     let addr = line.split_whitespace().nth(5).unwrap().to_string();
-    (Running(child), addr)
+    let admin = line
+        .rsplit("admin on ")
+        .next()
+        .unwrap()
+        .trim_end_matches([')', '\n'])
+        .to_string();
+    (Running(child), addr, admin)
 }
 
 #[test]
@@ -154,4 +174,82 @@ fn a_single_agent_registers_and_deregisters_on_sigint() {
     assert!(rest.iter().any(|l| l == "deregistered"), "{rest:?}");
     assert!(agent.wait().unwrap().success());
     assert!(Instant::now() < deadline);
+}
+
+#[test]
+fn status_and_services_read_the_admin_api() {
+    let (_running, addr, admin) = controller_with_admin(&[]);
+    let swarm = tether()
+        .args([
+            "agent",
+            "--controller",
+            &format!("ws://{addr}/ws/microservice"),
+            "--service-id",
+            "cli",
+        ])
+        .args([
+            "--swarm",
+            "120",
+            "--distinct-ids",
+            "3",
+            "--source-ips",
+            "127.0.0.2",
+            "--exit-after",
+            "20s",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut swarm = Running(swarm);
+    let mut lines = BufReader::new(swarm.0.stdout.take().unwrap()).lines();
+    assert!(lines.any(|l| l.unwrap().contains("all 120 registered")));
+    let admin_url = format!("http://{admin}");
+
+    let out = tether()
+        .args(["status", "--admin", &admin_url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("instances 120 (up 120, down 0), 3 distinct services"),
+        "{text}"
+    );
+
+    let out = tether()
+        .args([
+            "services",
+            "--admin",
+            &admin_url,
+            "--service-id",
+            "cli-1",
+            "--limit",
+            "7",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("7 of 40 shown; next page: --cursor"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" cli-1 ")).count(),
+        7,
+        "{text}"
+    );
+
+    let out = tether()
+        .args(["services", "--admin", &admin_url, "--json", "--limit", "1"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["total"], 120);
+
+    let out = tether()
+        .args(["status", "--admin", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }

@@ -107,6 +107,7 @@ impl Agent {
             client_ping: Some(Duration::from_secs(30)),
             stop: stop.clone(),
             deadline: None,
+            own_fd_table: false,
         };
         let (ready_tx, ready_rx) = sync_channel(1);
         let (st, ctl, sts) = (state.clone(), control.clone(), stats.clone());

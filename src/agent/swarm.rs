@@ -104,6 +104,7 @@ impl Swarm {
             client_ping: config.client_ping,
             stop: stop.clone(),
             deadline: config.run_for.map(|d| started + d),
+            own_fd_table: true,
         };
         let per_thread = config.services.div_ceil(threads);
         let mut handles = Vec::new();

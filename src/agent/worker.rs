@@ -59,6 +59,11 @@ pub struct WorkerConfig {
     pub client_ping: Option<Duration>,
     pub stop: Arc<AtomicBool>,
     pub deadline: Option<Instant>,
+    /// Give the worker thread its own fd table, so one process can hold more
+    /// sockets than RLIMIT_NOFILE (the swarm). Callbacks then run in that
+    /// table and must not touch fds opened elsewhere, so the SDK keeps the
+    /// process's table.
+    pub own_fd_table: bool,
 }
 
 /// What another thread asks a worker to do (the SDK's calls).
@@ -154,11 +159,13 @@ impl<O: Observer> Worker<O> {
         stats: Arc<SwarmStats>,
         control: Option<Arc<Mailbox<Control>>>,
     ) -> std::io::Result<Worker<O>> {
-        sys::unshare_fd_table()?;
-        let keep = control.as_ref().map(|c| c.wake_fd());
-        for fd in sys::open_fds()? {
-            if fd > 2 && Some(fd) != keep {
-                sys::close(fd);
+        if config.own_fd_table {
+            sys::unshare_fd_table()?;
+            let keep = control.as_ref().map(|c| c.wake_fd());
+            for fd in sys::open_fds()? {
+                if fd > 2 && Some(fd) != keep {
+                    sys::close(fd);
+                }
             }
         }
         let epoll = Epoll::new(1024)?;

@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod commands;
 mod handler;
+
+pub use handler::now_ms;
 pub mod rpc;
 
 use std::collections::HashMap;
@@ -191,6 +193,8 @@ pub struct Controller {
 /// to share (`Controller::api`); never blocks a shard.
 pub struct Api {
     shared: Arc<Shared>,
+    /// Runs callers' reply callbacks off the shard threads (see `call`).
+    relay: std::sync::mpsc::Sender<(Reply, CommandOutcome)>,
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
     stats: Arc<[ShardStats]>,
     local_addr: std::net::SocketAddr,
@@ -220,7 +224,17 @@ impl Controller {
         let engine = Engine::start(config.engine, move |id, mailboxes, stats| {
             handler::ShardHandler::new(id, for_shards.clone(), mailboxes, stats)
         })?;
+        let (relay, replies) = std::sync::mpsc::channel::<(Reply, CommandOutcome)>();
+        std::thread::Builder::new()
+            .name("tether-replies".into())
+            .spawn(move || {
+                for (reply, outcome) in replies {
+                    reply(outcome);
+                }
+            })
+            .map_err(StartError::Io)?;
         let api = Arc::new(Api {
+            relay,
             shared,
             mailboxes: engine.mailboxes().clone(),
             stats: engine.stats().clone(),
@@ -236,7 +250,7 @@ impl Controller {
 
     /// Closes every connection with 1001 and stops the shards.
     pub fn shutdown(self) {
-        self.api.stopping.store(true, Ordering::SeqCst);
+        self.api.set_stopping();
         self.engine.shutdown();
     }
 }
@@ -270,6 +284,11 @@ impl Api {
     /// False once shutdown has begun (for /readyz).
     pub fn ready(&self) -> bool {
         !self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Marks the controller as stopping: /readyz answers 503 from now on.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// Commands in flight in all.
@@ -308,6 +327,12 @@ impl Api {
 
     /// Sends `method` with `params` to an instance; `reply` is called
     /// exactly once with the outcome (possibly before this returns).
+    ///
+    /// `reply` never runs on a shard thread: shards have fd tables of their
+    /// own, and a callback that signals through a file descriptor opened
+    /// elsewhere (an async runtime's waker, say) would write to the wrong
+    /// file there. Replies from shards are relayed to a thread of the
+    /// process's own table.
     pub fn call(
         &self,
         instance: Uuid,
@@ -317,10 +342,13 @@ impl Api {
         reply: Reply,
     ) {
         let counted = self.shared.clone();
-        let reply: Reply = Box::new(move |outcome| {
+        let relay = self.relay.clone();
+        let relayed: Reply = Box::new(move |outcome| {
             counted.command_outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
-            reply(outcome)
+            // A send fails only once the controller is gone: nobody waits.
+            let _ = relay.send((reply, outcome));
         });
+        let reply = relayed;
         let target = {
             let registry = self.shared.registry();
             registry

@@ -5,6 +5,15 @@
 //! `Handler` (one per shard) and carries out what the handler asks through
 //! its `Cx` (send, close, admit). Everything a connection owns is bounded
 //! by `EngineConfig`.
+//!
+//! Invariant: each shard thread has its own fd table (`unshare(CLONE_FILES)`
+//! at start), holding only its listener, the mailboxes' eventfds (created
+//! before) and the sockets it accepts. Code that runs on a shard thread,
+//! handlers and everything they call, must therefore never use a file
+//! descriptor opened elsewhere: in a shard's table that number is closed or
+//! is one of its own sockets. Signal other threads through memory (std
+//! channels and mutexes wake through futexes), never through an fd (an async
+//! runtime's waker, a pipe, a log file opened later).
 
 pub mod conn;
 pub mod epoll;

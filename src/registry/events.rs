@@ -4,8 +4,10 @@
 //! cut (its sink is dropped, so its receiver sees the end) and must resync
 //! from a snapshot and a sequence number. Nothing here grows without a bound.
 //!
-//! Sinks are a trait so the admin plane can use its runtime's channels
-//! while this module stays free of any runtime.
+//! Subscribers are std channels on purpose: events are published on shard
+//! threads, which have fd tables of their own, so waking anything that
+//! signals through a file descriptor (an async runtime's waker) from there
+//! would write to the wrong file. A std channel wakes through a futex.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -57,23 +59,11 @@ pub struct Event {
     pub reason: Option<Arc<str>>,
 }
 
-/// Where a subscriber's events go. `offer` must not block: false means the
-/// subscriber is full or gone, and it is cut.
-pub trait EventSink: Send {
-    fn offer(&self, event: &Event) -> bool;
-}
-
-impl EventSink for SyncSender<Event> {
-    fn offer(&self, event: &Event) -> bool {
-        self.try_send(event.clone()).is_ok()
-    }
-}
-
 pub struct EventLog {
     next_seq: u64,
     ring: VecDeque<Event>,
     ring_capacity: usize,
-    subscribers: Vec<Box<dyn EventSink>>,
+    subscribers: Vec<SyncSender<Event>>,
     subscriber_capacity: usize,
     max_subscribers: usize,
     cut: u64,
@@ -147,7 +137,8 @@ impl EventLog {
         self.next_seq += 1;
         self.counts[kind as usize] += 1;
         let before = self.subscribers.len();
-        self.subscribers.retain(|sink| sink.offer(&event));
+        self.subscribers
+            .retain(|tx| tx.try_send(event.clone()).is_ok());
         self.cut += (before - self.subscribers.len()) as u64;
         if self.ring.len() == self.ring_capacity {
             self.ring.pop_front();
@@ -156,15 +147,9 @@ impl EventLog {
     }
 
     /// Subscribes from `since` (exclusive): the kept events after it are
-    /// offered first, then live ones. `None` starts at the next event.
-    /// `make_sink` gets the capacity the sink needs (its queue plus the
-    /// replay) and returns the sink and whatever the caller keeps.
-    /// Returns the last sequence number before live events.
-    pub fn subscribe_with<R>(
-        &mut self,
-        since: Option<u64>,
-        make_sink: impl FnOnce(usize) -> (Box<dyn EventSink>, R),
-    ) -> Result<(u64, R), ReplayError> {
+    /// queued first, then live ones. `None` starts at the next event.
+    /// Returns the last sequence number before live events, and the queue.
+    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
         if self.subscribers.len() >= self.max_subscribers {
             return Err(ReplayError::TooManySubscribers(self.subscribers.len()));
         }
@@ -178,21 +163,12 @@ impl EventLog {
                 self.ring.iter().filter(|e| e.seq > since).collect()
             }
         };
-        let (sink, keep) = make_sink(self.subscriber_capacity + replay.len());
+        let (tx, rx) = sync_channel(self.subscriber_capacity + replay.len());
         for event in replay {
-            let taken = sink.offer(event);
-            debug_assert!(taken, "sized for the replay");
+            tx.try_send(event.clone()).expect("sized for the replay");
         }
-        self.subscribers.push(sink);
-        Ok((self.last_seq(), keep))
-    }
-
-    /// `subscribe_with` on a std channel.
-    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
-        self.subscribe_with(since, |capacity| {
-            let (tx, rx) = sync_channel(capacity);
-            (Box::new(tx) as Box<dyn EventSink>, rx)
-        })
+        self.subscribers.push(tx);
+        Ok((self.last_seq(), rx))
     }
 }
 

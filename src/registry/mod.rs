@@ -541,7 +541,7 @@ impl Registry {
             // queued until they age out; bound them too.
             || self.down.len() > 2 * self.config.max_down_retained + 1024
         {
-            self.forget_oldest_down();
+            self.forget_oldest_down(now_ms);
         }
         true
     }
@@ -552,15 +552,21 @@ impl Registry {
             if now_ms.saturating_sub(at) < self.config.down_retention_ms {
                 break;
             }
-            self.forget_oldest_down();
+            self.forget_oldest_down(now_ms);
         }
     }
 
-    fn forget_oldest_down(&mut self) {
+    fn forget_oldest_down(&mut self, now_ms: u64) {
         let Some((slot, id, _)) = self.down.pop_front() else {
             return;
         };
         if self.get(&id).is_some_and(|i| i.status == Status::Down) {
+            self.publish(
+                now_ms,
+                EventKind::Deregistered,
+                slot,
+                Some("down record expired"),
+            );
             self.remove(slot);
         }
     }

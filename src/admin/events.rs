@@ -1,0 +1,179 @@
+//! `GET /events`: the event stream, as a WebSocket (when the request
+//! upgrades) or as server-sent events (for curl).
+//!
+//! First a `hello` carrying the last sequence number before live events
+//! (the snapshot point), then every event with its `seq`, in order and
+//! without gaps. `?since=SEQ` (or SSE's `Last-Event-ID`) replays the kept
+//! events after SEQ first, or answers 410 when they are no longer kept: the
+//! client then takes a fresh snapshot. A subscriber that falls behind its
+//! bounded queue is cut (WebSocket close 1008, or a final `cut` SSE event)
+//! and must resubscribe with `since`; it never makes the controller hold
+//! more memory.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::{AppState, fail, respond};
+use crate::registry::events::{Event, ReplayError};
+
+/// A stalled WebSocket client is dropped after this long on one send.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Events between the bridge thread and the stream's task.
+const BRIDGE: usize = 256;
+
+#[derive(Deserialize)]
+pub(crate) struct EventParams {
+    since: Option<u64>,
+}
+
+/// Subscribes, and bridges the subscription's std channel into the
+/// runtime on a blocking thread. Events are published on shard threads,
+/// which must never touch the runtime's wakers (they signal through file
+/// descriptors the shards' fd tables do not share); the bridge thread
+/// lives in the process's own fd table.
+fn subscribe(
+    state: &AppState,
+    since: Option<u64>,
+) -> Result<(u64, mpsc::Receiver<Event>), super::Reply> {
+    let subscribed = state.api.subscribe_events(since);
+    let (seq, events) = subscribed.map_err(|e| match e {
+        ReplayError::Gone { .. } => fail(
+            StatusCode::GONE,
+            "gone",
+            format!("{e}: GET /services, then /events?since=<lastEventSeq of /summary>"),
+        ),
+        ReplayError::TooManySubscribers(_) => fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            e.to_string(),
+        ),
+    })?;
+    let (tx, rx) = mpsc::channel(BRIDGE);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            match events.recv_timeout(Duration::from_secs(1)) {
+                // A stalled stream fills the bridge, then the subscription's
+                // bounded queue, and the event log cuts it.
+                Ok(event) => {
+                    if tx.blocking_send(event).is_err() {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
+                // Cut by the event log, or the stream ended.
+                Err(_) => return,
+            }
+        }
+    });
+    Ok((seq, rx))
+}
+
+fn event_json(e: &Event) -> serde_json::Value {
+    let mut v = serde_json::to_value(e).expect("events serialize");
+    v["type"] = json!("event");
+    v["at"] = json!(crate::controller::rpc::Rfc3339(e.at_ms).to_string());
+    v
+}
+
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    Query(p): Query<EventParams>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let since = p.since.or(last_event_id);
+    let (seq, rx) = match subscribe(&state, since) {
+        Ok(s) => s,
+        Err(reply) => return respond(reply),
+    };
+    match ws {
+        Ok(upgrade) => upgrade
+            .on_upgrade(move |socket| stream_ws(socket, seq, rx))
+            .into_response(),
+        Err(_) => stream_sse(seq, rx).into_response(),
+    }
+}
+
+async fn stream_ws(socket: WebSocket, seq: u64, mut rx: mpsc::Receiver<Event>) {
+    let (mut tx, mut inbound) = socket.split();
+    let hello = json!({"type": "hello", "seq": seq}).to_string();
+    if tx.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    let mut last = seq;
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(e) => {
+                    last = e.seq;
+                    let text = event_json(&e).to_string();
+                    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
+                        Ok(Ok(())) => {}
+                        _ => return,
+                    }
+                }
+                None => {
+                    // Cut for falling behind: say where to resume.
+                    let reason = format!("too slow; resubscribe with since={last}");
+                    let frame = CloseFrame { code: 1008, reason: reason.into() };
+                    let _ = tx.send(Message::Close(Some(frame))).await;
+                    return;
+                }
+            },
+            incoming = inbound.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+fn stream_sse(
+    seq: u64,
+    rx: mpsc::Receiver<Event>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    // No `id:` on hello: a reconnecting EventSource sends the last id it
+    // saw as Last-Event-ID, and the events replayed after hello must not be
+    // skipped.
+    let hello = SseEvent::default()
+        .event("hello")
+        .data(json!({"type": "hello", "seq": seq}).to_string());
+    let live = futures_util::stream::unfold((rx, seq, false), |(mut rx, last, done)| async move {
+        if done {
+            return None;
+        }
+        Some(match rx.recv().await {
+            Some(e) => {
+                let sse = SseEvent::default()
+                    .event(e.kind.label())
+                    .id(e.seq.to_string())
+                    .data(event_json(&e).to_string());
+                (Ok(sse), (rx, e.seq, false))
+            }
+            None => {
+                let data = json!({"type": "cut", "resumeSince": last}).to_string();
+                (
+                    Ok(SseEvent::default().event("cut").data(data)),
+                    (rx, last, true),
+                )
+            }
+        })
+    });
+    Sse::new(futures_util::stream::once(async move { Ok(hello) }).chain(live))
+        .keep_alive(KeepAlive::default())
+}

@@ -1,0 +1,293 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4). Names and
+//! labels are a contract for dashboards: add, never rename.
+
+use std::fmt::Write;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::controller::Api;
+use crate::metrics::{self, BadInput, RTT_BUCKETS_US, ShardStats};
+use crate::registry::events::EventKind;
+
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.0, "{name} {value}");
+        } else {
+            let _ = writeln!(self.0, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    /// One counter or gauge with a sample per shard.
+    fn per_shard(
+        &mut self,
+        stats: &[ShardStats],
+        name: &str,
+        kind: &str,
+        help: &str,
+        field: impl Fn(&ShardStats) -> u64,
+    ) {
+        self.family(name, kind, help);
+        for (i, s) in stats.iter().enumerate() {
+            self.sample(name, &format!("shard=\"{i}\""), field(s));
+        }
+    }
+}
+
+/// The whole exposition for a controller.
+pub fn render(api: &Api) -> String {
+    let mut o = Out(String::with_capacity(16 << 10));
+    let stats = api.stats();
+    let r = metrics::read;
+
+    o.family("tether_connections", "gauge", "Open connections by shard and state (open: every socket; upgraded: WebSocket; admitted: registered or discovery, pinged).");
+    for (i, s) in stats.iter().enumerate() {
+        for (state, v) in [
+            ("open", r(&s.open_connections)),
+            ("upgraded", r(&s.open_upgraded)),
+            ("admitted", r(&s.open_admitted)),
+        ] {
+            o.sample(
+                "tether_connections",
+                &format!("shard=\"{i}\",state=\"{state}\""),
+                v,
+            );
+        }
+    }
+    o.per_shard(
+        stats,
+        "tether_accepted_total",
+        "counter",
+        "Connections accepted (rate() gives the accept rate).",
+        |s| r(&s.accepted),
+    );
+    o.per_shard(
+        stats,
+        "tether_rejected_over_cap_total",
+        "counter",
+        "Upgrades answered 1013 because the shard was at its connection cap.",
+        |s| r(&s.rejected_over_cap),
+    );
+    o.per_shard(
+        stats,
+        "tether_slow_consumers_cut_total",
+        "counter",
+        "Connections cut for not reading their output.",
+        |s| r(&s.slow_consumers_cut),
+    );
+    o.per_shard(
+        stats,
+        "tether_pings_sent_total",
+        "counter",
+        "Liveness pings sent.",
+        |s| r(&s.pings_sent),
+    );
+    o.per_shard(
+        stats,
+        "tether_pongs_received_total",
+        "counter",
+        "Pongs received.",
+        |s| r(&s.pongs_received),
+    );
+    o.per_shard(
+        stats,
+        "tether_peer_closed_total",
+        "counter",
+        "Connections the peer closed with a close frame.",
+        |s| r(&s.peer_closed),
+    );
+    o.per_shard(
+        stats,
+        "tether_peer_gone_total",
+        "counter",
+        "Connections that ended without a close frame.",
+        |s| r(&s.peer_gone),
+    );
+    o.per_shard(
+        stats,
+        "tether_accept_errors_total",
+        "counter",
+        "accept(2) failures (e.g. out of file descriptors).",
+        |s| r(&s.accept_errors),
+    );
+    o.per_shard(
+        stats,
+        "tether_received_bytes_total",
+        "counter",
+        "Bytes read from service sockets.",
+        |s| r(&s.bytes_in),
+    );
+    o.per_shard(
+        stats,
+        "tether_sent_bytes_total",
+        "counter",
+        "Bytes written to service sockets.",
+        |s| r(&s.bytes_out),
+    );
+
+    o.family(
+        "tether_pong_rtt_seconds",
+        "histogram",
+        "Round trip of controller pings.",
+    );
+    let mut cumulative = 0;
+    for (i, le) in RTT_BUCKETS_US.iter().enumerate() {
+        cumulative += metrics::total(stats, |s| &s.rtt_buckets[i]);
+        o.sample(
+            "tether_pong_rtt_seconds_bucket",
+            &format!("le=\"{}\"", *le as f64 / 1e6),
+            cumulative,
+        );
+    }
+    cumulative += metrics::total(stats, |s| &s.rtt_buckets[RTT_BUCKETS_US.len()]);
+    o.sample("tether_pong_rtt_seconds_bucket", "le=\"+Inf\"", cumulative);
+    o.sample(
+        "tether_pong_rtt_seconds_sum",
+        "",
+        metrics::total(stats, |s| &s.rtt_sum_us) as f64 / 1e6,
+    );
+    o.sample(
+        "tether_pong_rtt_seconds_count",
+        "",
+        metrics::total(stats, |s| &s.rtt_count),
+    );
+
+    o.family(
+        "tether_bad_input_total",
+        "counter",
+        "Refused input by kind.",
+    );
+    for kind in BadInput::ALL {
+        o.sample(
+            "tether_bad_input_total",
+            &format!("kind=\"{}\"", kind.label()),
+            metrics::total(stats, |s| &s.bad_input[kind as usize]),
+        );
+    }
+
+    let (up, down, subscriptions, subscribers, cut, events) = {
+        let registry = api.shared().registry();
+        let events: Vec<(EventKind, u64)> = EventKind::ALL
+            .iter()
+            .map(|k| (*k, registry.events.count(*k)))
+            .collect();
+        (
+            registry.len_up(),
+            registry.len_down(),
+            registry.subscription_count(),
+            registry.events.subscriber_count(),
+            registry.events.cut_count(),
+            events,
+        )
+    };
+    o.family(
+        "tether_services",
+        "gauge",
+        "Registered instances by status (down ones are kept for a while).",
+    );
+    o.sample("tether_services", "status=\"up\"", up);
+    o.sample("tether_services", "status=\"down\"", down);
+    o.family(
+        "tether_registry_events_total",
+        "counter",
+        "Instance state changes by kind (registered, updated, down, deregistered, superseded).",
+    );
+    for (kind, n) in &events {
+        o.sample(
+            "tether_registry_events_total",
+            &format!("kind=\"{}\"", kind.label()),
+            n,
+        );
+    }
+    o.family(
+        "tether_downs_total",
+        "counter",
+        "Instances marked down, by cause.",
+    );
+    o.sample(
+        "tether_downs_total",
+        "cause=\"pong_timeout\"",
+        events
+            .iter()
+            .find(|(k, _)| *k == EventKind::Down)
+            .map_or(0, |(_, n)| *n),
+    );
+    o.family(
+        "tether_discovery_subscriptions",
+        "gauge",
+        "Discovery subscriptions held by services.",
+    );
+    o.sample("tether_discovery_subscriptions", "", subscriptions);
+    o.family(
+        "tether_event_subscribers",
+        "gauge",
+        "Admin event stream subscribers.",
+    );
+    o.sample("tether_event_subscribers", "", subscribers);
+    o.family(
+        "tether_event_subscribers_cut_total",
+        "counter",
+        "Event subscribers cut for falling behind.",
+    );
+    o.sample("tether_event_subscribers_cut_total", "", cut);
+
+    o.family(
+        "tether_commands_total",
+        "counter",
+        "Commands to services by outcome.",
+    );
+    for (label, n) in api.command_outcomes() {
+        o.sample("tether_commands_total", &format!("outcome=\"{label}\""), n);
+    }
+    o.family(
+        "tether_commands_in_flight",
+        "gauge",
+        "Commands awaiting a reply.",
+    );
+    o.sample("tether_commands_in_flight", "", api.commands_in_flight());
+    o.family("tether_build_info", "gauge", "The running version.");
+    o.sample(
+        "tether_build_info",
+        &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        1,
+    );
+    o.0
+}
+
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let mut text = render(&state.api);
+    let mut o = Out(String::new());
+    o.family(
+        "tether_audit_lines_total",
+        "counter",
+        "Audit lines written to the audit file, and dropped (queue full).",
+    );
+    o.sample(
+        "tether_audit_lines_total",
+        "result=\"written\"",
+        state.audit.written(),
+    );
+    o.sample(
+        "tether_audit_lines_total",
+        "result=\"dropped\"",
+        state.audit.dropped(),
+    );
+    text.push_str(&o.0);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

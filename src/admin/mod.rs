@@ -1,0 +1,254 @@
+//! The admin plane: the controller's internal HTTP API (default
+//! 127.0.0.1:8439) for operators and the gateway. tokio + axum on threads
+//! of their own; every call into the controller goes through `Api`, which
+//! never blocks a shard (commands travel through shard mailboxes, listings
+//! hold the registry lock briefly).
+//!
+//! Trust: requests on this listener are trusted to say who they act for
+//! (`X-Tether-User`) and with which scopes (`X-Tether-Scopes`, e.g.
+//! `portal.r portal.w`); the gateway sets both. Mutating tools need
+//! `portal.w`. Keep this listener on an internal address.
+
+pub mod audit;
+mod commands;
+mod events;
+mod mcp;
+mod metrics;
+mod services;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::controller::Api;
+use audit::{Audit, AuditConfig};
+
+pub use metrics::render as render_metrics;
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// tokio worker threads.
+    pub workers: usize,
+    /// Most instances one fan-out may target.
+    pub max_fanout: usize,
+    /// Default and most commands one fan-out runs at once.
+    pub fanout_concurrency: usize,
+    pub max_fanout_concurrency: usize,
+    /// Largest page of `GET /services`.
+    pub max_page: usize,
+    /// `None`: audit lines go to the log.
+    pub audit: Option<AuditConfig>,
+}
+
+impl AdminConfig {
+    pub fn new(listen: SocketAddr) -> AdminConfig {
+        AdminConfig {
+            listen,
+            workers: 2,
+            max_fanout: 10_000,
+            fanout_concurrency: 64,
+            max_fanout_concurrency: 1024,
+            max_page: 1000,
+            audit: None,
+        }
+    }
+}
+
+pub(crate) struct State {
+    api: Arc<Api>,
+    audit: Audit,
+    config: AdminConfig,
+}
+
+type AppState = Arc<State>;
+
+/// Who asks, as the trusted headers say.
+pub(crate) struct Caller {
+    who: String,
+    scopes: String,
+}
+
+/// SO_SNDBUF of admin connections (fixed, so the kernel does not grow it).
+const SEND_BUFFER: usize = 128 << 10;
+
+pub const USER_HEADER: &str = "x-tether-user";
+pub const SCOPES_HEADER: &str = "x-tether-scopes";
+/// The scope that allows mutating tools.
+pub const WRITE_SCOPE: &str = "portal.w";
+
+impl Caller {
+    fn from_headers(headers: &HeaderMap, peer: SocketAddr) -> Caller {
+        let header = |name| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        Caller {
+            who: header(USER_HEADER).map_or_else(|| format!("admin-api@{peer}"), str::to_owned),
+            scopes: header(SCOPES_HEADER).unwrap_or("").to_owned(),
+        }
+    }
+
+    fn can_write(&self) -> bool {
+        self.scopes.split([' ', ',']).any(|s| s == WRITE_SCOPE)
+    }
+}
+
+/// What every operation returns: an HTTP status and a JSON body. REST
+/// sends both; MCP wraps the body in a tool result.
+pub(crate) type Reply = (StatusCode, serde_json::Value);
+
+/// A JSON error: `{"error": code, "message": text}`.
+pub(crate) fn fail(status: StatusCode, code: &str, message: impl Into<String>) -> Reply {
+    (status, json!({"error": code, "message": message.into()}))
+}
+
+pub(crate) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    respond(fail(status, code, message))
+}
+
+pub(crate) fn respond((status, body): Reply) -> Response {
+    (status, Json(body)).into_response()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "the admin listener {0} is already in use (another process, or another tether); stop it or pass --admin with another address"
+    )]
+    InUse(SocketAddr),
+    #[error("cannot listen on {0} for the admin API: {1}")]
+    Listen(SocketAddr, std::io::Error),
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
+    #[error("cannot start the admin runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// The running admin server.
+pub struct AdminServer {
+    local_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl AdminServer {
+    /// Binds `config.listen` now (so a port in use is reported at once) and
+    /// serves on threads of its own.
+    pub fn start(api: Arc<Api>, config: AdminConfig) -> Result<AdminServer, AdminError> {
+        let listener = std::net::TcpListener::bind(config.listen).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => AdminError::InUse(config.listen),
+            _ => AdminError::Listen(config.listen, e),
+        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| AdminError::Listen(config.listen, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| AdminError::Listen(config.listen, e))?;
+        let audit = match &config.audit {
+            Some(c) => Audit::to_file(c.clone()).map_err(AdminError::Audit)?,
+            None => Audit::to_log(),
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("tether-admin")
+            .enable_all()
+            .build()
+            .map_err(AdminError::Runtime)?;
+        let state = Arc::new(State { api, audit, config });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tether-admin-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => return tracing::error!("admin listener: {e}"),
+                    };
+                    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+                    // A client that stops reading (a stalled event stream)
+                    // holds at most this much kernel memory before
+                    // backpressure reaches its bounded queue and cuts it.
+                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                        let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER);
+                    });
+                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    });
+                    if let Err(e) = served.await {
+                        tracing::error!("admin server stopped: {e}");
+                    }
+                });
+                // Live event streams do not end by themselves: give them a moment.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(AdminError::Runtime)?;
+        Ok(AdminServer {
+            local_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shutdown(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/services", get(services::list))
+        .route("/services/{id}", get(services::one))
+        .route("/services/{id}/commands", post(commands::one))
+        .route("/commands", post(commands::fanout))
+        .route("/summary", get(services::summary))
+        .route("/events", get(events::events))
+        .route("/metrics", get(metrics::metrics))
+        .route("/ctrl/mcp", get(mcp::mcp))
+        .with_state(state)
+}
+
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    if state.api.ready() {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    crate::controller::rpc::Rfc3339(crate::controller::now_ms()).to_string()
+}

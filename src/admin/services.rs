@@ -1,0 +1,158 @@
+//! `GET /services`, `GET /services/{id}`, `GET /summary`.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{AppState, Reply, fail, respond};
+use crate::controller::rpc::node_json;
+use crate::metrics;
+use crate::registry::{self, Node, Status};
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ListParams {
+    pub service_id: Option<String>,
+    pub env_tag: Option<String>,
+    pub status: Option<String>,
+    pub q: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+pub(crate) fn parse_status(status: Option<&str>) -> Result<Option<Status>, Reply> {
+    match status {
+        None | Some("") => Ok(None),
+        Some("up") => Ok(Some(Status::Up)),
+        Some("down") => Ok(Some(Status::Down)),
+        Some(other) => Err(fail(
+            StatusCode::BAD_REQUEST,
+            "bad_status",
+            format!("status is up or down, not {other:?}"),
+        )),
+    }
+}
+
+/// A node as the admin API shows it: the discovery shape plus its status
+/// and shard.
+pub(crate) fn item(node: &Node) -> Value {
+    let mut v = node_json(node);
+    v["status"] = json!(node.status);
+    v["shard"] = json!(node.shard);
+    v
+}
+
+pub(crate) fn list_reply(state: &AppState, p: ListParams) -> Reply {
+    let status = match parse_status(p.status.as_deref()) {
+        Ok(s) => s,
+        Err(reply) => return reply,
+    };
+    let cursor = match p
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(str::parse::<u32>)
+    {
+        None => 0,
+        Some(Ok(c)) => c,
+        Some(Err(_)) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "bad_cursor",
+                "cursor is the nextCursor of a previous page",
+            );
+        }
+    };
+    let limit = p.limit.unwrap_or(100).clamp(1, state.config.max_page);
+    let query = registry::Query {
+        service_id: p.service_id,
+        env_tag: p.env_tag,
+        status,
+        q: p.q,
+    };
+    let page = state.api.shared().registry().page(&query, cursor, limit);
+    let body = json!({
+        "total": page.total,
+        "items": page.items.iter().map(item).collect::<Vec<_>>(),
+        "nextCursor": page.next.map(|c| c.to_string()),
+    });
+    (StatusCode::OK, body)
+}
+
+pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
+    let Ok(id) = Uuid::parse_str(id) else {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            format!("{id:?} is not a runtimeInstanceId"),
+        );
+    };
+    match state.api.shared().registry().node_of(&id) {
+        Some(node) => (StatusCode::OK, item(&node)),
+        None => fail(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no instance {id}"),
+        ),
+    }
+}
+
+pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
+    let api = &state.api;
+    let (summary, subscribers, last_seq) = {
+        let registry = api.shared().registry();
+        let summary = registry.summary(top.unwrap_or(100).min(10_000));
+        (
+            summary,
+            registry.events.subscriber_count(),
+            registry.events.last_seq(),
+        )
+    };
+    let shards: Vec<Value> = api
+        .stats()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "shard": i,
+                "connections": metrics::read(&s.open_connections),
+                "upgraded": metrics::read(&s.open_upgraded),
+                "admitted": metrics::read(&s.open_admitted),
+            })
+        })
+        .collect();
+    let body = json!({
+        "total": summary.up + summary.down,
+        "byStatus": {"up": summary.up, "down": summary.down},
+        "distinctServices": summary.distinct_services,
+        "byService": summary.services.iter().map(|(s, n)| json!({"serviceId": s, "up": n})).collect::<Vec<_>>(),
+        "shards": shards,
+        "commandsInFlight": api.commands_in_flight(),
+        "eventSubscribers": subscribers,
+        "lastEventSeq": last_seq,
+    });
+    (StatusCode::OK, body)
+}
+
+pub(crate) async fn list(State(state): State<AppState>, Query(p): Query<ListParams>) -> Response {
+    respond(list_reply(&state, p))
+}
+
+pub(crate) async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    respond(one_reply(&state, &id))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SummaryParams {
+    top: Option<usize>,
+}
+
+pub(crate) async fn summary(
+    State(state): State<AppState>,
+    Query(p): Query<SummaryParams>,
+) -> Response {
+    respond(summary_reply(&state, p.top))
+}

@@ -1,0 +1,491 @@
+//! The admin plane over real HTTP and WebSockets: listings over a swarm,
+//! commands and fan-out, events, metrics, MCP, audit.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use tether::admin::audit::AuditConfig;
+use tether::admin::{AdminConfig, AdminServer};
+use tether::agent::parse_source_ips;
+use tether::agent::swarm::{Swarm, SwarmConfig};
+use tether::controller::Controller;
+
+struct Plane {
+    ctl: Controller,
+    admin: AdminServer,
+}
+
+impl Plane {
+    fn start(shards: usize, tweak: impl FnOnce(&mut AdminConfig)) -> Plane {
+        Plane::with(config(shards), tweak)
+    }
+
+    fn with(
+        ctl_config: tether::controller::ControllerConfig,
+        tweak: impl FnOnce(&mut AdminConfig),
+    ) -> Plane {
+        let ctl = start(ctl_config);
+        let mut config = AdminConfig::new("127.0.0.1:0".parse().unwrap());
+        tweak(&mut config);
+        let admin = AdminServer::start(ctl.api(), config).unwrap();
+        Plane { ctl, admin }
+    }
+
+    fn ws(
+        &self,
+        path: &str,
+        headers: &[(&'static str, &str)],
+    ) -> tungstenite::WebSocket<std::net::TcpStream> {
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}{path}", self.admin.local_addr())
+            .into_client_request()
+            .unwrap();
+        for (k, v) in headers {
+            request.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        let stream = std::net::TcpStream::connect(self.admin.local_addr()).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        tungstenite::client(request, stream).unwrap().0
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.local_addr())
+    }
+
+    fn swarm(&self, n: usize, distinct: usize) -> Swarm {
+        let url = format!("ws://{}/ws/microservice", self.ctl.local_addr())
+            .parse()
+            .unwrap();
+        let mut config = SwarmConfig::new(url, n);
+        config.service_id = "svc".into();
+        config.distinct_ids = distinct;
+        config.sources = parse_source_ips("127.0.0.2-127.0.0.3").unwrap();
+        config.run_for = Some(Duration::from_secs(120));
+        let swarm = Swarm::start(config).unwrap();
+        assert!(swarm.wait_registered(n as u64, Duration::from_secs(60)));
+        swarm
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> (u16, Value) {
+    let mut r = agent().get(url).call().unwrap();
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+fn post(url: &str, body: &Value, scopes: Option<&str>) -> (u16, Value) {
+    let mut req = agent()
+        .post(url)
+        .header("x-tether-user", "alice")
+        .header("content-type", "application/json");
+    if let Some(s) = scopes {
+        req = req.header("x-tether-scopes", s);
+    }
+    let mut r = req.send(body.to_string()).unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn fanout_to_500_accounts_for_every_instance() {
+    let plane = Plane::start(2, |_| {});
+    let _swarm = plane.swarm(500, 1);
+    let started = Instant::now();
+    let (status, body) = post(
+        &plane.url("/commands"),
+        &json!({"name": "check", "serviceId": "svc"}),
+        None,
+    );
+    eprintln!("fan-out to 500 took {:?}", started.elapsed());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 500);
+    assert_eq!(body["outcomes"], json!({"ok": 500}));
+    let results = body["results"].as_array().unwrap();
+    let mut ids: Vec<&str> = results
+        .iter()
+        .map(|r| r["runtimeInstanceId"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 500);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["result"] == json!({"result": "OK"}))
+    );
+}
+
+fn ws_json(ws: &mut tungstenite::WebSocket<std::net::TcpStream>) -> Value {
+    loop {
+        match ws.read().expect("a message") {
+            tungstenite::Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            tungstenite::Message::Close(frame) => panic!("closed: {frame:?}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn list_filter_and_page_over_2000_swarm_services() {
+    let plane = Plane::start(2, |_| {});
+    let _swarm = plane.swarm(2_000, 20);
+    let (status, all) = get(&plane.url("/services?limit=500"));
+    assert_eq!(status, 200);
+    assert_eq!(all["total"], 2_000);
+    // Walk every page: each instance exactly once.
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/services?limit=300&cursor={c}"),
+            None => "/services?limit=300".to_string(),
+        };
+        let (_, page) = get(&plane.url(&path));
+        for item in page["items"].as_array().unwrap() {
+            assert!(seen.insert(item["runtimeInstanceId"].as_str().unwrap().to_string()));
+            assert_eq!(item["status"], "up");
+        }
+        cursor = page["nextCursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2_000);
+    let (_, one_service) = get(&plane.url("/services?serviceId=svc-7&limit=1000"));
+    assert_eq!(one_service["total"], 100);
+    assert!(
+        one_service["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["serviceId"] == "svc-7")
+    );
+    let (_, by_q) = get(&plane.url("/services?q=10.0.0.1&limit=1000"));
+    assert_eq!(by_q["total"], 111, "10.0.0.1, 10.0.0.10-19, 10.0.0.100-199");
+    let (_, env) = get(&plane.url("/services?envTag=prod&status=up&limit=1"));
+    assert_eq!(
+        (env["total"].clone(), env["items"].as_array().unwrap().len()),
+        (json!(2000), 1)
+    );
+    assert_eq!(get(&plane.url("/services?status=sideways")).0, 400);
+    assert_eq!(get(&plane.url("/services?cursor=abc")).0, 400);
+
+    let id = all["items"][0]["runtimeInstanceId"].as_str().unwrap();
+    let (status, item) = get(&plane.url(&format!("/services/{id}")));
+    assert_eq!(
+        (status, item["runtimeInstanceId"].as_str()),
+        (200, Some(id))
+    );
+    assert_eq!(
+        get(&plane.url(&format!("/services/{}", uuid::Uuid::now_v7()))).0,
+        404
+    );
+
+    let (_, summary) = get(&plane.url("/summary"));
+    assert_eq!(summary["byStatus"], json!({"up": 2000, "down": 0}));
+    assert_eq!(summary["distinctServices"], 20);
+    let held: u64 = summary["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["admitted"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 2000);
+    assert_eq!(get(&plane.url("/healthz")).0, 200);
+    assert_eq!(get(&plane.url("/readyz")).0, 200);
+}
+
+#[test]
+fn commands_need_the_write_scope_to_mutate_and_are_audited() {
+    let dir = std::env::temp_dir().join(format!("tether-admin-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let audit_path = path.clone();
+    let plane = Plane::start(1, move |c| c.audit = Some(AuditConfig::new(audit_path)));
+    let (mut svc, id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
+    let url = plane.url(&format!("/services/{id}/commands"));
+    let server = std::thread::spawn(move || {
+        let req = svc.recv_json();
+        assert_eq!(
+            req["params"],
+            json!({"name": "get_service_info", "arguments": {"verbose": true}})
+        );
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": req["id"], "result": {"serviceId": "user"}}));
+        let req = svc.recv_json();
+        assert_eq!(req["params"]["name"], "shutdown");
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": req["id"], "error": {"code": -32603, "message": "refused"}}));
+        svc
+    });
+    let (status, body) = post(
+        &url,
+        &json!({"name": "get_service_info", "arguments": {"verbose": true}}),
+        None,
+    );
+    assert_eq!(
+        (status, body["outcome"].as_str(), body["result"].clone()),
+        (200, Some("ok"), json!({"serviceId": "user"}))
+    );
+    let (status, body) = post(&url, &json!({"name": "shutdown"}), Some("portal.r"));
+    assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")));
+    let (status, body) = post(
+        &url,
+        &json!({"name": "shutdown"}),
+        Some("portal.r portal.w"),
+    );
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (502, Some("failed")),
+        "{body}"
+    );
+    let svc = server.join().unwrap();
+    let unknown = plane.url(&format!("/services/{}/commands", uuid::Uuid::now_v7()));
+    assert_eq!(post(&unknown, &json!({"name": "check"}), None).0, 404);
+    assert_eq!(post(&url, &json!({"nope": 1}), None).0, 400);
+    drop(svc);
+    // Every command, the refused one too, is in the audit file.
+    drop(plane);
+    let lines: Vec<Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcomes: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| (l["tool"].as_str().unwrap(), l["outcome"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            ("get_service_info", "ok"),
+            ("shutdown", "forbidden"),
+            ("shutdown", "failed"),
+            ("check", "not_found")
+        ]
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["who"] == "alice" && l["time"].as_str().unwrap().ends_with('Z'))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn events_arrive_in_order_without_gaps_and_resume_with_since() {
+    let mut config = config(2);
+    config.engine.ping_interval = Duration::from_millis(500);
+    config.engine.pong_timeout = Duration::from_millis(300);
+    config.registry.down_retention_ms = 500;
+    let plane = Plane::with(config, |_| {});
+    let mut stream = plane.ws("/events", &[]);
+    let hello = ws_json(&mut stream);
+    assert_eq!(hello["type"], "hello");
+    let start = hello["seq"].as_u64().unwrap();
+
+    // A zombie: registers, never answers pings, goes down, expires.
+    let (zombie, zombie_id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let e = ws_json(&mut stream);
+        if e["runtimeInstanceId"] == json!(zombie_id) {
+            got.push(e);
+        }
+    }
+    let kinds: Vec<&str> = got.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["registered", "down", "deregistered"]);
+    let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![start + 1, start + 2, start + 3], "no gaps");
+    assert_eq!(got[2]["reason"], "down record expired");
+    drop(zombie);
+
+    // Resume after the first one: the rest are replayed.
+    let mut resumed = plane.ws(&format!("/events?since={}", start + 1), &[]);
+    assert_eq!(ws_json(&mut resumed)["type"], "hello");
+    assert_eq!(ws_json(&mut resumed)["seq"], start + 2);
+    assert_eq!(ws_json(&mut resumed)["seq"], start + 3);
+
+    // SSE for curl users, resuming from Last-Event-ID.
+    let mut sse = agent()
+        .get(&plane.url("/events"))
+        .header("last-event-id", &start.to_string())
+        .call()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(sse.body_mut().as_reader());
+    let mut text = String::new();
+    while !text.contains("down record expired") {
+        std::io::BufRead::read_line(&mut reader, &mut text).unwrap();
+    }
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
+    let expected: Vec<String> = (start + 1..=start + 3).map(|s| s.to_string()).collect();
+    assert_eq!(
+        ids, expected,
+        "hello has no id; each event's id is its seq:\n{text}"
+    );
+    assert!(text.starts_with("event: hello"), "{text}");
+}
+
+#[test]
+fn a_since_older_than_the_ring_gets_410() {
+    let mut config = config(1);
+    config.registry.event_ring = 4;
+    let plane = Plane::with(config, |_| {});
+    for port in 1..=10 {
+        let (c, _) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", port);
+        drop(c);
+    }
+    eventually("events published", || {
+        plane.ctl.shared().registry().events.last_seq() >= 20
+    });
+    let (status, body) = get(&plane.url("/events?since=1"));
+    assert_eq!((status, body["error"].as_str()), (410, Some("gone")));
+}
+
+#[test]
+fn a_stalled_subscriber_is_cut_while_others_continue() {
+    let mut config = config(2);
+    config.registry.event_subscriber_queue = 2048;
+    let plane = Plane::with(config, |_| {});
+    // The stalled one: a tiny receive buffer and it never reads.
+    let stalled = {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&plane.admin.local_addr().into()).unwrap();
+        let stream: std::net::TcpStream = socket.into();
+        let request = format!("ws://{}/events", plane.admin.local_addr());
+        tungstenite::client(request, stream).unwrap().0
+    };
+    let mut live = plane.ws("/events", &[]);
+    let start = ws_json(&mut live)["seq"].as_u64().unwrap();
+    // The live one reads as events come, and must see all 6,000 in order.
+    let reader = std::thread::spawn(move || {
+        for expected in start + 1..=start + 6_000 {
+            assert_eq!(ws_json(&mut live)["seq"], expected);
+        }
+    });
+    // 6,000 events in bursts of 1,000: more than the stalled one's queue,
+    // socket buffers and bridge can hold.
+    for _ in 0..3 {
+        let swarm = plane.swarm(1_000, 1);
+        swarm.stop();
+        eventually("all gone", || plane.ctl.shared().registry().len_up() == 0);
+    }
+    reader.join().expect("the live subscriber saw every event");
+    eventually("the stalled subscriber was cut", || {
+        plane.ctl.shared().registry().events.cut_count() >= 1
+    });
+    let (_, metrics) = get(&plane.url("/metrics"));
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("tether_event_subscribers_cut_total 1")
+    );
+    drop(stalled);
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_the_swarm() {
+    let plane = Plane::start(2, |_| {});
+    let _swarm = plane.swarm(300, 3);
+    let text = agent()
+        .get(&plane.url("/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("valid exposition");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(value("tether_connections", &[("state", "admitted")]), 300.0);
+    assert_eq!(value("tether_services", &[("status", "up")]), 300.0);
+    assert_eq!(
+        value("tether_registry_events_total", &[("kind", "registered")]),
+        300.0
+    );
+    assert!(value("tether_accepted_total", &[]) >= 300.0);
+    assert_eq!(value("tether_bad_input_total", &[]), 0.0);
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "tether_pong_rtt_seconds"),
+        "the histogram is there"
+    );
+    assert!(scrape.docs.contains_key("tether_commands_total"));
+}
+
+#[test]
+fn mcp_lists_and_calls_the_admin_tools() {
+    let plane = Plane::start(1, |_| {});
+    let (_svc, id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
+    let mut mcp = plane.ws(
+        "/ctrl/mcp",
+        &[("x-tether-user", "ui"), ("x-tether-scopes", "portal.r")],
+    );
+    let mut call = |msg: Value| {
+        mcp.send(tungstenite::Message::Text(msg.to_string().into()))
+            .unwrap();
+        ws_json(&mut mcp)
+    };
+    let init = call(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                           "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t"}}}));
+    assert_eq!(init["result"]["serverInfo"]["name"], "tether");
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+    let tools = call(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"list_services") && names.contains(&"send_command"));
+    let listed = call(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                             "params": {"name": "list_services", "arguments": {"serviceId": "user"}}}));
+    assert_eq!(listed["result"]["isError"], false);
+    assert_eq!(
+        listed["result"]["structuredContent"]["items"][0]["runtimeInstanceId"],
+        json!(id)
+    );
+    let refused = call(json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                              "params": {"name": "send_command", "arguments": {"runtimeInstanceId": id, "name": "clear_cache"}}}));
+    assert_eq!(
+        refused["result"]["isError"], true,
+        "portal.r cannot clear caches"
+    );
+    let unknown = call(
+        json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "nope"}}),
+    );
+    assert_eq!(unknown["error"]["code"], -32602);
+}
