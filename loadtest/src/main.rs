@@ -1,10 +1,12 @@
 //! tether-loadtest: runs the controller and swarms of simulated services
 //! as real processes on loopback and reports what they cost, per
 //! ../shared/MEASURING.md. Scenarios grow with the load-test issue; today:
-//! `memory`.
+//! `memory` and `admin`.
 
+mod admin;
 mod memory;
 mod procs;
+mod topology;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,8 @@ struct Cli {
 enum Scenario {
     /// Controller RSS growth per registered idle service, kernel memory per socket.
     Memory(memory::MemoryArgs),
+    /// Latency of the admin API's service listing at N services.
+    Admin(admin::AdminArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +31,14 @@ fn main() -> anyhow::Result<()> {
             let json = args.json.clone();
             let report = memory::run(args)?;
             memory::print(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
+        Scenario::Admin(args) => {
+            let json = args.json.clone();
+            let report = admin::run(args)?;
+            admin::print(&report);
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
             }

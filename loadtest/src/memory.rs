@@ -3,13 +3,12 @@
 //! defines them. One controller, swarm processes on 127.0.0.x, N services
 //! with realistic metadata (100 serviceIds, a version, an envTag, a tag).
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::procs::{self, Proc};
+use crate::{procs, topology};
 
 #[derive(clap::Args)]
 pub struct MemoryArgs {
@@ -53,70 +52,24 @@ pub struct MemoryReport {
     pub kernel: String,
 }
 
-/// Source addresses for `n` services: ~10,000 per address, from 127.0.0.2.
-pub fn source_range(n: usize) -> String {
-    let count = n.div_ceil(10_000).clamp(1, 250);
-    format!("127.0.0.2-127.0.0.{}", 1 + count)
-}
-
 pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     let tether = procs::tether_binary(args.tether.as_deref())?;
-    let port = procs::free_port()?;
-    let listen = format!("127.0.0.1:{port}");
-    let mut cmd = Command::new(&tether);
-    cmd.args([
-        "controller",
-        "--listen",
-        &listen,
-        "--shards",
-        &args.shards.to_string(),
-    ]);
-    let mut controller = Proc::spawn("controller", cmd)?;
-    controller.wait_line(Duration::from_secs(20), |l| {
-        l.starts_with("tether controller ready")
-    })?;
+    let controller = topology::controller(&tether, args.shards)?;
     std::thread::sleep(Duration::from_secs(1));
-    let pid = controller.pid();
+    let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
     let (slab0, sunr0, sock0) = (
         procs::meminfo_kb("Slab")?,
         procs::meminfo_kb("SUnreclaim")?,
         procs::sockstat_tcp_mem_pages()?,
     );
-    eprintln!("controller pid {pid} on {listen}: VmRSS {rss_start} kB after start");
-
+    eprintln!(
+        "controller pid {pid} on {}: VmRSS {rss_start} kB after start",
+        controller.listen
+    );
     let cpu_start = procs::cpu_seconds(pid)?;
-    let started = Instant::now();
-    let mut swarms = Vec::new();
-    let mut offset = 0;
-    while offset < args.services {
-        let n = args.per_swarm.min(args.services - offset);
-        let mut cmd = Command::new(&tether);
-        cmd.args([
-            "agent",
-            "--controller",
-            &format!("ws://{listen}/ws/microservice"),
-            "--service-id",
-            "svc",
-        ])
-        .args([
-            "--swarm",
-            &n.to_string(),
-            "--distinct-ids",
-            "100",
-            "--index-offset",
-            &offset.to_string(),
-        ])
-        .args(["--source-ips", &source_range(n), "--exit-after", "30m"]);
-        swarms.push(Proc::spawn(&format!("swarm@{offset}"), cmd)?);
-        offset += n;
-    }
-    let ramp_limit = Duration::from_secs(60 + args.services as u64 / 500);
-    for swarm in &mut swarms {
-        let line = swarm.wait_line(ramp_limit, |l| l.contains(" registered in "))?;
-        eprintln!("{}: {line}", swarm.name);
-    }
-    let registration_seconds = started.elapsed().as_secs_f64();
+    let (swarms, registration_seconds) =
+        topology::swarms(&tether, &controller.listen, args.services, args.per_swarm)?;
     eprintln!(
         "all {} registered after {registration_seconds:.1} s; settling {} s",
         args.services, args.settle
@@ -127,10 +80,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     let slab = procs::meminfo_kb("Slab")? as i64 - slab0 as i64;
     let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
     let sock = procs::sockstat_tcp_mem_pages()? as i64 - sock0 as i64;
-    for swarm in swarms {
-        swarm.stop(Duration::from_secs(10));
-    }
-    controller.stop(Duration::from_secs(10));
+    topology::stop_all(swarms, controller);
     let n = args.services as f64;
     let sockets = 2.0 * n;
     Ok(MemoryReport {

@@ -154,12 +154,17 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// A loopback port nobody listens on right now (and outside the ephemeral range).
 pub fn free_port() -> anyhow::Result<u16> {
-    for port in 18_000..19_000u16 {
+    free_port_after(17_999)
+}
+
+/// The first free loopback port above `after` (below 19000).
+pub fn free_port_after(after: u16) -> anyhow::Result<u16> {
+    for port in after + 1..19_000u16 {
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }
     }
-    bail!("no free port in 18000..19000 on 127.0.0.1")
+    bail!("no free port in {}..19000 on 127.0.0.1", after + 1)
 }
 
 #[cfg(test)]

@@ -238,7 +238,7 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
         q: body.q,
     };
     let targets: Vec<Uuid> = {
-        let page = state.api.shared().registry().page(&query, 0, max);
+        let page = state.api.page(query, 0, max);
         if page.total > max {
             return fail(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -73,7 +73,7 @@ pub(crate) fn list_reply(state: &AppState, p: ListParams) -> Reply {
         status,
         q: p.q,
     };
-    let page = state.api.shared().registry().page(&query, cursor, limit);
+    let page = state.api.page(query, cursor, limit);
     let body = json!({
         "total": page.total,
         "items": page.items.iter().map(item).collect::<Vec<_>>(),

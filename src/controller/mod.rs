@@ -305,6 +305,23 @@ impl Api {
             .collect()
     }
 
+    /// One page of a listing, scanned a chunk at a time so the registry is
+    /// never held for long (a substring search visits every record).
+    pub fn page(
+        &self,
+        query: crate::registry::Query,
+        cursor: u32,
+        limit: usize,
+    ) -> crate::registry::Page {
+        const CHUNK: u32 = 4096;
+        let mut scan = crate::registry::PageScan::new(query, cursor, limit);
+        while !self.shared.registry().page_step(&mut scan, CHUNK) {
+            // Let shards waiting on the registry in.
+            std::thread::yield_now();
+        }
+        scan.finish()
+    }
+
     pub fn lookup(&self, filter: &Filter) -> Snapshot {
         self.shared.registry().lookup(filter)
     }

@@ -16,6 +16,8 @@ struct Slot {
 
 #[derive(Default)]
 pub struct Interner {
+    /// Changes whenever a string is added or freed.
+    generation: u64,
     ids: HashMap<Arc<str>, u32>,
     slots: Vec<Option<Slot>>,
     free: Vec<u32>,
@@ -31,6 +33,7 @@ impl Interner {
             slot.refs += 1;
             return Sym(id);
         }
+        self.generation += 1;
         let text: Arc<str> = Arc::from(text);
         let slot = Some(Slot {
             text: text.clone(),
@@ -68,6 +71,7 @@ impl Interner {
             let slot = self.slots[sym.0 as usize].take().expect("checked above");
             self.ids.remove(&slot.text);
             self.free.push(sym.0);
+            self.generation += 1;
         }
     }
 
@@ -81,6 +85,19 @@ impl Interner {
             .as_ref()
             .expect("resolve of a released symbol")
             .text
+    }
+
+    /// Changes whenever a string is added or freed (symbols may be reused).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every live string with its symbol.
+    pub fn iter(&self) -> impl Iterator<Item = (Sym, &Arc<str>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (Sym(i as u32), &s.text)))
     }
 
     /// Distinct strings held.

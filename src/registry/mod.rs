@@ -170,6 +170,42 @@ pub struct Query {
     pub q: Option<String>,
 }
 
+/// A listing in progress (see `Registry::page_step`).
+pub struct PageScan {
+    query: Query,
+    cursor: u32,
+    limit: usize,
+    next_slot: u32,
+    q_syms: HashSet<Sym>,
+    /// The interner generation `q_syms` was computed at.
+    q_generation: Option<u64>,
+    page: Page,
+    done: bool,
+}
+
+impl PageScan {
+    pub fn new(query: Query, cursor: u32, limit: usize) -> PageScan {
+        PageScan {
+            query,
+            cursor,
+            limit,
+            next_slot: 0,
+            q_syms: HashSet::new(),
+            q_generation: None,
+            page: Page {
+                total: 0,
+                items: Vec::new(),
+                next: None,
+            },
+            done: false,
+        }
+    }
+
+    pub fn finish(self) -> Page {
+        self.page
+    }
+}
+
 #[derive(Debug)]
 pub struct Page {
     pub total: usize,
@@ -272,6 +308,20 @@ pub struct Registry {
     /// One past the highest slot ever used (where listings stop).
     high_water: u32,
     pub events: EventLog,
+}
+
+/// Case-insensitive (ASCII) substring test, without allocating.
+fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
+    let (h, n) = (haystack.as_bytes(), needle.as_bytes());
+    n.is_empty() || h.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+}
+
+/// Formats into a stack buffer (addresses fit in 64 bytes).
+fn format_into<'a>(buf: &'a mut [u8; 64], args: std::fmt::Arguments<'_>) -> &'a str {
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = std::io::Write::write_fmt(&mut cursor, args);
+    let len = cursor.position() as usize;
+    std::str::from_utf8(&buf[..len]).unwrap_or("")
 }
 
 /// The registry slot an id names (its last four bytes).
@@ -871,53 +921,80 @@ impl Registry {
     }
 
     /// One page of the records matching `query`, from slot `cursor` on, at
-    /// most `limit`; `total` counts every match. Filters on serviceId and
-    /// envTag compare interned ids; `q` is a case-insensitive substring of
-    /// the serviceId, envTag, version, address, tags or runtimeInstanceId.
+    /// most `limit`; `total` counts every match. In one go: for long scans
+    /// use `PageScan` with `page_step`, which lets go of the registry
+    /// between chunks.
     pub fn page(&self, query: &Query, cursor: u32, limit: usize) -> Page {
-        let empty = Page {
-            total: 0,
-            items: Vec::new(),
-            next: None,
-        };
+        let mut scan = PageScan::new(query.clone(), cursor, limit);
+        while !self.page_step(&mut scan, u32::MAX) {}
+        scan.finish()
+    }
+
+    /// Advances `scan` over at most `max_slots` slots; true when it is done.
+    /// Filters on serviceId and envTag compare interned ids; `q` is a
+    /// case-insensitive substring of the serviceId, envTag, version,
+    /// address, tags or runtimeInstanceId.
+    pub fn page_step(&self, scan: &mut PageScan, max_slots: u32) -> bool {
+        if scan.done {
+            return true;
+        }
         let sym = |s: &Option<String>| match s {
             None => Some(None),
             Some(text) => self.strings.find(text).map(Some),
         };
+        let query = &scan.query;
         let (Some(service), Some(env)) = (sym(&query.service_id), sym(&query.env_tag)) else {
-            return empty;
+            // Nothing can match a name nobody uses.
+            scan.page = Page {
+                total: 0,
+                items: Vec::new(),
+                next: None,
+            };
+            scan.done = true;
+            return true;
         };
-        let q = query
-            .q
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .filter(|q| !q.is_empty());
+        let q = query.q.as_deref().filter(|q| !q.is_empty());
+        // Interned strings are tested against `q` once, not once per record
+        // (again only if strings came or went since the last step).
+        if let Some(q) = q
+            && scan.q_generation != Some(self.strings.generation())
+        {
+            scan.q_syms = self
+                .strings
+                .iter()
+                .filter(|(_, text)| contains_ignore_case(text, q))
+                .map(|(s, _)| s)
+                .collect();
+            scan.q_generation = Some(self.strings.generation());
+        }
+        let q_syms = &scan.q_syms;
         let matches = |i: &Instance| {
             service.is_none_or(|s| s == i.service)
                 && env.is_none_or(|e| e == i.env)
                 && query.status.is_none_or(|st| st == i.status)
-                && q.as_deref().is_none_or(|q| self.contains(i, q))
+                && q.is_none_or(|q| self.contains(i, q, q_syms))
         };
         let unfiltered =
             service.is_none() && env.is_none() && query.status.is_none() && q.is_none();
-        let mut page = Page {
-            total: if unfiltered { self.instances.len() } else { 0 },
-            items: Vec::new(),
-            next: None,
-        };
-        for slot in 0..self.high_water {
+        let end = scan
+            .next_slot
+            .saturating_add(max_slots)
+            .min(self.high_water);
+        let page = &mut scan.page;
+        for slot in scan.next_slot..end {
             let Some(i) = self.instances.get(slot as usize) else {
                 continue;
             };
             if !matches(i) {
                 continue;
             }
-            if slot >= cursor {
-                if page.items.len() < limit {
+            if slot >= scan.cursor {
+                if page.items.len() < scan.limit {
                     page.items.push(self.node(i));
                 } else if page.next.is_none() {
                     page.next = Some(slot);
                     if unfiltered {
+                        scan.next_slot = self.high_water;
                         break;
                     }
                 }
@@ -926,16 +1003,36 @@ impl Registry {
                 page.total += 1;
             }
         }
-        page
+        scan.next_slot = scan.next_slot.max(end);
+        if unfiltered {
+            page.total = self.instances.len();
+        }
+        scan.done = scan.next_slot >= self.high_water;
+        scan.done
     }
 
-    fn contains(&self, i: &Instance, q: &str) -> bool {
-        let has = |text: &str| text.to_ascii_lowercase().contains(q);
-        [i.service, i.env, i.version, i.tags]
-            .into_iter()
-            .any(|s| has(self.strings.resolve(s)))
-            || has(&self.node_address(i.address).to_string())
-            || has(&i.id.to_string())
+    /// Whether `q` is in one of the record's strings (`q_syms`: the interned
+    /// strings that hold it), its address or its id. No allocation.
+    fn contains(&self, i: &Instance, q: &str, q_syms: &HashSet<Sym>) -> bool {
+        if [i.service, i.env, i.version, i.tags]
+            .iter()
+            .any(|s| q_syms.contains(s))
+        {
+            return true;
+        }
+        let mut buf = [0u8; 64];
+        let address: &str = match i.address {
+            Address::Host(h) => {
+                return q_syms.contains(&h)
+                    || contains_ignore_case(i.id.hyphenated().encode_lower(&mut buf), q);
+            }
+            Address::V4(v4) => format_into(&mut buf, format_args!("{v4}")),
+            Address::V6(v6) => format_into(&mut buf, format_args!("{v6}")),
+        };
+        if contains_ignore_case(address, q) {
+            return true;
+        }
+        contains_ignore_case(i.id.hyphenated().encode_lower(&mut buf), q)
     }
 
     fn node_address(&self, address: Address) -> NodeAddress {
@@ -1224,6 +1321,69 @@ mod tests {
             (25, 1, 2)
         );
         assert_eq!(summary.services, vec![(Arc::from("user"), 20)]);
+    }
+
+    #[test]
+    fn a_scan_in_small_chunks_finds_what_one_pass_finds() {
+        let mut r = Registry::new(RegistryConfig::default(), 2);
+        for i in 0..300u32 {
+            r.register(
+                &reg(
+                    if i % 3 == 0 { "billing" } else { "user" },
+                    &format!("10.0.{}.{}", i / 100, i % 100),
+                    1,
+                ),
+                owner(i),
+                0,
+            );
+        }
+        for query in [
+            Query::default(),
+            Query {
+                service_id: Some("billing".into()),
+                ..Default::default()
+            },
+            Query {
+                q: Some("10.0.2.".into()),
+                ..Default::default()
+            },
+            Query {
+                q: Some("BILL".into()),
+                ..Default::default()
+            },
+        ] {
+            let whole = r.page(&query, 7, 25);
+            let mut scan = PageScan::new(query.clone(), 7, 25);
+            let mut steps = 0;
+            while !r.page_step(&mut scan, 13) {
+                steps += 1;
+            }
+            let chunked = scan.finish();
+            assert!(steps > 1 || query.q.is_none());
+            let ids = |p: &Page| {
+                p.items
+                    .iter()
+                    .map(|n| n.runtime_instance_id)
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                (chunked.total, chunked.next, ids(&chunked)),
+                (whole.total, whole.next, ids(&whole)),
+                "{query:?}"
+            );
+        }
+        assert_eq!(
+            r.page(
+                &Query {
+                    q: Some("BILL".into()),
+                    ..Default::default()
+                },
+                0,
+                1000
+            )
+            .total,
+            100
+        );
     }
 
     #[test]
