@@ -91,6 +91,11 @@ struct ControllerArgs {
     /// Run without the admin API.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// A browser origin allowed to open the admin WebSockets (/events,
+    /// /ctrl/mcp); repeat for several. Browsers always send Origin; without
+    /// this flag none may connect directly (use the gateway).
+    #[arg(long = "admin-allow-origin")]
+    admin_allow_origins: Vec<String>,
     /// Append every admin command to this JSON-lines file (fsync'd in
     /// batches, rotated at 64 MiB, 5 kept). Without it, to the log.
     #[arg(long)]
@@ -260,6 +265,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     } else {
         let mut admin = AdminConfig::new(args.admin);
         admin.audit = args.audit_log.map(AuditConfig::new);
+        admin.allowed_origins = args.admin_allow_origins;
         Some(AdminServer::start(controller.api(), admin).context("the admin API could not start")?)
     };
     let admin_line = admin.as_ref().map_or("admin off".to_string(), |a| {
@@ -279,14 +285,13 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             break;
         }
     }
-    // Not ready first (so load balancers stop sending), then the shards.
+    // Not ready first (load balancers stop sending, no new commands), then
+    // the admin API (bounded: live streams are ended), then the shards.
+    controller.api().set_stopping();
     if let Some(admin) = admin {
-        controller.api().set_stopping();
-        controller.shutdown();
         admin.shutdown();
-    } else {
-        controller.shutdown();
     }
+    controller.shutdown();
     Ok(())
 }
 

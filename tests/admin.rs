@@ -489,3 +489,94 @@ fn mcp_lists_and_calls_the_admin_tools() {
     );
     assert_eq!(unknown["error"]["code"], -32602);
 }
+
+#[test]
+fn a_since_ahead_of_the_log_gets_410_and_browsers_need_an_allowed_origin() {
+    let plane = Plane::start(1, |c| {
+        c.allowed_origins = vec!["https://portal.example".into()]
+    });
+    assert_eq!(
+        get(&plane.url("/events?since=5000")).0,
+        410,
+        "a restarted controller's log is behind the client"
+    );
+    let stream = std::net::TcpStream::connect(plane.admin.local_addr()).unwrap();
+    let refused = tungstenite::client(
+        tungstenite::http::Request::builder()
+            .uri(format!("ws://{}/events", plane.admin.local_addr()))
+            .header("origin", "https://evil.example")
+            .header("host", "localhost")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header(
+                "sec-websocket-key",
+                tungstenite::handshake::client::generate_key(),
+            )
+            .body(())
+            .unwrap(),
+        stream,
+    );
+    match refused {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status(), 403)
+        }
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    let mut allowed = plane.ws("/events", &[("origin", "https://portal.example")]);
+    assert_eq!(ws_json(&mut allowed)["type"], "hello");
+}
+
+#[test]
+fn fanouts_are_bounded_names_are_checked_and_a_dropped_request_is_still_audited() {
+    let dir = std::env::temp_dir().join(format!("tether-admin-drop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("audit.jsonl");
+    let audit_path = path.clone();
+    let plane = Plane::start(1, move |c| {
+        c.max_concurrent_fanouts = 1;
+        c.audit = Some(AuditConfig::new(audit_path));
+    });
+    // A service that never answers.
+    let (_silent, id) = registered(plane.ctl.local_addr(), "slow", "10.0.0.1", 1);
+    let url = plane.url("/commands");
+    let first = std::thread::spawn(move || {
+        post(
+            &url,
+            &json!({"name": "check", "serviceId": "slow", "timeoutMs": 1500}),
+            None,
+        )
+    });
+    eventually("the first fan-out is running", || {
+        plane.ctl.commands_in_flight() == 1
+    });
+    let (status, body) = post(
+        &plane.url("/commands"),
+        &json!({"name": "check", "serviceId": "slow"}),
+        None,
+    );
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (429, Some("too_many_fanouts"))
+    );
+    assert_eq!(first.join().unwrap().1["outcomes"], json!({"timeout": 1}));
+    let one = plane.url(&format!("/services/{id}/commands"));
+    assert_eq!(post(&one, &json!({"name": "check now"}), None).0, 400);
+
+    // The client gives up after 100 ms; the command still ends and is audited.
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_millis(100)))
+        .build()
+        .into();
+    let sent = impatient
+        .post(&one)
+        .header("content-type", "application/json")
+        .send(json!({"name": "get_loggers", "timeoutMs": 600}).to_string());
+    assert!(sent.is_err(), "the client timed out");
+    eventually("the abandoned command is audited", || {
+        std::fs::read_to_string(&path)
+            .is_ok_and(|t| t.contains("\"tool\":\"get_loggers\",\"outcome\":\"timeout\""))
+    });
+    drop(plane);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -253,3 +253,34 @@ fn status_and_services_read_the_admin_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }
+
+#[test]
+fn sigterm_with_an_open_event_stream_exits_promptly() {
+    let (mut running, _, admin) = controller_with_admin(&[]);
+    let url = format!("http://{admin}/events");
+    // An SSE stream stays open until the controller ends it.
+    let reader = std::thread::spawn(move || {
+        let mut response = ureq::get(&url).call().unwrap();
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut response.body_mut().as_reader(), &mut text);
+        text
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &running.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = running.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let text = reader.join().unwrap();
+    assert!(
+        text.contains("event: hello") && text.contains("event: stopping"),
+        "{text}"
+    );
+}

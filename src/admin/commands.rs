@@ -5,7 +5,10 @@
 //! service's answer, not a controller failure; the body says which), the
 //! service's JSON-RPC error 502, timeout 504, no such instance 404, the
 //! instance went away before replying 503, a bound exceeded 429, a
-//! mutating tool without `portal.w` 403.
+//! mutating tool without `portal.w` 403, a fan-out matching too many 413.
+//!
+//! Every command's work runs in a task of its own, so it is audited even
+//! when the HTTP client goes away before the reply.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,19 +28,44 @@ use super::{AppState, Caller, Reply, WRITE_SCOPE, error, fail, now_rfc3339, resp
 use crate::controller::{CommandOutcome, tool_call_params};
 use crate::registry::{self, Status};
 
+/// Longest tool name accepted.
+const MAX_TOOL_NAME: usize = 128;
+/// Audit fields taken from the caller are cut to this.
+const MAX_AUDIT_FIELD: usize = 256;
+
 /// Tools that change a service (PROTOCOL.md): they need the write scope.
+/// Compared without case, so `Shutdown` is as mutating as `shutdown`.
 pub fn is_mutating(tool: &str) -> bool {
+    let tool = tool.to_ascii_lowercase();
     tool.starts_with("set_")
         || matches!(
-            tool,
+            tool.as_str(),
             "reload_modules" | "clear_cache" | "configure_chaos_monkey" | "shutdown"
         )
+}
+
+/// A tool name: 1..=128 of letters, digits and `_ . : / -`.
+fn check_tool_name(name: &str) -> Result<(), Reply> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TOOL_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'/' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(fail(
+            StatusCode::BAD_REQUEST,
+            "bad_tool_name",
+            format!("a tool name is 1-{MAX_TOOL_NAME} letters, digits and _ . : / -"),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct CommandBody {
-    pub name: String,
+    name: String,
     #[serde(default)]
     arguments: Option<Value>,
     timeout_ms: Option<u64>,
@@ -54,10 +82,15 @@ fn status_of(outcome: &CommandOutcome) -> StatusCode {
     }
 }
 
-/// The JSON of one instance's outcome.
-pub(crate) fn outcome_json(id: Uuid, outcome: &CommandOutcome) -> Value {
+/// The JSON of one instance's outcome; a result larger than `max_result`
+/// bytes is replaced by a note of its size.
+pub(crate) fn outcome_json(id: Uuid, outcome: &CommandOutcome, max_result: usize) -> Value {
     let raw = |r: &serde_json::value::RawValue| {
-        serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null)
+        if r.get().len() > max_result {
+            json!({"truncated": true, "bytes": r.get().len()})
+        } else {
+            serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null)
+        }
     };
     let mut v = json!({"runtimeInstanceId": id, "outcome": outcome.label()});
     match outcome {
@@ -75,12 +108,12 @@ pub(crate) fn outcome_json(id: Uuid, outcome: &CommandOutcome) -> Value {
 }
 
 /// Sends one tool call and waits for its outcome.
-pub(crate) async fn call(
+async fn call(
     state: &AppState,
     id: Uuid,
     name: &str,
     arguments: &Value,
-    timeout: Option<Duration>,
+    timeout: Duration,
 ) -> CommandOutcome {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let params = tool_call_params(name, arguments);
@@ -88,30 +121,42 @@ pub(crate) async fn call(
         id,
         "tools/call",
         Some(params),
-        timeout,
+        Some(timeout),
         Box::new(move |o| drop(tx.send(o))),
     );
-    // The controller always replies (every command ends by reply,
-    // timeout or disconnect); a dropped sender would mean it stopped.
-    rx.await.unwrap_or(CommandOutcome::Gone)
+    // The controller ends every command (reply, timeout, disconnect,
+    // shutdown); the margin only guards against a bug there.
+    match tokio::time::timeout(timeout + Duration::from_secs(5), rx).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => CommandOutcome::Gone,
+        Err(_) => CommandOutcome::Timeout,
+    }
+}
+
+fn clip(text: &str) -> &str {
+    let mut end = text.len().min(MAX_AUDIT_FIELD);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn audit(
     state: &AppState,
     caller: &Caller,
     action: &str,
-    target: String,
+    target: &str,
     tool: &str,
     outcome: &str,
     started: Instant,
 ) {
     state.audit.record(&AuditEntry {
         time: now_rfc3339(),
-        who: &caller.who,
-        scopes: &caller.scopes,
+        who: clip(&caller.who),
+        scopes: clip(&caller.scopes),
         action,
-        target,
-        tool,
+        target: clip(target).to_string(),
+        tool: clip(tool),
         outcome: outcome.to_string(),
         duration_ms: started.elapsed().as_millis() as u64,
     });
@@ -125,10 +170,17 @@ fn forbidden(tool: &str) -> Reply {
     )
 }
 
+fn timeout_of(state: &AppState, timeout_ms: Option<u64>) -> Duration {
+    let asked = timeout_ms
+        .map(Duration::from_millis)
+        .unwrap_or(state.api.shared().config.command_timeout);
+    asked.clamp(Duration::from_millis(1), state.config.max_command_timeout)
+}
+
 /// One tool call to one instance.
 pub(crate) async fn command_reply(
     state: &AppState,
-    caller: &Caller,
+    caller: Arc<Caller>,
     id: &str,
     body: CommandBody,
 ) -> Reply {
@@ -139,40 +191,42 @@ pub(crate) async fn command_reply(
             format!("{id:?} is not a runtimeInstanceId"),
         );
     };
+    if let Err(reply) = check_tool_name(&body.name) {
+        return reply;
+    }
     if is_mutating(&body.name) && !caller.can_write() {
         audit(
             state,
-            caller,
+            &caller,
             "command",
-            id.to_string(),
+            &id.to_string(),
             &body.name,
             "forbidden",
             Instant::now(),
         );
         return forbidden(&body.name);
     }
-    let started = Instant::now();
-    let arguments = body.arguments.unwrap_or_else(|| json!({}));
-    let outcome = call(
-        state,
-        id,
-        &body.name,
-        &arguments,
-        body.timeout_ms.map(Duration::from_millis),
-    )
-    .await;
-    audit(
-        state,
-        caller,
-        "command",
-        id.to_string(),
-        &body.name,
-        outcome.label(),
-        started,
-    );
-    let mut v = outcome_json(id, &outcome);
-    v["name"] = json!(body.name);
-    (status_of(&outcome), v)
+    let timeout = timeout_of(state, body.timeout_ms);
+    let state = state.clone();
+    let work = tokio::spawn(async move {
+        let started = Instant::now();
+        let arguments = body.arguments.unwrap_or_else(|| json!({}));
+        let outcome = call(&state, id, &body.name, &arguments, timeout).await;
+        audit(
+            &state,
+            &caller,
+            "command",
+            &id.to_string(),
+            &body.name,
+            outcome.label(),
+            started,
+        );
+        let mut v = outcome_json(id, &outcome, usize::MAX);
+        v["name"] = json!(body.name);
+        (status_of(&outcome), v)
+    });
+    work.await
+        .unwrap_or_else(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 pub(crate) async fn one(
@@ -182,9 +236,9 @@ pub(crate) async fn one(
     Path(id): Path<String>,
     body: Result<Json<CommandBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let caller = Caller::from_headers(&headers, peer);
+    let caller = Arc::new(Caller::from_headers(&headers, peer));
     match body {
-        Ok(Json(body)) => respond(command_reply(&state, &caller, &id, body).await),
+        Ok(Json(body)) => respond(command_reply(&state, caller, &id, body).await),
         Err(e) => error(
             StatusCode::BAD_REQUEST,
             "bad_body",
@@ -210,6 +264,9 @@ pub(crate) struct FanoutBody {
 
 /// One tool call to every instance matching a filter.
 pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: FanoutBody) -> Reply {
+    if let Err(reply) = check_tool_name(&body.name) {
+        return reply;
+    }
     if is_mutating(&body.name) && !caller.can_write() {
         let target = format!(
             "serviceId={:?} envTag={:?} q={:?}",
@@ -219,13 +276,23 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
             state,
             &caller,
             "fanout",
-            target,
+            &target,
             &body.name,
             "forbidden",
             Instant::now(),
         );
         return forbidden(&body.name);
     }
+    let Ok(running) = state.fanouts.clone().try_acquire_owned() else {
+        return fail(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_fanouts",
+            format!(
+                "{} fan-outs are running, the limit; try again when one ends",
+                state.config.max_concurrent_fanouts
+            ),
+        );
+    };
     let status = match parse_status(body.status.as_deref().or(Some("up"))) {
         Ok(s) => s,
         Err(reply) => return reply,
@@ -237,24 +304,26 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
         status,
         q: body.q,
     };
-    let targets: Vec<Uuid> = {
-        let page = state.api.page(query, 0, max);
-        if page.total > max {
-            return fail(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_many_targets",
-                format!(
-                    "the filter matches {} instances; the limit is {max}: narrow the filter",
-                    page.total
-                ),
-            );
-        }
-        page.items
-            .iter()
-            .filter(|n| n.status == Status::Up)
-            .map(|n| n.runtime_instance_id)
-            .collect()
-    };
+    let api = state.api.clone();
+    let page = tokio::task::spawn_blocking(move || api.page(query, 0, max))
+        .await
+        .expect("listing does not panic");
+    if page.total > max {
+        return fail(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_targets",
+            format!(
+                "the filter matches {} instances; the limit is {max}: narrow the filter",
+                page.total
+            ),
+        );
+    }
+    let targets: Vec<Uuid> = page
+        .items
+        .iter()
+        .filter(|n| n.status == Status::Up)
+        .map(|n| n.runtime_instance_id)
+        .collect();
     let concurrency = body
         .concurrency
         .unwrap_or(state.config.fanout_concurrency)
@@ -262,42 +331,46 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
     let semaphore = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let arguments = Arc::new(body.arguments.unwrap_or_else(|| json!({})));
     let name: Arc<str> = Arc::from(body.name.as_str());
-    let timeout = body.timeout_ms.map(Duration::from_millis);
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, id) in targets.iter().copied().enumerate() {
-        let (state, semaphore, arguments, name, caller) = (
-            state.clone(),
-            semaphore.clone(),
-            arguments.clone(),
-            name.clone(),
-            caller.clone(),
-        );
-        tasks.spawn(async move {
-            let _permit = semaphore.acquire_owned().await.expect("never closed");
-            let started = Instant::now();
-            let outcome = call(&state, id, &name, &arguments, timeout).await;
-            audit(
-                &state,
-                &caller,
-                "fanout",
-                id.to_string(),
-                &name,
-                outcome.label(),
-                started,
+    let timeout = timeout_of(state, body.timeout_ms);
+    let max_result = state.config.max_fanout_result;
+    // Spawned (not a JoinSet): each target is sent and audited even if the
+    // HTTP client leaves.
+    let tasks: Vec<_> = targets
+        .iter()
+        .map(|&id| {
+            let (state, semaphore, arguments, name, caller) = (
+                state.clone(),
+                semaphore.clone(),
+                arguments.clone(),
+                name.clone(),
+                caller.clone(),
             );
-            (index, outcome_json(id, &outcome), outcome.label())
-        });
-    }
-    let mut results = vec![Value::Null; targets.len()];
+            tokio::spawn(async move {
+                let _permit = semaphore.acquire_owned().await.expect("never closed");
+                let started = Instant::now();
+                let outcome = call(&state, id, &name, &arguments, timeout).await;
+                audit(
+                    &state,
+                    &caller,
+                    "fanout",
+                    &id.to_string(),
+                    &name,
+                    outcome.label(),
+                    started,
+                );
+                (outcome_json(id, &outcome, max_result), outcome.label())
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
     let mut counts = serde_json::Map::new();
-    while let Some(done) = tasks.join_next().await {
-        let Ok((index, v, label)) = done else {
-            continue;
-        };
-        results[index] = v;
+    for task in tasks {
+        let Ok((v, label)) = task.await else { continue };
+        results.push(v);
         let n = counts.entry(label).or_insert(json!(0));
         *n = json!(n.as_u64().unwrap_or(0) + 1);
     }
+    drop(running);
     (
         StatusCode::OK,
         json!({"name": &*name, "total": targets.len(), "outcomes": counts, "results": results}),
@@ -318,5 +391,31 @@ pub(crate) async fn fanout(
             "bad_body",
             format!("expected {{\"name\", \"arguments\", filter…}}: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mutating_tools_are_recognised_whatever_their_case() {
+        for tool in [
+            "shutdown",
+            "Shutdown",
+            "SET_LOGGERS",
+            "set_loggers",
+            "clear_cache",
+            "reload_modules",
+        ] {
+            assert!(is_mutating(tool), "{tool}");
+        }
+        for tool in ["check", "get_service_info", "get_log_content", "settle"] {
+            assert!(!is_mutating(tool), "{tool}");
+        }
+        assert!(check_tool_name("set_loggers").is_ok());
+        assert!(check_tool_name("set_loggers ").is_err());
+        assert!(check_tool_name(&"a".repeat(129)).is_err());
+        assert!(check_tool_name("").is_err());
     }
 }

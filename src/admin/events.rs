@@ -21,9 +21,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use super::{AppState, fail, respond};
+use super::{AppState, Reply, fail, respond};
 use crate::registry::events::{Event, ReplayError};
 
 /// A stalled WebSocket client is dropped after this long on one send.
@@ -42,13 +42,9 @@ pub(crate) struct EventParams {
 /// which must never touch the runtime's wakers (they signal through file
 /// descriptors the shards' fd tables do not share); the bridge thread
 /// lives in the process's own fd table.
-fn subscribe(
-    state: &AppState,
-    since: Option<u64>,
-) -> Result<(u64, mpsc::Receiver<Event>), super::Reply> {
-    let subscribed = state.api.subscribe_events(since);
-    let (seq, events) = subscribed.map_err(|e| match e {
-        ReplayError::Gone { .. } => fail(
+fn subscribe(state: &AppState, since: Option<u64>) -> Result<(u64, mpsc::Receiver<Event>), Reply> {
+    let (seq, events) = state.api.subscribe_events(since).map_err(|e| match e {
+        ReplayError::Gone { .. } | ReplayError::Ahead { .. } => fail(
             StatusCode::GONE,
             "gone",
             format!("{e}: GET /services, then /events?since=<lastEventSeq of /summary>"),
@@ -71,7 +67,8 @@ fn subscribe(
                     }
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
-                // Cut by the event log, or the stream ended.
+                // Cut by the event log, or the stream ended: dropping
+                // `events` frees the subscriber's place at once.
                 Err(_) => return,
             }
         }
@@ -92,6 +89,11 @@ pub(crate) async fn events(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
+    if ws.is_ok()
+        && let Err(refused) = super::check_origin(&state, &headers)
+    {
+        return respond(refused);
+    }
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -101,15 +103,21 @@ pub(crate) async fn events(
         Ok(s) => s,
         Err(reply) => return respond(reply),
     };
+    let stop = state.stopping.subscribe();
     match ws {
         Ok(upgrade) => upgrade
-            .on_upgrade(move |socket| stream_ws(socket, seq, rx))
+            .on_upgrade(move |socket| stream_ws(socket, seq, rx, stop))
             .into_response(),
-        Err(_) => stream_sse(seq, rx).into_response(),
+        Err(_) => stream_sse(seq, rx, stop).into_response(),
     }
 }
 
-async fn stream_ws(socket: WebSocket, seq: u64, mut rx: mpsc::Receiver<Event>) {
+async fn stream_ws(
+    socket: WebSocket,
+    seq: u64,
+    mut rx: mpsc::Receiver<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
     let (mut tx, mut inbound) = socket.split();
     let hello = json!({"type": "hello", "seq": seq}).to_string();
     if tx.send(Message::Text(hello.into())).await.is_err() {
@@ -135,6 +143,11 @@ async fn stream_ws(socket: WebSocket, seq: u64, mut rx: mpsc::Receiver<Event>) {
                     return;
                 }
             },
+            _ = stop.changed() => {
+                let reason = format!("controller stopping; resubscribe with since={last}");
+                let _ = tx.send(Message::Close(Some(CloseFrame { code: 1001, reason: reason.into() }))).await;
+                return;
+            }
             incoming = inbound.next() => match incoming {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 Some(Ok(_)) => {}
@@ -146,6 +159,7 @@ async fn stream_ws(socket: WebSocket, seq: u64, mut rx: mpsc::Receiver<Event>) {
 fn stream_sse(
     seq: u64,
     rx: mpsc::Receiver<Event>,
+    stop: watch::Receiver<bool>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // No `id:` on hello: a reconnecting EventSource sends the last id it
     // saw as Last-Event-ID, and the events replayed after hello must not be
@@ -153,27 +167,34 @@ fn stream_sse(
     let hello = SseEvent::default()
         .event("hello")
         .data(json!({"type": "hello", "seq": seq}).to_string());
-    let live = futures_util::stream::unfold((rx, seq, false), |(mut rx, last, done)| async move {
-        if done {
-            return None;
-        }
-        Some(match rx.recv().await {
-            Some(e) => {
-                let sse = SseEvent::default()
-                    .event(e.kind.label())
-                    .id(e.seq.to_string())
-                    .data(event_json(&e).to_string());
-                (Ok(sse), (rx, e.seq, false))
+    let live = futures_util::stream::unfold(
+        (rx, stop, seq, false),
+        |(mut rx, mut stop, last, done)| async move {
+            if done {
+                return None;
             }
-            None => {
-                let data = json!({"type": "cut", "resumeSince": last}).to_string();
-                (
-                    Ok(SseEvent::default().event("cut").data(data)),
-                    (rx, last, true),
-                )
-            }
-        })
-    });
+            let next = tokio::select! {
+                e = rx.recv() => e.ok_or("cut"),
+                _ = stop.changed() => Err("stopping"),
+            };
+            Some(match next {
+                Ok(e) => {
+                    let sse = SseEvent::default()
+                        .event(e.kind.label())
+                        .id(e.seq.to_string())
+                        .data(event_json(&e).to_string());
+                    (Ok(sse), (rx, stop, e.seq, false))
+                }
+                Err(why) => {
+                    let data = json!({"type": why, "resumeSince": last}).to_string();
+                    (
+                        Ok(SseEvent::default().event(why).data(data)),
+                        (rx, stop, last, true),
+                    )
+                }
+            })
+        },
+    );
     Sse::new(futures_util::stream::once(async move { Ok(hello) }).chain(live))
         .keep_alive(KeepAlive::default())
 }

@@ -28,6 +28,9 @@ pub(crate) async fn mcp(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(refused) = super::check_origin(&state, &headers) {
+        return super::respond(refused);
+    }
     let caller = Arc::new(Caller::from_headers(&headers, peer));
     ws.max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| session(socket, state, caller))
@@ -64,9 +67,11 @@ async fn handle(state: &AppState, caller: &Arc<Caller>, request: Value) -> Optio
     let id = request.get("id").cloned();
     let method = request.get("method").and_then(Value::as_str);
     let params = request.get("params").cloned().unwrap_or(json!({}));
-    let (Some(id), Some(method)) = (id, method) else {
+    let (id, method) = match (id, method) {
+        (Some(id), Some(method)) => (id, method),
         // Notifications (notifications/initialized, …) get no answer.
-        return None;
+        (None, _) => return None,
+        (Some(id), None) => return Some(rpc_error(id, -32600, "invalid request: no method")),
     };
     let result = match method {
         "initialize" => {
@@ -127,9 +132,10 @@ async fn call_tool(
         .unwrap_or("")
         .to_string();
     Some(match name {
-        "list_services" => parse(arguments)
-            .map(|p| list_reply(state, p))
-            .unwrap_or_else(|e| e),
+        "list_services" => match parse(arguments) {
+            Ok(p) => list_reply(state, p).await,
+            Err(e) => e,
+        },
         "get_service" => one_reply(state, &id),
         "get_summary" => summary_reply(
             state,
@@ -139,7 +145,7 @@ async fn call_tool(
                 .map(|n| n as usize),
         ),
         "send_command" => match parse(arguments) {
-            Ok(body) => command_reply(state, caller, &id, body).await,
+            Ok(body) => command_reply(state, caller.clone(), &id, body).await,
             Err(e) => e,
         },
         "fanout_command" => match parse(arguments) {

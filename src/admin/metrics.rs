@@ -155,11 +155,9 @@ pub fn render(api: &Api) -> String {
         "",
         metrics::total(stats, |s| &s.rtt_sum_us) as f64 / 1e6,
     );
-    o.sample(
-        "tether_pong_rtt_seconds_count",
-        "",
-        metrics::total(stats, |s| &s.rtt_count),
-    );
+    // From the same reading as +Inf, as the exposition format requires
+    // (shards keep counting while we read).
+    o.sample("tether_pong_rtt_seconds_count", "", cumulative);
 
     o.family(
         "tether_bad_input_total",

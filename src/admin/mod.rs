@@ -45,6 +45,16 @@ pub struct AdminConfig {
     pub max_fanout_concurrency: usize,
     /// Largest page of `GET /services`.
     pub max_page: usize,
+    /// Fan-outs running at once; more get 429.
+    pub max_concurrent_fanouts: usize,
+    /// Bytes of one instance's result kept in a fan-out answer (more are
+    /// replaced by a note of their size).
+    pub max_fanout_result: usize,
+    /// Longest timeout a command may ask for.
+    pub max_command_timeout: Duration,
+    /// Origins allowed to open the WebSockets (`/events`, `/ctrl/mcp`).
+    /// Browsers always send Origin; other clients do not. Empty: no browser.
+    pub allowed_origins: Vec<String>,
     /// `None`: audit lines go to the log.
     pub audit: Option<AuditConfig>,
 }
@@ -58,6 +68,10 @@ impl AdminConfig {
             fanout_concurrency: 64,
             max_fanout_concurrency: 1024,
             max_page: 1000,
+            max_concurrent_fanouts: 4,
+            max_fanout_result: 64 << 10,
+            max_command_timeout: Duration::from_secs(300),
+            allowed_origins: Vec::new(),
             audit: None,
         }
     }
@@ -67,6 +81,10 @@ pub(crate) struct State {
     api: Arc<Api>,
     audit: Audit,
     config: AdminConfig,
+    /// Becomes true when the server stops: live streams end on it.
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Fan-outs running at once (each may hold many replies).
+    fanouts: Arc<tokio::sync::Semaphore>,
 }
 
 type AppState = Arc<State>;
@@ -76,6 +94,9 @@ pub(crate) struct Caller {
     who: String,
     scopes: String,
 }
+
+/// How long requests in flight may take to finish when the server stops.
+const GRACE: Duration = Duration::from_secs(3);
 
 /// SO_SNDBUF of admin connections (fixed, so the kernel does not grow it).
 const SEND_BUFFER: usize = 128 << 10;
@@ -167,11 +188,19 @@ impl AdminServer {
             .enable_all()
             .build()
             .map_err(AdminError::Runtime)?;
-        let state = Arc::new(State { api, audit, config });
+        let fanouts = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_fanouts));
+        let state = Arc::new(State {
+            api,
+            audit,
+            config,
+            stopping: tokio::sync::watch::channel(false).0,
+            fanouts,
+        });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("tether-admin-main".into())
             .spawn(move || {
+                let stopping = state.stopping.clone();
                 runtime.block_on(async move {
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
@@ -184,14 +213,25 @@ impl AdminServer {
                     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
                         let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER);
                     });
-                    let served = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = stopped.await;
+                    let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
+                    let server = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = graceful_done.await;
                     });
-                    if let Err(e) = served.await {
-                        tracing::error!("admin server stopped: {e}");
+                    let serving = tokio::spawn(async move { server.await });
+                    let _ = stopped.await;
+                    // End live streams, then let requests in flight finish,
+                    // for a bounded time.
+                    let _ = stopping.send(true);
+                    let _ = graceful.send(());
+                    match tokio::time::timeout(GRACE, serving).await {
+                        Ok(Ok(Ok(()))) => {}
+                        Ok(Ok(Err(e))) => tracing::error!("admin server stopped: {e}"),
+                        Ok(Err(e)) => tracing::error!("admin server task failed: {e}"),
+                        Err(_) => tracing::warn!(
+                            "admin requests still open after {GRACE:?}; dropping them"
+                        ),
                     }
                 });
-                // Live event streams do not end by themselves: give them a moment.
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })
             .map_err(AdminError::Runtime)?;
@@ -247,6 +287,24 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     }
+}
+
+/// Browsers send Origin on every WebSocket (others do not): only allowed
+/// origins may open one, so a page in a browser on an allowed host cannot
+/// read the registry or run tools through it.
+pub(crate) fn check_origin(state: &State, headers: &HeaderMap) -> Result<(), Reply> {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if state.config.allowed_origins.iter().any(|o| o == origin) {
+        return Ok(());
+    }
+    Err(fail(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        format!("WebSockets from origin {origin:?} are not allowed"),
+    ))
 }
 
 pub(crate) fn now_rfc3339() -> String {

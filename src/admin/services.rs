@@ -19,8 +19,13 @@ pub(crate) struct ListParams {
     pub env_tag: Option<String>,
     pub status: Option<String>,
     pub q: Option<String>,
-    pub limit: Option<usize>,
+    pub limit: Option<String>,
     pub cursor: Option<String>,
+}
+
+/// An empty query parameter means no filter.
+fn given(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.is_empty())
 }
 
 pub(crate) fn parse_status(status: Option<&str>) -> Result<Option<Status>, Reply> {
@@ -45,7 +50,7 @@ pub(crate) fn item(node: &Node) -> Value {
     v
 }
 
-pub(crate) fn list_reply(state: &AppState, p: ListParams) -> Reply {
+pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
     let status = match parse_status(p.status.as_deref()) {
         Ok(s) => s,
         Err(reply) => return reply,
@@ -66,14 +71,28 @@ pub(crate) fn list_reply(state: &AppState, p: ListParams) -> Reply {
             );
         }
     };
-    let limit = p.limit.unwrap_or(100).clamp(1, state.config.max_page);
-    let query = registry::Query {
-        service_id: p.service_id,
-        env_tag: p.env_tag,
-        status,
-        q: p.q,
+    let limit = match given(p.limit).map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(l)) => l.clamp(1, state.config.max_page),
+        Some(Err(_)) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "bad_limit",
+                "limit is a number of items",
+            );
+        }
     };
-    let page = state.api.page(query, cursor, limit);
+    let query = registry::Query {
+        service_id: given(p.service_id),
+        env_tag: given(p.env_tag),
+        status,
+        q: given(p.q),
+    };
+    // A listing may visit every record: not on the runtime's threads.
+    let api = state.api.clone();
+    let page = tokio::task::spawn_blocking(move || api.page(query, cursor, limit))
+        .await
+        .expect("listing does not panic");
     let body = json!({
         "total": page.total,
         "items": page.items.iter().map(item).collect::<Vec<_>>(),
@@ -138,7 +157,7 @@ pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
 }
 
 pub(crate) async fn list(State(state): State<AppState>, Query(p): Query<ListParams>) -> Response {
-    respond(list_reply(&state, p))
+    respond(list_reply(&state, p).await)
 }
 
 pub(crate) async fn one(State(state): State<AppState>, Path(id): Path<String>) -> Response {

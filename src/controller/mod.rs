@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::engine::mailbox::Mailbox;
 use crate::engine::{ConnRef, Engine, EngineConfig, StartError};
 use crate::metrics::ShardStats;
-use crate::registry::events::{Event, ReplayError};
+use crate::registry::events::{ReplayError, Subscription};
 use crate::registry::{Filter, Registry, RegistryConfig, Snapshot, Status};
 pub use commands::{CommandOutcome, Reply};
 use commands::{CommandRequest, Permit};
@@ -229,7 +229,13 @@ impl Controller {
             .name("tether-replies".into())
             .spawn(move || {
                 for (reply, outcome) in replies {
-                    reply(outcome);
+                    // A caller's callback that panics must not take the relay
+                    // (and every later reply) with it.
+                    let caught =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply(outcome)));
+                    if caught.is_err() {
+                        tracing::error!("a command reply callback panicked");
+                    }
                 }
             })
             .map_err(StartError::Io)?;
@@ -327,10 +333,7 @@ impl Api {
     }
 
     /// Events after `since` (kept ones first), then live ones.
-    pub fn subscribe_events(
-        &self,
-        since: Option<u64>,
-    ) -> Result<(u64, Receiver<Event>), ReplayError> {
+    pub fn subscribe_events(&self, since: Option<u64>) -> Result<(u64, Subscription), ReplayError> {
         self.shared.registry().events.subscribe(since)
     }
 
@@ -376,6 +379,9 @@ impl Api {
         let Some(target) = target else {
             return reply(CommandOutcome::NotFound);
         };
+        if !self.ready() {
+            return reply(CommandOutcome::Busy("the controller is shutting down"));
+        }
         let max = self.shared.config.max_inflight_total;
         let Some(permit) = Permit::try_take(&self.shared.inflight, max) else {
             return reply(CommandOutcome::Busy(

@@ -788,6 +788,9 @@ impl<H: Handler> Shard<H> {
             self.drop_conn(key);
         }
         sys::close(self.listener);
+        // Messages posted before the stop still get their answer (commands
+        // find their instance gone), so no caller waits forever.
+        self.drain_mailbox();
     }
 }
 

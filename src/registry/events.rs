@@ -10,8 +10,8 @@
 //! would write to the wrong file. A std channel wakes through a futex.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Weak};
 
 use uuid::Uuid;
 
@@ -63,7 +63,9 @@ pub struct EventLog {
     next_seq: u64,
     ring: VecDeque<Event>,
     ring_capacity: usize,
-    subscribers: Vec<SyncSender<Event>>,
+    /// Each with a token its `Subscription` holds: a dropped subscription is
+    /// pruned at once, not only when the next event fails to reach it.
+    subscribers: Vec<(SyncSender<Event>, Weak<()>)>,
     subscriber_capacity: usize,
     max_subscribers: usize,
     cut: u64,
@@ -77,6 +79,10 @@ pub enum ReplayError {
         "events after seq {since} are no longer kept (oldest kept is {oldest}); take a snapshot"
     )]
     Gone { since: u64, oldest: u64 },
+    #[error(
+        "seq {since} is ahead of this log (last is {last}): the controller restarted; take a snapshot"
+    )]
+    Ahead { since: u64, last: u64 },
     #[error("{0} event subscribers already; the limit is reached")]
     TooManySubscribers(usize),
 }
@@ -110,7 +116,10 @@ impl EventLog {
     }
 
     pub fn subscriber_count(&self) -> usize {
-        self.subscribers.len()
+        self.subscribers
+            .iter()
+            .filter(|(_, alive)| alive.strong_count() > 0)
+            .count()
     }
 
     /// Events published so far of `kind`.
@@ -138,7 +147,7 @@ impl EventLog {
         self.counts[kind as usize] += 1;
         let before = self.subscribers.len();
         self.subscribers
-            .retain(|tx| tx.try_send(event.clone()).is_ok());
+            .retain(|(tx, alive)| alive.strong_count() > 0 && tx.try_send(event.clone()).is_ok());
         self.cut += (before - self.subscribers.len()) as u64;
         if self.ring.len() == self.ring_capacity {
             self.ring.pop_front();
@@ -149,15 +158,19 @@ impl EventLog {
     /// Subscribes from `since` (exclusive): the kept events after it are
     /// queued first, then live ones. `None` starts at the next event.
     /// Returns the last sequence number before live events, and the queue.
-    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Receiver<Event>), ReplayError> {
+    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Subscription), ReplayError> {
+        self.subscribers
+            .retain(|(_, alive)| alive.strong_count() > 0);
         if self.subscribers.len() >= self.max_subscribers {
             return Err(ReplayError::TooManySubscribers(self.subscribers.len()));
         }
+        let last = self.last_seq();
         let replay: Vec<&Event> = match since {
             None => Vec::new(),
+            Some(since) if since > last => return Err(ReplayError::Ahead { since, last }),
             Some(since) => {
                 let oldest = self.ring.front().map_or(self.next_seq, |e| e.seq);
-                if since + 1 < oldest && since < self.last_seq() {
+                if since.saturating_add(1) < oldest && since < last {
                     return Err(ReplayError::Gone { since, oldest });
                 }
                 self.ring.iter().filter(|e| e.seq > since).collect()
@@ -167,8 +180,30 @@ impl EventLog {
         for event in replay {
             tx.try_send(event.clone()).expect("sized for the replay");
         }
-        self.subscribers.push(tx);
-        Ok((self.last_seq(), rx))
+        let alive = Arc::new(());
+        self.subscribers.push((tx, Arc::downgrade(&alive)));
+        Ok((
+            last,
+            Subscription {
+                events: rx,
+                _alive: alive,
+            },
+        ))
+    }
+}
+
+/// A subscriber's queue; dropping it ends the subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    events: Receiver<Event>,
+    _alive: Arc<()>,
+}
+
+impl std::ops::Deref for Subscription {
+    type Target = Receiver<Event>;
+
+    fn deref(&self) -> &Receiver<Event> {
+        &self.events
     }
 }
 
@@ -193,6 +228,40 @@ mod tests {
         assert_eq!(seqs, vec![3, 4, 5, 6, 7]);
         assert_eq!(log.count(EventKind::Registered), 7);
         assert_eq!(log.count(EventKind::Down), 0);
+    }
+
+    #[test]
+    fn a_dropped_subscription_frees_its_place_at_once() {
+        let mut log = EventLog::new(10, 10, 1);
+        let (_, first) = log.subscribe(None).unwrap();
+        assert_eq!(
+            log.subscribe(None).unwrap_err(),
+            ReplayError::TooManySubscribers(1)
+        );
+        drop(first);
+        assert_eq!(log.subscriber_count(), 0);
+        assert!(log.subscribe(None).is_ok());
+    }
+
+    #[test]
+    fn a_since_ahead_of_the_log_is_refused() {
+        let mut log = EventLog::new(10, 10, 4);
+        publish(&mut log, 3);
+        assert_eq!(
+            log.subscribe(Some(5000)).unwrap_err(),
+            ReplayError::Ahead {
+                since: 5000,
+                last: 3
+            }
+        );
+        assert_eq!(
+            log.subscribe(Some(u64::MAX)).unwrap_err(),
+            ReplayError::Ahead {
+                since: u64::MAX,
+                last: 3
+            }
+        );
+        assert!(log.subscribe(Some(3)).is_ok());
     }
 
     #[test]
