@@ -13,7 +13,7 @@ use tether::agent::swarm::{Swarm, SwarmConfig};
 use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_source_ips};
 use tether::controller::auth::Auth;
 use tether::controller::{Controller, ControllerConfig, default_host_id};
-use tether::engine::{EngineConfig, sys};
+use tether::engine::{EngineConfig, IoChoice, sys};
 
 mod cli;
 
@@ -56,6 +56,9 @@ struct ControllerArgs {
     /// Shards (threads, each with its own fd table); default: one per core.
     #[arg(long)]
     shards: Option<usize>,
+    /// I/O driver: io_uring where the kernel has it (>= 6.0), else epoll.
+    #[arg(long, env = "TETHER_IO", default_value = "auto")]
+    io: IoChoice,
     /// How often each registered service is pinged.
     #[arg(long, value_parser = duration, default_value = "30s")]
     ping_interval: Duration,
@@ -234,6 +237,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut engine = EngineConfig::new(args.listen, shards);
+    engine.io = args.io;
     engine.ping_interval = args.ping_interval;
     engine.pong_timeout = args.pong_timeout;
     engine.admit_timeout = args.register_timeout;
@@ -272,9 +276,10 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         format!("admin on {}", a.local_addr())
     });
     println!(
-        "tether controller ready: listening on {} ({} shards, epoll, up to {} connections per shard, auth {}, {})",
+        "tether controller ready: listening on {} ({} shards, {}, up to {} connections per shard, auth {}, {})",
         controller.local_addr(),
         controller.shards(),
+        controller.io(),
         max_conns,
         auth_mode,
         admin_line

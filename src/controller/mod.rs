@@ -198,6 +198,7 @@ pub struct Api {
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
     stats: Arc<[ShardStats]>,
     local_addr: std::net::SocketAddr,
+    io: crate::engine::IoDriver,
     stopping: AtomicBool,
 }
 
@@ -245,6 +246,7 @@ impl Controller {
             mailboxes: engine.mailboxes().clone(),
             stats: engine.stats().clone(),
             local_addr: engine.local_addr(),
+            io: engine.io(),
             stopping: AtomicBool::new(false),
         });
         Ok(Controller { engine, api })
@@ -277,6 +279,11 @@ impl Api {
 
     pub fn shards(&self) -> usize {
         self.mailboxes.len()
+    }
+
+    /// The I/O driver the shards run.
+    pub fn io(&self) -> crate::engine::IoDriver {
+        self.io
     }
 
     pub fn shared(&self) -> &Arc<Shared> {

@@ -182,6 +182,8 @@ const LIVE: u8 = 8;
 const OVER_CAP: u8 = 16;
 /// Was admitted at some point (for the admitted-connections gauge).
 const ADMITTED: u8 = 32;
+/// A send is in flight (io_uring: one at a time keeps bytes in order).
+const SENDING: u8 = 64;
 
 #[derive(Default)]
 struct Bufs {
@@ -244,6 +246,18 @@ impl Conn {
 
     pub fn mark_over_cap(&mut self) {
         self.flags |= OVER_CAP;
+    }
+
+    pub fn set_sending(&mut self, sending: bool) {
+        if sending {
+            self.flags |= SENDING;
+        } else {
+            self.flags &= !SENDING;
+        }
+    }
+
+    pub fn is_sending(&self) -> bool {
+        self.flags & SENDING != 0
     }
 
     pub fn was_admitted(&self) -> bool {

@@ -21,6 +21,7 @@ pub mod listen;
 pub mod mailbox;
 mod shard;
 pub mod sys;
+pub mod uring;
 pub mod wheel;
 pub mod ws;
 
@@ -44,9 +45,77 @@ pub const FD_RESERVE: usize = 64;
 /// How many connections past the cap may be in the middle of being told 1013.
 pub const OVER_CAP_GRACE: usize = 32;
 
+/// The I/O driver a shard runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IoDriver {
+    Epoll,
+    Uring,
+}
+
+impl std::fmt::Display for IoDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoDriver::Epoll => "epoll",
+            IoDriver::Uring => "io_uring",
+        })
+    }
+}
+
+/// Which driver to use: io_uring where the kernel supports it (>= 6.0),
+/// else epoll; or one forced.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum IoChoice {
+    Auto,
+    Epoll,
+    Uring,
+}
+
+impl std::str::FromStr for IoChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IoChoice, String> {
+        match s {
+            "auto" => Ok(IoChoice::Auto),
+            "epoll" => Ok(IoChoice::Epoll),
+            "uring" | "io_uring" => Ok(IoChoice::Uring),
+            other => Err(format!("--io is auto, uring or epoll, not {other:?}")),
+        }
+    }
+}
+
+impl IoChoice {
+    /// `TETHER_IO` (auto, uring, epoll) if set, else auto: lets a test
+    /// suite run once per driver.
+    pub fn from_env() -> IoChoice {
+        std::env::var("TETHER_IO")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(IoChoice::Auto)
+    }
+
+    /// The driver to run. Auto falls back to epoll, saying why once.
+    pub fn resolve(self) -> Result<IoDriver, String> {
+        match self {
+            IoChoice::Epoll => Ok(IoDriver::Epoll),
+            IoChoice::Uring => {
+                uring::probe().map_err(|why| format!("--io uring is not available here: {why}"))?;
+                Ok(IoDriver::Uring)
+            }
+            IoChoice::Auto => Ok(match uring::probe() {
+                Ok(()) => IoDriver::Uring,
+                Err(why) => {
+                    tracing::info!("io_uring is not available ({why}); using epoll");
+                    IoDriver::Epoll
+                }
+            }),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub listen: SocketAddr,
+    pub io: IoChoice,
     pub shards: usize,
     pub max_conns_per_shard: usize,
     pub ping_interval: Duration,
@@ -71,6 +140,7 @@ impl EngineConfig {
     pub fn new(listen: SocketAddr, shards: usize) -> EngineConfig {
         EngineConfig {
             listen,
+            io: IoChoice::from_env(),
             shards,
             max_conns_per_shard: default_max_conns_per_shard(shards),
             ping_interval: Duration::from_secs(30),
@@ -308,6 +378,7 @@ pub struct Engine<M: Send + 'static> {
     stats: Arc<[ShardStats]>,
     stop: Arc<AtomicBool>,
     local_addr: SocketAddr,
+    io: IoDriver,
 }
 
 impl<M: Send + 'static> Engine<M> {
@@ -320,6 +391,7 @@ impl<M: Send + 'static> Engine<M> {
         F: FnMut(ShardId, Arc<[Mailbox<M>]>, Arc<[ShardStats]>) -> H,
     {
         config.validate()?;
+        let io = config.io.resolve().map_err(StartError::Config)?;
         let mailboxes: Arc<[Mailbox<M>]> = (0..config.shards)
             .map(|_| Mailbox::new(config.mailbox_capacity))
             .collect::<Result<Vec<_>, _>>()?
@@ -347,6 +419,7 @@ impl<M: Send + 'static> Engine<M> {
                 stats: stats.clone(),
                 stop: stop.clone(),
                 epoch,
+                io,
             };
             let shard_ready = ready_tx.clone();
             let spawned = std::thread::Builder::new()
@@ -379,6 +452,7 @@ impl<M: Send + 'static> Engine<M> {
             stats,
             stop,
             local_addr,
+            io,
         };
         match failure {
             None => Ok(engine),
@@ -391,6 +465,11 @@ impl<M: Send + 'static> Engine<M> {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The driver the shards run.
+    pub fn io(&self) -> IoDriver {
+        self.io
     }
 
     pub fn shards(&self) -> usize {

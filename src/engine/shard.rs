@@ -1,12 +1,16 @@
-//! One shard: a thread with its own fd table, an epoll loop, a slab of
+//! One shard: a thread with its own fd table, an event loop, a slab of
 //! connections and a timer wheel. Nothing here is shared with other
 //! shards except the mailboxes (to receive), the counters (to write) and
 //! the stop flag.
 //!
-//! The loop: wait for readiness or the next tick; accept, read, feed the
-//! connection state machine, hand messages to the handler, write what it
-//! produced, carry out its actions; on each tick, fire the wheel's
-//! deadlines (handshake, admit, ping, pong, linger) and call `on_tick`.
+//! The core is driver-agnostic: it takes received bytes (`feed`), feeds the
+//! connection state machine, hands messages to the handler, writes what it
+//! produced, carries out its actions, and on each tick fires the wheel's
+//! deadlines (handshake, admit, ping, pong, linger) and calls `on_tick`.
+//! Two event loops drive it: epoll (readiness: accept and recv here, into
+//! one scratch buffer) and io_uring (completions: multishot accept into
+//! direct descriptors, multishot recv from provided buffers, sends in
+//! flight one per connection).
 //!
 //! Never does: block, allocate per idle connection, or read more than a
 //! bounded amount from one connection before serving the others.
@@ -17,21 +21,22 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing};
+use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing, Violation};
 use super::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use super::mailbox::Mailbox;
+use super::uring::{Completion, Op, Uring};
 use super::wheel::{Link, Links, Tick, Wheel};
 use super::{
-    Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, OVER_CAP_GRACE, ShardId, sys,
-    ws,
+    Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, IoDriver, OVER_CAP_GRACE,
+    ShardId, sys, ws,
 };
 use crate::metrics::{self, BadInput, ShardStats};
 
-/// The per-shard read buffer: every connection reads into it.
+/// The epoll driver's read buffer: every connection reads into it.
 const SCRATCH: usize = 64 << 10;
 /// Reads from one connection per readiness event before the others' turn.
 const READ_BUDGET: usize = 16;
@@ -40,6 +45,9 @@ const ACCEPT_BUDGET: usize = 512;
 const EVENTS: usize = 1024;
 const LISTENER: u64 = u64::MAX;
 const MAILBOX: u64 = u64::MAX - 1;
+/// Direct-descriptor slots beyond the connection bound, for sockets whose
+/// close is still in flight.
+const SLOT_SLACK: usize = 32;
 
 pub(super) struct Setup<M: Send + 'static> {
     pub id: ShardId,
@@ -51,6 +59,7 @@ pub(super) struct Setup<M: Send + 'static> {
     pub stats: Arc<[ShardStats]>,
     pub stop: Arc<AtomicBool>,
     pub epoch: Instant,
+    pub io: IoDriver,
 }
 
 fn token(key: u32, generation: u32) -> u64 {
@@ -70,21 +79,75 @@ fn own_fd_table(keep: &[RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The epoll driver's state.
+struct EpollIo {
+    epoll: Epoll,
+    scratch: Box<[u8]>,
+    /// Connections whose read budget ran out with data possibly left.
+    resume: Vec<u64>,
+    resume_next: Vec<u64>,
+    /// Accept again before waiting (budget spent, or room freed).
+    accept_now: bool,
+}
+
+/// The io_uring driver's state.
+struct UringIo {
+    ring: Uring,
+    accept_armed: bool,
+    /// Receives that ended (no buffer was free) and must be armed again.
+    rearm: Vec<(u32, u32)>,
+    completions: Vec<Completion>,
+}
+
+// One per shard, and reached on every operation: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Io {
+    Epoll(EpollIo),
+    Uring(UringIo),
+}
+
+fn prepare(setup: &Setup<impl Send>) -> std::io::Result<Io> {
+    own_fd_table(&setup.keep)?;
+    let index = setup.id.0 as usize;
+    let wake_fd = setup.mailboxes[index].wake_fd();
+    Ok(match setup.io {
+        IoDriver::Epoll => {
+            let epoll = Epoll::new(EVENTS)?;
+            epoll.add(setup.listener, READABLE | EDGE, LISTENER)?;
+            epoll.add(wake_fd, READABLE, MAILBOX)?;
+            Io::Epoll(EpollIo {
+                epoll,
+                scratch: vec![0; SCRATCH].into_boxed_slice(),
+                resume: Vec::new(),
+                resume_next: Vec::new(),
+                accept_now: true,
+            })
+        }
+        IoDriver::Uring => {
+            let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
+            let slots =
+                (setup.config.max_conns_per_shard + OVER_CAP_GRACE + SLOT_SLACK).min(nofile) as u32;
+            let mut ring = Uring::new(slots)?;
+            ring.watch(wake_fd);
+            ring.accept(setup.listener);
+            Io::Uring(UringIo {
+                ring,
+                accept_armed: true,
+                rearm: Vec::new(),
+                completions: Vec::with_capacity(4096),
+            })
+        }
+    })
+}
+
 pub(super) fn run<H: Handler>(
     setup: Setup<H::Msg>,
     handler: H,
     ready: Sender<(usize, Result<(), String>)>,
 ) {
     let index = setup.id.0 as usize;
-    let prepared = own_fd_table(&setup.keep)
-        .and_then(|()| Epoll::new(EVENTS))
-        .and_then(|epoll| {
-            epoll.add(setup.listener, READABLE | EDGE, LISTENER)?;
-            epoll.add(setup.mailboxes[index].wake_fd(), READABLE, MAILBOX)?;
-            Ok(epoll)
-        });
-    let epoll = match prepared {
-        Ok(epoll) => epoll,
+    let io = match prepare(&setup) {
+        Ok(io) => io,
         Err(e) => {
             let _ = ready.send((index, Err(e.to_string())));
             return;
@@ -92,7 +155,7 @@ pub(super) fn run<H: Handler>(
     };
     let _ = ready.send((index, Ok(())));
     drop(ready);
-    let mut shard = Shard::new(setup, handler, epoll);
+    let mut shard = Shard::new(setup, handler, io);
     // A shard that died would leave its sockets' instances registered and
     // its queued commands unanswered: better the whole process stops and
     // the service manager restarts it.
@@ -128,7 +191,7 @@ struct Shard<H: Handler> {
     conns: Slab<Conn>,
     wheel: Wheel,
     handler: H,
-    epoll: Epoll,
+    io: Io,
     listener: RawFd,
     mailboxes: Arc<[Mailbox<H::Msg>]>,
     all_stats: Arc<[ShardStats]>,
@@ -136,7 +199,6 @@ struct Shard<H: Handler> {
     epoch: Instant,
     now: Tick,
     clock: Instant,
-    scratch: Box<[u8]>,
     /// Frames for the connection being fed.
     out: Vec<u8>,
     actions: Actions,
@@ -144,19 +206,14 @@ struct Shard<H: Handler> {
     inbox: VecDeque<H::Msg>,
     /// Unsent output held by all of this shard's connections.
     pending_total: usize,
-    /// Connections whose read budget ran out with data possibly left.
-    resume: Vec<u64>,
-    resume_next: Vec<u64>,
     next_generation: u32,
-    /// Accept again before waiting (budget spent, or room freed).
-    accept_now: bool,
     /// At the connection bound or out of fds: accept again when room frees.
     accept_paused: bool,
     last_accept_warning: Option<Instant>,
 }
 
 impl<H: Handler> Shard<H> {
-    fn new(setup: Setup<H::Msg>, handler: H, epoll: Epoll) -> Shard<H> {
+    fn new(setup: Setup<H::Msg>, handler: H, io: Io) -> Shard<H> {
         let timing = setup.config.timing();
         let now = 0;
         Shard {
@@ -165,7 +222,7 @@ impl<H: Handler> Shard<H> {
             conns: Slab::with_capacity(setup.config.max_conns_per_shard + OVER_CAP_GRACE),
             wheel: Wheel::new(now),
             handler,
-            epoll,
+            io,
             listener: setup.listener,
             mailboxes: setup.mailboxes,
             all_stats: setup.stats,
@@ -173,16 +230,12 @@ impl<H: Handler> Shard<H> {
             epoch: setup.epoch,
             now,
             clock: Instant::now(),
-            scratch: vec![0; SCRATCH].into_boxed_slice(),
             out: Vec::with_capacity(4096),
             actions: Actions::default(),
             expired: Vec::new(),
             inbox: VecDeque::new(),
             pending_total: 0,
-            resume: Vec::new(),
-            resume_next: Vec::new(),
             next_generation: 1,
-            accept_now: true,
             accept_paused: false,
             last_accept_warning: None,
             config: setup.config,
@@ -195,6 +248,11 @@ impl<H: Handler> Shard<H> {
 
     fn tick_of(&self, at: Instant) -> Tick {
         (at.duration_since(self.epoch).as_nanos() / self.config.tick.as_nanos()) as Tick
+    }
+
+    fn until_next_tick(&self) -> Duration {
+        let next_tick = self.epoch + self.config.tick * (self.now + 1);
+        next_tick.saturating_duration_since(Instant::now())
     }
 
     fn live(&self, key: u32, generation: u32) -> bool {
@@ -212,26 +270,60 @@ impl<H: Handler> Shard<H> {
     }
 
     fn run(&mut self) {
+        match self.io {
+            Io::Epoll(_) => self.run_epoll(),
+            Io::Uring(_) => self.run_uring(),
+        }
+        self.shutdown();
+    }
+
+    fn warn_accept(&mut self, e: &std::io::Error) {
+        metrics::inc(&self.stats().accept_errors);
+        let quiet = self
+            .last_accept_warning
+            .is_some_and(|t| t.elapsed().as_secs() < 10);
+        if !quiet {
+            self.last_accept_warning = Some(Instant::now());
+            tracing::warn!(
+                shard = self.id.0,
+                open = self.conns.len(),
+                "accept failed: {e}; pausing accepts until connections close (raise RLIMIT_NOFILE or add shards)"
+            );
+        }
+    }
+
+    fn at_accept_bound(&self) -> bool {
+        self.conns.len() >= self.config.max_conns_per_shard + OVER_CAP_GRACE
+    }
+
+    // -- the epoll loop ------------------------------------------------------
+
+    fn epoll(&mut self) -> &mut EpollIo {
+        match &mut self.io {
+            Io::Epoll(e) => e,
+            Io::Uring(_) => unreachable!("epoll loop on an io_uring shard"),
+        }
+    }
+
+    fn run_epoll(&mut self) {
         let mut ready: Vec<(u32, u64)> = Vec::with_capacity(EVENTS);
         while !self.stop.load(Ordering::Relaxed) {
-            let timeout = if self.accept_now || !self.resume.is_empty() {
+            let wait = self.until_next_tick();
+            let e = self.epoll();
+            let timeout = if e.accept_now || !e.resume.is_empty() {
                 0
             } else {
-                let next_tick = self.epoch + self.config.tick * (self.now + 1);
-                let wait = next_tick.saturating_duration_since(Instant::now());
                 wait.as_millis().clamp(1, 1000) as i32
             };
-            match self.epoll.wait(timeout) {
-                Ok(events) => ready.extend(events),
-                Err(e) => {
-                    tracing::error!(shard = self.id.0, "epoll_wait failed: {e}; shard stops");
-                    break;
-                }
+            let waited = e.epoll.wait(timeout).map(|events| ready.extend(events));
+            if let Err(err) = waited {
+                tracing::error!(shard = self.id.0, "epoll_wait failed: {err}; shard stops");
+                break;
             }
             self.clock = Instant::now();
             for (events, token) in ready.drain(..) {
                 match token {
-                    LISTENER => self.accept_now = true,
+                    LISTENER => self.epoll().accept_now = true,
                     MAILBOX => self.drain_mailbox(),
                     token => {
                         let (key, generation) = (token as u32, (token >> 32) as u32);
@@ -239,24 +331,245 @@ impl<H: Handler> Shard<H> {
                             self.flush(key);
                         }
                         if events & (READABLE | HANGUP) != 0 && self.live(key, generation) {
-                            self.read(key, events & HANGUP != 0);
+                            self.epoll_read(key, events & HANGUP != 0);
                         }
                     }
                 }
             }
-            if self.accept_now {
-                self.accept();
+            if self.epoll().accept_now {
+                self.epoll_accept();
             }
-            std::mem::swap(&mut self.resume, &mut self.resume_next);
-            for token in std::mem::take(&mut self.resume_next) {
+            let e = self.epoll();
+            std::mem::swap(&mut e.resume, &mut e.resume_next);
+            for token in std::mem::take(&mut e.resume_next) {
                 if self.live(token as u32, (token >> 32) as u32) {
-                    self.read(token as u32, true);
+                    self.epoll_read(token as u32, true);
                 }
             }
             self.tick();
         }
-        self.shutdown();
     }
+
+    fn epoll_accept(&mut self) {
+        self.epoll().accept_now = false;
+        for _ in 0..ACCEPT_BUDGET {
+            if self.at_accept_bound() {
+                self.accept_paused = true;
+                return;
+            }
+            match sys::accept(self.listener) {
+                Ok(fd) => {
+                    let _ = sys::set_nodelay(fd);
+                    let Some((key, generation)) = self.adopt(fd) else {
+                        sys::close(fd);
+                        continue;
+                    };
+                    let interest = READABLE | WRITABLE | HANGUP | EDGE;
+                    if let Err(e) = self.epoll().epoll.add(fd, interest, token(key, generation)) {
+                        tracing::warn!(shard = self.id.0, "cannot watch an accepted socket: {e}");
+                        self.drop_conn(key);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS: the backlog keeps the
+                    // connections; try again when room frees or next tick.
+                    self.accept_paused = true;
+                    self.warn_accept(&e);
+                    return;
+                }
+            }
+        }
+        self.epoll().accept_now = true;
+    }
+
+    /// Reads until the socket is drained. With `hangup` (the peer shut its
+    /// side in the same edge as its last data) a short read does not prove
+    /// it drained: the EOF behind the data gets no edge of its own, so read
+    /// on until EOF or EAGAIN.
+    fn epoll_read(&mut self, key: u32, hangup: bool) {
+        for _ in 0..READ_BUDGET {
+            let Some(conn) = self.conns.get(key as usize) else {
+                return;
+            };
+            let (handle, generation) = (conn.handle, conn.generation);
+            let mut scratch = std::mem::take(&mut self.epoll().scratch);
+            let received = sys::recv(handle, &mut scratch);
+            let outcome = match received {
+                Ok(0) => Err(()),
+                Ok(n) => {
+                    self.feed(key, &mut scratch[..n]);
+                    Ok((n, scratch.len()))
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok((0, 0)),
+                Err(e) if e.kind() == ErrorKind::Interrupted => Ok((1, 0)),
+                Err(_) => Err(()),
+            };
+            self.epoll().scratch = scratch;
+            match outcome {
+                Err(()) => return self.lost(key),
+                Ok((0, _)) => return,
+                // Otherwise a short read drained the socket, and
+                // edge-triggered epoll reports anything arriving later.
+                Ok((n, size)) if (n < size && !hangup) || !self.live(key, generation) => return,
+                Ok(_) => {}
+            }
+        }
+        let generation = self.conns[key as usize].generation;
+        self.epoll().resume.push(token(key, generation));
+    }
+
+    // -- the io_uring loop ---------------------------------------------------
+
+    fn uring(&mut self) -> &mut UringIo {
+        match &mut self.io {
+            Io::Uring(u) => u,
+            Io::Epoll(_) => unreachable!("io_uring loop on an epoll shard"),
+        }
+    }
+
+    fn run_uring(&mut self) {
+        let mut completions = std::mem::take(&mut self.uring().completions);
+        while !self.stop.load(Ordering::Relaxed) {
+            let wait = if self.uring().rearm.is_empty() {
+                self.until_next_tick()
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.uring().ring.wait(wait, &mut completions) {
+                tracing::error!(shard = self.id.0, "io_uring wait failed: {e}; shard stops");
+                break;
+            }
+            self.clock = Instant::now();
+            for c in completions.drain(..) {
+                self.completed(c);
+            }
+            for (key, generation) in std::mem::take(&mut self.uring().rearm) {
+                if self.live(key, generation) {
+                    let slot = self.conns[key as usize].handle as u32;
+                    self.uring().ring.recv(slot, key, generation);
+                }
+            }
+            if self.accept_paused && !self.at_accept_bound() {
+                self.accept_paused = false;
+            }
+            if !self.uring().accept_armed && !self.accept_paused {
+                let listener = self.listener;
+                let u = self.uring();
+                u.ring.accept(listener);
+                u.accept_armed = true;
+            }
+            self.tick();
+        }
+        self.uring().completions = completions;
+    }
+
+    /// A 24-bit generation from a receive's user_data names this
+    /// connection if the low 24 bits match.
+    fn live24(&self, key: u32, generation24: u32) -> Option<u32> {
+        self.conns
+            .get(key as usize)
+            .filter(|c| c.generation & 0xFF_FFFF == generation24)
+            .map(|c| c.generation)
+    }
+
+    fn completed(&mut self, c: Completion) {
+        match c.op {
+            Some(Op::Accept) => {
+                if !c.more() {
+                    self.uring().accept_armed = false;
+                }
+                if c.result >= 0 {
+                    let slot = c.result as u32;
+                    match self.adopt(slot as RawFd) {
+                        Some((key, generation)) => {
+                            let ring = &mut self.uring().ring;
+                            ring.nodelay(slot);
+                            ring.recv(slot, key, generation);
+                        }
+                        None => self.uring().ring.close(slot),
+                    }
+                    if self.at_accept_bound() && self.uring().accept_armed {
+                        // Stop taking connections: the backlog keeps them
+                        // until room frees (the multishot ends on cancel).
+                        self.accept_paused = true;
+                        self.uring().ring.cancel_accept();
+                    }
+                } else if c.result != -libc::ECANCELED {
+                    self.accept_paused = true;
+                    self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
+                }
+            }
+            Some(Op::Recv(key, generation24)) => {
+                let live = self.live24(key, generation24);
+                let mut buf = c
+                    .buffer()
+                    .map(|bid| self.uring().ring.received(bid, c.result.max(0) as usize));
+                match (c.result, live) {
+                    (n, Some(_)) if n > 0 => {
+                        let data = buf
+                            .as_mut()
+                            .expect("a receive with data selected a buffer")
+                            .data();
+                        self.feed(key, data);
+                    }
+                    (_, None) => {}
+                    (0, Some(_)) => self.lost(key),
+                    (e, Some(generation)) if e == -libc::ENOBUFS => {
+                        // No buffer was free: the data waits in the socket;
+                        // arm again once buffers are back.
+                        self.uring().rearm.push((key, generation));
+                    }
+                    (_, Some(_)) => self.lost(key),
+                }
+                if let Some(buf) = buf {
+                    self.uring().ring.recycle(buf);
+                }
+                if c.result > 0
+                    && !c.more()
+                    && let Some(generation) = self.live24(key, generation24)
+                {
+                    self.uring().rearm.push((key, generation));
+                }
+            }
+            Some(Op::Send(index)) => {
+                let sent = c.result.max(0) as usize;
+                if c.result > 0 {
+                    self.stats()
+                        .bytes_out
+                        .fetch_add(sent as u64, Ordering::Relaxed);
+                }
+                let Some((key, generation)) = self.uring().ring.send_done(index, sent) else {
+                    return;
+                };
+                if !self.live(key, generation) {
+                    return;
+                }
+                self.conns[key as usize].set_sending(false);
+                if c.result < 0 {
+                    self.lost(key);
+                } else {
+                    self.flush(key);
+                    self.apply_actions();
+                }
+            }
+            Some(Op::Mailbox) => {
+                if !c.more() {
+                    let fd = self.mailboxes[self.id.0 as usize].wake_fd();
+                    self.uring().ring.watch(fd);
+                }
+                self.drain_mailbox();
+            }
+            Some(Op::Quiet) | None => {}
+        }
+    }
+
+    // -- what every driver shares --------------------------------------------
 
     fn drain_mailbox(&mut self) {
         let mut inbox = std::mem::take(&mut self.inbox);
@@ -324,113 +637,39 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    // -- accept --------------------------------------------------------------
-
-    fn accept(&mut self) {
-        self.accept_now = false;
-        for _ in 0..ACCEPT_BUDGET {
-            if self.conns.len() >= self.config.max_conns_per_shard + OVER_CAP_GRACE {
-                self.accept_paused = true;
-                return;
-            }
-            match sys::accept(self.listener) {
-                Ok(fd) => self.adopt(fd),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
-                    ) => {}
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS: the backlog keeps the
-                    // connections; try again when room frees or next tick.
-                    metrics::inc(&self.stats().accept_errors);
-                    self.accept_paused = true;
-                    let quiet = self
-                        .last_accept_warning
-                        .is_some_and(|t| t.elapsed().as_secs() < 10);
-                    if !quiet {
-                        self.last_accept_warning = Some(Instant::now());
-                        tracing::warn!(
-                            shard = self.id.0,
-                            open = self.conns.len(),
-                            "accept failed: {e}; pausing accepts until connections close \
-                             (raise RLIMIT_NOFILE or add shards)"
-                        );
-                    }
-                    return;
-                }
-            }
+    /// Takes an accepted socket (an fd, or a direct-descriptor slot). `None`
+    /// past the accept bound (the caller closes it).
+    fn adopt(&mut self, handle: RawFd) -> Option<(u32, u32)> {
+        if self.at_accept_bound() {
+            self.accept_paused = true;
+            return None;
         }
-        self.accept_now = true;
-    }
-
-    fn adopt(&mut self, fd: RawFd) {
-        let _ = sys::set_nodelay(fd);
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let over_cap = self.conns.len() >= self.config.max_conns_per_shard;
-        let entry = self.conns.vacant_entry();
-        let key = entry.key() as u32;
-        if let Err(e) = self.epoll.add(
-            fd,
-            READABLE | WRITABLE | HANGUP | EDGE,
-            token(key, generation),
-        ) {
-            tracing::warn!(shard = self.id.0, "cannot watch an accepted socket: {e}");
-            sys::close(fd);
-            return;
-        }
-        let (mut conn, deadline) = Conn::accepted(fd, generation, self.now, &self.timing);
+        let (mut conn, deadline) = Conn::accepted(handle, generation, self.now, &self.timing);
         if over_cap {
             conn.mark_over_cap();
         }
-        entry.insert(conn);
+        let key = self.conns.insert(conn) as u32;
         self.wheel.insert(&mut self.conns, key, deadline);
         let stats = self.stats();
         metrics::inc(&stats.accepted);
         metrics::inc(&stats.open_connections);
+        Some((key, generation))
     }
 
     // -- input ---------------------------------------------------------------
 
-    /// Reads until the socket is drained. With `hangup` (the peer shut its
-    /// side in the same edge as its last data) a short read does not prove
-    /// it drained: the EOF behind the data gets no edge of its own, so read
-    /// on until EOF or EAGAIN.
-    fn read(&mut self, key: u32, hangup: bool) {
-        for _ in 0..READ_BUDGET {
-            let Some(conn) = self.conns.get(key as usize) else {
-                return;
-            };
-            match sys::recv(conn.handle, &mut self.scratch) {
-                Ok(0) => return self.lost(key),
-                Ok(n) => {
-                    self.stats().bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                    let generation = conn.generation;
-                    self.feed(key, n);
-                    // Otherwise a short read drained the socket, and
-                    // edge-triggered epoll reports anything arriving later.
-                    if (n < self.scratch.len() && !hangup) || !self.live(key, generation) {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.lost(key),
-            }
-        }
-        let generation = self.conns[key as usize].generation;
-        self.resume.push(token(key, generation));
-    }
-
-    /// Feeds `scratch[..n]` to connection `key` and acts on the outcome.
-    fn feed(&mut self, key: u32, n: usize) {
+    /// Feeds received bytes to connection `key` and acts on the outcome.
+    fn feed(&mut self, key: u32, data: &mut [u8]) {
+        self.stats()
+            .bytes_in
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let Shard {
             id,
             conns,
             handler,
-            scratch,
             out,
             actions,
             config,
@@ -450,7 +689,7 @@ impl<H: Handler> Shard<H> {
         let over_cap = conn.is_over_cap();
         let mut accepted = false;
         out.clear();
-        let fed = conn.feed(&mut scratch[..n], &config.limits, out, |event, out| {
+        let fed = conn.feed(data, &config.limits, out, |event, out| {
             let mut cx = Cx {
                 shard: *id,
                 now: *clock,
@@ -565,32 +804,52 @@ impl<H: Handler> Shard<H> {
 
     // -- output --------------------------------------------------------------
 
-    /// Sends `bytes` or keeps what the socket will not take. Returns false
-    /// if the connection is gone (it was dropped here).
-    fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
+    /// Hands `bytes` to the driver; returns how many it took (sent, or in
+    /// flight), or `Err` if the peer is gone.
+    fn transmit(&mut self, key: u32, bytes: &[u8]) -> Result<usize, ()> {
         let conn = &mut self.conns[key as usize];
-        if conn.pending_out() > 0 {
-            return self.keep_unsent(key, bytes);
-        }
-        let mut sent = 0;
-        while sent < bytes.len() {
-            match sys::send(conn.handle, &bytes[sent..]) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.lost(key);
-                    return false;
+        match &mut self.io {
+            Io::Epoll(_) => {
+                let mut sent = 0;
+                while sent < bytes.len() {
+                    match sys::send(conn.handle, &bytes[sent..]) {
+                        Ok(n) => sent += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(_) => return Err(()),
+                    }
                 }
+                self.all_stats[self.id.0 as usize]
+                    .bytes_out
+                    .fetch_add(sent as u64, Ordering::Relaxed);
+                Ok(sent)
+            }
+            Io::Uring(u) => {
+                // One send in flight per connection keeps its bytes in order.
+                if conn.is_sending() || bytes.is_empty() {
+                    return Ok(0);
+                }
+                u.ring.send(conn.handle as u32, key, conn.generation, bytes);
+                conn.set_sending(true);
+                Ok(bytes.len())
             }
         }
-        self.stats()
-            .bytes_out
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        if sent < bytes.len() {
-            return self.keep_unsent(key, &bytes[sent..]);
+    }
+
+    /// Sends `bytes` or keeps what the driver will not take. Returns false
+    /// if the connection is gone (it was dropped here).
+    fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
+        if self.conns[key as usize].pending_out() > 0 {
+            return self.keep_unsent(key, bytes);
         }
-        true
+        match self.transmit(key, bytes) {
+            Err(()) => {
+                self.lost(key);
+                false
+            }
+            Ok(taken) if taken < bytes.len() => self.keep_unsent(key, &bytes[taken..]),
+            Ok(_) => true,
+        }
     }
 
     /// Keeps output the socket would not take, within the per-connection
@@ -607,31 +866,49 @@ impl<H: Handler> Shard<H> {
         true
     }
 
-    /// The socket became writable: send what was kept.
+    /// The socket can take more (epoll: writable; io_uring: a send
+    /// completed): send what was kept, and FIN once a closing connection's
+    /// last bytes are out.
     fn flush(&mut self, key: u32) {
-        let conn = &mut self.conns[key as usize];
-        if conn.pending_out() == 0 {
+        let pending = self.conns[key as usize].take_pending_out();
+        if !pending.is_empty() {
+            let sent = match self.transmit(key, &pending) {
+                Ok(n) => n,
+                Err(()) => {
+                    self.pending_total -= pending.len();
+                    return self.lost(key);
+                }
+            };
+            self.pending_total -= sent;
+            self.conns[key as usize].restore_out(pending, sent);
+        }
+        let conn = &self.conns[key as usize];
+        if conn.pending_out() == 0 && !conn.is_sending() && conn.phase() == Phase::Closing {
+            self.shutdown_write(key);
+        }
+    }
+
+    fn shutdown_write(&mut self, key: u32) {
+        let handle = self.conns[key as usize].handle;
+        match &mut self.io {
+            Io::Epoll(_) => sys::shutdown_write(handle),
+            Io::Uring(u) => u.ring.shutdown_write(handle as u32),
+        }
+    }
+
+    /// Best effort, outside the ordered stream (a last close frame to a
+    /// peer we are dropping); skipped if a frame is half sent.
+    fn send_last(&mut self, key: u32, bytes: &[u8]) {
+        let conn = &self.conns[key as usize];
+        if conn.pending_out() > 0 || conn.is_sending() {
             return;
         }
-        let pending = conn.take_pending_out();
-        let mut sent = 0;
-        while sent < pending.len() {
-            match sys::send(conn.handle, &pending[sent..]) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.lost(key),
+        let (handle, generation) = (conn.handle, conn.generation);
+        match &mut self.io {
+            Io::Epoll(_) => {
+                let _ = sys::send(handle, bytes);
             }
-        }
-        self.stats()
-            .bytes_out
-            .fetch_add(sent as u64, Ordering::Relaxed);
-        self.pending_total -= sent;
-        let conn = &mut self.conns[key as usize];
-        conn.restore_out(pending, sent);
-        if conn.pending_out() == 0 && conn.phase() == Phase::Closing {
-            // Our last bytes are out: FIN.
-            sys::shutdown_write(conn.handle);
+            Io::Uring(u) => u.ring.send(handle as u32, key, generation, bytes),
         }
     }
 
@@ -674,15 +951,16 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    /// Our last bytes are out: wait for the peer's close or EOF.
+    /// Our last bytes are queued: wait for the peer's close or EOF.
     fn linger(&mut self, key: u32) {
         let conn = &mut self.conns[key as usize];
-        if conn.pending_out() == 0 {
-            // Nothing more will be sent: FIN now (else when `flush` drains).
-            sys::shutdown_write(conn.handle);
-        }
         let deadline = conn.start_closing(self.now, &self.timing);
+        let idle = conn.pending_out() == 0 && !conn.is_sending();
         self.wheel.insert(&mut self.conns, key, deadline);
+        if idle {
+            // Nothing more will be sent: FIN now (else when `flush` drains).
+            self.shutdown_write(key);
+        }
     }
 
     fn drop_conn(&mut self, key: u32) {
@@ -690,15 +968,22 @@ impl<H: Handler> Shard<H> {
         let conn = self.conns.remove(key as usize);
         debug_assert!(!conn.is_live(), "handler must hear of the end first");
         self.pending_total -= conn.pending_out();
-        sys::close(conn.handle);
+        match &mut self.io {
+            Io::Epoll(_) => sys::close(conn.handle),
+            // A receive or send still in flight completes on its own (as
+            // stale, by generation); the slot frees when the close is done.
+            Io::Uring(u) => u.ring.close(conn.handle as u32),
+        }
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
         if conn.was_admitted() {
             metrics::dec(&stats.open_admitted);
         }
-        if self.accept_paused {
+        if self.accept_paused && !self.at_accept_bound() {
             self.accept_paused = false;
-            self.accept_now = true;
+            if let Io::Epoll(e) = &mut self.io {
+                e.accept_now = true;
+            }
         }
     }
 
@@ -720,10 +1005,11 @@ impl<H: Handler> Shard<H> {
         expired.clear();
         self.expired = expired;
         self.call(|h, cx| h.on_tick(cx));
-        if self.accept_paused && self.conns.len() < self.config.max_conns_per_shard + OVER_CAP_GRACE
-        {
+        if self.accept_paused && !self.at_accept_bound() {
             self.accept_paused = false;
-            self.accept_now = true;
+            if let Io::Epoll(e) = &mut self.io {
+                e.accept_now = true;
+            }
         }
     }
 
@@ -761,13 +1047,9 @@ impl<H: Handler> Shard<H> {
                 self.notify_closed(key, CloseCause::PongMissed);
                 // A frozen peer will not answer a close handshake; tell a
                 // half-alive one why, then let the socket go.
-                let conn = &self.conns[key as usize];
-                // Never splice a close frame into a half-sent frame.
-                if conn.pending_out() == 0 {
-                    let mut frame = Vec::with_capacity(32);
-                    ws::encode_close(&mut frame, 1008, "no pong within pong-timeout", None);
-                    let _ = sys::send(conn.handle, &frame);
-                }
+                let mut frame = Vec::with_capacity(32);
+                ws::encode_close(&mut frame, 1008, "no pong within pong-timeout", None);
+                self.send_last(key, &frame);
                 self.drop_conn(key);
             }
             Due::LingerOver => self.drop_conn(key),
@@ -780,12 +1062,30 @@ impl<H: Handler> Shard<H> {
         let mut frame = Vec::new();
         ws::encode_close(&mut frame, 1001, "controller shutting down", None);
         for key in keys {
-            let conn = &self.conns[key as usize];
-            if conn.is_live() && conn.pending_out() == 0 {
-                let _ = sys::send(conn.handle, &frame);
+            if self.conns[key as usize].is_live() {
+                self.send_last(key, &frame);
             }
             self.notify_closed(key, CloseCause::Shutdown);
             self.drop_conn(key);
+        }
+        if let Io::Uring(u) = &mut self.io {
+            // Let the last frames and closes go out before the ring does.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            let mut completions = Vec::new();
+            while u.ring.sending() > 0 && Instant::now() < deadline {
+                completions.clear();
+                if u.ring
+                    .wait(Duration::from_millis(10), &mut completions)
+                    .is_err()
+                {
+                    break;
+                }
+                for c in &completions {
+                    if let Some(Op::Send(index)) = c.op {
+                        u.ring.send_done(index, c.result.max(0) as usize);
+                    }
+                }
+            }
         }
         sys::close(self.listener);
         // Messages posted before the stop still get their answer (commands
@@ -793,8 +1093,6 @@ impl<H: Handler> Shard<H> {
         self.drain_mailbox();
     }
 }
-
-use super::conn::Violation;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,493 @@
+//! The io_uring facility for one shard: a ring, a provided-buffer ring for
+//! receives, a bounded pool of send buffers, and the encoding of each
+//! operation's user_data. No policy: what a completion means is the
+//! shard's business (`shard.rs`).
+//!
+//! Sockets are direct descriptors (accepted with IORING_FILE_INDEX_ALLOC
+//! into a sparse table, used as `Fixed`, closed through the ring): they
+//! never appear in an fd table. Receives are multishot and take their
+//! buffer from the ring's buffer group only when data arrives, so an idle
+//! connection owns no buffer. Kernel >= 6.0 (multishot recv); `probe`
+//! says whether this one will do.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
+
+/// Provided receive buffers per shard, and their size. 512 × 2 KiB =
+/// 1 MiB per shard, touched once at start; every receive takes one only
+/// while its data is being processed.
+pub const RECV_BUFFERS: u16 = 512;
+pub const RECV_BUFFER_SIZE: usize = 2048;
+/// Send buffers kept for reuse; more are allocated and freed as needed.
+const SEND_POOL: usize = 256;
+/// A pooled send buffer's capacity; larger sends get their own.
+const SEND_BUFFER_SIZE: usize = 4096;
+const BUFFER_GROUP: u16 = 7;
+
+/// What a completion is for: the top 8 bits of its user_data.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Accept,
+    /// A connection's multishot receive: (slab key, generation low 24 bits).
+    Recv(u32, u32),
+    /// A send: its index in the send table.
+    Send(u32),
+    /// Close, shutdown and socket options: nothing to do on completion.
+    Quiet,
+    Mailbox,
+}
+
+impl Op {
+    pub fn encode(self) -> u64 {
+        match self {
+            Op::Accept => 1 << 56,
+            Op::Recv(key, generation) => {
+                2 << 56 | ((generation & 0xFF_FFFF) as u64) << 32 | key as u64
+            }
+            Op::Send(index) => 3 << 56 | index as u64,
+            Op::Quiet => 4 << 56,
+            Op::Mailbox => 5 << 56,
+        }
+    }
+
+    pub fn decode(user_data: u64) -> Option<Op> {
+        let low = user_data as u32;
+        Some(match user_data >> 56 {
+            1 => Op::Accept,
+            2 => Op::Recv(low, ((user_data >> 32) & 0xFF_FFFF) as u32),
+            3 => Op::Send(low),
+            4 => Op::Quiet,
+            5 => Op::Mailbox,
+            _ => return None,
+        })
+    }
+}
+
+/// One completion, copied out of the ring.
+#[derive(Copy, Clone, Debug)]
+pub struct Completion {
+    pub op: Option<Op>,
+    pub result: i32,
+    pub flags: u32,
+}
+
+impl Completion {
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+}
+
+/// Whether this kernel has what the driver needs; `Err` says what is missing.
+///
+/// Runs on a thread of its own: a thread that set up a ring later gets the
+/// ring's teardown as task work with a notify-signal, which interrupts
+/// whatever blocking call it is in then (EINTR, with no signal to see).
+pub fn probe() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("tether-uring-probe".into())
+        .spawn(probe_here)
+        .map_err(|e| format!("cannot start the probe thread: {e}"))?
+        .join()
+        .unwrap_or_else(|_| Err("the probe panicked".into()))
+}
+
+fn probe_here() -> Result<(), String> {
+    let ring: IoUring = IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err("the kernel lacks IORING_FEAT_EXT_ARG (timeouts on wait)".into());
+    }
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("cannot probe io_uring: {e}"))?;
+    // Multishot recv and accept into direct slots share opcodes with their
+    // one-shot forms; SendZc arrived in the same release (6.0).
+    for (name, code) in [
+        ("accept", opcode::AcceptMulti::CODE),
+        ("recv", opcode::RecvMulti::CODE),
+        ("send_zc (kernel 6.0)", opcode::SendZc::CODE),
+        ("close", opcode::Close::CODE),
+        ("shutdown", opcode::Shutdown::CODE),
+        ("poll_add", opcode::PollAdd::CODE),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("io_uring lacks {name}"));
+        }
+    }
+    Ok(())
+}
+
+/// The provided-buffer ring: entries the kernel takes buffers from, and
+/// the buffers. Both are one anonymous mapping, so they are page-aligned
+/// and stay put.
+struct BufRing {
+    map: *mut u8,
+    map_len: usize,
+    entries: *mut BufRingEntry,
+    buffers: *mut u8,
+    mask: u16,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring) -> io::Result<BufRing> {
+        let count = RECV_BUFFERS as usize;
+        let ring_bytes = (count * size_of::<BufRingEntry>()).next_multiple_of(4096);
+        let map_len = ring_bytes + count * RECV_BUFFER_SIZE;
+        // SAFETY: an anonymous private mapping; we own it until Drop.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = map.cast::<u8>();
+        let mut buf_ring = BufRing {
+            map,
+            map_len,
+            entries: map.cast(),
+            // SAFETY: within the mapping (ring_bytes < map_len).
+            buffers: unsafe { map.add(ring_bytes) },
+            mask: RECV_BUFFERS - 1,
+            tail: 0,
+        };
+        // SAFETY: the ring memory is page-aligned, sized for RECV_BUFFERS
+        // entries and lives as long as the registration (unregistered by
+        // the ring's drop before the unmapping in ours).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                map as u64,
+                RECV_BUFFERS,
+                BUFFER_GROUP,
+                0,
+            )?;
+        }
+        for bid in 0..RECV_BUFFERS {
+            buf_ring.push(bid);
+        }
+        buf_ring.publish();
+        Ok(buf_ring)
+    }
+
+    /// Returns buffer `bid` to the kernel (visible after `publish`).
+    fn push(&mut self, bid: u16) {
+        let index = (self.tail & self.mask) as usize;
+        // SAFETY: index < RECV_BUFFERS entries; bid < RECV_BUFFERS buffers.
+        unsafe {
+            let entry = &mut *self.entries.add(index);
+            entry.set_addr(self.buffers.add(bid as usize * RECV_BUFFER_SIZE) as u64);
+            entry.set_len(RECV_BUFFER_SIZE as u32);
+            entry.set_bid(bid);
+        }
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes pushed buffers visible to the kernel.
+    fn publish(&mut self) {
+        // SAFETY: the tail is the u16 at offset 14 of entry 0, which the
+        // kernel reads atomically; Release orders the entries before it.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries as *const BufRingEntry) as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn take(&self, bid: u16, len: usize) -> RecvBuf {
+        assert!(
+            bid < RECV_BUFFERS && len <= RECV_BUFFER_SIZE,
+            "the kernel gave a buffer we do not have"
+        );
+        // SAFETY: in bounds (checked above).
+        RecvBuf {
+            ptr: unsafe { self.buffers.add(bid as usize * RECV_BUFFER_SIZE) },
+            len,
+            bid,
+        }
+    }
+}
+
+/// A receive buffer the kernel filled and handed over: ours until it goes
+/// back with `Uring::recycle` (which consumes it).
+pub struct RecvBuf {
+    ptr: *mut u8,
+    len: usize,
+    bid: u16,
+}
+
+impl RecvBuf {
+    pub fn data(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr..ptr+len` lies in the buffer ring's mapping, which
+        // lives as long as the shard's `Uring`; the kernel does not write a
+        // completed buffer until it is pushed back, and pushing back
+        // consumes this handle.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `new` mapped; the ring (and its registration)
+        // was dropped first (field order in `Uring`).
+        unsafe { libc::munmap(self.map.cast(), self.map_len) };
+    }
+}
+
+/// A send in flight: its buffer must live until the completion.
+pub struct Sending {
+    pub key: u32,
+    pub generation: u32,
+    pub slot: u32,
+    pub buf: Vec<u8>,
+    pub offset: usize,
+}
+
+/// One shard's ring.
+pub struct Uring {
+    // Dropped before `buffers`: the ring's drop unregisters them.
+    ring: IoUring,
+    buffers: BufRing,
+    sends: slab::Slab<Sending>,
+    pool: Vec<Vec<u8>>,
+    recycled: bool,
+}
+
+impl Uring {
+    /// A ring for a shard holding up to `slots` direct descriptors.
+    pub fn new(slots: u32) -> io::Result<Uring> {
+        let ring: IoUring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_cqsize(16_384)
+            .build(4096)?;
+        ring.submitter().register_files_sparse(slots)?;
+        let buffers = BufRing::new(&ring)?;
+        Ok(Uring {
+            ring,
+            buffers,
+            sends: slab::Slab::with_capacity(1024),
+            pool: Vec::new(),
+            recycled: false,
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        // SAFETY: every pointer an entry carries (send buffers, the
+        // timespec is not one) stays valid until its completion: send
+        // buffers live in `self.sends` until then.
+        unsafe {
+            while self.ring.submission().push(&entry).is_err() {
+                // Full: hand what is queued to the kernel and try again.
+                if let Err(e) = self.ring.submit()
+                    && e.raw_os_error() != Some(libc::EBUSY)
+                {
+                    tracing::error!("io_uring submit failed: {e}");
+                }
+            }
+        }
+    }
+
+    pub fn accept(&mut self, listener: RawFd) {
+        let entry = opcode::AcceptMulti::new(Fd(listener))
+            .allocate_file_index(true)
+            .build();
+        self.push(entry.user_data(Op::Accept.encode()));
+    }
+
+    /// Ends the multishot accept (its last completion says -ECANCELED).
+    pub fn cancel_accept(&mut self) {
+        let entry = opcode::AsyncCancel::new(Op::Accept.encode()).build();
+        self.push(entry.user_data(Op::Quiet.encode()));
+    }
+
+    pub fn recv(&mut self, slot: u32, key: u32, generation: u32) {
+        let entry = opcode::RecvMulti::new(Fixed(slot), BUFFER_GROUP).build();
+        self.push(entry.user_data(Op::Recv(key, generation).encode()));
+    }
+
+    pub fn watch(&mut self, fd: RawFd) {
+        let entry = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.push(entry.user_data(Op::Mailbox.encode()));
+    }
+
+    /// Sets TCP_NODELAY on a direct descriptor (kernel 6.7; a failure only
+    /// costs latency, so it is not checked).
+    pub fn nodelay(&mut self, slot: u32) {
+        static ONE: libc::c_int = 1;
+        let entry = opcode::SetSockOpt::new(
+            Fixed(slot),
+            libc::IPPROTO_TCP as u32,
+            libc::TCP_NODELAY as u32,
+            (&ONE as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+        .build();
+        self.push(entry.user_data(Op::Quiet.encode()));
+    }
+
+    /// Starts sending `bytes` on `slot`; the connection is (key, generation).
+    pub fn send(&mut self, slot: u32, key: u32, generation: u32, bytes: &[u8]) {
+        let mut buf = match self.pool.pop() {
+            Some(b) if bytes.len() <= b.capacity() => b,
+            other => {
+                if let Some(b) = other {
+                    self.pool.push(b);
+                }
+                Vec::with_capacity(bytes.len().max(SEND_BUFFER_SIZE))
+            }
+        };
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        let index = self.sends.insert(Sending {
+            key,
+            generation,
+            slot,
+            buf,
+            offset: 0,
+        }) as u32;
+        self.submit_send(index);
+    }
+
+    fn submit_send(&mut self, index: u32) {
+        let s = &self.sends[index as usize];
+        let rest = &s.buf[s.offset..];
+        let entry = opcode::Send::new(Fixed(s.slot), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build();
+        self.push(entry.user_data(Op::Send(index).encode()));
+    }
+
+    /// A send completed with `sent` bytes. Returns it if it is finished
+    /// (its buffer goes back to the pool); a partial send is resubmitted.
+    pub fn send_done(&mut self, index: u32, sent: usize) -> Option<(u32, u32)> {
+        let s = self.sends.get_mut(index as usize)?;
+        s.offset += sent;
+        if sent > 0 && s.offset < s.buf.len() {
+            self.submit_send(index);
+            return None;
+        }
+        let done = self.sends.remove(index as usize);
+        if self.pool.len() < SEND_POOL && done.buf.capacity() <= SEND_BUFFER_SIZE {
+            self.pool.push(done.buf);
+        }
+        Some((done.key, done.generation))
+    }
+
+    pub fn shutdown_write(&mut self, slot: u32) {
+        let entry = opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR).build();
+        self.push(entry.user_data(Op::Quiet.encode()));
+    }
+
+    /// Releases a socket. A multishot receive holds a reference to it, so a
+    /// bare close would leave it open (no FIN) until that receive ends:
+    /// shut it down first, which ends the receive, then close the slot. Hard
+    /// linked, so the close runs even if the shutdown fails (the slot must
+    /// come back either way).
+    pub fn close(&mut self, slot: u32) {
+        let shutdown = opcode::Shutdown::new(Fixed(slot), libc::SHUT_RDWR)
+            .build()
+            .flags(squeue::Flags::IO_HARDLINK)
+            .user_data(Op::Quiet.encode());
+        // A link cannot span submissions: room for both first.
+        let room = {
+            let sq = self.ring.submission();
+            sq.capacity() - sq.len()
+        };
+        if room < 2 {
+            let _ = self.ring.submit();
+        }
+        self.push(shutdown);
+        let entry = opcode::Close::new(Fixed(slot)).build();
+        self.push(entry.user_data(Op::Quiet.encode()));
+    }
+
+    /// The buffer a receive completion selected, with its `len` bytes.
+    pub fn received(&self, bid: u16, len: usize) -> RecvBuf {
+        self.buffers.take(bid, len)
+    }
+
+    /// Gives a receive buffer back (published at the next `wait`).
+    pub fn recycle(&mut self, buf: RecvBuf) {
+        self.buffers.push(buf.bid);
+        self.recycled = true;
+    }
+
+    /// Submits what is queued and waits up to `timeout` for a completion;
+    /// then copies the completions out into `into`.
+    pub fn wait(&mut self, timeout: Duration, into: &mut Vec<Completion>) -> io::Result<()> {
+        if self.recycled {
+            self.buffers.publish();
+            self.recycled = false;
+        }
+        let ts = Timespec::from(timeout);
+        let args = SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        into.extend(self.ring.completion().map(|c| Completion {
+            op: Op::decode(c.user_data()),
+            result: c.result(),
+            flags: c.flags(),
+        }));
+        Ok(())
+    }
+
+    /// Sends in flight.
+    pub fn sending(&self) -> usize {
+        self.sends.len()
+    }
+}
+
+impl AsRawFd for Uring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_data_round_trips() {
+        for op in [
+            Op::Accept,
+            Op::Recv(7, 0xABCDEF),
+            Op::Recv(u32::MAX, 1),
+            Op::Send(42),
+            Op::Quiet,
+            Op::Mailbox,
+        ] {
+            assert_eq!(Op::decode(op.encode()), Some(op));
+        }
+        assert_eq!(
+            Op::decode(Op::Recv(3, 0x1_000_005).encode()),
+            Some(Op::Recv(3, 5)),
+            "generation keeps 24 bits"
+        );
+        assert_eq!(Op::decode(0), None);
+    }
+}
