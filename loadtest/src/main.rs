@@ -1,9 +1,10 @@
 //! tether-loadtest: runs the controller and swarms of simulated services
 //! as real processes on loopback and reports what they cost, per
 //! ../shared/MEASURING.md. Scenarios grow with the load-test issue; today:
-//! `memory` and `admin`.
+//! `memory`, `admin` and `capacity`.
 
 mod admin;
+mod capacity;
 mod memory;
 mod procs;
 mod topology;
@@ -23,6 +24,8 @@ enum Scenario {
     Memory(memory::MemoryArgs),
     /// Latency of the admin API's service listing at N services.
     Admin(admin::AdminArgs),
+    /// N services ramped and held: memory, registration rate, ping cost, false downs.
+    Capacity(capacity::CapacityArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +34,14 @@ fn main() -> anyhow::Result<()> {
             let json = args.json.clone();
             let report = memory::run(args)?;
             memory::print(&report);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            }
+        }
+        Scenario::Capacity(args) => {
+            let json = args.json.clone();
+            let report = capacity::run(args)?;
+            capacity::print(&report);
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
             }

@@ -18,6 +18,9 @@ pub struct MemoryArgs {
     /// Controller shards.
     #[arg(long, default_value_t = 4)]
     pub shards: usize,
+    /// The controller's I/O driver: auto, uring or epoll.
+    #[arg(long, default_value = "auto")]
+    pub io: String,
     /// Services per swarm process.
     #[arg(long, default_value_t = 50_000)]
     pub per_swarm: usize,
@@ -54,7 +57,7 @@ pub struct MemoryReport {
 
 pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     let tether = procs::tether_binary(args.tether.as_deref())?;
-    let controller = topology::controller(&tether, args.shards)?;
+    let controller = topology::controller_with(&tether, args.shards, &["--io", &args.io])?;
     std::thread::sleep(Duration::from_secs(1));
     let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;

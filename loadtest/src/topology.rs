@@ -16,6 +16,11 @@ pub struct Controller {
 }
 
 pub fn controller(tether: &Path, shards: usize) -> anyhow::Result<Controller> {
+    controller_with(tether, shards, &[])
+}
+
+/// A controller with extra flags (e.g. `--io epoll`).
+pub fn controller_with(tether: &Path, shards: usize, extra: &[&str]) -> anyhow::Result<Controller> {
     let port = procs::free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let admin_port = procs::free_port_after(port)?;
@@ -29,7 +34,8 @@ pub fn controller(tether: &Path, shards: usize) -> anyhow::Result<Controller> {
         &admin,
         "--shards",
         &shards.to_string(),
-    ]);
+    ])
+    .args(extra);
     let mut proc = Proc::spawn("controller", cmd)?;
     proc.wait_line(Duration::from_secs(20), |l| {
         l.starts_with("tether controller ready")
@@ -41,10 +47,20 @@ pub fn controller(tether: &Path, shards: usize) -> anyhow::Result<Controller> {
     })
 }
 
-/// Source addresses for `n` services: ~10,000 per address, from 127.0.0.2.
-pub fn source_range(n: usize) -> String {
-    let count = n.div_ceil(10_000).clamp(1, 250);
-    format!("127.0.0.2-127.0.0.{}", 1 + count)
+/// Connections per source address (each address has ~28k ephemeral ports
+/// toward one listener; staying well under keeps connects fast).
+const PER_SOURCE: usize = 10_000;
+
+/// Source addresses for the services `offset..offset + n`: their own
+/// addresses, ~10,000 services each, from 127.0.0.2 on.
+pub fn source_range(offset: usize, n: usize) -> String {
+    let first = 2 + offset / PER_SOURCE;
+    let last = (2 + (offset + n - 1) / PER_SOURCE).max(first);
+    assert!(
+        last < 255,
+        "more than 2.5 million services on one loopback /24"
+    );
+    format!("127.0.0.{first}-127.0.0.{last}")
 }
 
 /// Swarm processes registering `services` (100 serviceIds, distinct
@@ -54,6 +70,18 @@ pub fn swarms(
     listen: &str,
     services: usize,
     per_swarm: usize,
+) -> anyhow::Result<(Vec<Proc>, f64)> {
+    swarms_at(tether, listen, services, per_swarm, 5_000.0)
+}
+
+/// `swarms` with a total connect rate (new connections per second, shared
+/// by the swarm processes).
+pub fn swarms_at(
+    tether: &Path,
+    listen: &str,
+    services: usize,
+    per_swarm: usize,
+    connect_rate: f64,
 ) -> anyhow::Result<(Vec<Proc>, f64)> {
     let started = Instant::now();
     let mut swarms = Vec::new();
@@ -76,7 +104,16 @@ pub fn swarms(
             "--index-offset",
             &offset.to_string(),
         ])
-        .args(["--source-ips", &source_range(n), "--exit-after", "30m"]);
+        .args([
+            "--source-ips",
+            &source_range(offset, n),
+            "--exit-after",
+            "30m",
+        ])
+        .args([
+            "--connect-rate",
+            &format!("{:.0}", connect_rate * n as f64 / services as f64),
+        ]);
         swarms.push(Proc::spawn(&format!("swarm@{offset}"), cmd)?);
         offset += n;
     }
