@@ -234,7 +234,7 @@ fn count_syscalls(
         .map(|(_, c)| *c)
         .unwrap_or(0);
     rows.retain(|(n, _)| n != "total");
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
     rows.truncate(6);
     Ok(Syscalls {
         seconds,
