@@ -124,6 +124,8 @@ pub struct ShardStats {
     pub peer_closed: AtomicU64,
     pub peer_gone: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// io_uring: receives re-armed after no buffer was free (ENOBUFS).
+    pub recv_rearms: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub rtt_count: AtomicU64,

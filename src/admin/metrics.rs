@@ -114,6 +114,13 @@ pub fn render(api: &Api) -> String {
     );
     o.per_shard(
         stats,
+        "tether_recv_rearms_total",
+        "counter",
+        "io_uring receives re-armed after no receive buffer was free (no data is lost).",
+        |s| r(&s.recv_rearms),
+    );
+    o.per_shard(
+        stats,
         "tether_accept_errors_total",
         "counter",
         "accept(2) failures (e.g. out of file descriptors).",

@@ -134,6 +134,10 @@ pub struct EngineConfig {
     pub max_pending_out_per_shard: usize,
     /// Messages waiting in one shard's mailbox.
     pub mailbox_capacity: usize,
+    /// io_uring: provided receive buffers per shard (a power of two, each
+    /// 2 KiB). Fewer costs re-arms when many connections send at once,
+    /// never data.
+    pub uring_recv_buffers: u16,
 }
 
 impl EngineConfig {
@@ -153,6 +157,7 @@ impl EngineConfig {
             max_pending_out: 16 << 20,
             max_pending_out_per_shard: 256 << 20,
             mailbox_capacity: 65_536,
+            uring_recv_buffers: 512,
         }
     }
 
@@ -189,6 +194,12 @@ impl EngineConfig {
         // Ticks are u32: at 50 ms they wrap after 6.8 years of uptime.
         if self.tick < Duration::from_millis(50) || self.tick > Duration::from_secs(1) {
             return bad(format!("tick must be 50ms..=1s, not {:?}", self.tick));
+        }
+        if !self.uring_recv_buffers.is_power_of_two() || self.uring_recv_buffers > 32_768 {
+            return bad(format!(
+                "uring_recv_buffers must be a power of two up to 32768, not {}",
+                self.uring_recv_buffers
+            ));
         }
         if self.ping_interval < self.tick || self.pong_timeout < self.tick {
             return bad(format!(

@@ -127,7 +127,7 @@ fn prepare(setup: &Setup<impl Send>) -> std::io::Result<Io> {
             let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
             let slots =
                 (setup.config.max_conns_per_shard + OVER_CAP_GRACE + SLOT_SLACK).min(nofile) as u32;
-            let mut ring = Uring::new(slots)?;
+            let mut ring = Uring::new(slots, setup.config.uring_recv_buffers)?;
             ring.watch(wake_fd);
             ring.accept(setup.listener);
             Io::Uring(UringIo {
@@ -523,6 +523,7 @@ impl<H: Handler> Shard<H> {
                     (e, Some(generation)) if e == -libc::ENOBUFS => {
                         // No buffer was free: the data waits in the socket;
                         // arm again once buffers are back.
+                        metrics::inc(&self.stats().recv_rearms);
                         self.uring().rearm.push((key, generation));
                     }
                     (_, Some(_)) => self.lost(key),

@@ -18,10 +18,10 @@ use std::time::Duration;
 use io_uring::types::{BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 
-/// Provided receive buffers per shard, and their size. 512 × 2 KiB =
-/// 1 MiB per shard, touched once at start; every receive takes one only
-/// while its data is being processed.
-pub const RECV_BUFFERS: u16 = 512;
+/// The size of a provided receive buffer. The default count
+/// (`EngineConfig::uring_recv_buffers`, 512 × 2 KiB = 1 MiB per shard) is
+/// touched once at start; every receive takes one only while its data is
+/// being processed.
 pub const RECV_BUFFER_SIZE: usize = 2048;
 /// Send buffers kept for reuse; more are allocated and freed as needed.
 const SEND_POOL: usize = 256;
@@ -130,6 +130,7 @@ fn probe_here() -> Result<(), String> {
 /// the buffers. Both are one anonymous mapping, so they are page-aligned
 /// and stay put.
 struct BufRing {
+    count: u16,
     map: *mut u8,
     map_len: usize,
     entries: *mut BufRingEntry,
@@ -139,8 +140,9 @@ struct BufRing {
 }
 
 impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<BufRing> {
-        let count = RECV_BUFFERS as usize;
+    fn new(ring: &IoUring, buffers: u16) -> io::Result<BufRing> {
+        assert!(buffers.is_power_of_two(), "validated by EngineConfig");
+        let count = buffers as usize;
         let ring_bytes = (count * size_of::<BufRingEntry>()).next_multiple_of(4096);
         let map_len = ring_bytes + count * RECV_BUFFER_SIZE;
         // SAFETY: an anonymous private mapping; we own it until Drop.
@@ -159,26 +161,23 @@ impl BufRing {
         }
         let map = map.cast::<u8>();
         let mut buf_ring = BufRing {
+            count: buffers,
             map,
             map_len,
             entries: map.cast(),
             // SAFETY: within the mapping (ring_bytes < map_len).
             buffers: unsafe { map.add(ring_bytes) },
-            mask: RECV_BUFFERS - 1,
+            mask: buffers - 1,
             tail: 0,
         };
-        // SAFETY: the ring memory is page-aligned, sized for RECV_BUFFERS
+        // SAFETY: the ring memory is page-aligned, sized for `buffers`
         // entries and lives as long as the registration (unregistered by
         // the ring's drop before the unmapping in ours).
         unsafe {
-            ring.submitter().register_buf_ring_with_flags(
-                map as u64,
-                RECV_BUFFERS,
-                BUFFER_GROUP,
-                0,
-            )?;
+            ring.submitter()
+                .register_buf_ring_with_flags(map as u64, buffers, BUFFER_GROUP, 0)?;
         }
-        for bid in 0..RECV_BUFFERS {
+        for bid in 0..buffers {
             buf_ring.push(bid);
         }
         buf_ring.publish();
@@ -188,7 +187,8 @@ impl BufRing {
     /// Returns buffer `bid` to the kernel (visible after `publish`).
     fn push(&mut self, bid: u16) {
         let index = (self.tail & self.mask) as usize;
-        // SAFETY: index < RECV_BUFFERS entries; bid < RECV_BUFFERS buffers.
+        // SAFETY: index < count entries; bid < count buffers (both masked
+        // or checked by the callers).
         unsafe {
             let entry = &mut *self.entries.add(index);
             entry.set_addr(self.buffers.add(bid as usize * RECV_BUFFER_SIZE) as u64);
@@ -210,7 +210,7 @@ impl BufRing {
 
     fn take(&self, bid: u16, len: usize) -> RecvBuf {
         assert!(
-            bid < RECV_BUFFERS && len <= RECV_BUFFER_SIZE,
+            bid < self.count && len <= RECV_BUFFER_SIZE,
             "the kernel gave a buffer we do not have"
         );
         // SAFETY: in bounds (checked above).
@@ -268,15 +268,16 @@ pub struct Uring {
 }
 
 impl Uring {
-    /// A ring for a shard holding up to `slots` direct descriptors.
-    pub fn new(slots: u32) -> io::Result<Uring> {
+    /// A ring for a shard holding up to `slots` direct descriptors, with
+    /// `buffers` provided receive buffers (a power of two).
+    pub fn new(slots: u32, buffers: u16) -> io::Result<Uring> {
         let ring: IoUring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
             .setup_cqsize(16_384)
             .build(4096)?;
         ring.submitter().register_files_sparse(slots)?;
-        let buffers = BufRing::new(&ring)?;
+        let buffers = BufRing::new(&ring, buffers)?;
         Ok(Uring {
             ring,
             buffers,
