@@ -28,7 +28,7 @@ use slab::Slab;
 use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing, Violation};
 use super::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use super::mailbox::Mailbox;
-use super::uring::{Completion, Op, Uring};
+use super::uring::{Completion, Op, SendDone, Uring};
 use super::wheel::{Link, Links, Tick, Wheel};
 use super::{
     Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, IoDriver, OVER_CAP_GRACE,
@@ -93,7 +93,8 @@ struct EpollIo {
 /// The io_uring driver's state.
 struct UringIo {
     ring: Uring,
-    accept_armed: bool,
+    /// After an accept error, accept again no sooner than this tick.
+    accept_retry: Tick,
     /// Receives that ended (no buffer was free) and must be armed again.
     rearm: Vec<(u32, u32)>,
     completions: Vec<Completion>,
@@ -132,7 +133,7 @@ fn prepare(setup: &Setup<impl Send>) -> std::io::Result<Io> {
             ring.accept(setup.listener);
             Io::Uring(UringIo {
                 ring,
-                accept_armed: true,
+                accept_retry: 0,
                 rearm: Vec::new(),
                 completions: Vec::with_capacity(4096),
             })
@@ -442,8 +443,18 @@ impl<H: Handler> Shard<H> {
                 Duration::ZERO
             };
             if let Err(e) = self.uring().ring.wait(wait, &mut completions) {
-                tracing::error!(shard = self.id.0, "io_uring wait failed: {e}; shard stops");
-                break;
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) {
+                    // The kernel is short of memory for requests: try again.
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                // A shard that stopped would strand its connections and
+                // leave its mailbox unanswered: stop the process instead.
+                tracing::error!(
+                    shard = self.id.0,
+                    "io_uring wait failed: {e}; aborting the controller"
+                );
+                std::process::abort();
             }
             self.clock = Instant::now();
             for c in completions.drain(..) {
@@ -458,11 +469,10 @@ impl<H: Handler> Shard<H> {
             if self.accept_paused && !self.at_accept_bound() {
                 self.accept_paused = false;
             }
-            if !self.uring().accept_armed && !self.accept_paused {
-                let listener = self.listener;
-                let u = self.uring();
+            let (now, paused, listener) = (self.now, self.accept_paused, self.listener);
+            let u = self.uring();
+            if !u.ring.accept_armed() && !paused && now >= u.accept_retry {
                 u.ring.accept(listener);
-                u.accept_armed = true;
             }
             self.tick();
         }
@@ -481,9 +491,6 @@ impl<H: Handler> Shard<H> {
     fn completed(&mut self, c: Completion) {
         match c.op {
             Some(Op::Accept) => {
-                if !c.more() {
-                    self.uring().accept_armed = false;
-                }
                 if c.result >= 0 {
                     let slot = c.result as u32;
                     match self.adopt(slot as RawFd) {
@@ -494,14 +501,18 @@ impl<H: Handler> Shard<H> {
                         }
                         None => self.uring().ring.close(slot),
                     }
-                    if self.at_accept_bound() && self.uring().accept_armed {
+                    if self.at_accept_bound() && self.uring().ring.accept_armed() {
                         // Stop taking connections: the backlog keeps them
                         // until room frees (the multishot ends on cancel).
                         self.accept_paused = true;
                         self.uring().ring.cancel_accept();
                     }
                 } else if c.result != -libc::ECANCELED {
-                    self.accept_paused = true;
+                    // ENFILE (no free slot: closes still in flight), EMFILE,
+                    // ENOBUFS: the backlog keeps the connections; accept
+                    // again at the next tick, not at once.
+                    let next = self.now + 1;
+                    self.uring().accept_retry = next;
                     self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
                 }
             }
@@ -545,8 +556,19 @@ impl<H: Handler> Shard<H> {
                         .bytes_out
                         .fetch_add(sent as u64, Ordering::Relaxed);
                 }
-                let Some((key, generation)) = self.uring().ring.send_done(index, sent) else {
-                    return;
+                let (key, generation) = match self.uring().ring.send_done(index, sent) {
+                    None => return,
+                    Some(SendDone::Partial { key, generation }) => {
+                        // Only the same connection may get the rest: a
+                        // dropped one's slot may already hold a new one.
+                        if self.live(key, generation) {
+                            self.uring().ring.resend(index);
+                        } else {
+                            self.uring().ring.abandon(index);
+                        }
+                        return;
+                    }
+                    Some(SendDone::Finished { key, generation }) => (key, generation),
                 };
                 if !self.live(key, generation) {
                     return;
@@ -566,7 +588,7 @@ impl<H: Handler> Shard<H> {
                 }
                 self.drain_mailbox();
             }
-            Some(Op::Quiet) | None => {}
+            Some(Op::Quiet | Op::Closed) | None => {}
         }
     }
 
@@ -769,7 +791,14 @@ impl<H: Handler> Shard<H> {
                 Fed::PeerClosed(code) => {
                     metrics::inc(&self.stats().peer_closed);
                     self.notify_closed(key, CloseCause::PeerClosed(code));
-                    self.drop_conn(key);
+                    let conn = &self.conns[key as usize];
+                    if conn.pending_out() > 0 || conn.is_sending() {
+                        // Our close echo (or what precedes it) is still on
+                        // its way: let it go out, then FIN.
+                        self.linger(key);
+                    } else {
+                        self.drop_conn(key);
+                    }
                 }
                 Fed::Violation(v) => {
                     self.stats().bad(v.kind());
@@ -1059,6 +1088,12 @@ impl<H: Handler> Shard<H> {
 
     /// Stop: every connection is told 1001 (going away) and released.
     fn shutdown(&mut self) {
+        if let Io::Uring(u) = &mut self.io
+            && u.ring.accept_armed()
+        {
+            // No new connections while we close the ones we have.
+            u.ring.cancel_accept();
+        }
         let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
         let mut frame = Vec::new();
         ws::encode_close(&mut frame, 1001, "controller shutting down", None);
@@ -1070,10 +1105,12 @@ impl<H: Handler> Shard<H> {
             self.drop_conn(key);
         }
         if let Io::Uring(u) = &mut self.io {
-            // Let the last frames and closes go out before the ring does.
-            let deadline = Instant::now() + Duration::from_millis(500);
+            // Wait (bounded) until nothing of ours is left in the kernel:
+            // the last frames out, every slot closed, every receive ended.
+            // Past the bound the ring keeps its buffers mapped on drop.
+            let deadline = Instant::now() + Duration::from_secs(1);
             let mut completions = Vec::new();
-            while u.ring.sending() > 0 && Instant::now() < deadline {
+            while !u.ring.quiescent() && Instant::now() < deadline {
                 completions.clear();
                 if u.ring
                     .wait(Duration::from_millis(10), &mut completions)
@@ -1082,8 +1119,20 @@ impl<H: Handler> Shard<H> {
                     break;
                 }
                 for c in &completions {
-                    if let Some(Op::Send(index)) = c.op {
-                        u.ring.send_done(index, c.result.max(0) as usize);
+                    match c.op {
+                        Some(Op::Send(index)) => {
+                            let done = u.ring.send_done(index, c.result.max(0) as usize);
+                            if let Some(SendDone::Partial { .. }) = done {
+                                u.ring.resend(index);
+                            }
+                        }
+                        Some(Op::Recv(..)) => {
+                            if let Some(bid) = c.buffer() {
+                                let buf = u.ring.received(bid, c.result.max(0) as usize);
+                                u.ring.recycle(buf);
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -37,9 +37,11 @@ pub enum Op {
     Recv(u32, u32),
     /// A send: its index in the send table.
     Send(u32),
-    /// Close, shutdown and socket options: nothing to do on completion.
+    /// Shutdown and socket options: nothing to do on completion.
     Quiet,
     Mailbox,
+    /// A slot's close (counted until done: teardown waits for them).
+    Closed,
 }
 
 impl Op {
@@ -52,6 +54,7 @@ impl Op {
             Op::Send(index) => 3 << 56 | index as u64,
             Op::Quiet => 4 << 56,
             Op::Mailbox => 5 << 56,
+            Op::Closed => 6 << 56,
         }
     }
 
@@ -63,6 +66,7 @@ impl Op {
             3 => Op::Send(low),
             4 => Op::Quiet,
             5 => Op::Mailbox,
+            6 => Op::Closed,
             _ => return None,
         })
     }
@@ -130,6 +134,8 @@ fn probe_here() -> Result<(), String> {
 /// the buffers. Both are one anonymous mapping, so they are page-aligned
 /// and stay put.
 struct BufRing {
+    /// Do not unmap on drop (requests may still use the buffers).
+    leak: bool,
     count: u16,
     map: *mut u8,
     map_len: usize,
@@ -161,6 +167,7 @@ impl BufRing {
         }
         let map = map.cast::<u8>();
         let mut buf_ring = BufRing {
+            leak: false,
             count: buffers,
             map,
             map_len,
@@ -170,9 +177,9 @@ impl BufRing {
             mask: buffers - 1,
             tail: 0,
         };
-        // SAFETY: the ring memory is page-aligned, sized for `buffers`
-        // entries and lives as long as the registration (unregistered by
-        // the ring's drop before the unmapping in ours).
+        // SAFETY: the ring memory is page-aligned and sized for `buffers`
+        // entries; it stays mapped while any request can select from it
+        // (see the drops below).
         unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(map as u64, buffers, BUFFER_GROUP, 0)?;
@@ -242,10 +249,41 @@ impl RecvBuf {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: unmaps what `new` mapped; the ring (and its registration)
-        // was dropped first (field order in `Uring`).
+        if self.leak {
+            // Requests may still be in the kernel (teardown timed out): a
+            // receive could still write into these buffers, so they stay.
+            return;
+        }
+        // SAFETY: unmaps what `new` mapped. No request of ours is in the
+        // kernel (`Uring` checked it is quiescent, else set `leak`), so
+        // nothing selects or writes these buffers any more.
         unsafe { libc::munmap(self.map.cast(), self.map_len) };
     }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        if !self.quiescent() {
+            tracing::warn!(
+                "io_uring torn down with requests in flight; keeping its buffers mapped"
+            );
+            self.buffers.leak = true;
+            // Send buffers may still be read by the kernel: keep them too.
+            for (_, s) in std::mem::take(&mut self.sends) {
+                std::mem::forget(s.buf);
+            }
+        }
+    }
+}
+
+/// What a send completion leaves to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendDone {
+    /// All of it went out (or it failed); the buffer is back in the pool.
+    Finished { key: u32, generation: u32 },
+    /// Part of it went out: `resend` if the connection is still the same
+    /// one, else `abandon` (its slot may belong to a new connection now).
+    Partial { key: u32, generation: u32 },
 }
 
 /// A send in flight: its buffer must live until the completion.
@@ -259,12 +297,17 @@ pub struct Sending {
 
 /// One shard's ring.
 pub struct Uring {
-    // Dropped before `buffers`: the ring's drop unregisters them.
     ring: IoUring,
     buffers: BufRing,
     sends: slab::Slab<Sending>,
     pool: Vec<Vec<u8>>,
     recycled: bool,
+    /// Completions reaped while making room in a full queue.
+    deferred: Vec<Completion>,
+    // What is in the kernel: teardown waits until none is.
+    accept_armed: bool,
+    armed_recvs: usize,
+    closing: usize,
 }
 
 impl Uring {
@@ -284,30 +327,68 @@ impl Uring {
             sends: slab::Slab::with_capacity(1024),
             pool: Vec::new(),
             recycled: false,
+            deferred: Vec::new(),
+            accept_armed: false,
+            armed_recvs: 0,
+            closing: 0,
         })
     }
 
     fn push(&mut self, entry: squeue::Entry) {
-        // SAFETY: every pointer an entry carries (send buffers, the
-        // timespec is not one) stays valid until its completion: send
-        // buffers live in `self.sends` until then.
+        // SAFETY: every pointer an entry carries (send buffers) stays valid
+        // until its completion: send buffers live in `self.sends` until then.
         unsafe {
             while self.ring.submission().push(&entry).is_err() {
-                // Full: hand what is queued to the kernel and try again.
-                if let Err(e) = self.ring.submit()
-                    && e.raw_os_error() != Some(libc::EBUSY)
-                {
-                    tracing::error!("io_uring submit failed: {e}");
+                // Full: hand what is queued to the kernel. If it is busy
+                // because completions are backed up, reap them (they are
+                // handled at the next `wait`) and try again.
+                match self.ring.submit() {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
+                    Err(e) => tracing::error!("io_uring submit failed: {e}"),
+                    Ok(_) => {}
                 }
             }
         }
     }
 
+    /// Copies completions out of the ring, keeping count of what is still
+    /// in the kernel.
+    fn reap(&mut self) {
+        let (mut recvs_ended, mut closes_done, mut accept_ended) = (0, 0, false);
+        let reaped = self.ring.completion().map(|c| {
+            let done = Completion {
+                op: Op::decode(c.user_data()),
+                result: c.result(),
+                flags: c.flags(),
+            };
+            match done.op {
+                Some(Op::Recv(..)) if !done.more() => recvs_ended += 1,
+                Some(Op::Closed) => closes_done += 1,
+                Some(Op::Accept) if !done.more() => accept_ended = true,
+                _ => {}
+            }
+            done
+        });
+        self.deferred.extend(reaped);
+        self.armed_recvs -= recvs_ended;
+        self.closing -= closes_done;
+        if accept_ended {
+            self.accept_armed = false;
+        }
+    }
+
+    /// Arms a multishot accept on `listener` into free direct slots.
     pub fn accept(&mut self, listener: RawFd) {
         let entry = opcode::AcceptMulti::new(Fd(listener))
             .allocate_file_index(true)
             .build();
         self.push(entry.user_data(Op::Accept.encode()));
+        self.accept_armed = true;
+    }
+
+    /// A multishot accept is in the kernel.
+    pub fn accept_armed(&self) -> bool {
+        self.accept_armed
     }
 
     /// Ends the multishot accept (its last completion says -ECANCELED).
@@ -319,6 +400,7 @@ impl Uring {
     pub fn recv(&mut self, slot: u32, key: u32, generation: u32) {
         let entry = opcode::RecvMulti::new(Fixed(slot), BUFFER_GROUP).build();
         self.push(entry.user_data(Op::Recv(key, generation).encode()));
+        self.armed_recvs += 1;
     }
 
     pub fn watch(&mut self, fd: RawFd) {
@@ -375,20 +457,29 @@ impl Uring {
         self.push(entry.user_data(Op::Send(index).encode()));
     }
 
-    /// A send completed with `sent` bytes. Returns it if it is finished
-    /// (its buffer goes back to the pool); a partial send is resubmitted.
-    pub fn send_done(&mut self, index: u32, sent: usize) -> Option<(u32, u32)> {
+    /// A send completed with `sent` bytes (0 on an error).
+    pub fn send_done(&mut self, index: u32, sent: usize) -> Option<SendDone> {
         let s = self.sends.get_mut(index as usize)?;
         s.offset += sent;
+        let (key, generation) = (s.key, s.generation);
         if sent > 0 && s.offset < s.buf.len() {
-            self.submit_send(index);
-            return None;
+            return Some(SendDone::Partial { key, generation });
         }
+        self.abandon(index);
+        Some(SendDone::Finished { key, generation })
+    }
+
+    /// Sends the rest of a partial send.
+    pub fn resend(&mut self, index: u32) {
+        self.submit_send(index);
+    }
+
+    /// Drops a send (its buffer goes back to the pool).
+    pub fn abandon(&mut self, index: u32) {
         let done = self.sends.remove(index as usize);
         if self.pool.len() < SEND_POOL && done.buf.capacity() <= SEND_BUFFER_SIZE {
             self.pool.push(done.buf);
         }
-        Some((done.key, done.generation))
     }
 
     pub fn shutdown_write(&mut self, slot: u32) {
@@ -416,7 +507,8 @@ impl Uring {
         }
         self.push(shutdown);
         let entry = opcode::Close::new(Fixed(slot)).build();
-        self.push(entry.user_data(Op::Quiet.encode()));
+        self.push(entry.user_data(Op::Closed.encode()));
+        self.closing += 1;
     }
 
     /// The buffer a receive completion selected, with its `len` bytes.
@@ -437,6 +529,12 @@ impl Uring {
             self.buffers.publish();
             self.recycled = false;
         }
+        // Completions already reaped must not wait behind a timeout.
+        let timeout = if self.deferred.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
         let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
@@ -448,12 +546,15 @@ impl Uring {
                 ) => {}
             Err(e) => return Err(e),
         }
-        into.extend(self.ring.completion().map(|c| Completion {
-            op: Op::decode(c.user_data()),
-            result: c.result(),
-            flags: c.flags(),
-        }));
+        self.reap();
+        into.append(&mut self.deferred);
         Ok(())
+    }
+
+    /// Nothing of ours is in the kernel any more: no receive armed, no
+    /// send or close in flight, no accept.
+    pub fn quiescent(&self) -> bool {
+        self.armed_recvs == 0 && self.closing == 0 && self.sends.is_empty() && !self.accept_armed
     }
 
     /// Sends in flight.
