@@ -9,5 +9,6 @@ pub mod admin;
 pub mod agent;
 pub mod controller;
 pub mod engine;
+pub mod gateway;
 pub mod metrics;
 pub mod registry;

@@ -14,6 +14,7 @@ use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_s
 use tether::controller::auth::Auth;
 use tether::controller::{Controller, ControllerConfig, default_host_id};
 use tether::engine::{EngineConfig, IoChoice, sys};
+use tether::gateway::relay::{Relay, RelayConfig};
 
 mod cli;
 
@@ -37,6 +38,9 @@ enum Command {
     Controller(ControllerArgs),
     /// Run one service's agent, or a swarm of simulated services.
     Agent(AgentArgs),
+    /// The gateway. Only --chained exists yet: the anti-pattern relay the
+    /// load test measures (services must connect to the controller directly).
+    Gateway(GatewayArgs),
     /// A controller's summary, from its admin API.
     Status(StatusArgs),
     /// List a controller's registered services, from its admin API.
@@ -103,6 +107,26 @@ struct ControllerArgs {
     /// batches, rotated at 64 MiB, 5 kept). Without it, to the log.
     #[arg(long)]
     audit_log: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// Relay /ws/microservice: terminate each service's WebSocket and open
+    /// one to the controller, answering pings locally (as terminating
+    /// proxies do). For measurement only.
+    #[arg(long)]
+    chained: bool,
+    #[arg(long, default_value = "[::]:8440")]
+    listen: SocketAddr,
+    /// The controller's service endpoint.
+    #[arg(long, default_value = "127.0.0.1:8438")]
+    upstream: SocketAddr,
+    /// Source addresses for the relay's own connections to the controller.
+    #[arg(long)]
+    upstream_source_ips: Option<String>,
+    /// Relay threads (each its own fd table, ~9,000 pairs each).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -217,6 +241,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => controller(args),
         Command::Agent(args) => agent(args),
+        Command::Gateway(args) => gateway(args),
         Command::Status(args) => cli::status(&args.client.admin, args.client.json),
         Command::Services(args) => {
             let query = cli::ServicesQuery {
@@ -297,6 +322,40 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin.shutdown();
     }
     controller.shutdown();
+    Ok(())
+}
+
+fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    if !args.chained {
+        bail!(
+            "the admin BFF gateway is not built yet; `tether gateway --chained` runs the service relay \
+             the load test measures (services should connect to the controller directly)"
+        );
+    }
+    let sources = args
+        .upstream_source_ips
+        .as_deref()
+        .map(parse_source_ips)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = RelayConfig {
+        listen: args.listen,
+        upstream: args.upstream,
+        upstream_sources: sources.unwrap_or_default(),
+        threads,
+    };
+    let relay = Relay::start(config).context("the relay could not start")?;
+    println!(
+        "tether gateway ready: chained relay on {} to {} ({threads} threads, up to {} services each)",
+        relay.local_addr(),
+        args.upstream,
+        tether::gateway::relay::PAIRS_PER_THREAD
+    );
+    while sys::wait_for_signal(Duration::from_secs(3600))?.is_none() {}
+    relay.stop();
     Ok(())
 }
 

@@ -169,9 +169,21 @@ pub fn apply_mask(payload: &mut [u8], mask: [u8; 4]) {
 
 /// Appends a whole frame. With `mask`, the payload is masked as a client must.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Option<[u8; 4]>) {
+    encode_fragment(out, opcode, true, payload, mask);
+}
+
+/// Appends one frame of a message: `fin` says whether it is the last
+/// (a relay passes fragments on as they came).
+pub fn encode_fragment(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    fin: bool,
+    payload: &[u8],
+    mask: Option<[u8; 4]>,
+) {
     let len = payload.len();
     out.reserve(MAX_HEADER_LEN + len);
-    out.push(0x80 | opcode as u8);
+    out.push(if fin { 0x80 } else { 0 } | opcode as u8);
     let mask_bit = if mask.is_some() { 0x80 } else { 0 };
     if len < 126 {
         out.push(mask_bit | len as u8);
