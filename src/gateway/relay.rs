@@ -248,10 +248,10 @@ impl Worker {
                 }
                 let (generation, key, upstream) =
                     ((token >> 32) as u32, (token as u32) >> 1, token & 1 == 1);
-                if !self
+                if self
                     .pairs
                     .get(key as usize)
-                    .is_some_and(|p| p.generation == generation)
+                    .is_none_or(|p| p.generation != generation)
                 {
                     continue;
                 }
