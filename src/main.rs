@@ -186,7 +186,8 @@ struct AgentArgs {
     /// Swarm worker threads (each its own fd table); default: N / 15,000.
     #[arg(long)]
     threads: Option<usize>,
-    /// New connections per second (swarm ramp).
+    /// New connections per second on the first ramp; reconnects follow
+    /// each service's own backoff, unpaced, as independent services do.
     #[arg(long, default_value_t = 5_000.0)]
     connect_rate: f64,
     /// Spread the swarm over this many serviceIds (ID-0 … ID-k).
@@ -218,6 +219,13 @@ struct AgentArgs {
     /// Stop by itself after this long.
     #[arg(long, value_parser = duration)]
     exit_after: Option<Duration>,
+    /// Swarm: time a discovery/lookup round trip this often from sampled
+    /// services (the whole path, relays included); p50/p99 are printed.
+    #[arg(long, value_parser = duration)]
+    probe_every: Option<Duration>,
+    /// Swarm: one service in this many probes.
+    #[arg(long, default_value_t = 100)]
+    probe_one_in: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -427,6 +435,8 @@ fn agent(args: AgentArgs) -> anyhow::Result<()> {
             config.client_ping = args.client_ping;
             config.jwt = args.jwt;
             config.run_for = args.exit_after;
+            config.probe_every = args.probe_every;
+            config.probe_one_in = args.probe_one_in.max(1);
             swarm(config, deadline)
         }
     }
@@ -438,10 +448,31 @@ fn swarm(config: SwarmConfig, deadline: Option<Instant>) -> anyhow::Result<()> {
     let stats = swarm.stats().clone();
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     let mut all_at: Option<Duration> = None;
+    let mut printed = Duration::ZERO;
     loop {
-        let signal = sys::wait_for_signal(Duration::from_secs(1))?;
+        // Until all are registered, look often so that the ramp's time is exact.
+        let tick = if all_at.is_none() {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_secs(1)
+        };
+        let signal = sys::wait_for_signal(tick)?;
         let elapsed = swarm.started().elapsed();
         let registered = load(&stats.registered);
+        if all_at.is_none() && registered >= target {
+            all_at = Some(elapsed);
+            println!(
+                "swarm: all {target} registered in {} ms ({:.0}/s)",
+                elapsed.as_millis(),
+                target as f64 / elapsed.as_secs_f64().max(1e-3)
+            );
+        }
+        let done =
+            signal.is_some() || deadline.is_some_and(|d| Instant::now() >= d) || !swarm.running();
+        if elapsed < printed + Duration::from_secs(1) && !done {
+            continue;
+        }
+        printed = elapsed;
         println!(
             "swarm: registered={registered} target={target} open={} registrations={} attempts={} connect_failures={} refused={} closed_by_controller={} elapsed_ms={}",
             load(&stats.open),
@@ -452,15 +483,11 @@ fn swarm(config: SwarmConfig, deadline: Option<Instant>) -> anyhow::Result<()> {
             load(&stats.closed_by_controller),
             elapsed.as_millis()
         );
-        if all_at.is_none() && registered >= target {
-            all_at = Some(elapsed);
-            println!(
-                "swarm: all {target} registered in {} ms ({:.0}/s)",
-                elapsed.as_millis(),
-                target as f64 / elapsed.as_secs_f64().max(1e-3)
-            );
+        let (probes, p50, p99) = swarm.probe_latency();
+        if probes > 0 {
+            println!("swarm: probes={probes} probe_p50_us={p50} probe_p99_us={p99}");
         }
-        if signal.is_some() || deadline.is_some_and(|d| Instant::now() >= d) || !swarm.running() {
+        if done {
             break;
         }
     }

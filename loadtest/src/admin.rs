@@ -76,8 +76,11 @@ fn measure(
 pub fn run(args: AdminArgs) -> anyhow::Result<AdminReport> {
     let tether = procs::tether_binary(args.tether.as_deref())?;
     let controller = topology::controller(&tether, args.shards)?;
-    let (swarms, seconds) =
-        topology::swarms(&tether, &controller.listen, args.services, args.per_swarm)?;
+    let (swarms, seconds) = {
+        let mut spec = topology::SwarmSpec::new(&controller.listen, args.services);
+        spec.per_swarm = args.per_swarm;
+        topology::start_swarms(&tether, &spec)?
+    };
     eprintln!(
         "{} services registered in {seconds:.1} s; measuring {}",
         args.services, controller.admin

@@ -73,21 +73,13 @@ pub struct CapacityReport {
     pub kernel: String,
 }
 
-/// Sums every sample of a metric in a Prometheus exposition.
+/// A counter or gauge as a whole number.
 fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    crate::observe::metric(text, name) as u64
 }
 
-fn scrape(agent: &ureq::Agent, admin: &str) -> anyhow::Result<String> {
-    Ok(agent
-        .get(&format!("{admin}/metrics"))
-        .call()
-        .context("GET /metrics")?
-        .body_mut()
-        .read_to_string()?)
+fn scrape(admin: &str) -> anyhow::Result<String> {
+    crate::observe::scrape(admin)
 }
 
 pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
@@ -95,7 +87,6 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     let controller = topology::controller_with(&tether, args.shards, &["--io", &args.io])?;
     std::thread::sleep(Duration::from_secs(1));
     let pid = controller.proc.pid();
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
     let (slab0, sunr0, sock0) = (
         procs::meminfo_kb("Slab")?,
@@ -107,13 +98,12 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
         args.io, args.shards
     );
 
-    let (swarms, registration_seconds) = topology::swarms_at(
-        &tether,
-        &controller.listen,
-        args.services,
-        args.per_swarm,
-        args.connect_rate,
-    )?;
+    let (swarms, registration_seconds) = {
+        let mut spec = topology::SwarmSpec::new(&controller.listen, args.services);
+        spec.per_swarm = args.per_swarm;
+        spec.connect_rate = args.connect_rate;
+        topology::start_swarms(&tether, &spec)?
+    };
     eprintln!(
         "{} registered in {registration_seconds:.1} s; settling 5 s",
         args.services
@@ -124,7 +114,7 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
     let sock = procs::sockstat_tcp_mem_pages()? as i64 - sock0 as i64;
 
-    let before = scrape(&agent, &controller.admin)?;
+    let before = scrape(&controller.admin)?;
     let cpu_before = procs::cpu_seconds(pid)?;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(args.hold) {
@@ -139,19 +129,14 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
         );
     }
     let cpu = procs::cpu_seconds(pid)? - cpu_before;
-    let after = scrape(&agent, &controller.admin)?;
+    let after = scrape(&controller.admin)?;
     let pings =
         metric(&after, "tether_pings_sent_total") - metric(&before, "tether_pings_sent_total");
     let downs = metric(&after, "tether_downs_total") - metric(&before, "tether_downs_total");
     let registered =
         metric(&after, "tether_services") - metric(&after, "tether_services{status=\"down\"}");
     let syscalls = if args.syscalls > 0 {
-        Some(count_syscalls(
-            &agent,
-            &controller.admin,
-            pid,
-            args.syscalls,
-        )?)
+        Some(count_syscalls(&controller.admin, pid, args.syscalls)?)
     } else {
         None
     };
@@ -191,14 +176,9 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
 }
 
 /// `strace -c -f` on the controller for `seconds`; pings over the same window.
-fn count_syscalls(
-    agent: &ureq::Agent,
-    admin: &str,
-    pid: u32,
-    seconds: u64,
-) -> anyhow::Result<Syscalls> {
+fn count_syscalls(admin: &str, pid: u32, seconds: u64) -> anyhow::Result<Syscalls> {
     let out = std::env::temp_dir().join(format!("tether-strace-{pid}.txt"));
-    let before = metric(&scrape(agent, admin)?, "tether_pings_sent_total");
+    let before = metric(&scrape(admin)?, "tether_pings_sent_total");
     let status = std::process::Command::new("timeout")
         .args([
             "-s",
@@ -214,7 +194,7 @@ fn count_syscalls(
         .args(["-p", &pid.to_string()])
         .status()
         .context("running strace (install it: apt-get install strace)")?;
-    let pings = metric(&scrape(agent, admin)?, "tether_pings_sent_total") - before;
+    let pings = metric(&scrape(admin)?, "tether_pings_sent_total") - before;
     let text = std::fs::read_to_string(&out)
         .with_context(|| format!("strace wrote nothing ({status})"))?;
     let _ = std::fs::remove_file(&out);

@@ -1,18 +1,36 @@
-//! tether-loadtest: runs the controller and swarms of simulated services
-//! as real processes on loopback and reports what they cost, per
-//! ../shared/MEASURING.md. Scenarios grow with the load-test issue; today:
-//! `memory`, `admin` and `capacity`.
+//! tether-loadtest: runs the controller, chained relays and swarms of
+//! simulated services as real processes on loopback and reports what they
+//! cost, per ../shared/MEASURING.md.
+//!
+//! The issue's scenarios (`scale`, `compare`, `zombie`, `redeploy`, `herd`)
+//! write `results.json`, `report.md` and SVG plots into `--out DIR`; the
+//! older single-figure ones (`memory`, `admin`, `capacity`) print and
+//! optionally write JSON.
 
 mod admin;
 mod capacity;
+mod common;
+mod compare;
+mod herd;
 mod memory;
+mod observe;
+mod plots;
 mod procs;
+mod progress;
+mod redeploy;
+mod report;
+mod scale;
+mod sockets;
 mod topology;
+mod zombie;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tether-loadtest", about = "Measure tether on this machine")]
+#[command(
+    name = "tether-loadtest",
+    about = "Measure tether on this machine: direct vs gateway-chained"
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -20,6 +38,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
+    /// N swept, direct: controller memory and CPU per service (fitted).
+    Scale(scale::ScaleArgs),
+    /// The same N direct and chained: connections, memory, CPU, latency.
+    Compare(compare::CompareArgs),
+    /// Freeze K services (SIGSTOP): time until the controller reports each down.
+    Zombie(zombie::ZombieArgs),
+    /// Restart the gateway during a hold: false downs, reconnect wave, recovery.
+    Redeploy(redeploy::RedeployArgs),
+    /// Restart the controller: reconnect curve with and without jitter.
+    Herd(herd::HerdArgs),
     /// Controller RSS growth per registered idle service, kernel memory per socket.
     Memory(memory::MemoryArgs),
     /// Latency of the admin API's service listing at N services.
@@ -28,32 +56,42 @@ enum Scenario {
     Capacity(capacity::CapacityArgs),
 }
 
+fn write_json<T: serde::Serialize>(
+    path: Option<std::path::PathBuf>,
+    value: &T,
+) -> anyhow::Result<()> {
+    if let Some(path) = path {
+        std::fs::write(&path, serde_json::to_string_pretty(value)?)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().scenario {
+    let report = match Cli::parse().scenario {
+        Scenario::Scale(args) => scale::run(args)?,
+        Scenario::Compare(args) => compare::run(args)?,
+        Scenario::Zombie(args) => zombie::run(args)?,
+        Scenario::Redeploy(args) => redeploy::run(args)?,
+        Scenario::Herd(args) => herd::run(args)?,
         Scenario::Memory(args) => {
             let json = args.json.clone();
             let report = memory::run(args)?;
             memory::print(&report);
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-            }
+            return write_json(json, &report);
         }
         Scenario::Capacity(args) => {
             let json = args.json.clone();
             let report = capacity::run(args)?;
             capacity::print(&report);
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-            }
+            return write_json(json, &report);
         }
         Scenario::Admin(args) => {
             let json = args.json.clone();
             let report = admin::run(args)?;
             admin::print(&report);
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-            }
+            return write_json(json, &report);
         }
-    }
+    };
+    report.print();
     Ok(())
 }

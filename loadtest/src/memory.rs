@@ -71,8 +71,11 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
         controller.listen
     );
     let cpu_start = procs::cpu_seconds(pid)?;
-    let (swarms, registration_seconds) =
-        topology::swarms(&tether, &controller.listen, args.services, args.per_swarm)?;
+    let (swarms, registration_seconds) = {
+        let mut spec = topology::SwarmSpec::new(&controller.listen, args.services);
+        spec.per_swarm = args.per_swarm;
+        topology::start_swarms(&tether, &spec)?
+    };
     eprintln!(
         "all {} registered after {registration_seconds:.1} s; settling {} s",
         args.services, args.settle

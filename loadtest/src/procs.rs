@@ -33,6 +33,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
+        // If this harness dies (Ctrl-C, a kill, a crash), its children get
+        // SIGTERM: tether stops gracefully and nginx's master takes its
+        // workers down with it. Children are spawned from the main thread,
+        // which lives as long as the harness.
+        // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -63,9 +75,28 @@ impl Proc {
             match lines.recv_timeout(left) {
                 Ok(line) if want(&line) => return Ok(line),
                 Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!(
+                        "{} exited before printing the expected line (its stderr says why)",
+                        self.name
+                    )
+                }
                 Err(_) => bail!("{} printed no expected line within {timeout:?}", self.name),
             }
         }
+    }
+
+    /// Whether the process has ended.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Every line printed since the last call (without waiting).
+    pub fn lines_so_far(&mut self) -> Vec<String> {
+        self.lines
+            .as_ref()
+            .map(|rx| rx.try_iter().collect())
+            .unwrap_or_default()
     }
 
     pub fn signal(&self, sig: i32) {
@@ -87,10 +118,73 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM (nginx's master stops its workers on it), then SIGKILL after 3 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// RLIMIT_NOFILE (soft) of this process: what its children inherit.
+pub fn nofile() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0)
+        .then_some(lim.rlim_cur as usize)
+}
+
+/// The pids whose parent is `pid` (from /proc/*/stat).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 2..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Distinct sockets a process holds open, over all its threads' fd tables
+/// (tether's shards and relay threads each have their own, which
+/// /proc/PID/fd alone does not show).
+pub fn socket_fds(pid: u32) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    for task in tasks.filter_map(Result::ok) {
+        let Ok(fds) = std::fs::read_dir(task.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && let Some(inode) = target.to_str().and_then(|t| t.strip_prefix("socket:["))
+            {
+                inodes.insert(inode.trim_end_matches(']').to_string());
+            }
+        }
+    }
+    inodes.len()
 }
 
 fn forward_lines(stdout: ChildStdout) -> Receiver<String> {
@@ -122,6 +216,25 @@ fn field_kb(text: &str, field: &str) -> Option<u64> {
 pub fn meminfo_kb(field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo")?;
     field_kb(&text, field).with_context(|| format!("no {field} in /proc/meminfo"))
+}
+
+/// A counter of /proc/net/netstat (e.g. "TcpExt" "ListenOverflows").
+pub fn netstat(group: &str, field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat")?;
+    let mut lines = text.lines().filter(|l| l.starts_with(&format!("{group}:")));
+    let (names, values) = (
+        lines.next().context("no header")?,
+        lines.next().context("no values")?,
+    );
+    let index = names
+        .split_whitespace()
+        .position(|n| n == field)
+        .with_context(|| format!("no {group} {field}"))?;
+    Ok(values
+        .split_whitespace()
+        .nth(index)
+        .context("short line")?
+        .parse()?)
 }
 
 /// TCP pages in use from /proc/net/sockstat ("TCP: ... mem N").

@@ -1,29 +1,48 @@
-//! Starting what a scenario measures: a controller (with its admin API)
-//! and swarm processes that register N simulated services.
+//! Starting what a scenario measures: a controller (with its admin API),
+//! a chained relay (tether's, or nginx's when installed), and swarm
+//! processes that register simulated services.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use crate::procs::{self, Proc};
+use crate::progress;
 
 pub struct Controller {
     pub proc: Proc,
-    /// ws://… service endpoint host:port.
+    /// host:port of the service endpoint.
     pub listen: String,
-    /// http://… admin API.
+    pub port: u16,
+    /// http://host:port of the admin API.
     pub admin: String,
+    pub admin_port: u16,
+    /// Its I/O driver as its ready line says ("io_uring" or "epoll").
+    pub io: String,
+}
+
+/// A controller on free ports, with extra flags (e.g. `--io epoll`).
+pub fn controller_with(tether: &Path, shards: usize, extra: &[&str]) -> anyhow::Result<Controller> {
+    let port = procs::free_port()?;
+    let admin_port = procs::free_port_after(port)?;
+    controller_at(tether, port, admin_port, shards, extra)
 }
 
 pub fn controller(tether: &Path, shards: usize) -> anyhow::Result<Controller> {
     controller_with(tether, shards, &[])
 }
 
-/// A controller with extra flags (e.g. `--io epoll`).
-pub fn controller_with(tether: &Path, shards: usize, extra: &[&str]) -> anyhow::Result<Controller> {
-    let port = procs::free_port()?;
+/// A controller on the given ports (a restart reuses its predecessor's).
+pub fn controller_at(
+    tether: &Path,
+    port: u16,
+    admin_port: u16,
+    shards: usize,
+    extra: &[&str],
+) -> anyhow::Result<Controller> {
     let listen = format!("127.0.0.1:{port}");
-    let admin_port = procs::free_port_after(port)?;
     let admin = format!("127.0.0.1:{admin_port}");
     let mut cmd = Command::new(tether);
     cmd.args([
@@ -37,13 +56,22 @@ pub fn controller_with(tether: &Path, shards: usize, extra: &[&str]) -> anyhow::
     ])
     .args(extra);
     let mut proc = Proc::spawn("controller", cmd)?;
-    proc.wait_line(Duration::from_secs(20), |l| {
+    let ready = proc.wait_line(Duration::from_secs(20), |l| {
         l.starts_with("tether controller ready")
     })?;
+    let io = if ready.contains(", io_uring,") {
+        "io_uring"
+    } else {
+        "epoll"
+    }
+    .to_string();
     Ok(Controller {
         proc,
         listen,
+        port,
         admin: format!("http://{admin}"),
+        admin_port,
+        io,
     })
 }
 
@@ -51,78 +79,314 @@ pub fn controller_with(tether: &Path, shards: usize, extra: &[&str]) -> anyhow::
 /// toward one listener; staying well under keeps connects fast).
 const PER_SOURCE: usize = 10_000;
 
-/// Source addresses for the services `offset..offset + n`: their own
-/// addresses, ~10,000 services each, from 127.0.0.2 on.
-pub fn source_range(offset: usize, n: usize) -> String {
+/// Source addresses for the services `offset..offset + n` of a group: from
+/// 127.0.<group>.2 on, ~10,000 services each.
+pub fn source_range_in(group: u8, offset: usize, n: usize) -> String {
     let first = 2 + offset / PER_SOURCE;
-    let last = (2 + (offset + n - 1) / PER_SOURCE).max(first);
+    let last = (2 + (offset + n.max(1) - 1) / PER_SOURCE).max(first);
     assert!(
         last < 255,
-        "more than 2.5 million services on one loopback /24"
+        "more than 2.5 million services from one loopback /24"
     );
-    format!("127.0.0.{first}-127.0.0.{last}")
+    format!("127.0.{group}.{first}-127.0.{group}.{last}")
 }
 
-/// Swarm processes registering `services` (100 serviceIds, distinct
-/// addresses); returns once all are registered, and how long that took.
-pub fn swarms(
-    tether: &Path,
-    listen: &str,
-    services: usize,
-    per_swarm: usize,
-) -> anyhow::Result<(Vec<Proc>, f64)> {
-    swarms_at(tether, listen, services, per_swarm, 5_000.0)
+/// A group of swarm processes.
+pub struct SwarmSpec<'a> {
+    /// host:port they connect to (a controller, or a relay).
+    pub target: &'a str,
+    pub services: usize,
+    pub per_swarm: usize,
+    /// New connections per second, shared by the group's processes.
+    pub connect_rate: f64,
+    pub service_id: &'a str,
+    /// Source addresses come from 127.0.<group>.x; the services' registered
+    /// addresses from `index_base` on (distinct across groups).
+    pub group: u8,
+    pub index_base: usize,
+    pub extra: Vec<String>,
 }
 
-/// `swarms` with a total connect rate (new connections per second, shared
-/// by the swarm processes).
-pub fn swarms_at(
-    tether: &Path,
-    listen: &str,
-    services: usize,
-    per_swarm: usize,
-    connect_rate: f64,
-) -> anyhow::Result<(Vec<Proc>, f64)> {
+impl<'a> SwarmSpec<'a> {
+    pub fn new(target: &'a str, services: usize) -> SwarmSpec<'a> {
+        SwarmSpec {
+            target,
+            services,
+            per_swarm: 50_000,
+            connect_rate: 5_000.0,
+            service_id: "svc",
+            group: 0,
+            index_base: 0,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Starts the group and waits until every service registered; returns the
+/// processes and how long the ramp took.
+pub fn start_swarms(tether: &Path, spec: &SwarmSpec<'_>) -> anyhow::Result<(Vec<Proc>, f64)> {
     let started = Instant::now();
     let mut swarms = Vec::new();
     let mut offset = 0;
-    while offset < services {
-        let n = per_swarm.min(services - offset);
+    while offset < spec.services {
+        let n = spec.per_swarm.min(spec.services - offset);
         let mut cmd = Command::new(tether);
+        let distinct = if spec.service_id == "svc" { "100" } else { "1" };
         cmd.args([
             "agent",
             "--controller",
-            &format!("ws://{listen}/ws/microservice"),
+            &format!("ws://{}/ws/microservice", spec.target),
             "--service-id",
-            "svc",
+            spec.service_id,
         ])
-        .args([
-            "--swarm",
-            &n.to_string(),
-            "--distinct-ids",
-            "100",
-            "--index-offset",
-            &offset.to_string(),
-        ])
+        .args(["--swarm", &n.to_string(), "--distinct-ids", distinct])
+        .args(["--index-offset", &(spec.index_base + offset).to_string()])
         .args([
             "--source-ips",
-            &source_range(offset, n),
+            &source_range_in(spec.group, offset, n),
             "--exit-after",
             "30m",
         ])
         .args([
             "--connect-rate",
-            &format!("{:.0}", connect_rate * n as f64 / services as f64),
-        ]);
-        swarms.push(Proc::spawn(&format!("swarm@{offset}"), cmd)?);
+            &format!(
+                "{:.0}",
+                (spec.connect_rate * n as f64 / spec.services as f64).max(1.0)
+            ),
+        ])
+        .args(&spec.extra);
+        swarms.push(Proc::spawn(
+            &format!("swarm-{}@{offset}", spec.service_id),
+            cmd,
+        )?);
         offset += n;
     }
-    let ramp_limit = Duration::from_secs(60 + services as u64 / 500);
-    for swarm in &mut swarms {
-        let line = swarm.wait_line(ramp_limit, |l| l.contains(" registered in "))?;
-        eprintln!("{}: {line}", swarm.name);
+    let ramp_limit = Duration::from_secs(60 + spec.services as u64 / 500);
+    let bar = progress::bar(
+        spec.services as u64,
+        &format!("registering {}", spec.service_id),
+    );
+    let mut registered = vec![0u64; swarms.len()];
+    // Each process's own "all N registered in X ms" (its clock starts as it does).
+    let mut took_ms: Vec<Option<u64>> = vec![None; swarms.len()];
+    while took_ms.iter().any(Option::is_none) {
+        for (i, swarm) in swarms.iter_mut().enumerate() {
+            for line in swarm.lines_so_far() {
+                if let Some(v) = word_after(&line, "swarm: registered=") {
+                    registered[i] = v;
+                }
+                if line.contains(" registered in ") {
+                    took_ms[i] = word_after(&line, " registered in ");
+                }
+            }
+            anyhow::ensure!(!swarm.exited(), "{} exited while registering", swarm.name);
+        }
+        bar.set_position(registered.iter().sum());
+        anyhow::ensure!(
+            started.elapsed() < ramp_limit,
+            "only {} of {} services registered within {ramp_limit:?}",
+            registered.iter().sum::<u64>(),
+            spec.services
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok((swarms, started.elapsed().as_secs_f64()))
+    bar.finish_and_clear();
+    let seconds = took_ms.iter().flatten().max().copied().unwrap_or(0) as f64 / 1000.0;
+    eprintln!(
+        "{} {} services registered in {seconds:.1} s",
+        spec.services, spec.service_id
+    );
+    Ok((swarms, seconds))
+}
+
+/// The number right after `prefix` in `line`.
+fn word_after(line: &str, prefix: &str) -> Option<u64> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The swarm's latest probe figures: (count, p50 µs, p99 µs).
+pub fn probe_latency(swarms: &mut [Proc]) -> Option<(u64, u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    for swarm in swarms {
+        for line in swarm.lines_so_far() {
+            let Some(rest) = line.strip_prefix("swarm: probes=") else {
+                continue;
+            };
+            let field = |name: &str| -> Option<u64> {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+            };
+            let count = rest
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if let (Some(p50), Some(p99)) = (field("probe_p50_us="), field("probe_p99_us=")) {
+                // The largest process's figures stand for the group.
+                if best.is_none_or(|b| count > b.0) {
+                    best = Some((count, p50, p99));
+                }
+            }
+        }
+    }
+    best
+}
+
+/// A chained relay: tether's own (`gateway --chained`) or nginx.
+pub struct Relay {
+    pub proc: Proc,
+    pub listen: String,
+    pub port: u16,
+    /// nginx: its workers (their RSS and CPU count too).
+    pub workers_of: Option<u32>,
+    _dir: Option<PathBuf>,
+}
+
+/// tether's relay for `services`, to the controller's port; on `port`, or
+/// a free one.
+pub fn tether_relay(
+    tether: &Path,
+    upstream: &str,
+    services: usize,
+    port: Option<u16>,
+) -> anyhow::Result<Relay> {
+    let port = match port {
+        Some(p) => p,
+        None => procs::free_port_after(18_500)?,
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let threads = services.div_ceil(8_000).max(2);
+    let mut cmd = Command::new(tether);
+    cmd.args([
+        "gateway",
+        "--chained",
+        "--listen",
+        &listen,
+        "--upstream",
+        upstream,
+    ])
+    .args([
+        "--upstream-source-ips",
+        &source_range_in(1, 0, services),
+        "--threads",
+        &threads.to_string(),
+    ]);
+    let mut proc = Proc::spawn("relay", cmd)?;
+    proc.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("tether gateway ready")
+    })?;
+    Ok(Relay {
+        proc,
+        listen,
+        port,
+        workers_of: None,
+        _dir: None,
+    })
+}
+
+/// The nginx binary, if installed.
+pub fn nginx_binary() -> Option<PathBuf> {
+    [
+        "/usr/sbin/nginx",
+        "/usr/bin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// nginx as a chained WebSocket proxy (transparent: frames, pings
+/// included, pass through), with a config written for `services`: enough
+/// workers for RLIMIT_NOFILE, upstream sources spread like a swarm's.
+pub fn nginx_relay(
+    upstream_port: u16,
+    services: usize,
+    dir: &Path,
+    port: Option<u16>,
+) -> anyhow::Result<Relay> {
+    let nginx = nginx_binary().context("nginx is not installed")?;
+    let port = match port {
+        Some(p) => p,
+        None => procs::free_port_after(18_700)?,
+    };
+    std::fs::create_dir_all(dir)?;
+    let nofile = 20_000usize.min(procs::nofile().unwrap_or(20_000));
+    // worker_connections counts both sides of every pair. SO_REUSEPORT
+    // spreads clients by hash, unevenly: keep 30% spare.
+    let per_worker = nofile - 200;
+    let pairs = per_worker / 2;
+    let workers = (services * 13 / 10).div_ceil(pairs).max(2);
+    let sources = services.div_ceil(10_000).max(1);
+    let mut split = String::new();
+    for i in 0..sources {
+        let share = 100.0 / sources as f64;
+        let pct = if i + 1 == sources {
+            "*".to_string()
+        } else {
+            format!("{share:.4}%")
+        };
+        split.push_str(&format!("        {pct} 127.0.2.{};\n", 2 + i));
+    }
+    let conf = format!(
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\nworker_rlimit_nofile {nofile};\n\
+         pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
+         events {{ worker_connections {per_worker}; multi_accept on; }}\n\
+         http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n    proxy_temp_path {dir}/proxy;\n\
+             fastcgi_temp_path {dir}/fastcgi;\n    uwsgi_temp_path {dir}/uwsgi;\n    scgi_temp_path {dir}/scgi;\n\
+             split_clients \"$remote_addr$remote_port\" $upstream_source {{\n{split}    }}\n\
+             server {{\n        listen 127.0.0.1:{port} reuseport backlog=65535;\n\
+                 location /ws/microservice {{\n            proxy_pass http://127.0.0.1:{upstream_port};\n\
+                     proxy_http_version 1.1;\n            proxy_set_header Upgrade $http_upgrade;\n\
+                     proxy_set_header Connection \"upgrade\";\n            proxy_bind $upstream_source;\n\
+                     proxy_read_timeout 3600s;\n            proxy_send_timeout 3600s;\n        }}\n    }}\n}}\n",
+        dir = dir.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir);
+    let proc = Proc::spawn("nginx", cmd)?;
+    let listen = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "nginx did not listen on {listen}; see {}/error.log",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let master = proc.pid();
+    Ok(Relay {
+        proc,
+        listen,
+        port,
+        workers_of: Some(master),
+        _dir: Some(dir.to_path_buf()),
+    })
+}
+
+impl Relay {
+    /// SIGINT (both tether's relay and nginx stop at once on it), then the
+    /// process handle's SIGTERM/SIGKILL.
+    pub fn stop(self) {
+        self.proc.stop(Duration::from_secs(10));
+    }
+    /// The relay's processes (nginx: master and workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.proc.pid()];
+        if let Some(master) = self.workers_of {
+            pids.extend(procs::children(master));
+        }
+        pids
+    }
 }
 
 pub fn stop_all(swarms: Vec<Proc>, controller: Controller) {

@@ -108,6 +108,7 @@ impl Agent {
             stop: stop.clone(),
             deadline: None,
             own_fd_table: false,
+            probe: None,
         };
         let (ready_tx, ready_rx) = sync_channel(1);
         let (st, ctl, sts) = (state.clone(), control.clone(), stats.clone());

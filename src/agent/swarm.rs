@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::worker::{NoObserver, SwarmStats, Worker, WorkerConfig};
+use super::worker::{NoObserver, Probe, SwarmStats, Worker, WorkerConfig};
 use super::{Backoff, ControllerUrl, NoTools, ServiceSpec};
 
 /// Connections one worker thread holds at most (one fd table each).
@@ -37,6 +37,10 @@ pub struct SwarmConfig {
     pub client_ping: Option<Duration>,
     pub jwt: Option<String>,
     pub run_for: Option<Duration>,
+    /// Time a `discovery/lookup` round trip every this long from one
+    /// service in `probe_one_in`.
+    pub probe_every: Option<Duration>,
+    pub probe_one_in: usize,
 }
 
 impl SwarmConfig {
@@ -55,6 +59,8 @@ impl SwarmConfig {
             client_ping: None,
             jwt: None,
             run_for: None,
+            probe_every: None,
+            probe_one_in: 100,
         }
     }
 
@@ -77,6 +83,7 @@ impl SwarmConfig {
 
 pub struct Swarm {
     stats: Arc<SwarmStats>,
+    probes: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     started: Instant,
@@ -94,6 +101,10 @@ impl Swarm {
             .store(config.services as u64, Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
+        let probes = Arc::new(std::sync::Mutex::new(
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("valid bounds"),
+        ));
         let worker = WorkerConfig {
             controller: config.controller.clone(),
             authorization: None,
@@ -105,6 +116,11 @@ impl Swarm {
             stop: stop.clone(),
             deadline: config.run_for.map(|d| started + d),
             own_fd_table: true,
+            probe: config.probe_every.map(|every| Probe {
+                every,
+                one_in: config.probe_one_in,
+                probes: probes.clone(),
+            }),
         };
         let per_thread = config.services.div_ceil(threads);
         let mut handles = Vec::new();
@@ -140,6 +156,7 @@ impl Swarm {
         drop(ready_tx);
         let swarm = Swarm {
             stats,
+            probes,
             stop,
             threads: handles,
             started,
@@ -158,6 +175,12 @@ impl Swarm {
 
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Probe round trips so far: (count, p50 µs, p99 µs).
+    pub fn probe_latency(&self) -> (u64, u64, u64) {
+        let h = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+        (h.len(), h.value_at_quantile(0.5), h.value_at_quantile(0.99))
     }
 
     pub fn registered(&self) -> u64 {

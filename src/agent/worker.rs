@@ -51,7 +51,8 @@ pub struct WorkerConfig {
     pub authorization: Option<String>,
     pub sources: Vec<IpAddr>,
     pub backoff: Backoff,
-    /// New connections per second this worker may open.
+    /// New connections per second this worker opens on its first ramp
+    /// (reconnects follow each service's own backoff, unpaced).
     pub connect_rate: f64,
     /// The registration must be answered within this, else reconnect.
     pub register_timeout: Duration,
@@ -64,7 +65,22 @@ pub struct WorkerConfig {
     /// table and must not touch fds opened elsewhere, so the SDK keeps the
     /// process's table.
     pub own_fd_table: bool,
+    /// Every `every`, one session in `one_in` times a `discovery/lookup`
+    /// round trip (the whole path, relays included) into `probes`.
+    pub probe: Option<Probe>,
 }
+
+/// Latency probes: sampled sessions time a request that must reach the
+/// controller and come back.
+#[derive(Clone)]
+pub struct Probe {
+    pub every: Duration,
+    pub one_in: usize,
+    pub probes: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
+}
+
+/// The serviceId probes look up: one nobody registers, so answers are tiny.
+pub const PROBE_SERVICE: &str = "__tether_probe__";
 
 /// What another thread asks a worker to do (the SDK's calls).
 pub enum Control {
@@ -115,6 +131,8 @@ struct Slot {
     registered: bool,
     /// A reconnect timer is pending for this slot.
     reconnect_scheduled: bool,
+    /// The probe in flight: its request id and when it left.
+    probing: Option<(u64, Instant)>,
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,10 +140,12 @@ enum Timer {
     Reconnect,
     RegisterTimeout,
     ClientPing,
+    Probe,
 }
 
 pub struct Worker<O: Observer> {
     config: WorkerConfig,
+    first_index: usize,
     slots: Vec<Slot>,
     tools: Arc<dyn Tools>,
     observer: O,
@@ -188,9 +208,11 @@ impl<O: Observer> Worker<O> {
                 source: (!sources.is_empty()).then(|| sources[(first_index + i) % sources.len()]),
                 registered: false,
                 reconnect_scheduled: false,
+                probing: None,
             })
             .collect::<Vec<_>>();
         Ok(Worker {
+            first_index,
             connect_queue: (0..slots.len()).collect(),
             tokens: 1.0,
             last_refill: now,
@@ -302,12 +324,40 @@ impl<O: Observer> Worker<O> {
             match timer {
                 Timer::Reconnect if s.state == State::Waiting && s.reconnect_scheduled => {
                     self.slots[slot].reconnect_scheduled = false;
-                    self.connect_queue.push_back(slot);
+                    // Not paced: each simulated service backs off on its
+                    // own, as real ones do (the pacing is the first ramp's).
+                    self.connect(slot);
                 }
                 Timer::RegisterTimeout
                     if s.generation == generation && s.state == State::Open && !s.registered =>
                 {
                     self.fail(slot)
+                }
+                Timer::Probe
+                    if s.generation == generation && s.state == State::Open && s.registered =>
+                {
+                    if let Some(probe) = self.config.probe.clone() {
+                        if self.slots[slot].probing.is_none() {
+                            let mut out = std::mem::take(&mut self.out);
+                            out.clear();
+                            let filter = serde_json::json!({"serviceId": PROBE_SERVICE});
+                            if let Some(id) = self.slots[slot].session.request(
+                                "discovery/lookup",
+                                filter,
+                                &mut out,
+                            ) {
+                                self.slots[slot].probing = Some((id, now));
+                            }
+                            self.send(slot, &out);
+                            self.out = out;
+                        }
+                        self.timers.push(Reverse((
+                            now + probe.every,
+                            slot,
+                            generation,
+                            Timer::Probe,
+                        )));
+                    }
                 }
                 Timer::ClientPing if s.generation == generation && s.state == State::Open => {
                     let mut out = std::mem::take(&mut self.out);
@@ -444,8 +494,22 @@ impl<O: Observer> Worker<O> {
         match event {
             SessionEvent::Registered(_) => {
                 self.slots[slot].registered = true;
+                self.slots[slot].probing = None;
                 inc(&self.stats.registered);
                 inc(&self.stats.registrations);
+                if let Some(probe) = &self.config.probe
+                    && (self.first_index + slot).is_multiple_of(probe.one_in.max(1))
+                {
+                    // Spread the first probes over the period.
+                    let first = probe.every.mul_f64(fastrand::f64());
+                    let generation = self.slots[slot].generation;
+                    self.timers.push(Reverse((
+                        Instant::now() + first,
+                        slot,
+                        generation,
+                        Timer::Probe,
+                    )));
+                }
                 let renewals = self.observer.after_register();
                 if !renewals.is_empty() {
                     let mut out = std::mem::take(&mut self.out);
@@ -469,7 +533,19 @@ impl<O: Observer> Worker<O> {
                 self.fail(slot);
             }
             SessionEvent::Reply { id, outcome } => {
-                if let Some(tx) = self.replies.remove(&(slot, id)) {
+                if let Some((probe_id, sent)) = self.slots[slot].probing
+                    && probe_id == id
+                {
+                    self.slots[slot].probing = None;
+                    if let Some(probe) = &self.config.probe {
+                        let micros = sent.elapsed().as_micros().max(1) as u64;
+                        let _ = probe
+                            .probes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(micros);
+                    }
+                } else if let Some(tx) = self.replies.remove(&(slot, id)) {
                     let _ = tx.try_send(outcome);
                 } else if let Some(tx) = self.deregistering.remove(&(slot, id)) {
                     let _ = tx.try_send(outcome.is_ok());

@@ -1,0 +1,205 @@
+//! `herd`: the controller restarts (stopped, then started again on the
+//! same ports) under N connected services; with the agents' full-jitter
+//! backoff, and without jitter. Reports the reconnect curve, listen-queue
+//! overflows and time to full recovery.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::common::Common;
+use crate::observe::{Poller, peak_rate, rate_curve};
+use crate::procs;
+use crate::report::{Meta, Report, Section, n};
+use crate::topology;
+use crate::{plots, progress};
+
+#[derive(clap::Args, Debug)]
+pub struct HerdArgs {
+    #[arg(long, default_value_t = 10_000)]
+    pub services: usize,
+    /// Hold before the restart.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    pub before: Duration,
+    /// Give up waiting for recovery after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
+    pub recovery_limit: Duration,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    pub jitter: bool,
+    pub services: usize,
+    pub shards: usize,
+    /// The old controller's graceful stop, and the new one's start.
+    pub stop_seconds: f64,
+    pub start_seconds: f64,
+    /// From the stop's start until all services are registered again.
+    pub recovery_seconds: Option<f64>,
+    pub registered_again: f64,
+    pub reconnect_peak_per_second: f64,
+    /// TcpExt counters of /proc/net/netstat over the restart (machine-wide).
+    pub listen_overflows: u64,
+    pub listen_drops: u64,
+    /// (seconds after the stop began, registrations per second).
+    pub reconnect_curve: Vec<(f64, f64)>,
+}
+
+fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> {
+    let services = args.services;
+    let shards = args.common.shards_for(services);
+    eprintln!(
+        "== controller restart under {services} services, {}",
+        if jitter { "full jitter" } else { "no jitter" }
+    );
+    let controller = topology::controller_with(tether, shards, &[])?;
+    let (port, admin_port, admin) = (
+        controller.port,
+        controller.admin_port,
+        controller.admin.clone(),
+    );
+    let mut spec = args.common.swarm(&controller.listen, services);
+    if !jitter {
+        spec.extra.push("--no-jitter".into());
+    }
+    let (swarms, _) = topology::start_swarms(tether, &spec)?;
+    let poller = Poller::start(&admin, Duration::from_millis(100));
+    progress::hold(args.before, "holding", || {});
+
+    let overflows0 = procs::netstat("TcpExt", "ListenOverflows")?;
+    let drops0 = procs::netstat("TcpExt", "ListenDrops")?;
+    let began = Instant::now();
+    controller.proc.stop(Duration::from_secs(30));
+    let stop_seconds = began.elapsed().as_secs_f64();
+    let restarted = Instant::now();
+    let controller = topology::controller_at(tether, port, admin_port, shards, &[])?;
+    let start_seconds = restarted.elapsed().as_secs_f64();
+    let bar = progress::bar(services as u64, "registered again");
+    let mut recovered = None;
+    while began.elapsed() < args.recovery_limit {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(s) = poller.last().filter(|s| s.at >= restarted) else {
+            continue;
+        };
+        bar.set_position(s.up as u64);
+        if s.up >= services as f64 {
+            recovered = Some(s.at.duration_since(began).as_secs_f64());
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    // A second more of the curve's tail.
+    std::thread::sleep(Duration::from_secs(1));
+    let samples = poller.samples();
+    drop(poller);
+    let listen_overflows = procs::netstat("TcpExt", "ListenOverflows")? - overflows0;
+    let listen_drops = procs::netstat("TcpExt", "ListenDrops")? - drops0;
+    for swarm in swarms {
+        swarm.stop(Duration::from_secs(10));
+    }
+    controller.proc.stop(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Only the new controller's counters (they start at zero).
+    let after: Vec<_> = samples.into_iter().filter(|s| s.at >= restarted).collect();
+    let registrations = |s: &crate::observe::Sample| s.registered;
+    let mut curve = vec![(0.0, 0.0)];
+    curve.extend(rate_curve(&after, began, registrations));
+    let run = Run {
+        jitter,
+        services,
+        shards,
+        stop_seconds,
+        start_seconds,
+        recovery_seconds: recovered,
+        registered_again: after.last().map_or(0.0, |s| s.up),
+        reconnect_peak_per_second: peak_rate(&after, began, Duration::from_secs(1), registrations),
+        listen_overflows,
+        listen_drops,
+        reconnect_curve: curve,
+    };
+    eprintln!(
+        "{}: recovered in {} s, peak {} registrations/s, {} listen overflows",
+        if jitter { "jitter" } else { "no jitter" },
+        run.recovery_seconds.map_or_else(|| "n/a".into(), n),
+        n(run.reconnect_peak_per_second),
+        run.listen_overflows
+    );
+    Ok(run)
+}
+
+pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
+    let tether = args.common.tether()?;
+    let out = crate::report::out_dir(&args.common.out, "herd");
+    let runs = [true, false]
+        .iter()
+        .map(|j| run_one(&args, &tether, *j))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut table = Section::new(
+        "Controller restarted under load",
+        &[
+            "backoff",
+            "services",
+            "recovery s",
+            "registered again",
+            "peak registrations/s",
+            "ListenOverflows",
+            "ListenDrops",
+            "stop s",
+            "start s",
+        ],
+    );
+    for r in &runs {
+        table.row(vec![
+            if r.jitter { "full jitter" } else { "no jitter" }.into(),
+            r.services.to_string(),
+            r.recovery_seconds.map_or(
+                format!(
+                    "not within {}",
+                    humantime::format_duration(args.recovery_limit)
+                ),
+                n,
+            ),
+            n(r.registered_again),
+            n(r.reconnect_peak_per_second),
+            r.listen_overflows.to_string(),
+            r.listen_drops.to_string(),
+            n(r.stop_seconds),
+            n(r.start_seconds),
+        ]);
+    }
+    table.note("Recovery: from the old controller's stop until the new one has every service registered. ListenOverflows/ListenDrops are machine-wide TcpExt counters over the restart: connects the listen queue turned away, each retried by the client's TCP after a second or more.");
+    std::fs::create_dir_all(&out)?;
+    let series: Vec<plots::Series> = runs
+        .iter()
+        .map(|r| plots::Series {
+            label: if r.jitter { "full jitter" } else { "no jitter" }.into(),
+            points: r.reconnect_curve.clone(),
+        })
+        .collect();
+    plots::lines(
+        &out.join("herd.svg"),
+        "Registrations at the restarted controller",
+        "seconds after the stop began",
+        "registrations per second",
+        &series,
+    )?;
+    let report = Report {
+        scenario: "herd".into(),
+        meta: Meta::now(&tether),
+        config: serde_json::json!({
+            "services": args.services,
+            "beforeSeconds": args.before.as_secs_f64(),
+            "common": args.common.config(),
+        }),
+        results: serde_json::json!({ "runs": runs }),
+        sections: vec![table],
+        plots: vec![("herd.svg".into(), "Reconnect curves".into())],
+    };
+    report.write(&out)?;
+    Ok(report)
+}

@@ -1,0 +1,292 @@
+//! `scale`: N swept, direct; the controller's memory and CPU at each N and
+//! a least-squares line through them (cost per service, fixed cost).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::common::{Common, Stack, Topology};
+use crate::observe::{self, metric};
+use crate::procs;
+use crate::report::{Meta, Report, Section, n};
+use crate::topology;
+use crate::{plots, progress};
+
+#[derive(clap::Args, Debug)]
+pub struct ScaleArgs {
+    /// The N to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000,100000")]
+    pub services: Vec<usize>,
+    /// Hold at each N, for the CPU that pings cost.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    pub hold: Duration,
+    /// The controller's ping interval.
+    #[arg(long, default_value = "5s")]
+    pub ping_interval: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Point {
+    pub services: usize,
+    pub shards: usize,
+    pub rss_start_kb: u64,
+    pub rss_kb: u64,
+    pub user_bytes: f64,
+    pub kernel_slab_bytes: f64,
+    pub kernel_sunreclaim_bytes: f64,
+    pub registration_seconds: f64,
+    pub cpu_seconds_ramp: f64,
+    pub cpu_seconds_hold: f64,
+    pub pings_during_hold: f64,
+}
+
+/// y = intercept + slope·x, least squares.
+#[derive(Serialize, Debug, Clone, Copy)]
+pub struct Fit {
+    pub slope: f64,
+    pub intercept: f64,
+    pub r2: f64,
+}
+
+pub fn fit(points: &[(f64, f64)]) -> Option<Fit> {
+    let k = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let (sx, sy) = points
+        .iter()
+        .fold((0.0, 0.0), |(a, b), p| (a + p.0, b + p.1));
+    let (mx, my) = (sx / k, sy / k);
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if sxx == 0.0 {
+        return None;
+    }
+    let slope = sxy / sxx;
+    let intercept = my - slope * mx;
+    let ss_tot: f64 = points.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let ss_res: f64 = points
+        .iter()
+        .map(|p| (p.1 - intercept - slope * p.0).powi(2))
+        .sum();
+    Some(Fit {
+        slope,
+        intercept,
+        r2: if ss_tot > 0.0 {
+            1.0 - ss_res / ss_tot
+        } else {
+            1.0
+        },
+    })
+}
+
+fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyhow::Result<Point> {
+    let shards = args.common.shards_for(services);
+    eprintln!("== direct, {services} services ({shards} shards)");
+    let stack = Stack::start(
+        tether,
+        Topology::Direct,
+        services,
+        shards,
+        &["--ping-interval", &args.ping_interval],
+        dir,
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = stack.controller.proc.pid();
+    let (rss0, cpu0) = (procs::status_kb(pid, "VmRSS")?, procs::cpu_seconds(pid)?);
+    let (slab0, sunr0) = (procs::meminfo_kb("Slab")?, procs::meminfo_kb("SUnreclaim")?);
+    let spec = args.common.swarm(stack.target(), services);
+    let (swarms, registration_seconds) = topology::start_swarms(tether, &spec)?;
+    progress::hold(Duration::from_secs(3), "settling", || {});
+    let rss = procs::status_kb(pid, "VmRSS")?;
+    let cpu1 = procs::cpu_seconds(pid)?;
+    let slab = procs::meminfo_kb("Slab")? as f64 - slab0 as f64;
+    let sunr = procs::meminfo_kb("SUnreclaim")? as f64 - sunr0 as f64;
+    let before = observe::scrape(&stack.controller.admin)?;
+    progress::hold(args.hold, "holding", || {});
+    let cpu2 = procs::cpu_seconds(pid)?;
+    let after = observe::scrape(&stack.controller.admin)?;
+    stack.stop(swarms);
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(Point {
+        services,
+        shards,
+        rss_start_kb: rss0,
+        rss_kb: rss,
+        user_bytes: (rss as f64 - rss0 as f64) * 1024.0,
+        kernel_slab_bytes: slab * 1024.0,
+        kernel_sunreclaim_bytes: sunr * 1024.0,
+        registration_seconds,
+        cpu_seconds_ramp: cpu1 - cpu0,
+        cpu_seconds_hold: cpu2 - cpu1,
+        pings_during_hold: metric(&after, "tether_pings_sent_total")
+            - metric(&before, "tether_pings_sent_total"),
+    })
+}
+
+pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
+    let tether = args.common.tether()?;
+    let out = crate::report::out_dir(&args.common.out, "scale");
+    let points = args
+        .services
+        .iter()
+        .map(|s| run_one(&args, &tether, *s, &out))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let xy = |f: &dyn Fn(&Point) -> f64| {
+        points
+            .iter()
+            .map(|p| (p.services as f64, f(p)))
+            .collect::<Vec<_>>()
+    };
+    let user = fit(&xy(&|p| p.user_bytes));
+    let kernel = fit(&xy(&|p| p.kernel_sunreclaim_bytes));
+    let total = fit(&xy(&|p| p.user_bytes + p.kernel_sunreclaim_bytes));
+    let hold_s = args.hold.as_secs_f64();
+    // CPU per service per second of hold (pings at the configured interval).
+    let cpu = fit(&xy(&|p| p.cpu_seconds_hold / hold_s));
+    let ramp = fit(&xy(&|p| p.cpu_seconds_ramp));
+
+    let mut table = Section::new(
+        "Direct topology, N swept",
+        &[
+            "services",
+            "shards",
+            "user MiB",
+            "kernel slab MiB",
+            "user B/service",
+            "kernel B/service",
+            "registration s",
+            "CPU s ramp",
+            "CPU s hold",
+            "pings in hold",
+        ],
+    );
+    for p in &points {
+        let per = |v: f64| n(v / p.services as f64);
+        table.row(vec![
+            p.services.to_string(),
+            p.shards.to_string(),
+            n(p.user_bytes / 1048576.0),
+            n(p.kernel_sunreclaim_bytes / 1048576.0),
+            per(p.user_bytes),
+            per(p.kernel_sunreclaim_bytes),
+            n(p.registration_seconds),
+            n(p.cpu_seconds_ramp),
+            n(p.cpu_seconds_hold),
+            n(p.pings_during_hold),
+        ]);
+    }
+    let mut fits = Section::new(
+        "Fitted cost per service (least squares over N)",
+        &["figure", "per service", "fixed", "r²"],
+    );
+    // (per-service scale and unit, fixed-cost unit)
+    let row =
+        |s: &mut Section, name: &str, f: Option<Fit>, scale: f64, unit: &str, fixed_unit: &str| {
+            if let Some(f) = f {
+                s.row(vec![
+                    name.into(),
+                    format!("{} {unit}", n(f.slope * scale)),
+                    format!("{} {fixed_unit}", n(f.intercept)),
+                    format!("{:.4}", f.r2),
+                ]);
+            }
+        };
+    row(&mut fits, "user memory", user, 1.0, "B", "B");
+    row(
+        &mut fits,
+        "kernel memory (SUnreclaim, both ends)",
+        kernel,
+        1.0,
+        "B",
+        "B",
+    );
+    row(&mut fits, "total memory", total, 1.0, "B", "B");
+    row(&mut fits, "CPU while holding", cpu, 1e6, "µcores", "cores");
+    row(&mut fits, "CPU to register", ramp, 1e6, "µs", "s");
+    fits.note(format!(
+        "Kernel memory counts both ends of every connection (the swarm runs on this machine). CPU while holding: controller utime+stime over {} s with a ping every {} per service, per second; per service in millionths of a core.",
+        n(hold_s),
+        args.ping_interval
+    ));
+    std::fs::create_dir_all(&out)?;
+    let mib = |f: &dyn Fn(&Point) -> f64| {
+        points
+            .iter()
+            .map(|p| (p.services as f64, f(p) / 1048576.0))
+            .collect::<Vec<_>>()
+    };
+    plots::lines(
+        &out.join("scale-memory.svg"),
+        "Controller memory vs services (direct)",
+        "services",
+        "MiB",
+        &[
+            plots::Series {
+                label: "user (controller RSS)".into(),
+                points: mib(&|p| p.user_bytes),
+            },
+            plots::Series {
+                label: "kernel (SUnreclaim)".into(),
+                points: mib(&|p| p.kernel_sunreclaim_bytes),
+            },
+        ],
+    )?;
+    plots::lines(
+        &out.join("scale-cpu.svg"),
+        "Controller CPU while holding vs services (direct)",
+        "services",
+        "cores",
+        &[plots::Series {
+            label: format!("ping every {}", args.ping_interval),
+            points: xy(&|p| p.cpu_seconds_hold / hold_s),
+        }],
+    )?;
+    let report = Report {
+        scenario: "scale".into(),
+        meta: Meta::now(&tether),
+        config: serde_json::json!({
+            "services": args.services,
+            "holdSeconds": hold_s,
+            "pingInterval": args.ping_interval,
+            "common": args.common.config(),
+        }),
+        results: serde_json::json!({
+            "points": points,
+            "fit": {
+                "userBytesPerService": user,
+                "kernelBytesPerService": kernel,
+                "totalBytesPerService": total,
+                "holdCoresPerService": cpu,
+                "registerCpuSecondsPerService": ramp,
+            },
+        }),
+        sections: vec![table, fits],
+        plots: vec![
+            ("scale-memory.svg".into(), "Memory vs N".into()),
+            ("scale-cpu.svg".into(), "CPU vs N".into()),
+        ],
+    };
+    report.write(&out)?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_a_line() {
+        let f = fit(&[(1.0, 12.0), (2.0, 14.0), (3.0, 16.0)]).unwrap();
+        assert!(
+            (f.slope - 2.0).abs() < 1e-9
+                && (f.intercept - 10.0).abs() < 1e-9
+                && (f.r2 - 1.0).abs() < 1e-9
+        );
+        assert!(fit(&[(1.0, 1.0)]).is_none());
+    }
+}

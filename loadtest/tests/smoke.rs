@@ -1,0 +1,211 @@
+//! Every scenario at a small N, as CI runs them: real controller, relay,
+//! nginx (when installed) and swarm processes on loopback. These check
+//! what each scenario must show (who holds which connections, zombies
+//! detected or masked, false downs, recovery), not speed.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tether-smoke-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Runs a scenario into a fresh directory; returns its results.json.
+fn scenario(name: &str, args: &[&str]) -> (Value, PathBuf) {
+    let out = out_dir(name);
+    let output = Command::new(env!("CARGO_BIN_EXE_tether-loadtest"))
+        .arg(name)
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("tether-loadtest runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{name} failed:\n{stderr}");
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    assert!(
+        report.contains(&format!("# tether load test: {name}")),
+        "{report}"
+    );
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(json["scenario"], name);
+    assert!(
+        json["meta"]["tether_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("tether "),
+        "{json}"
+    );
+    assert!(!json["meta"]["kernel"].as_str().unwrap().is_empty());
+    for plot in json["plots"].as_array().unwrap() {
+        let svg = std::fs::read_to_string(out.join(plot.as_str().unwrap())).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{plot}");
+    }
+    (json, out)
+}
+
+fn runs(json: &Value) -> Vec<Value> {
+    json["results"]["runs"].as_array().unwrap().clone()
+}
+
+fn nginx_installed() -> bool {
+    [
+        "/usr/sbin/nginx",
+        "/usr/bin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists())
+}
+
+fn topologies(json: &Value) -> Vec<String> {
+    runs(json)
+        .iter()
+        .map(|r| r["topology"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn compare_counts_who_holds_what() {
+    let n = 300;
+    let (json, out) = scenario("compare", &["--services", &n.to_string(), "--hold", "1s"]);
+    let expected: &[&str] = if nginx_installed() {
+        &["direct", "relay", "nginx"]
+    } else {
+        &["direct", "relay"]
+    };
+    assert_eq!(topologies(&json), expected);
+    for r in runs(&json) {
+        assert_eq!(r["controller"]["connections"], n, "{r}");
+        assert_eq!(r["serviceConnections"], n, "{r}");
+        assert_eq!(r["registeredUp"], n as f64, "{r}");
+        // io_uring's direct descriptors live outside the fd tables.
+        if r["io"] == "epoll" {
+            assert!(
+                r["controller"]["socketFds"].as_u64().unwrap() >= n as u64,
+                "{r}"
+            );
+        }
+        assert!(r["memoryPerServiceBytes"].as_f64().unwrap() > 0.0, "{r}");
+        match r["topology"].as_str().unwrap() {
+            "direct" => assert!(r["gateway"].is_null()),
+            // Chained: the gateway holds both sides of every service's path.
+            _ => {
+                assert_eq!(r["gateway"]["connections"], 2 * n, "{r}");
+                assert!(
+                    r["gateway"]["socketFds"].as_u64().unwrap() >= 2 * n as u64,
+                    "{r}"
+                );
+            }
+        }
+        assert!(r["probes"].as_u64().unwrap() > 0, "no latency probes: {r}");
+    }
+    assert!(out.join("memory-vs-n.svg").exists());
+}
+
+#[test]
+fn zombies_are_detected_direct_and_masked_by_a_terminating_relay() {
+    let (json, _) = scenario(
+        "zombie",
+        &[
+            "--services",
+            "200",
+            "--zombies",
+            "20",
+            "--ping-interval",
+            "1s",
+            "--pong-timeout",
+            "1s",
+            "--wait",
+            "6s",
+        ],
+    );
+    for r in runs(&json) {
+        let detected = r["detected"].as_u64().unwrap();
+        match r["topology"].as_str().unwrap() {
+            // nginx passes the controller's pings through to the service.
+            "direct" | "nginx" => {
+                assert_eq!(detected, 20, "{r}");
+                assert_eq!(r["detectionSeconds"].as_array().unwrap().len(), 20);
+            }
+            "relay" => assert_eq!(
+                detected, 0,
+                "the relay answers pings for frozen services: {r}"
+            ),
+            other => panic!("{other}"),
+        }
+        assert_eq!(r["falseDowns"], 0, "{r}");
+    }
+}
+
+#[test]
+fn a_gateway_redeploy_downs_chained_services_only() {
+    let n = 300;
+    let (json, _) = scenario(
+        "redeploy",
+        &[
+            "--services",
+            &n.to_string(),
+            "--before",
+            "1s",
+            "--after",
+            "2s",
+            "--topologies",
+            "direct,relay",
+        ],
+    );
+    let runs = runs(&json);
+    assert_eq!(topologies(&json), ["direct", "relay"]);
+    assert_eq!(runs[0]["falseDowns"], 0.0, "{}", runs[0]);
+    assert_eq!(runs[0]["recoverySeconds"], 0.0, "{}", runs[0]);
+    assert_eq!(runs[1]["falseDowns"], n as f64, "{}", runs[1]);
+    assert!(
+        runs[1]["reregistrations"].as_f64().unwrap() >= n as f64,
+        "{}",
+        runs[1]
+    );
+    assert!(
+        runs[1]["recoverySeconds"].as_f64().is_some(),
+        "not recovered: {}",
+        runs[1]
+    );
+}
+
+#[test]
+fn a_controller_restart_recovers_with_and_without_jitter() {
+    let n = 500;
+    let (json, _) = scenario("herd", &["--services", &n.to_string(), "--before", "1s"]);
+    let runs = runs(&json);
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["jitter"], true);
+    assert_eq!(runs[1]["jitter"], false);
+    for r in runs {
+        assert_eq!(r["registeredAgain"], n as f64, "{r}");
+        assert!(r["recoverySeconds"].as_f64().is_some(), "{r}");
+        assert!(r["reconnectCurve"].as_array().unwrap().len() > 1, "{r}");
+    }
+}
+
+#[test]
+fn scale_fits_cost_per_service() {
+    let (json, out) = scenario("scale", &["--services", "100,400", "--hold", "1s"]);
+    let points = json["results"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    assert!(
+        points
+            .iter()
+            .all(|p| p["userBytes"].as_f64().unwrap() > 0.0),
+        "{points:?}"
+    );
+    assert!(
+        json["results"]["fit"]["totalBytesPerService"]["slope"].is_number(),
+        "{json}"
+    );
+    assert!(out.join("scale-memory.svg").exists() && out.join("scale-cpu.svg").exists());
+}
