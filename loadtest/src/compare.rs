@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::common::{Common, Stack, Topology, runnable};
-use crate::observe::{self, histogram_quantile, metric};
+use crate::observe::{self, histogram_quantile_between, metric};
 use crate::procs::{self, Proc};
 use crate::report::{Meta, Report, Section, n, opt};
 use crate::sockets;
@@ -84,11 +84,13 @@ pub struct Run {
     pub memory_per_service_bytes: f64,
     pub user_memory_per_service_bytes: f64,
     pub kernel_memory_per_service_bytes: f64,
-    /// discovery/lookup round trips timed by sampled services (ramp and hold).
+    /// discovery/lookup round trips timed by sampled services once all of
+    /// their swarm process had registered (the hold, mostly).
     pub probes: u64,
     pub probe_p50_ms: Option<f64>,
     pub probe_p99_ms: Option<f64>,
-    /// The controller's ping round trips (to the relay when chained).
+    /// The controller's ping round trips during the hold (to the relay
+    /// when chained through tether's).
     pub controller_ping_rtt_p50_ms: Option<f64>,
     pub controller_ping_rtt_p99_ms: Option<f64>,
     pub pings_during_hold: f64,
@@ -230,7 +232,10 @@ fn run_one(
         controller_figures.rss_growth_kb + gateway_figures.as_ref().map_or(0, |g| g.rss_growth_kb);
     let total = (user_kb + sunr) as f64 * 1024.0;
     let per = |v: f64| v / services as f64;
-    let rtt = |q| histogram_quantile(&after, "tether_pong_rtt_seconds", q).map(|s| s * 1000.0);
+    let rtt = |q| {
+        histogram_quantile_between(&before, &after, "tether_pong_rtt_seconds", q)
+            .map(|s| s * 1000.0)
+    };
     let run = Run {
         topology,
         services,
@@ -385,7 +390,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<Report> {
     held.note("Connections are established TCP connections from /proc/net/tcp; socket fds are the distinct sockets in all of a process's fd tables (tether's shards and relay threads each have their own). On io_uring the controller's sockets are direct descriptors, registered with the ring, and take no fd-table slot: its count is then its listeners and admin sockets only.");
     memory.note("Kernel slab growth is `SUnreclaim` in /proc/meminfo and covers every socket on the machine, the services' own ends included (one per service in every topology). Total = RSS growth of controller and gateway + kernel slab growth.");
     cost.note(format!(
-        "Lookup round trips: one service in {} times a discovery/lookup every {}, over the ramp and the hold. Behind tether's relay the controller's ping RTT is its round trip to the relay, which answers for the service; nginx passes pings through to the service.",
+        "Lookup round trips: one service in {} times a discovery/lookup every {}, from when its swarm process had all its services registered; the controller's ping RTT is over the hold. Behind tether's relay the controller's ping RTT is its round trip to the relay, which answers for the service; nginx passes pings through to the service.",
         args.probe_one_in, args.probe_every
     ));
     for why in &skipped {

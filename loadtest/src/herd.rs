@@ -22,11 +22,23 @@ pub struct HerdArgs {
     /// Hold before the restart.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     pub before: Duration,
+    /// How the controller goes: `kill` (SIGKILL, a crash: every socket
+    /// closes at once) or `graceful` (SIGINT: it closes them with 1001,
+    /// over a few seconds at large N).
+    #[arg(long, value_enum, default_value = "kill")]
+    pub stop: StopMode,
     /// Give up waiting for recovery after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
     pub recovery_limit: Duration,
     #[command(flatten)]
     pub common: Common,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StopMode {
+    Kill,
+    Graceful,
 }
 
 #[derive(Serialize, Debug)]
@@ -73,10 +85,25 @@ fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> 
     let overflows0 = procs::netstat("TcpExt", "ListenOverflows")?;
     let drops0 = procs::netstat("TcpExt", "ListenDrops")?;
     let began = Instant::now();
-    controller.proc.stop(Duration::from_secs(30));
+    match args.stop {
+        StopMode::Kill => controller.proc.kill(),
+        StopMode::Graceful => controller.proc.stop(Duration::from_secs(30)),
+    }
     let stop_seconds = began.elapsed().as_secs_f64();
     let restarted = Instant::now();
-    let controller = topology::controller_at(tether, port, admin_port, shards, &[])?;
+    // After a SIGKILL the kernel may hold the old listener a moment longer
+    // (io_uring tears a ring down in the background): retry, as a
+    // supervisor would.
+    let controller = loop {
+        match topology::controller_at(tether, port, admin_port, shards, &[]) {
+            Ok(c) => break c,
+            Err(e) if restarted.elapsed() < Duration::from_secs(30) => {
+                eprintln!("restart: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let start_seconds = restarted.elapsed().as_secs_f64();
     let bar = progress::bar(services as u64, "registered again");
     let mut recovered = None;
@@ -172,6 +199,13 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             n(r.start_seconds),
         ]);
     }
+    table.note(format!(
+        "The controller was stopped by {}.",
+        match args.stop {
+            StopMode::Kill => "SIGKILL (a crash: every socket closed at once)",
+            StopMode::Graceful => "SIGINT (it closed every socket with 1001 before exiting)",
+        }
+    ));
     table.note("Recovery: from the old controller's stop until the new one has every service registered. ListenOverflows/ListenDrops are machine-wide TcpExt counters over the restart: connects the listen queue turned away, each retried by the client's TCP after a second or more.");
     std::fs::create_dir_all(&out)?;
     let series: Vec<plots::Series> = runs
@@ -194,6 +228,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
         config: serde_json::json!({
             "services": args.services,
             "beforeSeconds": args.before.as_secs_f64(),
+            "stop": args.stop,
             "common": args.common.config(),
         }),
         results: serde_json::json!({ "runs": runs }),

@@ -110,9 +110,8 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A quantile of a Prometheus histogram's cumulative buckets, in the unit
-/// of its `le` labels (linear inside a bucket).
-pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+/// A histogram's cumulative buckets (le, count), sorted.
+fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
         .filter_map(|l| {
@@ -127,6 +126,25 @@ pub fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// A quantile of what a Prometheus histogram observed between two
+/// scrapes, in the unit of its `le` labels (linear inside a bucket).
+pub fn histogram_quantile_between(before: &str, after: &str, name: &str, q: f64) -> Option<f64> {
+    let earlier = buckets(before, name);
+    let later = buckets(after, name);
+    let delta = later
+        .iter()
+        .map(|(le, count)| {
+            let was = earlier.iter().find(|(l, _)| l == le).map_or(0.0, |b| b.1);
+            (*le, count - was)
+        })
+        .collect();
+    quantile_of(delta, q)
+}
+
+fn quantile_of(buckets: Vec<(f64, f64)>, q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total <= 0.0 {
         return None;
@@ -275,8 +293,13 @@ mod tests {
         let text = "x_total{shard=\"0\"} 3\nx_total{shard=\"1\"} 4\nx_total_other 9\n\
                     h_bucket{le=\"0.001\"} 50\nh_bucket{le=\"0.01\"} 100\nh_bucket{le=\"+Inf\"} 100\n";
         assert_eq!(metric(text, "x_total"), 7.0);
-        assert_eq!(histogram_quantile(text, "h", 0.5), Some(0.001));
-        let p75 = histogram_quantile(text, "h", 0.75).unwrap();
+        assert_eq!(histogram_quantile_between("", text, "h", 0.5), Some(0.001));
+        let p75 = histogram_quantile_between("", text, "h", 0.75).unwrap();
         assert!((p75 - 0.0055).abs() < 1e-9);
+        let later =
+            "h_bucket{le=\"0.001\"} 50\nh_bucket{le=\"0.01\"} 200\nh_bucket{le=\"+Inf\"} 200\n";
+        // The 100 observed in between all fell in (0.001, 0.01].
+        let p50 = histogram_quantile_between(text, later, "h", 0.5).unwrap();
+        assert!((p50 - 0.0055).abs() < 1e-9, "{p50}");
     }
 }

@@ -104,6 +104,12 @@ impl Proc {
         unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
+    /// SIGKILL (a crash), and wait for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGINT, then wait up to `grace` before killing.
     pub fn stop(mut self, grace: Duration) {
         self.signal(libc::SIGINT);

@@ -289,6 +289,23 @@ pub fn tether_relay(
     })
 }
 
+/// nginx's split_clients lines spreading connections evenly over
+/// `sources` addresses 127.0.2.2… (percentages take two decimals at most;
+/// the last takes the rest).
+fn split_clients(sources: usize) -> String {
+    let share = (10_000 / sources) as f64 / 100.0;
+    (0..sources)
+        .map(|i| {
+            let pct = if i + 1 == sources {
+                "*".to_string()
+            } else {
+                format!("{share:.2}%")
+            };
+            format!("        {pct} 127.0.2.{};\n", 2 + i)
+        })
+        .collect()
+}
+
 /// The nginx binary, if installed.
 pub fn nginx_binary() -> Option<PathBuf> {
     [
@@ -323,17 +340,7 @@ pub fn nginx_relay(
     let per_worker = nofile - 200;
     let pairs = per_worker / 2;
     let workers = (services * 13 / 10).div_ceil(pairs).max(2);
-    let sources = services.div_ceil(10_000).max(1);
-    let mut split = String::new();
-    for i in 0..sources {
-        let share = 100.0 / sources as f64;
-        let pct = if i + 1 == sources {
-            "*".to_string()
-        } else {
-            format!("{share:.4}%")
-        };
-        split.push_str(&format!("        {pct} 127.0.2.{};\n", 2 + i));
-    }
+    let split = split_clients(services.div_ceil(10_000).max(1));
     let conf = format!(
         "daemon off;\nmaster_process on;\nworker_processes {workers};\nworker_rlimit_nofile {nofile};\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/error.log warn;\n\
@@ -394,4 +401,20 @@ pub fn stop_all(swarms: Vec<Proc>, controller: Controller) {
         swarm.stop(Duration::from_secs(10));
     }
     controller.proc.stop(Duration::from_secs(10));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nginx_sources_split_within_a_hundred_percent() {
+        assert_eq!(split_clients(1), "        * 127.0.2.2;\n");
+        assert_eq!(
+            split_clients(3),
+            "        33.33% 127.0.2.2;\n        33.33% 127.0.2.3;\n        * 127.0.2.4;\n"
+        );
+        assert!(split_clients(10).starts_with("        10.00% 127.0.2.2;\n"));
+        assert_eq!(source_range_in(1, 0, 100_000), "127.0.1.2-127.0.1.11");
+    }
 }

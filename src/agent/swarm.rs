@@ -177,6 +177,15 @@ impl Swarm {
         self.started
     }
 
+    /// Forgets the probes so far (the harness times the steady state,
+    /// not the ramp).
+    pub fn reset_probes(&self) {
+        self.probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reset();
+    }
+
     /// Probe round trips so far: (count, p50 µs, p99 µs).
     pub fn probe_latency(&self) -> (u64, u64, u64) {
         let h = self.probes.lock().unwrap_or_else(|e| e.into_inner());
