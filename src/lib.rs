@@ -11,4 +11,5 @@ pub mod controller;
 pub mod engine;
 pub mod gateway;
 pub mod metrics;
+pub mod plan;
 pub mod registry;

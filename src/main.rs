@@ -45,6 +45,59 @@ enum Command {
     Status(StatusArgs),
     /// List a controller's registered services, from its admin API.
     Services(ServicesArgs),
+    /// A capacity plan for N services, direct and chained, from measured costs.
+    Plan(PlanArgs),
+    /// Host tuning: `tune check --services N` says what this host lacks.
+    Tune(TuneArgs),
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// Services the controller is to hold.
+    #[arg(long)]
+    services: u64,
+    /// The controller's --ping-interval.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    ping_interval: Duration,
+    /// Per-service costs from a load test's results.json (`compare` or
+    /// `scale`) instead of the built-in ones.
+    #[arg(long)]
+    from: Option<std::path::PathBuf>,
+    /// fds per fd table on the controller's host [default: this host's
+    /// hard RLIMIT_NOFILE].
+    #[arg(long)]
+    nofile: Option<u64>,
+    /// Cores of the controller's host [default: this host's].
+    #[arg(long)]
+    cores: Option<u64>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TuneArgs {
+    #[command(subcommand)]
+    command: TuneCommand,
+}
+
+#[derive(Subcommand)]
+enum TuneCommand {
+    /// Check this host for N services: fds, sysctls, memory, CPU, kernel.
+    /// Exits 1 if something is missing.
+    Check {
+        #[arg(long)]
+        services: u64,
+        #[arg(long, value_parser = duration, default_value = "30s")]
+        ping_interval: Duration,
+        /// The port services connect to.
+        #[arg(long, default_value_t = 8438)]
+        listen_port: u16,
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -263,6 +316,48 @@ fn main() -> anyhow::Result<()> {
             };
             cli::services(&args.client.admin, &query, args.client.json)
         }
+        Command::Plan(args) => {
+            let plan = make_plan(
+                args.services,
+                args.ping_interval,
+                args.from.as_deref(),
+                args.nofile,
+                args.cores,
+            )?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", plan.render());
+            }
+            Ok(())
+        }
+        Command::Tune(TuneArgs {
+            command:
+                TuneCommand::Check {
+                    services,
+                    ping_interval,
+                    listen_port,
+                    from,
+                    json,
+                },
+        }) => {
+            let plan = make_plan(services, ping_interval, from.as_deref(), None, None)?;
+            let checks = tether::plan::check_host(&plan, listen_port);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                println!(
+                    "tether tune check: {services} services, {} shards, on this host",
+                    plan.shards
+                );
+                print!("{}", tether::plan::render_checks(&checks));
+            }
+            let missing = checks.iter().filter(|c| !c.ok).count();
+            if missing > 0 {
+                bail!("{missing} check(s) failed; see the fixes above and tuning/README.md");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -332,6 +427,28 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     controller.shutdown();
     Ok(())
+}
+
+fn make_plan(
+    services: u64,
+    ping_interval: Duration,
+    from: Option<&std::path::Path>,
+    nofile: Option<u64>,
+    cores: Option<u64>,
+) -> anyhow::Result<tether::plan::Plan> {
+    let costs = match from {
+        Some(path) => tether::plan::Costs::from_results(path)?,
+        None => tether::plan::Costs::default(),
+    };
+    let cores =
+        cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    Ok(tether::plan::Plan::new(
+        services,
+        ping_interval.as_secs_f64(),
+        nofile.unwrap_or_else(tether::plan::nofile_hard),
+        cores,
+        costs,
+    ))
 }
 
 fn gateway(args: GatewayArgs) -> anyhow::Result<()> {

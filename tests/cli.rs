@@ -284,3 +284,92 @@ fn sigterm_with_an_open_event_stream_exits_promptly() {
         "{text}"
     );
 }
+
+#[test]
+fn plan_prints_direct_and_chained_needs() {
+    let out = tether()
+        .args([
+            "plan",
+            "--services",
+            "100000",
+            "--nofile",
+            "20000",
+            "--cores",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["services"], 100000);
+    assert_eq!(plan["direct"]["controllerSockets"], 100000);
+    assert_eq!(plan["relay"]["gatewaySockets"], 200000);
+    // 100,000 over fd tables of 20,000: six shards.
+    assert_eq!(plan["shards"], 6);
+    let direct = plan["direct"]["totalMemoryBytes"].as_f64().unwrap();
+    assert!(plan["relay"]["totalMemoryBytes"].as_f64().unwrap() > direct);
+
+    let text = tether()
+        .args(["plan", "--services", "1000"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("chained (tether relay)") && text.contains("fs.nr_open"),
+        "{text}"
+    );
+
+    let bad = tether()
+        .args([
+            "plan",
+            "--services",
+            "10",
+            "--from",
+            "/nonexistent/results.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/results.json"));
+}
+
+#[test]
+fn tune_check_says_what_the_host_lacks() {
+    // A thousand services fit any host that runs this suite.
+    let ok = tether()
+        .args([
+            "tune",
+            "check",
+            "--services",
+            "1000",
+            "--listen-port",
+            "8438",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        text.contains("RLIMIT_NOFILE") && text.contains("memory available"),
+        "{text}"
+    );
+    // Memory for ten billion sockets no host here has: a failed check, its fix, exit 1.
+    let short = tether()
+        .args(["tune", "check", "--services", "10000000000", "--json"])
+        .output()
+        .unwrap();
+    assert!(!short.status.success());
+    let checks: serde_json::Value = serde_json::from_slice(&short.stdout).unwrap();
+    let memory = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["what"] == "memory available")
+        .unwrap();
+    assert_eq!(memory["ok"], false);
+    assert!(memory["fix"].as_str().unwrap().contains("MiB"), "{memory}");
+}

@@ -78,6 +78,8 @@ pub struct Run {
     pub service_connections: usize,
     pub kernel_slab_growth_kb: i64,
     pub kernel_sunreclaim_growth_kb: i64,
+    /// TCP pages in use by sockets' buffers (/proc/net/sockstat "mem").
+    pub sockstat_tcp_mem_growth_pages: i64,
     /// RSS growth of controller and gateway plus the growth of unreclaimable
     /// kernel slab (all sockets, the services' ends included).
     pub total_memory_bytes: f64,
@@ -159,6 +161,7 @@ fn run_one(
     let controller = Watch::new(vec![stack.controller.proc.pid()]);
     let gateway = Watch::new(gateway_pids(&stack));
     let (slab0, sunr0) = (procs::meminfo_kb("Slab")?, procs::meminfo_kb("SUnreclaim")?);
+    let pages0 = procs::sockstat_tcp_mem_pages()?;
 
     let mut spec = args.common.swarm(stack.target(), services);
     spec.extra = vec![
@@ -176,6 +179,7 @@ fn run_one(
     );
     let slab = procs::meminfo_kb("Slab")? as i64 - slab0 as i64;
     let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
+    let pages = procs::sockstat_tcp_mem_pages()? as i64 - pages0 as i64;
     let (controller_rss, gateway_rss) = (controller.rss(), gateway.rss());
     let table = sockets::Table::read()?;
     let controller_port = stack.controller.port;
@@ -249,6 +253,7 @@ fn run_one(
         service_connections: service_conns,
         kernel_slab_growth_kb: slab,
         kernel_sunreclaim_growth_kb: sunr,
+        sockstat_tcp_mem_growth_pages: pages,
         total_memory_bytes: total,
         memory_per_service_bytes: per(total),
         user_memory_per_service_bytes: per(user_kb as f64 * 1024.0),

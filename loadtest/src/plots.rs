@@ -65,8 +65,14 @@ pub fn lines(
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
+        // Markers only where they stay readable.
+        let markers = if s.points.len() <= 40 {
+            s.points.as_slice()
+        } else {
+            &[]
+        };
         chart
-            .draw_series(s.points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+            .draw_series(markers.iter().map(|p| Circle::new(*p, 3, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     chart

@@ -32,7 +32,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<Proc> {
+    pub fn spawn(name: &str, cmd: Command) -> anyhow::Result<Proc> {
+        Proc::spawn_with(name, cmd, libc::SIGTERM)
+    }
+
+    /// With the signal it gets when this harness dies: SIGKILL for swarms
+    /// (a frozen one would hold a SIGTERM pending forever).
+    pub fn spawn_with(name: &str, mut cmd: Command, death_signal: i32) -> anyhow::Result<Proc> {
         // If this harness dies (Ctrl-C, a kill, a crash), its children get
         // SIGTERM: tether stops gracefully and nginx's master takes its
         // workers down with it. Children are spawned from the main thread,
@@ -40,8 +46,8 @@ impl Proc {
         // SAFETY: prctl is async-signal-safe; nothing else runs in the child.
         unsafe {
             use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
                 Ok(())
             });
         }
@@ -128,6 +134,8 @@ impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             self.signal(libc::SIGTERM);
+            // A stopped process (the zombie scenario's) acts on it once continued.
+            self.signal(libc::SIGCONT);
             let deadline = Instant::now() + Duration::from_secs(3);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = self.child.try_wait() {

@@ -155,9 +155,10 @@ pub fn start_swarms(tether: &Path, spec: &SwarmSpec<'_>) -> anyhow::Result<(Vec<
             ),
         ])
         .args(&spec.extra);
-        swarms.push(Proc::spawn(
+        swarms.push(Proc::spawn_with(
             &format!("swarm-{}@{offset}", spec.service_id),
             cmd,
+            libc::SIGKILL,
         )?);
         offset += n;
     }
@@ -334,6 +335,8 @@ pub fn nginx_relay(
         None => procs::free_port_after(18_700)?,
     };
     std::fs::create_dir_all(dir)?;
+    // nginx resolves relative paths against its prefix (-p): give it absolute ones.
+    let dir = &std::fs::canonicalize(dir)?;
     let nofile = 20_000usize.min(procs::nofile().unwrap_or(20_000));
     // worker_connections counts both sides of every pair. SO_REUSEPORT
     // spreads clients by hash, unevenly: keep 30% spare.

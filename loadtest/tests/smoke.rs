@@ -107,6 +107,37 @@ fn compare_counts_who_holds_what() {
         assert!(r["probes"].as_u64().unwrap() > 0, "no latency probes: {r}");
     }
     assert!(out.join("memory-vs-n.svg").exists());
+
+    // The plan takes its costs from this very run.
+    let tether = PathBuf::from(env!("CARGO_BIN_EXE_tether-loadtest")).with_file_name("tether");
+    let results = out.join("results.json");
+    let plan = Command::new(tether)
+        .args(["plan", "--services", "100000", "--json", "--from"])
+        .arg(&results)
+        .output()
+        .unwrap();
+    assert!(
+        plan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(
+        plan["costs"]["source"]
+            .as_str()
+            .unwrap()
+            .contains("results.json"),
+        "{plan}"
+    );
+    let direct = runs(&json)
+        .into_iter()
+        .find(|r| r["topology"] == "direct")
+        .unwrap();
+    let user = direct["controller"]["rssGrowthKb"].as_f64().unwrap() * 1024.0 / n as f64;
+    assert!(
+        (plan["costs"]["controllerUserBytes"].as_f64().unwrap() - user).abs() < 1e-6,
+        "{plan}"
+    );
 }
 
 #[test]
