@@ -93,6 +93,10 @@ enum TuneCommand {
         /// The port services connect to.
         #[arg(long, default_value_t = 8438)]
         listen_port: u16,
+        /// The controller's --shards [default: one per core, as the
+        /// controller's own default].
+        #[arg(long)]
+        shards: Option<u64>,
         #[arg(long)]
         from: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -300,6 +304,12 @@ fn main() -> anyhow::Result<()> {
             "cannot opt out of transparent huge pages ({e}); RSS will be rounded up to 2 MiB regions"
         );
     }
+    if matches!(
+        cli.command,
+        Command::Controller(_) | Command::Agent(_) | Command::Gateway(_)
+    ) {
+        raise_nofile();
+    }
     match cli.command {
         Command::Controller(args) => controller(args),
         Command::Agent(args) => agent(args),
@@ -337,18 +347,21 @@ fn main() -> anyhow::Result<()> {
                     services,
                     ping_interval,
                     listen_port,
+                    shards,
                     from,
                     json,
                 },
         }) => {
             let plan = make_plan(services, ping_interval, from.as_deref(), None, None)?;
-            let checks = tether::plan::check_host(&plan, listen_port);
+            let shards = shards.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
+            });
+            let checks = tether::plan::check_host(&plan, shards, listen_port);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
                 println!(
-                    "tether tune check: {services} services, {} shards, on this host",
-                    plan.shards
+                    "tether tune check: {services} services, a controller of {shards} shards, on this host"
                 );
                 print!("{}", tether::plan::render_checks(&checks));
             }
@@ -358,6 +371,27 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit. Shards (and the relay's
+/// and swarm's threads) size their fd tables from the soft limit, and service
+/// managers and container runtimes often start a process with a soft 1024
+/// under a hard limit hundreds of times higher.
+fn raise_nofile() {
+    let before = tether::engine::sys::nofile_limit().ok();
+    match tether::engine::sys::raise_nofile_limit() {
+        Ok(after) if before.is_some_and(|b| b < after) => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the soft RLIMIT_NOFILE to the hard limit"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "cannot raise RLIMIT_NOFILE to its hard limit ({e}); fd tables are sized to the soft limit"
+        ),
     }
 }
 
@@ -436,9 +470,12 @@ fn make_plan(
     nofile: Option<u64>,
     cores: Option<u64>,
 ) -> anyhow::Result<tether::plan::Plan> {
+    if ping_interval < Duration::from_millis(100) {
+        bail!("--ping-interval must be at least 100ms (the controller's timer tick)");
+    }
     let costs = match from {
         Some(path) => tether::plan::Costs::from_results(path)?,
-        None => tether::plan::Costs::default(),
+        None => tether::plan::Costs::built_in(),
     };
     let cores =
         cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));

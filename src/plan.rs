@@ -2,10 +2,11 @@
 //! ports and sysctls for N services, direct and chained) and `tether tune
 //! check` (what this host lacks for N).
 //!
-//! The per-service costs come from the load test's `results.json`
-//! (`--from`), or else from the defaults below, which are the figures of
-//! `loadtest/results/` (a 2-core Linux 6.18 machine, io_uring, 100,000
-//! services). Costs scale with the kernel and the machine; measure yours.
+//! The per-service costs come from a load test's `results.json` (`--from`),
+//! or else from the one built into the binary: `loadtest/results/compare/
+//! results.json`, the run the README shows (2 cores, Linux 6.18, io_uring,
+//! 10,000 to 100,000 services). Costs scale with the kernel and the
+//! machine; measure yours.
 
 use std::path::Path;
 
@@ -15,8 +16,15 @@ use serde_json::Value;
 
 use crate::engine::FD_RESERVE;
 
+/// The most shards one controller runs (`--shards`).
+pub const MAX_SHARDS: u64 = 1024;
+
+/// The committed `compare` run the built-in costs are read from.
+const BUILT_IN: &str = include_str!("../loadtest/results/compare/results.json");
+const BUILT_IN_PATH: &str = "loadtest/results/compare/results.json";
+
 /// What one service costs, as the load test measures it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Costs {
     /// Where these figures come from.
@@ -29,47 +37,51 @@ pub struct Costs {
     pub kernel_bytes_per_socket: f64,
     /// Controller CPU per ping sent and answered, seconds.
     pub cpu_seconds_per_ping: f64,
-    /// Registrations per second one controller took in a ramp.
+    /// Registrations per second one controller kept up with in a ramp (the
+    /// rate the load test offered, not a ceiling).
     pub registrations_per_second: f64,
     /// RSS of a chained gateway per proxied service: tether's relay, nginx.
     pub relay_user_bytes: f64,
     pub nginx_user_bytes: f64,
-}
-
-impl Default for Costs {
-    /// loadtest/results/compare (100,000 services; io_uring; Linux 6.18;
-    /// 2 cores) and loadtest/results/scale.
-    fn default() -> Costs {
-        Costs {
-            source: "built-in defaults (loadtest/results/, measured 2026-11-23 on 2 cores, Linux 6.18, io_uring)".into(),
-            controller_user_bytes: 229.0,
-            controller_fixed_bytes: 20.0 * 1048576.0,
-            kernel_bytes_per_socket: 3_300.0,
-            cpu_seconds_per_ping: 6.1e-6,
-            registrations_per_second: 9_900.0,
-            relay_user_bytes: 376.0,
-            nginx_user_bytes: 18_500.0,
-        }
-    }
+    /// Figures the results file did not have, taken from the built-in run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub defaulted: Vec<&'static str>,
 }
 
 impl Costs {
+    /// The costs of the committed `compare` run (see the module comment).
+    pub fn built_in() -> Costs {
+        let json: Value = serde_json::from_str(BUILT_IN).expect("the built-in results are JSON");
+        let source = format!(
+            "built in: {BUILT_IN_PATH} ({}, {} cores, Linux {})",
+            json["meta"]["started"].as_str().unwrap_or("?"),
+            json["meta"]["cores"],
+            json["meta"]["kernel"].as_str().unwrap_or("?")
+        );
+        Costs::from_json(&json, source, &Costs::default())
+            .expect("the built-in results are a compare run")
+    }
+
     /// Costs from a load-test `results.json` (`compare` or `scale`); what
-    /// the file lacks keeps its default.
+    /// the file lacks is taken from the built-in run and listed in
+    /// `defaulted`.
     pub fn from_results(path: &Path) -> anyhow::Result<Costs> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not JSON", path.display()))?;
-        let mut costs = Costs {
-            source: format!(
-                "{} ({})",
-                path.display(),
-                json["scenario"].as_str().unwrap_or("?")
-            ),
-            ..Costs::default()
-        };
-        let num = |v: &Value| v.as_f64().filter(|x| x.is_finite());
+        let source = format!(
+            "{} ({})",
+            path.display(),
+            json["scenario"].as_str().unwrap_or("?")
+        );
+        Costs::from_json(&json, source, &Costs::built_in())
+            .with_context(|| format!("{}", path.display()))
+    }
+
+    fn from_json(json: &Value, source: String, base: &Costs) -> anyhow::Result<Costs> {
+        let num = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+        let mut found = Found::default();
         match json["scenario"].as_str() {
             Some("compare") => {
                 let runs = json["results"]["runs"]
@@ -85,67 +97,113 @@ impl Costs {
                 let n = num(&direct["services"])
                     .filter(|n| *n > 0.0)
                     .context("direct run without services")?;
-                if let Some(kb) = num(&direct["controller"]["rssGrowthKb"]) {
-                    costs.controller_user_bytes = kb * 1024.0 / n;
-                }
-                if let Some(kb) = num(&direct["controller"]["rssStartKb"]) {
-                    costs.controller_fixed_bytes = kb * 1024.0;
-                }
+                found.controller_user_bytes =
+                    num(&direct["controller"]["rssGrowthKb"]).map(|kb| kb * 1024.0 / n);
+                found.controller_fixed_bytes =
+                    num(&direct["controller"]["rssStartKb"]).map(|kb| kb * 1024.0);
                 // Both ends of every connection ran on the measuring machine.
-                if let Some(kb) = num(&direct["kernelSunreclaimGrowthKb"]) {
-                    costs.kernel_bytes_per_socket = kb * 1024.0 / (2.0 * n);
-                }
-                if let (Some(cpu), Some(pings)) = (
+                found.kernel_bytes_per_socket =
+                    num(&direct["kernelSunreclaimGrowthKb"]).map(|kb| kb * 1024.0 / (2.0 * n));
+                found.cpu_seconds_per_ping = match (
                     num(&direct["controller"]["cpuSecondsHold"]),
                     num(&direct["pingsDuringHold"]),
-                ) && pings > 0.0
-                {
-                    costs.cpu_seconds_per_ping = cpu / pings;
-                }
-                if let Some(rate) = num(&direct["registrationsPerSecond"]) {
-                    costs.registrations_per_second = rate;
-                }
+                ) {
+                    (Some(cpu), Some(pings)) if pings > 0.0 => Some(cpu / pings),
+                    _ => None,
+                };
+                found.registrations_per_second = num(&direct["registrationsPerSecond"]);
                 let gateway_bytes = |r: &Value| {
                     Some(num(&r["gateway"]["rssGrowthKb"])? * 1024.0 / num(&r["services"])?)
                 };
-                if let Some(b) = largest("relay").and_then(gateway_bytes) {
-                    costs.relay_user_bytes = b;
-                }
-                if let Some(b) = largest("nginx").and_then(gateway_bytes) {
-                    costs.nginx_user_bytes = b;
-                }
+                found.relay_user_bytes = largest("relay").and_then(gateway_bytes);
+                found.nginx_user_bytes = largest("nginx").and_then(gateway_bytes);
             }
             Some("scale") => {
                 let fit = &json["results"]["fit"];
-                if let Some(b) = num(&fit["userBytesPerService"]["slope"]) {
-                    costs.controller_user_bytes = b;
-                }
-                if let Some(b) = num(&fit["kernelBytesPerService"]["slope"]) {
-                    costs.kernel_bytes_per_socket = b / 2.0;
-                }
+                found.controller_user_bytes = num(&fit["userBytesPerService"]["slope"]);
+                found.kernel_bytes_per_socket =
+                    num(&fit["kernelBytesPerService"]["slope"]).map(|b| b / 2.0);
                 let points = json["results"]["points"]
                     .as_array()
                     .context("no results.points")?;
                 let sum = |k: &str| points.iter().filter_map(|p| num(&p[k])).sum::<f64>();
                 if sum("pingsDuringHold") > 0.0 {
-                    costs.cpu_seconds_per_ping = sum("cpuSecondsHold") / sum("pingsDuringHold");
+                    found.cpu_seconds_per_ping =
+                        Some(sum("cpuSecondsHold") / sum("pingsDuringHold"));
                 }
-                if let Some(p) = points
+                let largest = points
                     .iter()
-                    .max_by_key(|p| p["services"].as_u64().unwrap_or(0))
-                    && let (Some(n), Some(s)) =
+                    .max_by_key(|p| p["services"].as_u64().unwrap_or(0));
+                if let Some(p) = largest {
+                    found.controller_fixed_bytes = num(&p["rssStartKb"]).map(|kb| kb * 1024.0);
+                    if let (Some(n), Some(s)) =
                         (num(&p["services"]), num(&p["registrationSeconds"]))
-                    && s > 0.0
-                {
-                    costs.registrations_per_second = n / s;
+                        && s > 0.0
+                    {
+                        found.registrations_per_second = Some(n / s);
+                    }
                 }
             }
             other => bail!(
-                "{}: a results.json of the `compare` or `scale` scenario is needed (this one is {other:?})",
-                path.display()
+                "a results.json of the `compare` or `scale` scenario is needed (this one is {other:?})"
             ),
         }
-        Ok(costs)
+        Ok(found.over(base, source))
+    }
+}
+
+/// The figures one results file has.
+#[derive(Default)]
+struct Found {
+    controller_user_bytes: Option<f64>,
+    controller_fixed_bytes: Option<f64>,
+    kernel_bytes_per_socket: Option<f64>,
+    cpu_seconds_per_ping: Option<f64>,
+    registrations_per_second: Option<f64>,
+    relay_user_bytes: Option<f64>,
+    nginx_user_bytes: Option<f64>,
+}
+
+impl Found {
+    fn over(self, base: &Costs, source: String) -> Costs {
+        let mut defaulted = Vec::new();
+        let mut take = |name: &'static str, found: Option<f64>, base: f64| {
+            found.unwrap_or_else(|| {
+                defaulted.push(name);
+                base
+            })
+        };
+        Costs {
+            source,
+            controller_user_bytes: take(
+                "controller user bytes",
+                self.controller_user_bytes,
+                base.controller_user_bytes,
+            ),
+            controller_fixed_bytes: take(
+                "controller fixed bytes",
+                self.controller_fixed_bytes,
+                base.controller_fixed_bytes,
+            ),
+            kernel_bytes_per_socket: take(
+                "kernel bytes per socket",
+                self.kernel_bytes_per_socket,
+                base.kernel_bytes_per_socket,
+            ),
+            cpu_seconds_per_ping: take(
+                "CPU per ping",
+                self.cpu_seconds_per_ping,
+                base.cpu_seconds_per_ping,
+            ),
+            registrations_per_second: take(
+                "registration rate",
+                self.registrations_per_second,
+                base.registrations_per_second,
+            ),
+            relay_user_bytes: take("relay bytes", self.relay_user_bytes, base.relay_user_bytes),
+            nginx_user_bytes: take("nginx bytes", self.nginx_user_bytes, base.nginx_user_bytes),
+            defaulted,
+        }
     }
 }
 
@@ -179,6 +237,9 @@ pub struct Plan {
     pub nofile: u64,
     pub shards: u64,
     pub connections_per_shard: u64,
+    /// False when even `MAX_SHARDS` shards cannot hold N in one process:
+    /// run several controllers.
+    pub fits_one_controller: bool,
     pub direct: Needs,
     pub relay: Needs,
     pub nginx: Needs,
@@ -233,7 +294,7 @@ impl Plan {
             Needs {
                 topology,
                 controller_sockets: services,
-                gateway_sockets: 2 * services,
+                gateway_sockets: services.saturating_mul(2),
                 controller_memory_bytes: controller_memory,
                 gateway_memory_bytes: gateway_memory,
                 total_memory_bytes: controller_memory + gateway_memory,
@@ -249,9 +310,13 @@ impl Plan {
             total_memory_bytes: controller_memory,
             gateway_source_addresses: 0,
         };
-        let per_table = nofile.saturating_sub(FD_RESERVE as u64 + 64).max(1);
-        let shards = cores.max(services.div_ceil(per_table)).max(1);
-        let pings = n / ping_interval_seconds.max(0.001);
+        // The engine leaves FD_RESERVE + shards fds of each table for itself.
+        let mut shards = cores.max(1);
+        while shards < MAX_SHARDS && services.div_ceil(shards) + FD_RESERVE as u64 + shards > nofile
+        {
+            shards += 1;
+        }
+        let pings = n / ping_interval_seconds.max(0.1);
         Plan {
             services,
             ping_interval_seconds,
@@ -261,6 +326,7 @@ impl Plan {
             nofile,
             shards,
             connections_per_shard: services.div_ceil(shards),
+            fits_one_controller: services.div_ceil(shards) + FD_RESERVE as u64 + shards <= nofile,
             relay: chained("chained (tether relay)", costs.relay_user_bytes),
             nginx: chained("chained (nginx)", costs.nginx_user_bytes),
             direct,
@@ -270,11 +336,14 @@ impl Plan {
                 ("net.core.somaxconn".into(), 65_535),
                 ("net.ipv4.tcp_max_syn_backlog".into(), 65_535),
                 // Every socket is a file; twice N leaves room for the rest.
-                ("fs.file-max".into(), (2 * services).max(1_048_576)),
+                (
+                    "fs.file-max".into(),
+                    services.saturating_mul(2).max(1_048_576),
+                ),
                 // One shard's table.
                 (
                     "fs.nr_open".into(),
-                    (services.div_ceil(shards) + FD_RESERVE as u64 + 64).max(1_048_576),
+                    (services.div_ceil(shards) + FD_RESERVE as u64 + shards).max(1_048_576),
                 ),
             ],
             costs,
@@ -287,6 +356,15 @@ impl Plan {
             "tether plan: {} services, each pinged every {}s\ncosts: {}\n\n",
             self.services, self.ping_interval_seconds, self.costs.source
         );
+        if !self.costs.defaulted.is_empty() {
+            s.insert_str(
+                s.len() - 1,
+                &format!(
+                    "not in that file, so from the built-in run: {}\n",
+                    self.costs.defaulted.join(", ")
+                ),
+            );
+        }
         s.push_str(&format!(
             "per service: controller {:.0} B user + {:.0} B kernel per socket; tether relay {:.0} B, nginx {:.0} B user per proxied service\n\n",
             self.costs.controller_user_bytes,
@@ -327,8 +405,9 @@ impl Plan {
         s.push_str(&format!(
             "\ncontroller:\n  memory to provision   {} (direct total + 50% for socket buffers under traffic)\n  \
              CPU for pings         {:.2} cores ({:.0} pings/s at {:.1} µs each)\n  \
-             re-registering all    {:.1} s at {:.0}/s after a restart (agents spread it with jitter)\n  \
-             shards                {} ({} connections each; RLIMIT_NOFILE {} per shard's fd table)\n",
+             re-registering all    {:.1} s at {:.0}/s (the rate measured; a restart brings every agent back within its first backoff, 0-1 s)\n  \
+             shards                {} ({} connections each; RLIMIT_NOFILE {} per shard's fd table)\n  \
+             run                   tether controller --shards {} --ping-interval {}s\n",
             mib(self.controller_memory_to_provision_bytes),
             self.controller_cores_for_pings,
             self.pings_per_second,
@@ -337,8 +416,16 @@ impl Plan {
             self.costs.registrations_per_second,
             self.shards,
             self.connections_per_shard,
-            self.nofile
+            self.nofile,
+            self.shards,
+            self.ping_interval_seconds
         ));
+        if !self.fits_one_controller {
+            s.push_str(&format!(
+                "  NOTE                  {} shards cannot hold {} services with {} fds per table: raise RLIMIT_NOFILE or run several controllers\n",
+                self.shards, self.services, self.nofile
+            ));
+        }
         s.push_str("\nsysctls (tuning/sysctl.d-99-tether.conf):\n");
         for (k, v) in &self.sysctls {
             s.push_str(&format!("  {k} = {v}\n"));
@@ -391,9 +478,11 @@ fn kernel_at_least(major: u64, minor: u64) -> Option<(bool, String)> {
     Some(((a, b) >= (major, minor), release.trim().to_string()))
 }
 
-/// What this host lacks to hold `plan.services` directly with
-/// `plan.shards` shards, listening on `listen_port`.
-pub fn check_host(plan: &Plan, listen_port: u16) -> Vec<Check> {
+/// What this host lacks to hold `plan.services` directly with a controller
+/// of `shards` shards (its `--shards`; one per core by default), listening
+/// on `listen_port`. Run it as and where the controller runs: it reads the
+/// limits of its own process.
+pub fn check_host(plan: &Plan, shards: u64, listen_port: u16) -> Vec<Check> {
     let mut checks = Vec::new();
     let mut add = |what: &str, ok: bool, found: String, fix: String| {
         checks.push(Check {
@@ -403,15 +492,23 @@ pub fn check_host(plan: &Plan, listen_port: u16) -> Vec<Check> {
             fix,
         });
     };
-    let per_shard = plan.connections_per_shard + FD_RESERVE as u64 + plan.shards;
+    let shards = shards.clamp(1, MAX_SHARDS);
+    let per_shard = plan.services.div_ceil(shards) + FD_RESERVE as u64 + shards;
     let hard = nofile_hard();
+    let more_shards = if plan.fits_one_controller {
+        format!("; or run `tether controller --shards {}`", plan.shards)
+    } else {
+        String::new()
+    };
     add(
-        "RLIMIT_NOFILE (hard) per shard's fd table",
+        &format!("RLIMIT_NOFILE per fd table (--shards {shards})"),
         hard >= per_shard,
-        hard.to_string(),
         format!(
-            "≥ {per_shard} for {} shards: LimitNOFILE= in the systemd unit (tuning/tether.service) or tuning/limits.d-tether.conf; or run more shards (--shards)",
-            plan.shards
+            "hard {hard}, soft {} (the controller raises soft to hard)",
+            crate::engine::sys::nofile_limit().unwrap_or(0)
+        ),
+        format!(
+            "≥ {per_shard}: LimitNOFILE= in the systemd unit (tuning/tether.service) or tuning/limits.d-tether.conf{more_shards}"
         ),
     );
     let nr_open = sysctl("fs.nr_open").unwrap_or(0);
@@ -422,25 +519,37 @@ pub fn check_host(plan: &Plan, listen_port: u16) -> Vec<Check> {
         format!("≥ {per_shard}: sysctl -w fs.nr_open={per_shard}"),
     );
     let file_max = sysctl("fs.file-max").unwrap_or(0);
-    let files = plan.services + 10_000;
+    let files = plan.services.saturating_add(10_000);
     add(
         "fs.file-max",
         file_max >= files,
         file_max.to_string(),
-        format!("≥ {files}: sysctl -w fs.file-max={}", 2 * plan.services),
+        format!("≥ {files}: sysctl -w fs.file-max={}", files.max(1_048_576)),
     );
     for name in ["net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog"] {
         let v = sysctl(name).unwrap_or(0);
-        // A reconnect wave arrives at the registration rate; a second's
-        // worth must fit the queue (up to the kernel's 65535 ceiling).
-        let want = (plan.costs.registrations_per_second as u64)
-            .clamp(4_096, 65_535)
-            .min(plan.services.max(128));
+        // After a controller restart every agent reconnects within its first
+        // backoff (0-1 s), faster than the controller accepts: the queue
+        // should hold all of them, up to the kernel's 65535 ceiling.
+        let want = plan.services.clamp(128, 65_535);
         add(
             name,
             v >= want,
             v.to_string(),
             format!("≥ {want} (reconnect waves after a restart): sysctl -w {name}=65535"),
+        );
+    }
+    // Connections through a Service VIP or a stateful firewall each hold a
+    // conntrack entry for as long as they live.
+    if let Some(max) = sysctl("net.netfilter.nf_conntrack_max") {
+        let want = plan.services.saturating_add(plan.services / 4);
+        add(
+            "net.netfilter.nf_conntrack_max (conntrack is loaded)",
+            max >= want,
+            max.to_string(),
+            format!(
+                "≥ {want} if service connections pass conntrack (a Service VIP, a stateful firewall): sysctl -w net.netfilter.nf_conntrack_max={want}, or exempt the port (NOTRACK)"
+            ),
         );
     }
     let available = meminfo_bytes("MemAvailable").unwrap_or(0);
@@ -510,20 +619,39 @@ mod tests {
 
     #[test]
     fn chained_needs_twice_the_sockets_and_more_memory() {
-        let plan = Plan::new(100_000, 30.0, 20_000, 2, Costs::default());
+        let plan = Plan::new(100_000, 30.0, 20_000, 2, Costs::built_in());
         assert_eq!(plan.direct.controller_sockets, 100_000);
         assert_eq!(plan.relay.gateway_sockets, 200_000);
         assert!(plan.relay.total_memory_bytes > 1.9 * plan.direct.total_memory_bytes);
         assert!(plan.nginx.total_memory_bytes > plan.relay.total_memory_bytes);
         // 20,000 fds per table: 100,000 services need 6 shards.
         assert_eq!(plan.shards, 6);
-        assert!(plan.connections_per_shard + FD_RESERVE as u64 + 64 <= 20_000);
+        assert!(plan.connections_per_shard + FD_RESERVE as u64 + plan.shards <= 20_000);
+        assert!(plan.fits_one_controller);
+        assert!(plan.render().contains("tether controller --shards 6"));
+        // More than 1,024 shards can hold: several controllers, and no overflow.
+        let huge = Plan::new(u64::MAX / 4, 30.0, 20_000, 2, Costs::built_in());
+        assert_eq!(huge.shards, MAX_SHARDS);
+        assert!(!huge.fits_one_controller);
+        assert!(huge.render().contains("several controllers"));
         assert!((plan.pings_per_second - 100_000.0 / 30.0).abs() < 1e-6);
         let text = plan.render();
         assert!(
             text.contains("controller sockets") && text.contains("net.core.somaxconn = 65535"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_built_in_costs_are_the_committed_run() {
+        let costs = Costs::built_in();
+        assert!(costs.defaulted.is_empty(), "{:?}", costs.defaulted);
+        assert!(costs.source.contains(BUILT_IN_PATH), "{}", costs.source);
+        // Plausible, not pinned: the committed run may be redone.
+        assert!((100.0..2_000.0).contains(&costs.controller_user_bytes));
+        assert!((1_000.0..10_000.0).contains(&costs.kernel_bytes_per_socket));
+        assert!(costs.nginx_user_bytes > costs.relay_user_bytes);
+        assert!(costs.cpu_seconds_per_ping > 0.0 && costs.registrations_per_second > 0.0);
     }
 
     #[test]
@@ -546,14 +674,10 @@ mod tests {
         assert_eq!(costs.kernel_bytes_per_socket, 3072.0);
         assert_eq!(costs.cpu_seconds_per_ping, 5e-6);
         assert_eq!(costs.relay_user_bytes, 512.0);
-        assert_eq!(costs.nginx_user_bytes, Costs::default().nginx_user_bytes);
+        assert_eq!(costs.nginx_user_bytes, Costs::built_in().nginx_user_bytes);
+        assert_eq!(costs.defaulted, ["nginx bytes"]);
         std::fs::write(&path, r#"{"scenario":"zombie"}"#).unwrap();
-        assert!(
-            Costs::from_results(&path)
-                .unwrap_err()
-                .to_string()
-                .contains("compare")
-        );
+        assert!(format!("{:#}", Costs::from_results(&path).unwrap_err()).contains("compare"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

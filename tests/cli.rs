@@ -372,4 +372,101 @@ fn tune_check_says_what_the_host_lacks() {
         .unwrap();
     assert_eq!(memory["ok"], false);
     assert!(memory["fix"].as_str().unwrap().contains("MiB"), "{memory}");
+    // One shard for 10 million services: one fd table cannot hold them;
+    // the fix names the shard count that can.
+    let one_shard = tether()
+        .args([
+            "tune",
+            "check",
+            "--services",
+            "10000000",
+            "--shards",
+            "1",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!one_shard.status.success());
+    let checks: serde_json::Value = serde_json::from_slice(&one_shard.stdout).unwrap();
+    let fds = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["what"].as_str().unwrap().starts_with("RLIMIT_NOFILE"))
+        .unwrap();
+    assert_eq!(fds["what"], "RLIMIT_NOFILE per fd table (--shards 1)");
+    assert_eq!(fds["ok"], false, "{fds}");
+    assert!(
+        fds["fix"].as_str().unwrap().contains("LimitNOFILE"),
+        "{fds}"
+    );
+    // A ping interval under the controller's tick is refused.
+    let fast = tether()
+        .args(["plan", "--services", "10", "--ping-interval", "10ms"])
+        .output()
+        .unwrap();
+    assert!(!fast.status.success());
+    assert!(String::from_utf8_lossy(&fast.stderr).contains("at least 100ms"));
+}
+
+/// Service managers and container runtimes often start a process with a soft
+/// RLIMIT_NOFILE of 1024 under a far higher hard limit; shards size their fd
+/// tables from the soft one, so the controller must raise it.
+#[test]
+fn the_controller_raises_its_soft_fd_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    assert!(
+        hard.rlim_max > 1024,
+        "this host's hard limit is too low to test"
+    );
+    let mut cmd = tether();
+    cmd.args([
+        "controller",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-admin",
+        "--shards",
+        "2",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; it runs in the forked child only.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+            lim.rlim_cur = 1024;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Running(cmd.spawn().unwrap());
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("tether controller ready"), "{line}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
+    let open_files: Vec<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(open_files, [hard.rlim_max, hard.rlim_max], "{limits}");
 }

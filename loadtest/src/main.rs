@@ -67,6 +67,7 @@ fn write_json<T: serde::Serialize>(
 }
 
 fn main() -> anyhow::Result<()> {
+    report::mark_start();
     let report = match Cli::parse().scenario {
         Scenario::Scale(args) => scale::run(args)?,
         Scenario::Compare(args) => compare::run(args)?,

@@ -28,6 +28,22 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo, if hi > lo { hi * 1.05 } else { lo + 1.0 })
 }
 
+/// An axis label: whole numbers with thousands separators, else one decimal.
+fn tick(v: &f64) -> String {
+    if v.fract() != 0.0 || v.abs() < 10.0 {
+        return format!("{v:.1}");
+    }
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if *v < 0.0 { format!("-{out}") } else { out }
+}
+
 /// A line chart of `series`.
 pub fn lines(
     path: &Path,
@@ -51,6 +67,8 @@ pub fn lines(
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc(y_desc)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for (i, s) in series.iter().enumerate() {
@@ -111,4 +129,19 @@ pub fn cdf(
         })
         .collect();
     lines(path, title, x_desc, "fraction detected", &series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick;
+
+    #[test]
+    fn ticks_read_like_numbers() {
+        assert_eq!(tick(&100_000.0), "100,000");
+        assert_eq!(tick(&2_500.0), "2,500");
+        assert_eq!(tick(&500.0), "500");
+        assert_eq!(tick(&0.5), "0.5");
+        assert_eq!(tick(&5.0), "5.0");
+        assert_eq!(tick(&-1_000.0), "-1,000");
+    }
 }

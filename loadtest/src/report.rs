@@ -13,11 +13,24 @@ pub struct Meta {
     pub kernel: String,
     pub cores: usize,
     pub started: String,
+    /// Wall time from the start of the run to its report.
+    pub seconds: f64,
     pub command: String,
+}
+
+/// When this process began its run (set first thing in `main`).
+static STARTED: std::sync::OnceLock<(std::time::SystemTime, std::time::Instant)> =
+    std::sync::OnceLock::new();
+
+/// Marks the start of the run, for `Meta`'s `started` and `seconds`.
+pub fn mark_start() {
+    STARTED.get_or_init(|| (std::time::SystemTime::now(), std::time::Instant::now()));
 }
 
 impl Meta {
     pub fn now(tether: &Path) -> Meta {
+        mark_start();
+        let started = *STARTED.get().expect("marked");
         let version = std::process::Command::new(tether)
             .arg("--version")
             .output()
@@ -31,7 +44,8 @@ impl Meta {
                 .trim()
                 .to_string(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            started: humantime::format_rfc3339_seconds(started.0).to_string(),
+            seconds: started.1.elapsed().as_secs_f64(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
         }
     }
@@ -95,12 +109,13 @@ impl Report {
     pub fn markdown(&self) -> String {
         let mut md = format!("# tether load test: {}\n\n", self.scenario);
         md.push_str(&format!(
-            "`{}`  \n{}, Linux {}, {} cores, started {}\n\n",
+            "`{}`  \n{}, Linux {}, {} cores, started {}, took {:.0} s\n\n",
             self.meta.command,
             self.meta.tether_version,
             self.meta.kernel,
             self.meta.cores,
-            self.meta.started
+            self.meta.started,
+            self.meta.seconds
         ));
         for s in &self.sections {
             md.push_str(&format!(

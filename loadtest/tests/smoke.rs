@@ -42,6 +42,8 @@ fn scenario(name: &str, args: &[&str]) -> (Value, PathBuf) {
         "{json}"
     );
     assert!(!json["meta"]["kernel"].as_str().unwrap().is_empty());
+    // The run's wall time, from its start (the ramp alone takes a while).
+    assert!(json["meta"]["seconds"].as_f64().unwrap() > 0.5, "{json}");
     for plot in json["plots"].as_array().unwrap() {
         let svg = std::fs::read_to_string(out.join(plot.as_str().unwrap())).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{plot}");
