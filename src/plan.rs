@@ -426,7 +426,9 @@ impl Plan {
                 self.shards, self.services, self.nofile
             ));
         }
-        s.push_str("\nsysctls (tuning/sysctl.d-99-tether.conf):\n");
+        s.push_str(
+            "\nsysctls, at least (tuning/sysctl.d-99-tether.conf; keep any higher value the host has):\n",
+        );
         for (k, v) in &self.sysctls {
             s.push_str(&format!("  {k} = {v}\n"));
         }

@@ -213,6 +213,10 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
         n(hold_s),
         args.ping_interval
     ));
+    fits.note(
+        "Kernel memory is the machine-wide SUnreclaim delta: other processes allocate and free slab too, so below ~10,000 services (~65 MiB of sockets) a point can be off by several MiB either way, even negative. The fit weighs the large N; its fixed term carries that noise."
+            .to_string(),
+    );
     std::fs::create_dir_all(&out)?;
     let mib = |f: &dyn Fn(&Point) -> f64| {
         points
