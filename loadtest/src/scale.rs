@@ -208,10 +208,19 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     row(&mut fits, "total memory", total, 1.0, "B", "B");
     row(&mut fits, "CPU while holding", cpu, 1e6, "µcores", "cores");
     row(&mut fits, "CPU to register", ramp, 1e6, "µs", "s");
+    // Pings go out every max(ping interval, pong timeout): say what was measured.
+    let pings: f64 = points.iter().map(|p| p.pings_during_hold).sum();
+    let service_seconds: f64 = points.iter().map(|p| p.services as f64 * hold_s).sum();
     fits.note(format!(
-        "Kernel memory counts both ends of every connection (the swarm runs on this machine). CPU while holding: controller utime+stime over {} s with a ping every {} per service, per second; per service in millionths of a core.",
+        "Kernel memory counts both ends of every connection (the swarm runs on this machine). CPU while holding: controller utime+stime over {} s, per second; per service in millionths of a core. The controller ran with --ping-interval {} and its default --pong-timeout (10s); measured, each service was pinged every {:.1} s ({:.1} µs of controller CPU per ping over all points).",
         n(hold_s),
-        args.ping_interval
+        args.ping_interval,
+        if pings > 0.0 { service_seconds / pings } else { f64::NAN },
+        if pings > 0.0 {
+            points.iter().map(|p| p.cpu_seconds_hold).sum::<f64>() * 1e6 / pings
+        } else {
+            f64::NAN
+        }
     ));
     fits.note(
         "Kernel memory is the machine-wide SUnreclaim delta: other processes allocate and free slab too, so below ~10,000 services (~65 MiB of sockets) a point can be off by several MiB either way, even negative. The fit weighs the large N; its fixed term carries that noise."
