@@ -353,9 +353,7 @@ fn main() -> anyhow::Result<()> {
                 },
         }) => {
             let plan = make_plan(services, ping_interval, from.as_deref(), None, None)?;
-            let shards = shards.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
-            });
+            let shards = shards.unwrap_or_else(|| host_cores() as u64);
             let checks = tether::plan::check_host(&plan, shards, listen_port);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -372,6 +370,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// This host's cores: the default number of shards and relay threads.
+fn host_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit. Shards (and the relay's
@@ -396,9 +399,7 @@ fn raise_nofile() {
 }
 
 fn controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let shards = args
-        .shards
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let shards = args.shards.unwrap_or_else(host_cores);
     let mut engine = EngineConfig::new(args.listen, shards);
     engine.io = args.io;
     engine.ping_interval = args.ping_interval;
@@ -487,8 +488,7 @@ fn make_plan(
         Some(path) => tether::plan::Costs::from_results(path)?,
         None => tether::plan::Costs::built_in(),
     };
-    let cores =
-        cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    let cores = cores.unwrap_or_else(|| host_cores() as u64);
     Ok(tether::plan::Plan::new(
         services,
         ping_interval.as_secs_f64(),
@@ -511,9 +511,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .map(parse_source_ips)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.threads.unwrap_or_else(host_cores);
     let config = RelayConfig {
         listen: args.listen,
         upstream: args.upstream,

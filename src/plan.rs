@@ -251,29 +251,29 @@ pub struct Plan {
     pub sysctls: Vec<(String, u64)>,
 }
 
+/// fds one shard's table needs for its share of `services`: the engine
+/// keeps FD_RESERVE + shards of each table for itself.
+fn fds_per_table(services: u64, shards: u64) -> u64 {
+    services.div_ceil(shards) + FD_RESERVE as u64 + shards
+}
+
+/// `net.ipv4.ip_local_port_range`, inclusive.
+fn port_range() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u64>().ok());
+    Some((it.next()?, it.next()?))
+}
+
 /// Ports of `net.ipv4.ip_local_port_range` (28,232 by default).
 pub fn ephemeral_ports() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|t| {
-            let mut it = t.split_whitespace().filter_map(|v| v.parse::<u64>().ok());
-            Some(it.next_back()? - it.next()? + 1)
-        })
-        .unwrap_or(28_232)
+    port_range().map_or(28_232, |(lo, hi)| hi.saturating_sub(lo) + 1)
 }
 
 /// The hard RLIMIT_NOFILE (the controller raises its soft limit to it).
 pub fn nofile_hard() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_max
-    } else {
-        1024
-    }
+    crate::engine::sys::nofile_hard_limit().unwrap_or(1024)
 }
 
 impl Plan {
@@ -310,10 +310,8 @@ impl Plan {
             total_memory_bytes: controller_memory,
             gateway_source_addresses: 0,
         };
-        // The engine leaves FD_RESERVE + shards fds of each table for itself.
         let mut shards = cores.max(1);
-        while shards < MAX_SHARDS && services.div_ceil(shards) + FD_RESERVE as u64 + shards > nofile
-        {
+        while shards < MAX_SHARDS && fds_per_table(services, shards) > nofile {
             shards += 1;
         }
         let pings = n / ping_interval_seconds.max(0.1);
@@ -326,7 +324,7 @@ impl Plan {
             nofile,
             shards,
             connections_per_shard: services.div_ceil(shards),
-            fits_one_controller: services.div_ceil(shards) + FD_RESERVE as u64 + shards <= nofile,
+            fits_one_controller: fds_per_table(services, shards) <= nofile,
             relay: chained("chained (tether relay)", costs.relay_user_bytes),
             nginx: chained("chained (nginx)", costs.nginx_user_bytes),
             direct,
@@ -343,7 +341,7 @@ impl Plan {
                 // One shard's table.
                 (
                     "fs.nr_open".into(),
-                    (services.div_ceil(shards) + FD_RESERVE as u64 + shards).max(1_048_576),
+                    fds_per_table(services, shards).max(1_048_576),
                 ),
             ],
             costs,
@@ -495,7 +493,7 @@ pub fn check_host(plan: &Plan, shards: u64, listen_port: u16) -> Vec<Check> {
         });
     };
     let shards = shards.clamp(1, MAX_SHARDS);
-    let per_shard = plan.services.div_ceil(shards) + FD_RESERVE as u64 + shards;
+    let per_shard = fds_per_table(plan.services, shards);
     let hard = nofile_hard();
     let more_shards = if plan.fits_one_controller {
         format!("; or run `tether controller --shards {}`", plan.shards)
@@ -584,13 +582,8 @@ pub fn check_host(plan: &Plan, shards: u64, listen_port: u16) -> Vec<Check> {
             "older kernels run the epoll driver (--io epoll), which works as well".into(),
         );
     }
-    let range =
-        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
-    let mut bounds = range
-        .split_whitespace()
-        .filter_map(|v| v.parse::<u16>().ok());
-    if let (Some(lo), Some(hi)) = (bounds.next(), bounds.next()) {
-        let inside = (lo..=hi).contains(&listen_port);
+    if let Some((lo, hi)) = port_range() {
+        let inside = (lo..=hi).contains(&u64::from(listen_port));
         add(
             "listen port outside the ephemeral range",
             !inside,

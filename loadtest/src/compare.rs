@@ -160,8 +160,7 @@ fn run_one(
     std::thread::sleep(Duration::from_secs(1));
     let controller = Watch::new(vec![stack.controller.proc.pid()]);
     let gateway = Watch::new(gateway_pids(&stack));
-    let (slab0, sunr0) = (procs::meminfo_kb("Slab")?, procs::meminfo_kb("SUnreclaim")?);
-    let pages0 = procs::sockstat_tcp_mem_pages()?;
+    let kernel0 = procs::KernelMemory::now()?;
 
     let mut spec = args.common.swarm(stack.target(), services);
     spec.extra = vec![
@@ -177,9 +176,8 @@ fn run_one(
         controller.cpu() - controller.cpu0,
         gateway.cpu() - gateway.cpu0,
     );
-    let slab = procs::meminfo_kb("Slab")? as i64 - slab0 as i64;
-    let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
-    let pages = procs::sockstat_tcp_mem_pages()? as i64 - pages0 as i64;
+    let grown = procs::KernelMemory::since(kernel0)?;
+    let (slab, sunr, pages) = (grown.slab_kb, grown.sunreclaim_kb, grown.tcp_mem_pages);
     let (controller_rss, gateway_rss) = (controller.rss(), gateway.rss());
     let table = sockets::Table::read()?;
     let controller_port = stack.controller.port;

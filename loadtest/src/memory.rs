@@ -61,11 +61,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     std::thread::sleep(Duration::from_secs(1));
     let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
-    let (slab0, sunr0, sock0) = (
-        procs::meminfo_kb("Slab")?,
-        procs::meminfo_kb("SUnreclaim")?,
-        procs::sockstat_tcp_mem_pages()?,
-    );
+    let kernel0 = procs::KernelMemory::now()?;
     eprintln!(
         "controller pid {pid} on {}: VmRSS {rss_start} kB after start",
         controller.listen
@@ -83,9 +79,8 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     std::thread::sleep(Duration::from_secs(args.settle));
     let rss_loaded = procs::status_kb(pid, "VmRSS").context("the controller died")?;
     let controller_cpu_seconds = procs::cpu_seconds(pid)? - cpu_start;
-    let slab = procs::meminfo_kb("Slab")? as i64 - slab0 as i64;
-    let sunr = procs::meminfo_kb("SUnreclaim")? as i64 - sunr0 as i64;
-    let sock = procs::sockstat_tcp_mem_pages()? as i64 - sock0 as i64;
+    let grown = procs::KernelMemory::since(kernel0)?;
+    let (slab, sunr, sock) = (grown.slab_kb, grown.sunreclaim_kb, grown.tcp_mem_pages);
     topology::stop_all(swarms, controller);
     let n = args.services as f64;
     let sockets = 2.0 * n;

@@ -251,6 +251,36 @@ pub fn netstat(group: &str, field: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
+/// Machine-wide kernel memory that sockets take: slab, its unreclaimable
+/// part (what an idle socket costs), and TCP buffer pages.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelMemory {
+    pub slab_kb: i64,
+    pub sunreclaim_kb: i64,
+    pub tcp_mem_pages: i64,
+}
+
+impl KernelMemory {
+    pub fn now() -> anyhow::Result<KernelMemory> {
+        Ok(KernelMemory {
+            slab_kb: meminfo_kb("Slab")? as i64,
+            sunreclaim_kb: meminfo_kb("SUnreclaim")? as i64,
+            tcp_mem_pages: sockstat_tcp_mem_pages()? as i64,
+        })
+    }
+
+    /// Growth since `before` (negative where the machine freed more than
+    /// it took meanwhile).
+    pub fn since(before: KernelMemory) -> anyhow::Result<KernelMemory> {
+        let now = KernelMemory::now()?;
+        Ok(KernelMemory {
+            slab_kb: now.slab_kb - before.slab_kb,
+            sunreclaim_kb: now.sunreclaim_kb - before.sunreclaim_kb,
+            tcp_mem_pages: now.tcp_mem_pages - before.tcp_mem_pages,
+        })
+    }
+}
+
 /// TCP pages in use from /proc/net/sockstat ("TCP: ... mem N").
 pub fn sockstat_tcp_mem_pages() -> anyhow::Result<u64> {
     let text = std::fs::read_to_string("/proc/net/sockstat")?;

@@ -98,14 +98,14 @@ fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyh
     std::thread::sleep(Duration::from_secs(1));
     let pid = stack.controller.proc.pid();
     let (rss0, cpu0) = (procs::status_kb(pid, "VmRSS")?, procs::cpu_seconds(pid)?);
-    let (slab0, sunr0) = (procs::meminfo_kb("Slab")?, procs::meminfo_kb("SUnreclaim")?);
+    let kernel0 = procs::KernelMemory::now()?;
     let spec = args.common.swarm(stack.target(), services);
     let (swarms, registration_seconds) = topology::start_swarms(tether, &spec)?;
     progress::hold(Duration::from_secs(3), "settling", || {});
     let rss = procs::status_kb(pid, "VmRSS")?;
     let cpu1 = procs::cpu_seconds(pid)?;
-    let slab = procs::meminfo_kb("Slab")? as f64 - slab0 as f64;
-    let sunr = procs::meminfo_kb("SUnreclaim")? as f64 - sunr0 as f64;
+    let grown = procs::KernelMemory::since(kernel0)?;
+    let (slab, sunr) = (grown.slab_kb as f64, grown.sunreclaim_kb as f64);
     let before = observe::scrape(&stack.controller.admin)?;
     progress::hold(args.hold, "holding", || {});
     let cpu2 = procs::cpu_seconds(pid)?;

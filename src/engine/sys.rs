@@ -96,30 +96,33 @@ pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
-/// The soft RLIMIT_NOFILE: how many fds one fd table may hold.
-pub fn nofile_limit() -> io::Result<u64> {
+fn nofile_rlimit() -> io::Result<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass.
     check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    Ok(lim.rlim_cur)
+    Ok(lim)
+}
+
+/// The soft RLIMIT_NOFILE: how many fds one fd table may hold.
+pub fn nofile_limit() -> io::Result<u64> {
+    Ok(nofile_rlimit()?.rlim_cur)
+}
+
+/// The hard RLIMIT_NOFILE: what `raise_nofile_limit` can reach.
+pub fn nofile_hard_limit() -> io::Result<u64> {
+    Ok(nofile_rlimit()?.rlim_max)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit (never beyond it).
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
-    unsafe {
-        check(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim))?;
-        if lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            check(libc::setrlimit(libc::RLIMIT_NOFILE, &lim))?;
-        }
+    let mut lim = nofile_rlimit()?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     }
     Ok(lim.rlim_cur)
 }
