@@ -14,7 +14,7 @@ use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_s
 use tether::controller::auth::Auth;
 use tether::controller::{Controller, ControllerConfig, default_host_id};
 use tether::engine::{EngineConfig, IoChoice, sys};
-use tether::gateway::relay::{Relay, RelayConfig};
+use tether::relay::{Relay, RelayConfig};
 
 mod cli;
 
@@ -523,7 +523,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         "tether gateway ready: chained relay on {} to {} ({threads} threads, up to {} services each)",
         relay.local_addr(),
         args.upstream,
-        tether::gateway::relay::PAIRS_PER_THREAD
+        tether::relay::PAIRS_PER_THREAD
     );
     while sys::wait_for_signal(Duration::from_secs(3600))?.is_none() {}
     relay.stop();

@@ -12,9 +12,9 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::engine::FD_RESERVE;
+use crate::results::{CompareResults, CompareRun, Fit, ResultsFile, ScaleResults, Topology};
 
 /// The most shards one controller runs (`--shards`).
 pub const MAX_SHARDS: u64 = 1024;
@@ -51,15 +51,14 @@ pub struct Costs {
 impl Costs {
     /// The costs of the committed `compare` run (see the module comment).
     pub fn built_in() -> Costs {
-        let json: Value = serde_json::from_str(BUILT_IN).expect("the built-in results are JSON");
+        let file: ResultsFile<CompareResults> =
+            serde_json::from_str(BUILT_IN).expect("the built-in results are a compare run");
         let source = format!(
             "built in: {BUILT_IN_PATH} ({}, {} cores, Linux {})",
-            json["meta"]["started"].as_str().unwrap_or("?"),
-            json["meta"]["cores"],
-            json["meta"]["kernel"].as_str().unwrap_or("?")
+            file.meta.started, file.meta.cores, file.meta.kernel
         );
-        Costs::from_json(&json, source, &Costs::default())
-            .expect("the built-in results are a compare run")
+        Costs::from_compare(&file.results, source, &Costs::default())
+            .expect("the built-in results have a direct run")
     }
 
     /// Costs from a load-test `results.json` (`compare` or `scale`); what
@@ -68,88 +67,100 @@ impl Costs {
     pub fn from_results(path: &Path) -> anyhow::Result<Costs> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not JSON", path.display()))?;
+        #[derive(serde::Deserialize)]
+        struct Scenario {
+            scenario: Option<String>,
+        }
+        let scenario: Scenario = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results.json", path.display()))?;
         let source = format!(
             "{} ({})",
             path.display(),
-            json["scenario"].as_str().unwrap_or("?")
+            scenario.scenario.as_deref().unwrap_or("?")
         );
-        Costs::from_json(&json, source, &Costs::built_in())
-            .with_context(|| format!("{}", path.display()))
-    }
-
-    fn from_json(json: &Value, source: String, base: &Costs) -> anyhow::Result<Costs> {
-        let num = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
-        let mut found = Found::default();
-        match json["scenario"].as_str() {
+        let parse_err = || format!("{} does not hold what its scenario writes", path.display());
+        let costs = match scenario.scenario.as_deref() {
             Some("compare") => {
-                let runs = json["results"]["runs"]
-                    .as_array()
-                    .context("no results.runs")?;
-                // Per topology, its run at the largest N.
-                let largest = |topology: &str| {
-                    runs.iter()
-                        .filter(|r| r["topology"] == topology)
-                        .max_by_key(|r| r["services"].as_u64().unwrap_or(0))
-                };
-                let direct = largest("direct").context("no direct run in the file")?;
-                let n = num(&direct["services"])
-                    .filter(|n| *n > 0.0)
-                    .context("direct run without services")?;
-                found.controller_user_bytes =
-                    num(&direct["controller"]["rssGrowthKb"]).map(|kb| kb * 1024.0 / n);
-                found.controller_fixed_bytes =
-                    num(&direct["controller"]["rssStartKb"]).map(|kb| kb * 1024.0);
-                // Both ends of every connection ran on the measuring machine.
-                found.kernel_bytes_per_socket =
-                    num(&direct["kernelSunreclaimGrowthKb"]).map(|kb| kb * 1024.0 / (2.0 * n));
-                found.cpu_seconds_per_ping = match (
-                    num(&direct["controller"]["cpuSecondsHold"]),
-                    num(&direct["pingsDuringHold"]),
-                ) {
-                    (Some(cpu), Some(pings)) if pings > 0.0 => Some(cpu / pings),
-                    _ => None,
-                };
-                found.registrations_per_second = num(&direct["registrationsPerSecond"]);
-                let gateway_bytes = |r: &Value| {
-                    Some(num(&r["gateway"]["rssGrowthKb"])? * 1024.0 / num(&r["services"])?)
-                };
-                found.relay_user_bytes = largest("relay").and_then(gateway_bytes);
-                found.nginx_user_bytes = largest("nginx").and_then(gateway_bytes);
+                let file: ResultsFile<CompareResults> =
+                    serde_json::from_str(&text).with_context(parse_err)?;
+                Costs::from_compare(&file.results, source, &Costs::built_in())
             }
             Some("scale") => {
-                let fit = &json["results"]["fit"];
-                found.controller_user_bytes = num(&fit["userBytesPerService"]["slope"]);
-                found.kernel_bytes_per_socket =
-                    num(&fit["kernelBytesPerService"]["slope"]).map(|b| b / 2.0);
-                let points = json["results"]["points"]
-                    .as_array()
-                    .context("no results.points")?;
-                let sum = |k: &str| points.iter().filter_map(|p| num(&p[k])).sum::<f64>();
-                if sum("pingsDuringHold") > 0.0 {
-                    found.cpu_seconds_per_ping =
-                        Some(sum("cpuSecondsHold") / sum("pingsDuringHold"));
-                }
-                let largest = points
-                    .iter()
-                    .max_by_key(|p| p["services"].as_u64().unwrap_or(0));
-                if let Some(p) = largest {
-                    found.controller_fixed_bytes = num(&p["rssStartKb"]).map(|kb| kb * 1024.0);
-                    if let (Some(n), Some(s)) =
-                        (num(&p["services"]), num(&p["registrationSeconds"]))
-                        && s > 0.0
-                    {
-                        found.registrations_per_second = Some(n / s);
-                    }
-                }
+                let file: ResultsFile<ScaleResults> =
+                    serde_json::from_str(&text).with_context(parse_err)?;
+                Ok(Costs::from_scale(&file.results, source, &Costs::built_in()))
             }
             other => bail!(
                 "a results.json of the `compare` or `scale` scenario is needed (this one is {other:?})"
             ),
-        }
+        };
+        costs.with_context(|| format!("{}", path.display()))
+    }
+
+    fn from_compare(runs: &CompareResults, source: String, base: &Costs) -> anyhow::Result<Costs> {
+        let mut found = Found::default();
+        let direct = runs
+            .largest(Topology::Direct)
+            .context("no direct run in the file")?;
+        let n = Some(direct.services as f64)
+            .filter(|n| *n > 0.0)
+            .context("direct run without services")?;
+        found.controller_user_bytes =
+            measured(direct.controller.rss_growth_kb as f64).map(|kb| kb * 1024.0 / n);
+        found.controller_fixed_bytes =
+            measured(direct.controller.rss_start_kb as f64).map(|kb| kb * 1024.0);
+        // Both ends of every connection ran on the measuring machine.
+        found.kernel_bytes_per_socket =
+            measured(direct.kernel_sunreclaim_growth_kb as f64).map(|kb| kb * 1024.0 / (2.0 * n));
+        found.cpu_seconds_per_ping = match (
+            measured(direct.controller.cpu_seconds_hold),
+            measured(direct.pings_during_hold),
+        ) {
+            (Some(cpu), Some(pings)) if pings > 0.0 => Some(cpu / pings),
+            _ => None,
+        };
+        found.registrations_per_second = measured(direct.registrations_per_second);
+        let gateway_bytes = |r: &CompareRun| {
+            let gateway = r.gateway.as_ref()?;
+            Some(measured(gateway.rss_growth_kb as f64)? * 1024.0 / measured(r.services as f64)?)
+        };
+        found.relay_user_bytes = runs.largest(Topology::Relay).and_then(gateway_bytes);
+        found.nginx_user_bytes = runs.largest(Topology::Nginx).and_then(gateway_bytes);
         Ok(found.over(base, source))
     }
+
+    fn from_scale(scale: &ScaleResults, source: String, base: &Costs) -> Costs {
+        let mut found = Found::default();
+        let slope = |fit: &Option<Fit>| fit.as_ref().and_then(|f| measured(f.slope));
+        found.controller_user_bytes = slope(&scale.fit.user_bytes_per_service);
+        found.kernel_bytes_per_socket = slope(&scale.fit.kernel_bytes_per_service).map(|b| b / 2.0);
+        let pings: f64 = scale
+            .points
+            .iter()
+            .filter_map(|p| measured(p.pings_during_hold))
+            .sum();
+        if pings > 0.0 {
+            let cpu: f64 = scale
+                .points
+                .iter()
+                .filter_map(|p| measured(p.cpu_seconds_hold))
+                .sum();
+            found.cpu_seconds_per_ping = Some(cpu / pings);
+        }
+        if let Some(p) = scale.points.iter().max_by_key(|p| p.services) {
+            found.controller_fixed_bytes = measured(p.rss_start_kb as f64).map(|kb| kb * 1024.0);
+            if p.registration_seconds > 0.0 {
+                found.registrations_per_second =
+                    measured(p.services as f64 / p.registration_seconds);
+            }
+        }
+        found.over(base, source)
+    }
+}
+
+/// A figure as measured: finite and not negative, else not usable.
+fn measured(x: f64) -> Option<f64> {
+    Some(x).filter(|x| x.is_finite() && *x >= 0.0)
 }
 
 /// The figures one results file has.

@@ -10,8 +10,8 @@ use common::*;
 use serde_json::json;
 use tether::controller::CommandOutcome;
 use tether::engine::ws::OpCode;
-use tether::gateway::relay::{Relay, RelayConfig, snapshot};
 use tether::registry::events::EventKind;
+use tether::relay::{Relay, RelayConfig, snapshot};
 
 fn fast_pings() -> tether::controller::Controller {
     let mut config = config(2);

@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
 use crate::procs::{self, Proc};
 use crate::topology::{self, Controller, Relay};
 
@@ -58,27 +56,7 @@ impl Common {
     }
 }
 
-/// Where services connect: the controller itself, or a chained relay.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Topology {
-    /// Services connect to the controller (tether's design).
-    Direct,
-    /// Through `tether gateway --chained`: terminates sockets, answers pings.
-    Relay,
-    /// Through nginx as a WebSocket proxy: passes frames (pings too) through.
-    Nginx,
-}
-
-impl Topology {
-    pub fn label(self) -> &'static str {
-        match self {
-            Topology::Direct => "direct",
-            Topology::Relay => "chained (tether relay)",
-            Topology::Nginx => "chained (nginx)",
-        }
-    }
-}
+pub use tether::results::Topology;
 
 /// The topologies asked for that can run here; nginx is skipped, and the
 /// reason returned, when it is not installed.

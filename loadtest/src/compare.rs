@@ -5,15 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::common::{Common, Stack, Topology, runnable};
 use crate::observe::{self, histogram_quantile_between, metric};
 use crate::procs::{self, Proc};
-use crate::report::{Meta, Report, Section, n, opt};
+use crate::report::{Report, Section, meta, n, opt};
 use crate::sockets;
 use crate::topology;
 use crate::{plots, progress};
+use tether::results::{CompareResults, CompareRun as Run, ProcFigures};
 
 #[derive(clap::Args, Debug)]
 pub struct CompareArgs {
@@ -42,61 +41,6 @@ pub struct CompareArgs {
     pub probe_one_in: usize,
     #[command(flatten)]
     pub common: Common,
-}
-
-/// What one process (or nginx's master and workers) holds and costs.
-#[derive(Serialize, Debug, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct ProcFigures {
-    pub processes: usize,
-    pub rss_start_kb: u64,
-    pub rss_kb: u64,
-    pub rss_growth_kb: i64,
-    /// Established TCP connections it holds (from /proc/net/tcp).
-    pub connections: usize,
-    /// Distinct sockets in its fd tables (all threads' tables).
-    pub socket_fds: usize,
-    pub cpu_seconds_ramp: f64,
-    pub cpu_seconds_hold: f64,
-}
-
-#[derive(Serialize, Debug)]
-#[serde(rename_all = "camelCase")]
-pub struct Run {
-    pub topology: Topology,
-    pub services: usize,
-    pub shards: usize,
-    /// The controller's I/O driver (io_uring sockets are direct
-    /// descriptors: they take no slot in any fd table).
-    pub io: String,
-    pub registered_up: f64,
-    pub registration_seconds: f64,
-    pub registrations_per_second: f64,
-    pub controller: ProcFigures,
-    pub gateway: Option<ProcFigures>,
-    /// Connections the simulated services hold (one each, in both topologies).
-    pub service_connections: usize,
-    pub kernel_slab_growth_kb: i64,
-    pub kernel_sunreclaim_growth_kb: i64,
-    /// TCP pages in use by sockets' buffers (/proc/net/sockstat "mem").
-    pub sockstat_tcp_mem_growth_pages: i64,
-    /// RSS growth of controller and gateway plus the growth of unreclaimable
-    /// kernel slab (all sockets, the services' ends included).
-    pub total_memory_bytes: f64,
-    pub memory_per_service_bytes: f64,
-    pub user_memory_per_service_bytes: f64,
-    pub kernel_memory_per_service_bytes: f64,
-    /// discovery/lookup round trips timed by sampled services once all of
-    /// their swarm process had registered (the hold, mostly).
-    pub probes: u64,
-    pub probe_p50_ms: Option<f64>,
-    pub probe_p99_ms: Option<f64>,
-    /// The controller's ping round trips during the hold (to the relay
-    /// when chained through tether's).
-    pub controller_ping_rtt_p50_ms: Option<f64>,
-    pub controller_ping_rtt_p99_ms: Option<f64>,
-    pub pings_during_hold: f64,
-    pub downs_during_hold: f64,
 }
 
 /// RSS and CPU of a set of pids, from a starting point.
@@ -427,7 +371,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<Report> {
 
     let report = Report {
         scenario: "compare".into(),
-        meta: Meta::now(&tether),
+        meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
             "topologies": topologies,
@@ -438,7 +382,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<Report> {
             "probeOneIn": args.probe_one_in,
             "common": args.common.config(),
         }),
-        results: serde_json::json!({ "runs": runs }),
+        results: serde_json::to_value(CompareResults { runs })?,
         sections: vec![held, memory, cost],
         plots,
     };

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::common::Common;
 use crate::observe::{Poller, peak_rate, rate_curve};
 use crate::procs;
-use crate::report::{Meta, Report, Section, n};
+use crate::report::{Report, Section, meta, n};
 use crate::topology;
 use crate::{plots, progress};
 
@@ -224,7 +224,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
     )?;
     let report = Report {
         scenario: "herd".into(),
-        meta: Meta::now(&tether),
+        meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
             "beforeSeconds": args.before.as_secs_f64(),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::common::{Common, Stack, Topology, runnable};
 use crate::observe::{Poller, Sample, peak_rate, rate_curve};
-use crate::report::{Meta, Report, Section, n};
+use crate::report::{Report, Section, meta, n};
 use crate::topology;
 use crate::{plots, progress};
 
@@ -230,7 +230,7 @@ pub fn run(args: RedeployArgs) -> anyhow::Result<Report> {
     )?;
     let report = Report {
         scenario: "redeploy".into(),
-        meta: Meta::now(&tether),
+        meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
             "topologies": topologies,

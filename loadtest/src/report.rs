@@ -5,18 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Serialize;
 
-#[derive(Serialize, Clone, Debug)]
-pub struct Meta {
-    pub tether_version: String,
-    pub kernel: String,
-    pub cores: usize,
-    pub started: String,
-    /// Wall time from the start of the run to its report.
-    pub seconds: f64,
-    pub command: String,
-}
+pub use tether::results::Meta;
 
 /// When this process began its run (set first thing in `main`).
 static STARTED: std::sync::OnceLock<(std::time::SystemTime, std::time::Instant)> =
@@ -27,27 +17,26 @@ pub fn mark_start() {
     STARTED.get_or_init(|| (std::time::SystemTime::now(), std::time::Instant::now()));
 }
 
-impl Meta {
-    pub fn now(tether: &Path) -> Meta {
-        mark_start();
-        let started = *STARTED.get().expect("marked");
-        let version = std::process::Command::new(tether)
-            .arg("--version")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-            .unwrap_or_default();
-        Meta {
-            tether_version: version,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            started: humantime::format_rfc3339_seconds(started.0).to_string(),
-            seconds: started.1.elapsed().as_secs_f64(),
-            command: std::env::args().collect::<Vec<_>>().join(" "),
-        }
+/// The tether version, kernel, cores, start and wall time of this run.
+pub fn meta(tether: &Path) -> Meta {
+    mark_start();
+    let started = *STARTED.get().expect("marked");
+    let version = std::process::Command::new(tether)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Meta {
+        tether_version: version,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        started: humantime::format_rfc3339_seconds(started.0).to_string(),
+        seconds: started.1.elapsed().as_secs_f64(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
     }
 }
 

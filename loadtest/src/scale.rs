@@ -4,14 +4,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::common::{Common, Stack, Topology};
 use crate::observe::{self, metric};
 use crate::procs;
-use crate::report::{Meta, Report, Section, n};
+use crate::report::{Report, Section, meta, n};
 use crate::topology;
 use crate::{plots, progress};
+use tether::results::{Fit, ScaleFits, ScalePoint as Point, ScaleResults};
 
 #[derive(clap::Args, Debug)]
 pub struct ScaleArgs {
@@ -26,30 +25,6 @@ pub struct ScaleArgs {
     pub ping_interval: String,
     #[command(flatten)]
     pub common: Common,
-}
-
-#[derive(Serialize, Debug)]
-#[serde(rename_all = "camelCase")]
-pub struct Point {
-    pub services: usize,
-    pub shards: usize,
-    pub rss_start_kb: u64,
-    pub rss_kb: u64,
-    pub user_bytes: f64,
-    pub kernel_slab_bytes: f64,
-    pub kernel_sunreclaim_bytes: f64,
-    pub registration_seconds: f64,
-    pub cpu_seconds_ramp: f64,
-    pub cpu_seconds_hold: f64,
-    pub pings_during_hold: f64,
-}
-
-/// y = intercept + slope·x, least squares.
-#[derive(Serialize, Debug, Clone, Copy)]
-pub struct Fit {
-    pub slope: f64,
-    pub intercept: f64,
-    pub r2: f64,
 }
 
 pub fn fit(points: &[(f64, f64)]) -> Option<Fit> {
@@ -261,23 +236,23 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     )?;
     let report = Report {
         scenario: "scale".into(),
-        meta: Meta::now(&tether),
+        meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
             "holdSeconds": hold_s,
             "pingInterval": args.ping_interval,
             "common": args.common.config(),
         }),
-        results: serde_json::json!({
-            "points": points,
-            "fit": {
-                "userBytesPerService": user,
-                "kernelBytesPerService": kernel,
-                "totalBytesPerService": total,
-                "holdCoresPerService": cpu,
-                "registerCpuSecondsPerService": ramp,
+        results: serde_json::to_value(ScaleResults {
+            points,
+            fit: ScaleFits {
+                user_bytes_per_service: user,
+                kernel_bytes_per_service: kernel,
+                total_bytes_per_service: total,
+                hold_cores_per_service: cpu,
+                register_cpu_seconds_per_service: ramp,
             },
-        }),
+        })?,
         sections: vec![table, fits],
         plots: vec![
             ("scale-memory.svg".into(), "Memory vs N".into()),

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::common::{Common, Stack, Topology, runnable};
 use crate::observe::Watcher;
-use crate::report::{Meta, Report, Section, n, opt};
+use crate::report::{Report, Section, meta, n, opt};
 use crate::topology::{self, SwarmSpec};
 use crate::{plots, progress};
 
@@ -225,7 +225,7 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
     )?;
     let report = Report {
         scenario: "zombie".into(),
-        meta: Meta::now(&tether),
+        meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
             "zombies": args.zombies,

@@ -1,5 +1,7 @@
 //! The chained relay: what routing service WebSockets through a gateway
-//! looks like, built only to be measured against the direct topology.
+//! looks like, built only to be measured against the direct topology. It
+//! is not part of the gateway (the admin BFF, which never carries service
+//! sockets); `tether gateway --chained` runs it for the load test.
 //!
 //! For every service connection it accepts on `/ws/microservice` it opens
 //! one of its own to the controller and relays text messages both ways.
