@@ -10,6 +10,7 @@ pub mod admin;
 pub mod agent;
 pub mod controller;
 pub mod engine;
+pub mod jsonrpc;
 pub mod metrics;
 pub mod plan;
 pub mod registry;

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::jsonrpc::{Code, RpcError};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
@@ -45,7 +46,10 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Arc<Caller>) {
         };
         let reply = match serde_json::from_str::<Value>(&text) {
             Ok(request) => handle(&state, &caller, request).await,
-            Err(_) => Some(rpc_error(Value::Null, -32700, "parse error")),
+            Err(_) => Some(rpc_error(
+                Value::Null,
+                RpcError::new(Code::Parse, "parse error"),
+            )),
         };
         if let Some(reply) = reply
             && socket
@@ -58,8 +62,8 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Arc<Caller>) {
     }
 }
 
-fn rpc_error(id: Value, code: i64, message: &str) -> Value {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+fn rpc_error(id: Value, error: RpcError) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": error.to_json()})
 }
 
 /// One request; `None` for notifications.
@@ -71,7 +75,10 @@ async fn handle(state: &AppState, caller: &Arc<Caller>, request: Value) -> Optio
         (Some(id), Some(method)) => (id, method),
         // Notifications (notifications/initialized, …) get no answer.
         (None, _) => return None,
-        (Some(id), None) => return Some(rpc_error(id, -32600, "invalid request: no method")),
+        (Some(id), None) => {
+            let e = RpcError::new(Code::InvalidRequest, "invalid request: no method");
+            return Some(rpc_error(id, e));
+        }
     };
     let result = match method {
         "initialize" => {
@@ -96,15 +103,15 @@ async fn handle(state: &AppState, caller: &Arc<Caller>, request: Value) -> Optio
                     "structuredContent": body,
                     "isError": !status.is_success(),
                 }),
-                None => return Some(rpc_error(id, -32602, &format!("unknown tool: {name}"))),
+                None => {
+                    let e = RpcError::invalid_params(format!("unknown tool: {name}"));
+                    return Some(rpc_error(id, e));
+                }
             }
         }
         _ => {
-            return Some(rpc_error(
-                id,
-                -32601,
-                &format!("method not found: {method}"),
-            ));
+            let e = RpcError::method_not_found(format!("method not found: {method}"));
+            return Some(rpc_error(id, e));
         }
     };
     Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))

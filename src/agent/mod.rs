@@ -15,6 +15,7 @@ mod worker;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
+use crate::jsonrpc::RpcError;
 use serde_json::{Map, Value};
 
 pub use sdk::{Agent, AgentError};
@@ -57,7 +58,7 @@ pub trait Tools: Send + Sync {
     }
 
     /// Runs a tool; `None` if there is no such tool (answered -32601).
-    fn call(&self, name: &str, arguments: Value) -> Option<Result<Value, (i64, String)>> {
+    fn call(&self, name: &str, arguments: Value) -> Option<Result<Value, RpcError>> {
         let _ = (name, arguments);
         None
     }

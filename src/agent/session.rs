@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::jsonrpc::RpcError;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -299,9 +300,7 @@ impl Session {
                 let params = msg.get("params").cloned().unwrap_or(Value::Null);
                 let reply = match self.answer(method, params, tools) {
                     Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-                    Err((code, message)) => {
-                        json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
-                    }
+                    Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error.to_json()}),
                 };
                 self.send(out, &reply);
             }
@@ -359,12 +358,7 @@ impl Session {
         }
     }
 
-    fn answer(
-        &self,
-        method: &str,
-        params: Value,
-        tools: &dyn Tools,
-    ) -> Result<Value, (i64, String)> {
+    fn answer(&self, method: &str, params: Value, tools: &dyn Tools) -> Result<Value, RpcError> {
         match method {
             "tools/list" => {
                 let mut list = super::builtin_tools();
@@ -375,17 +369,21 @@ impl Session {
                 let name = params
                     .get("name")
                     .and_then(Value::as_str)
-                    .ok_or((-32602, "tools/call requires params.name".into()))?;
+                    .ok_or_else(|| RpcError::invalid_params("tools/call requires params.name"))?;
                 let arguments = params.get("arguments").cloned().unwrap_or(json!({}));
                 match name {
                     "get_service_info" => Ok(self.service_info()),
                     "check" => Ok(json!({"result": "OK"})),
-                    _ => tools
-                        .call(name, arguments)
-                        .unwrap_or_else(|| Err((-32601, format!("Tool not found: {name}")))),
+                    _ => tools.call(name, arguments).unwrap_or_else(|| {
+                        Err(RpcError::method_not_found(format!(
+                            "Tool not found: {name}"
+                        )))
+                    }),
                 }
             }
-            _ => Err((-32601, format!("Method not found: {method}"))),
+            _ => Err(RpcError::method_not_found(format!(
+                "Method not found: {method}"
+            ))),
         }
     }
 

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::jsonrpc::Code;
+
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
@@ -227,9 +229,11 @@ pub fn outcome_of(reply: Result<&RawValue, &RawValue>) -> CommandOutcome {
                 message: None,
             });
             match e.code {
-                Some(super::rpc::METHOD_NOT_FOUND) => CommandOutcome::Unsupported(error.to_owned()),
+                Some(code) if code == Code::MethodNotFound.value() => {
+                    CommandOutcome::Unsupported(error.to_owned())
+                }
                 code => CommandOutcome::Failed {
-                    code: code.unwrap_or(super::rpc::INTERNAL_ERROR),
+                    code: code.unwrap_or(Code::Internal.value()),
                     message: e.message.unwrap_or_else(|| error.get().to_owned()),
                 },
             }

@@ -8,16 +8,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::commands::{CommandOutcome, CommandRequest, Commands, outcome_of};
-use super::rpc::{self, Message, ParseError};
+use super::rpc::{self, Method, RegisterRequest, Request, UpdateRequest};
 use super::{ShardMsg, Shared};
 use crate::engine::mailbox::Mailbox;
 use crate::engine::{CloseCause, ConnRef, Cx, Handler, Refusal, ShardId, UpgradeRequest};
+use crate::jsonrpc::{self, Code, Message, ParseError, RpcError};
 use crate::metrics::{BadInput, ShardStats};
 use crate::registry::{Owner, UpdateOutcome, slot_of};
 
@@ -25,6 +26,7 @@ const MICROSERVICE_PATH: &str = "/ws/microservice";
 const DISCOVERY_PATH: &str = "/ws/discovery";
 const NO_SLOT: u32 = u32::MAX;
 const MAX_TOUCHED_PER_TICK: usize = 1 << 16;
+const NOT_REGISTERED: &str = "not registered yet: send service/register first";
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
 enum Endpoint {
@@ -42,19 +44,6 @@ struct ConnState {
     endpoint: Endpoint,
     registered: bool,
     inflight: u16,
-}
-
-/// Milliseconds since the Unix epoch (wall clock, for timestamps).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Milliseconds on a clock that never steps (for coalescing intervals).
-pub(crate) fn monotonic_ms() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1_000_000
 }
 
 pub(crate) fn owner_of(conn: ConnRef) -> Owner {
@@ -160,21 +149,27 @@ impl ShardHandler {
         result: &T,
     ) {
         self.buf.clear();
-        rpc::write_result(&mut self.buf, id, result);
+        jsonrpc::write_result(&mut self.buf, id, result);
         cx.send_text(conn, &self.buf);
     }
 
-    fn reply_error(
-        &mut self,
-        cx: &mut Cx<'_>,
-        conn: ConnRef,
-        id: Option<&RawValue>,
-        code: i64,
-        message: &str,
-    ) {
+    /// The one place a peer's error is counted.
+    fn count(&self, error: &RpcError) {
+        if let Some(kind) = error.kind {
+            self.bad(kind);
+        }
+    }
+
+    /// The one place an error is answered: counted, written, and for an
+    /// unauthorized peer followed by close 1008 (PROTOCOL.md).
+    fn fail(&mut self, cx: &mut Cx<'_>, conn: ConnRef, id: Option<&RawValue>, error: &RpcError) {
+        self.count(error);
         self.buf.clear();
-        rpc::write_error(&mut self.buf, id, code, message);
+        error.write(&mut self.buf, id);
         cx.send_text(conn, &self.buf);
+        if error.code == Code::Unauthorized {
+            cx.close(conn, 1008, "unauthorized");
+        }
     }
 
     fn request(
@@ -182,66 +177,58 @@ impl ShardHandler {
         cx: &mut Cx<'_>,
         conn: ConnRef,
         id: &RawValue,
-        method: &str,
+        name: &str,
         params: Option<&RawValue>,
-    ) {
+    ) -> Result<(), RpcError> {
         let Some(state) = self.state(conn).copied() else {
-            return;
+            return Ok(());
         };
-        let discovery = method.starts_with("discovery/");
-        let known = discovery
-            || matches!(
-                method,
-                "service/register" | "service/deregister" | "service/update_metadata"
-            );
-        if !known {
-            self.bad(BadInput::MethodNotFound);
-            return self.reply_error(
-                cx,
-                conn,
-                Some(id),
-                rpc::METHOD_NOT_FOUND,
-                &format!("method not found: {method}"),
-            );
+        let method = Method::parse(name)
+            .ok_or_else(|| RpcError::method_not_found(format!("method not found: {name}")))?;
+        if state.endpoint == Endpoint::Discovery && !method.is_discovery() {
+            return Err(RpcError::method_not_found(format!(
+                "{name} is not served on {DISCOVERY_PATH}: only discovery/* methods are"
+            )));
         }
-        if state.endpoint == Endpoint::Discovery && !discovery {
-            self.bad(BadInput::MethodNotFound);
-            let msg =
-                format!("{method} is not served on {DISCOVERY_PATH}: only discovery/* methods are");
-            return self.reply_error(cx, conn, Some(id), rpc::METHOD_NOT_FOUND, &msg);
-        }
-        if state.endpoint == Endpoint::Microservice
-            && !state.registered
-            && method != "service/register"
-        {
+        if state.endpoint == Endpoint::Microservice && !state.registered {
             // A connection that deregistered may still repeat its deregister.
-            if !(method == "service/deregister" && state.slot != NO_SLOT) {
-                self.bad(BadInput::NotRegistered);
-                let msg = "not registered yet: send service/register first";
-                return self.reply_error(cx, conn, Some(id), rpc::NOT_REGISTERED, msg);
+            let repeat = method == Method::Deregister && state.slot != NO_SLOT;
+            if method != Method::Register && !repeat {
+                return Err(RpcError::not_registered(NOT_REGISTERED));
             }
         }
-        match method {
-            "service/register" => self.register(cx, conn, state, id, params),
-            "service/deregister" => self.deregister(cx, conn, state, id, params),
-            "service/update_metadata" => match self.update(conn, params) {
-                Ok(()) => {
-                    self.reply_result(cx, conn, id, &serde_json::json!({"status": "updated"}))
-                }
-                Err((code, msg)) => self.reply_error(cx, conn, Some(id), code, &msg),
-            },
-            "discovery/lookup" | "discovery/subscribe" | "discovery/unsubscribe" => {
-                self.discovery(cx, conn, id, method, params)
+        if method == Method::Register && state.registered {
+            return Err(RpcError::new(
+                Code::InvalidRequest,
+                "already registered on this connection; open another connection to register another instance",
+            ));
+        }
+        match Request::parse(method, params)? {
+            Request::Register(request) => self.register(cx, conn, id, &request),
+            Request::Deregister { instance, reason } => {
+                self.deregister(cx, conn, state, id, instance, &reason)
             }
-            _ => {
-                self.bad(BadInput::MethodNotFound);
-                self.reply_error(
-                    cx,
-                    conn,
-                    Some(id),
-                    rpc::METHOD_NOT_FOUND,
-                    &format!("method not found: {method}"),
-                );
+            Request::UpdateMetadata(update) => {
+                self.update(conn, &update, cx.wall_ms())?;
+                self.reply_result(cx, conn, id, &serde_json::json!({"status": "updated"}));
+                Ok(())
+            }
+            Request::Lookup(filter) => {
+                let snapshot = self.shared.registry().lookup(&filter);
+                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
+                Ok(())
+            }
+            Request::Subscribe(filter) => {
+                let subscribed = self.shared.registry().subscribe(&filter, owner_of(conn));
+                let snapshot =
+                    subscribed.map_err(|e| RpcError::new(Code::RateLimited, e.to_string()))?;
+                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
+                Ok(())
+            }
+            Request::Unsubscribe(filter) => {
+                self.shared.registry().unsubscribe(&filter, owner_of(conn));
+                self.reply_result(cx, conn, id, &rpc::unsubscribed(&filter));
+                Ok(())
             }
         }
     }
@@ -250,22 +237,9 @@ impl ShardHandler {
         &mut self,
         cx: &mut Cx<'_>,
         conn: ConnRef,
-        state: ConnState,
         id: &RawValue,
-        params: Option<&RawValue>,
-    ) {
-        if state.registered {
-            self.bad(BadInput::InvalidRequest);
-            let msg = "already registered on this connection; open another connection to register another instance";
-            return self.reply_error(cx, conn, Some(id), rpc::INVALID_REQUEST, msg);
-        }
-        let request = match rpc::register_params(params) {
-            Ok(r) => r,
-            Err(msg) => {
-                self.bad(BadInput::InvalidParams);
-                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
-            }
-        };
+        request: &RegisterRequest<'_>,
+    ) -> Result<(), RpcError> {
         let upgrade_bearer = self
             .bearer
             .remove(&conn.key)
@@ -277,20 +251,15 @@ impl ShardHandler {
                 (jwt, _) => auth.check_service(jwt, &request.service_id),
             }
         {
-            self.bad(BadInput::Unauthorized);
-            self.reply_error(
-                cx,
-                conn,
-                Some(id),
-                rpc::UNAUTHORIZED,
-                &format!("unauthorized: {why}"),
-            );
-            return cx.close(conn, 1008, "unauthorized");
+            return Err(RpcError::new(
+                Code::Unauthorized,
+                format!("unauthorized: {why}"),
+            ));
         }
         let registered =
             self.shared
                 .registry()
-                .register(&request.registration(), owner_of(conn), now_ms());
+                .register(&request.registration(), owner_of(conn), cx.wall_ms());
         if let Some(s) = self.state(conn) {
             s.slot = slot_of(&registered.id);
             s.registered = true;
@@ -302,6 +271,7 @@ impl ShardHandler {
         let result =
             serde_json::json!({"runtimeInstanceId": registered.id, "status": "registered"});
         self.reply_result(cx, conn, id, &result);
+        Ok(())
     }
 
     fn supersede(&mut self, cx: &mut Cx<'_>, old: ConnRef) {
@@ -331,115 +301,85 @@ impl ShardHandler {
         conn: ConnRef,
         state: ConnState,
         id: &RawValue,
-        params: Option<&RawValue>,
-    ) {
-        let (instance, reason) = match rpc::deregister_params(params) {
-            Ok(p) => p,
-            Err(msg) => {
-                self.bad(BadInput::InvalidParams);
-                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
-            }
-        };
+        instance: Uuid,
+        reason: &str,
+    ) -> Result<(), RpcError> {
         let done = if state.registered {
             self.shared
                 .registry()
-                .deregister(&instance, owner_of(conn), &reason, now_ms())
+                .deregister(&instance, owner_of(conn), reason, cx.wall_ms())
         } else {
             // Idempotent: this connection already deregistered this one.
             slot_of(&instance) == state.slot
         };
         if !done {
-            self.bad(BadInput::InvalidParams);
-            let msg = format!("runtimeInstanceId {instance} is not this connection's instance");
-            return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
+            return Err(RpcError::invalid_params(format!(
+                "runtimeInstanceId {instance} is not this connection's instance"
+            )));
         }
         if let Some(s) = self.state(conn) {
             s.registered = false;
         }
         let result = serde_json::json!({"runtimeInstanceId": instance, "status": "deregistered"});
         self.reply_result(cx, conn, id, &result);
+        Ok(())
     }
 
-    /// Applies `service/update_metadata`; false if the params are invalid.
     /// Applies `service/update_metadata`; `Err` says why it was not (fully) applied.
-    fn update(&mut self, conn: ConnRef, params: Option<&RawValue>) -> Result<(), (i64, String)> {
-        let Some(instance) = self.registered_id(conn) else {
-            self.bad(BadInput::NotRegistered);
-            return Err((
-                rpc::NOT_REGISTERED,
-                "not registered yet: send service/register first".into(),
-            ));
-        };
-        let update = rpc::update_params(params).inspect_err(|_| self.bad(BadInput::InvalidParams));
-        let update = update.map_err(|msg| (rpc::INVALID_PARAMS, msg))?;
+    fn update(
+        &mut self,
+        conn: ConnRef,
+        update: &UpdateRequest<'_>,
+        now_ms: u64,
+    ) -> Result<(), RpcError> {
+        let instance = self
+            .registered_id(conn)
+            .ok_or_else(|| RpcError::not_registered(NOT_REGISTERED))?;
         let outcome =
             self.shared
                 .registry()
-                .update(&instance, owner_of(conn), &update.update(), now_ms());
+                .update(&instance, owner_of(conn), &update.update(), now_ms);
         match outcome {
             UpdateOutcome::Updated => Ok(()),
-            UpdateOutcome::NotOwner => Err((
-                rpc::NOT_REGISTERED,
-                "this connection's registration was replaced".into(),
+            // Replaced by a newer registration: not this peer's mistake.
+            UpdateOutcome::NotOwner => Err(RpcError::not_registered(
+                "this connection's registration was replaced",
+            )
+            .uncounted()),
+            UpdateOutcome::PortTaken => Err(RpcError::invalid_params(
+                "the other fields were applied, but the new port is already registered by another instance with this serviceId, envTag and address",
             )),
-            UpdateOutcome::PortTaken => {
-                self.bad(BadInput::InvalidParams);
-                Err((
-                    rpc::INVALID_PARAMS,
-                    "the other fields were applied, but the new port is already registered by another instance with this serviceId, envTag and address".into(),
-                ))
-            }
         }
     }
 
-    fn discovery(
+    /// A notification gets no answer: `Err` is only counted.
+    fn notification(
         &mut self,
-        cx: &mut Cx<'_>,
         conn: ConnRef,
-        id: &RawValue,
         method: &str,
         params: Option<&RawValue>,
-    ) {
-        let filter = match rpc::filter_params(params) {
-            Ok(f) => f,
-            Err(msg) => {
-                self.bad(BadInput::InvalidParams);
-                return self.reply_error(cx, conn, Some(id), rpc::INVALID_PARAMS, &msg);
-            }
-        };
-        let owner = owner_of(conn);
-        match method {
-            "discovery/lookup" => {
-                let snapshot = self.shared.registry().lookup(&filter);
-                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
-            }
-            "discovery/subscribe" => {
-                let subscribed = self.shared.registry().subscribe(&filter, owner);
-                match subscribed {
-                    Ok(snapshot) => self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot)),
-                    Err(e) => {
-                        self.reply_error(cx, conn, Some(id), rpc::RATE_LIMITED, &e.to_string())
-                    }
+        text: &str,
+        now_ms: u64,
+    ) -> Result<(), RpcError> {
+        match Method::parse(method) {
+            Some(Method::UpdateMetadata) => {
+                if let Request::UpdateMetadata(update) =
+                    Request::parse(Method::UpdateMetadata, params)?
+                {
+                    self.update(conn, &update, now_ms)?;
                 }
+                Ok(())
             }
-            _ => {
-                self.shared.registry().unsubscribe(&filter, owner);
-                self.reply_result(cx, conn, id, &rpc::unsubscribed(&filter));
+            None if method.starts_with("notifications/") => {
+                let instance = self
+                    .registered_id(conn)
+                    .ok_or_else(|| RpcError::not_registered(NOT_REGISTERED))?;
+                self.shared.watchers.relay(&instance, text);
+                Ok(())
             }
-        }
-    }
-
-    fn notification(&mut self, conn: ConnRef, method: &str, params: Option<&RawValue>, text: &str) {
-        match method {
-            "service/update_metadata" => {
-                // A notification gets no answer; failures are counted.
-                let _ = self.update(conn, params);
-            }
-            m if m.starts_with("notifications/") => match self.registered_id(conn) {
-                Some(instance) => self.shared.watchers.relay(&instance, text),
-                None => self.bad(BadInput::NotRegistered),
-            },
-            _ => self.bad(BadInput::MethodNotFound),
+            _ => Err(RpcError::method_not_found(format!(
+                "no such notification: {method}"
+            ))),
         }
     }
 
@@ -479,7 +419,7 @@ impl ShardHandler {
         let deadline = cx.now() + request.timeout;
         let wire_id = self.commands.start(conn, deadline, request.reply, permit);
         self.buf.clear();
-        rpc::write_request(
+        jsonrpc::write_request(
             &mut self.buf,
             wire_id,
             &request.method,
@@ -555,33 +495,25 @@ impl Handler for ShardHandler {
 
     fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str) {
         self.touch(conn);
-        match rpc::parse(text) {
+        match jsonrpc::parse(text) {
             Ok(Message::Request { id, method, params }) => {
-                self.request(cx, conn, id, &method, params)
+                if let Err(e) = self.request(cx, conn, id, &method, params) {
+                    self.fail(cx, conn, Some(id), &e);
+                }
             }
             Ok(Message::Notification { method, params }) => {
-                self.notification(conn, &method, params, text)
+                if let Err(e) = self.notification(conn, &method, params, text, cx.wall_ms()) {
+                    self.count(&e);
+                }
             }
             Ok(Message::Response { id, outcome }) => self.response(conn, id, outcome),
             Err(ParseError::Json) => {
-                self.bad(BadInput::InvalidJson);
-                self.reply_error(
-                    cx,
-                    conn,
-                    None,
-                    rpc::PARSE_ERROR,
-                    "parse error: the text frame is not valid JSON",
-                );
+                let e = RpcError::new(Code::Parse, "parse error: the text frame is not valid JSON");
+                self.fail(cx, conn, None, &e);
             }
             Err(ParseError::Invalid { id, why }) => {
-                self.bad(BadInput::InvalidRequest);
-                self.reply_error(
-                    cx,
-                    conn,
-                    id,
-                    rpc::INVALID_REQUEST,
-                    &format!("invalid request: {why}"),
-                );
+                let e = RpcError::new(Code::InvalidRequest, format!("invalid request: {why}"));
+                self.fail(cx, conn, id, &e);
             }
         }
     }
@@ -590,7 +522,7 @@ impl Handler for ShardHandler {
         self.touch(conn);
     }
 
-    fn on_closed(&mut self, _cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
+    fn on_closed(&mut self, cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
         if !self.bearer.is_empty() {
             self.bearer.remove(&conn.key);
         }
@@ -606,7 +538,7 @@ impl Handler for ShardHandler {
                 .then(|| registry.owned_id(state.slot, owner))
                 .flatten()
             {
-                let now = now_ms();
+                let now = cx.wall_ms();
                 match cause {
                     CloseCause::PongMissed => {
                         registry.mark_down(&instance, owner, "no pong within pong-timeout", now);
@@ -638,7 +570,7 @@ impl Handler for ShardHandler {
     }
 
     fn on_tick(&mut self, cx: &mut Cx<'_>) {
-        let now = now_ms();
+        let now = cx.wall_ms();
         let retry = std::mem::take(&mut self.supersede_retry);
         for old in retry {
             self.supersede(cx, old);
@@ -653,11 +585,11 @@ impl Handler for ShardHandler {
             if self.shard.0 == 0 {
                 registry.expire_down(now);
             }
-            registry.take_notifications(self.shard.0, monotonic_ms())
+            registry.take_notifications(self.shard.0, self.shared.monotonic_ms(cx.now()))
         };
         for n in notifications {
             self.buf.clear();
-            rpc::write_notification(
+            jsonrpc::write_notification(
                 &mut self.buf,
                 "discovery/changed",
                 &rpc::SnapshotJson(&n.snapshot),
@@ -666,7 +598,7 @@ impl Handler for ShardHandler {
             cx.send_text_to_all(n.owners.into_iter().map(conn_of), &self.buf);
         }
         if !self.commands.is_empty() {
-            for conn in self.commands.expire(Instant::now()) {
+            for conn in self.commands.expire(cx.now()) {
                 if let Some(s) = self.state(conn) {
                     s.inflight = s.inflight.saturating_sub(1);
                 }
@@ -677,3 +609,6 @@ impl Handler for ShardHandler {
 
 /// A default for commands that did not name a timeout.
 pub(crate) const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests;

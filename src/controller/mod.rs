@@ -11,14 +11,16 @@ pub mod auth;
 pub mod commands;
 mod handler;
 
-pub use handler::now_ms;
 pub mod rpc;
+
+/// Milliseconds since the Unix epoch (wall clock, for timestamps).
+pub use crate::engine::wall_clock_ms as now_ms;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -168,6 +170,9 @@ impl Watchers {
 
 pub struct Shared {
     registry: Mutex<Registry>,
+    /// Where the shards' monotonic milliseconds count from (one origin for
+    /// all, so coalescing compares like with like).
+    epoch: Instant,
     pub config: ControllerConfig,
     inflight: Arc<AtomicUsize>,
     watchers: Watchers,
@@ -177,6 +182,31 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The state the shards and the API share; the registry is reserved for
+    /// the most connections the engine can hold.
+    pub(crate) fn new(mut config: ControllerConfig, auth: Option<auth::Auth>) -> Shared {
+        let shards = config.engine.shards;
+        config.registry.capacity = config.registry.capacity.max(
+            shards * (config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE)
+                + config.registry.max_down_retained,
+        );
+        Shared {
+            registry: Mutex::new(Registry::new(config.registry.clone(), shards)),
+            epoch: Instant::now(),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            watchers: Watchers::default(),
+            command_outcomes: Default::default(),
+            auth,
+            config,
+        }
+    }
+
+    /// Milliseconds at `at` on a clock that never steps (for coalescing
+    /// intervals); never 0, which means "never" to the registry.
+    pub(crate) fn monotonic_ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1_000_000
+    }
+
     /// Locks the registry. Keep the guard briefly: shards wait on it.
     pub fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
@@ -207,22 +237,9 @@ impl Controller {
         config: ControllerConfig,
         auth: Option<auth::Auth>,
     ) -> Result<Controller, StartError> {
-        let shards = config.engine.shards;
-        let mut config = config;
-        config.registry.capacity = config.registry.capacity.max(
-            shards * (config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE)
-                + config.registry.max_down_retained,
-        );
-        let shared = Arc::new(Shared {
-            registry: Mutex::new(Registry::new(config.registry.clone(), shards)),
-            inflight: Arc::new(AtomicUsize::new(0)),
-            watchers: Watchers::default(),
-            command_outcomes: Default::default(),
-            auth,
-            config: config.clone(),
-        });
+        let shared = Arc::new(Shared::new(config, auth));
         let for_shards = shared.clone();
-        let engine = Engine::start(config.engine, move |id, mailboxes, stats| {
+        let engine = Engine::start(shared.config.engine.clone(), move |id, mailboxes, stats| {
             handler::ShardHandler::new(id, for_shards.clone(), mailboxes, stats)
         })?;
         let (relay, replies) = std::sync::mpsc::channel::<(Reply, CommandOutcome)>();

@@ -1,7 +1,8 @@
-//! The JSON-RPC 2.0 side of the wire protocol (../shared/PROTOCOL.md):
-//! reading one message, validating method parameters, and writing
-//! responses, requests and snapshots. Pure functions on strings and byte
-//! buffers; the names and codes here are a compatibility contract.
+//! The service protocol's methods (../shared/PROTOCOL.md) as types: a
+//! method name is matched once (`Method`), its params validated once into
+//! a `Request`, and replies and snapshots written. The envelope and the
+//! error codes are `crate::jsonrpc`'s. Pure functions on strings and byte
+//! buffers; the names here are a compatibility contract.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -11,174 +12,87 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::jsonrpc::RpcError;
 use crate::registry::{Filter, MetadataUpdate, Node, Registration, Snapshot};
 
-pub const PARSE_ERROR: i64 = -32700;
-pub const INVALID_REQUEST: i64 = -32600;
-pub const METHOD_NOT_FOUND: i64 = -32601;
-pub const INVALID_PARAMS: i64 = -32602;
-pub const INTERNAL_ERROR: i64 = -32603;
-pub const NOT_REGISTERED: i64 = -32001;
-pub const UNAUTHORIZED: i64 = -32002;
-pub const RATE_LIMITED: i64 = -32003;
+/// The methods a service may call.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Method {
+    Register,
+    Deregister,
+    UpdateMetadata,
+    Lookup,
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::Register,
+        Method::Deregister,
+        Method::UpdateMetadata,
+        Method::Lookup,
+        Method::Subscribe,
+        Method::Unsubscribe,
+    ];
+
+    /// The method a wire name names, if tether serves it.
+    pub fn parse(name: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == name)
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Method::Register => "service/register",
+            Method::Deregister => "service/deregister",
+            Method::UpdateMetadata => "service/update_metadata",
+            Method::Lookup => "discovery/lookup",
+            Method::Subscribe => "discovery/subscribe",
+            Method::Unsubscribe => "discovery/unsubscribe",
+        }
+    }
+
+    /// Served on `/ws/discovery` too (and needs no registration there).
+    pub const fn is_discovery(self) -> bool {
+        matches!(
+            self,
+            Method::Lookup | Method::Subscribe | Method::Unsubscribe
+        )
+    }
+}
+
+/// A service's request, its params validated.
+#[derive(Debug)]
+pub enum Request<'a> {
+    Register(RegisterRequest<'a>),
+    Deregister { instance: Uuid, reason: String },
+    UpdateMetadata(UpdateRequest<'a>),
+    Lookup(Filter),
+    Subscribe(Filter),
+    Unsubscribe(Filter),
+}
+
+impl<'a> Request<'a> {
+    /// Validates `params` for `method`; invalid params are -32602.
+    pub fn parse(method: Method, params: Option<&'a RawValue>) -> Result<Request<'a>, RpcError> {
+        let request = match method {
+            Method::Register => register_params(params).map(Request::Register),
+            Method::Deregister => deregister_params(params)
+                .map(|(instance, reason)| Request::Deregister { instance, reason }),
+            Method::UpdateMetadata => update_params(params).map(Request::UpdateMetadata),
+            Method::Lookup => filter_params(params).map(Request::Lookup),
+            Method::Subscribe => filter_params(params).map(Request::Subscribe),
+            Method::Unsubscribe => filter_params(params).map(Request::Unsubscribe),
+        };
+        request.map_err(RpcError::invalid_params)
+    }
+}
 
 /// Bounds on what a registration may carry.
 pub const MAX_NAME: usize = 256;
 pub const MAX_HOST: usize = 253;
 pub const MAX_TAGS: usize = 64;
 pub const MAX_TAGS_JSON: usize = 4096;
-
-/// One inbound message, borrowing from the frame's text.
-#[derive(Debug)]
-pub enum Message<'a> {
-    Request {
-        id: &'a RawValue,
-        method: Cow<'a, str>,
-        params: Option<&'a RawValue>,
-    },
-    Notification {
-        method: Cow<'a, str>,
-        params: Option<&'a RawValue>,
-    },
-    Response {
-        id: &'a RawValue,
-        outcome: Result<&'a RawValue, &'a RawValue>,
-    },
-}
-
-#[derive(Debug)]
-pub enum ParseError<'a> {
-    /// Not JSON at all: -32700 with id null.
-    Json,
-    /// JSON, but not a JSON-RPC 2.0 message: -32600.
-    Invalid {
-        id: Option<&'a RawValue>,
-        why: &'static str,
-    },
-}
-
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow)]
-    jsonrpc: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    method: Option<&'a RawValue>,
-    #[serde(borrow)]
-    params: Option<&'a RawValue>,
-    #[serde(borrow)]
-    result: Option<&'a RawValue>,
-    #[serde(borrow)]
-    error: Option<&'a RawValue>,
-}
-
-fn is_valid_id(id: &RawValue) -> bool {
-    matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
-}
-
-/// Reads one JSON-RPC message. `"method": null` in a response is accepted
-/// (some clients send it).
-pub fn parse(text: &str) -> Result<Message<'_>, ParseError<'_>> {
-    let envelope: Envelope<'_> = match serde_json::from_str(text) {
-        Ok(e) => e,
-        Err(_) if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() => {
-            return Err(ParseError::Invalid {
-                id: None,
-                why: "a JSON-RPC message must be one JSON object",
-            });
-        }
-        Err(_) => return Err(ParseError::Json),
-    };
-    let id = envelope.id;
-    let invalid = |why| {
-        Err(ParseError::Invalid {
-            id: id.filter(|i| is_valid_id(i)),
-            why,
-        })
-    };
-    if envelope.jsonrpc.as_deref() != Some("2.0") {
-        return invalid("\"jsonrpc\" must be \"2.0\"");
-    }
-    if id.is_some_and(|i| !is_valid_id(i)) {
-        return invalid("\"id\" must be a string or a number");
-    }
-    let method = match envelope.method.map(RawValue::get) {
-        None | Some("null") => None,
-        Some(raw) => match serde_json::from_str::<Cow<'_, str>>(raw) {
-            Ok(m) => Some(m),
-            Err(_) => return invalid("\"method\" must be a string"),
-        },
-    };
-    match (method, id) {
-        (Some(method), Some(id)) => Ok(Message::Request {
-            id,
-            method,
-            params: envelope.params,
-        }),
-        (Some(method), None) => Ok(Message::Notification {
-            method,
-            params: envelope.params,
-        }),
-        (None, Some(id)) => match (envelope.result, envelope.error) {
-            (Some(result), None) => Ok(Message::Response {
-                id,
-                outcome: Ok(result),
-            }),
-            (None, Some(error)) => Ok(Message::Response {
-                id,
-                outcome: Err(error),
-            }),
-            _ => invalid("a response carries exactly one of \"result\" and \"error\""),
-        },
-        (None, None) => invalid("a message needs a \"method\" (request) or an \"id\" (response)"),
-    }
-}
-
-// -- writing -------------------------------------------------------------------
-
-pub fn write_result<T: Serialize + ?Sized>(out: &mut Vec<u8>, id: &RawValue, result: &T) {
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    out.extend_from_slice(id.get().as_bytes());
-    out.extend_from_slice(b",\"result\":");
-    serde_json::to_writer(&mut *out, result).expect("serializing to a Vec cannot fail");
-    out.push(b'}');
-}
-
-pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, code: i64, message: &str) {
-    #[derive(Serialize)]
-    struct Error<'a> {
-        code: i64,
-        message: &'a str,
-    }
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    out.extend_from_slice(id.map_or("null", RawValue::get).as_bytes());
-    out.extend_from_slice(b",\"error\":");
-    serde_json::to_writer(&mut *out, &Error { code, message })
-        .expect("serializing to a Vec cannot fail");
-    out.push(b'}');
-}
-
-pub fn write_notification<T: Serialize + ?Sized>(out: &mut Vec<u8>, method: &str, params: &T) {
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"method\":");
-    serde_json::to_writer(&mut *out, method).expect("serializing to a Vec cannot fail");
-    out.extend_from_slice(b",\"params\":");
-    serde_json::to_writer(&mut *out, params).expect("serializing to a Vec cannot fail");
-    out.push(b'}');
-}
-
-/// A controller → service request with our own numeric id.
-pub fn write_request(out: &mut Vec<u8>, id: u64, method: &str, params: Option<&RawValue>) {
-    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    out.extend_from_slice(id.to_string().as_bytes());
-    out.extend_from_slice(b",\"method\":");
-    serde_json::to_writer(&mut *out, method).expect("serializing to a Vec cannot fail");
-    if let Some(params) = params {
-        out.extend_from_slice(b",\"params\":");
-        out.extend_from_slice(params.get().as_bytes());
-    }
-    out.push(b'}');
-}
 
 /// Milliseconds since the Unix epoch, written as RFC 3339 UTC with
 /// milliseconds (`2026-11-23T05:59:00.123Z`).
@@ -449,6 +363,7 @@ struct UpdateParams<'a> {
     tags: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+#[derive(Debug)]
 pub struct UpdateRequest<'a> {
     version: Option<Cow<'a, str>>,
     protocol: Option<Cow<'a, str>>,
@@ -548,81 +463,6 @@ mod tests {
 
     fn raw(s: &str) -> &RawValue {
         serde_json::from_str(s).unwrap()
-    }
-
-    #[test]
-    fn classifies_messages() {
-        let m =
-            parse(r#"{"jsonrpc":"2.0","id":"register-1","method":"service/register","params":{}}"#)
-                .unwrap();
-        assert!(
-            matches!(m, Message::Request { id, ref method, .. } if id.get() == "\"register-1\"" && method == "service/register")
-        );
-        let m = parse(
-            r#"{"jsonrpc":"2.0","method":"service/update_metadata","params":{"version":"2"}}"#,
-        )
-        .unwrap();
-        assert!(matches!(m, Message::Notification { .. }));
-        let m = parse(r#"{"jsonrpc":"2.0","id":17,"method":null,"result":{"ok":true}}"#).unwrap();
-        assert!(matches!(m, Message::Response { id, outcome: Ok(_) } if id.get() == "17"));
-        let m = parse(r#"{"jsonrpc":"2.0","id":3,"error":{"code":-32601,"message":"x"}}"#).unwrap();
-        assert!(matches!(
-            m,
-            Message::Response {
-                outcome: Err(_),
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn rejects_what_is_not_json_rpc() {
-        assert!(matches!(parse("{not json"), Err(ParseError::Json)));
-        assert!(matches!(
-            parse("[1,2]"),
-            Err(ParseError::Invalid { id: None, .. })
-        ));
-        assert!(matches!(
-            parse(r#"{"id":1,"method":"x"}"#),
-            Err(ParseError::Invalid { id: Some(_), .. })
-        ));
-        assert!(matches!(
-            parse(r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#),
-            Err(ParseError::Invalid { .. })
-        ));
-        assert!(matches!(
-            parse(r#"{"jsonrpc":"2.0","id":{},"method":"x"}"#),
-            Err(ParseError::Invalid { id: None, .. })
-        ));
-        assert!(matches!(
-            parse(r#"{"jsonrpc":"2.0","id":1,"method":7}"#),
-            Err(ParseError::Invalid { .. })
-        ));
-        assert!(matches!(
-            parse(r#"{"jsonrpc":"2.0","id":1}"#),
-            Err(ParseError::Invalid { .. })
-        ));
-    }
-
-    #[test]
-    fn writes_envelopes_without_a_method_in_responses() {
-        let mut out = Vec::new();
-        write_result(
-            &mut out,
-            raw("\"1\""),
-            &serde_json::json!({"status": "registered"}),
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(
-            v,
-            serde_json::json!({"jsonrpc":"2.0","id":"1","result":{"status":"registered"}})
-        );
-        out.clear();
-        write_error(&mut out, None, PARSE_ERROR, "parse error");
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["id"], serde_json::Value::Null);
-        assert_eq!(v["error"]["code"], -32700);
-        assert!(v.get("method").is_none());
     }
 
     #[test]

@@ -314,10 +314,13 @@ impl Actions {
     }
 }
 
-/// The handler's view of its shard during a callback.
+/// The handler's view of its shard during a callback. Time comes in here
+/// (the shard reads its clocks once per loop turn), so a handler reads no
+/// clock of its own and runs the same on a test's fake clock.
 pub struct Cx<'a> {
     shard: ShardId,
     now: Instant,
+    wall_ms: u64,
     current: Option<ConnRef>,
     /// Frames for `current`, sent in order right after the callback.
     out: Option<&'a mut Vec<u8>>,
@@ -330,9 +333,15 @@ impl<'a> Cx<'a> {
         self.shard
     }
 
-    /// The shard's clock at the start of this callback.
+    /// The shard's monotonic clock at the start of this callback.
     pub fn now(&self) -> Instant {
         self.now
+    }
+
+    /// The wall clock at the same moment, in milliseconds since the Unix
+    /// epoch (for timestamps people and clients read).
+    pub fn wall_ms(&self) -> u64 {
+        self.wall_ms
     }
 
     /// Queues one text message to `conn` (ignored if it has gone).
@@ -379,6 +388,106 @@ impl<'a> Cx<'a> {
     /// Starts liveness checks (pings) and lifts the admit deadline.
     pub fn admit(&mut self, conn: ConnRef) {
         self.actions.list.push(Action::Admit(conn));
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a handler asked of its shard, read back by a unit test that runs
+/// the handler with no shard, no socket and a clock of its own (as
+/// quinn-proto's tests drive a `Connection`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A text message to `conn`.
+    Text {
+        conn: ConnRef,
+        text: String,
+    },
+    Close {
+        conn: ConnRef,
+        code: u16,
+        reason: String,
+    },
+    Admit(ConnRef),
+}
+
+/// Stands in for a shard around a handler's callbacks: hands out `Cx`s on
+/// a fake clock and records what they were asked.
+pub struct Recorder {
+    shard: ShardId,
+    now: Instant,
+    wall_ms: u64,
+    actions: Actions,
+}
+
+impl Recorder {
+    pub fn new(shard: ShardId, now: Instant, wall_ms: u64) -> Recorder {
+        Recorder {
+            shard,
+            now,
+            wall_ms,
+            actions: Actions::default(),
+        }
+    }
+
+    /// Moves both clocks forward.
+    pub fn advance(&mut self, by: Duration) {
+        self.now += by;
+        self.wall_ms += by.as_millis() as u64;
+    }
+
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    pub fn wall_ms(&self) -> u64 {
+        self.wall_ms
+    }
+
+    /// A context for one callback; its effects stay recorded until `take`.
+    pub fn cx(&mut self) -> Cx<'_> {
+        Cx {
+            shard: self.shard,
+            now: self.now,
+            wall_ms: self.wall_ms,
+            current: None,
+            out: None,
+            actions: &mut self.actions,
+            stop_current: false,
+        }
+    }
+
+    /// What the callbacks asked since the last `take`, in order.
+    pub fn take(&mut self) -> Vec<Effect> {
+        let actions = std::mem::take(&mut self.actions);
+        let text = |frame: &[u8]| {
+            let header = ws::decode_header(frame, ws::Role::Client)
+                .expect("a frame the engine encoded")
+                .expect("a whole frame");
+            String::from_utf8_lossy(&frame[header.header_len..]).into_owned()
+        };
+        let bytes = &actions.bytes;
+        actions
+            .list
+            .into_iter()
+            .map(|action| match action {
+                Action::Send { conn, frame } => Effect::Text {
+                    conn,
+                    text: text(&bytes[frame]),
+                },
+                Action::Close { conn, code, reason } => Effect::Close {
+                    conn,
+                    code,
+                    reason: String::from_utf8_lossy(&bytes[reason]).into_owned(),
+                },
+                Action::Admit(conn) => Effect::Admit(conn),
+            })
+            .collect()
     }
 }
 

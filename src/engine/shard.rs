@@ -200,6 +200,8 @@ struct Shard<H: Handler> {
     epoch: Instant,
     now: Tick,
     clock: Instant,
+    /// The wall clock read with `clock`, in ms since the Unix epoch.
+    wall_ms: u64,
     /// Frames for the connection being fed.
     out: Vec<u8>,
     actions: Actions,
@@ -231,6 +233,7 @@ impl<H: Handler> Shard<H> {
             epoch: setup.epoch,
             now,
             clock: Instant::now(),
+            wall_ms: super::wall_clock_ms(),
             out: Vec::with_capacity(4096),
             actions: Actions::default(),
             expired: Vec::new(),
@@ -249,6 +252,12 @@ impl<H: Handler> Shard<H> {
 
     fn tick_of(&self, at: Instant) -> Tick {
         (at.duration_since(self.epoch).as_nanos() / self.config.tick.as_nanos()) as Tick
+    }
+
+    /// Once per loop turn: everything this turn does is at this moment.
+    fn read_clocks(&mut self) {
+        self.clock = Instant::now();
+        self.wall_ms = super::wall_clock_ms();
     }
 
     fn until_next_tick(&self) -> Duration {
@@ -321,7 +330,7 @@ impl<H: Handler> Shard<H> {
                 tracing::error!(shard = self.id.0, "epoll_wait failed: {err}; shard stops");
                 break;
             }
-            self.clock = Instant::now();
+            self.read_clocks();
             for (events, token) in ready.drain(..) {
                 match token {
                     LISTENER => self.epoll().accept_now = true,
@@ -456,7 +465,7 @@ impl<H: Handler> Shard<H> {
                 );
                 std::process::abort();
             }
-            self.clock = Instant::now();
+            self.read_clocks();
             for c in completions.drain(..) {
                 self.completed(c);
             }
@@ -609,6 +618,7 @@ impl<H: Handler> Shard<H> {
         let mut cx = Cx {
             shard: self.id,
             now: self.clock,
+            wall_ms: self.wall_ms,
             current: None,
             out: None,
             actions: &mut self.actions,
@@ -697,6 +707,7 @@ impl<H: Handler> Shard<H> {
             actions,
             config,
             clock,
+            wall_ms,
             epoch,
             all_stats,
             ..
@@ -716,6 +727,7 @@ impl<H: Handler> Shard<H> {
             let mut cx = Cx {
                 shard: *id,
                 now: *clock,
+                wall_ms: *wall_ms,
                 current: Some(cref),
                 out: None,
                 actions,
