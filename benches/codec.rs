@@ -68,17 +68,22 @@ fn conn_machine(c: &mut Criterion) {
     );
     let limits = Limits::default();
     c.bench_function("conn/feed_register_message", |b| {
-        let (mut conn, _) = Conn::accepted(3, 1, 0, &timing);
+        let mut conn = Conn::accepted(3, 1, 0, &timing);
         let mut out = Vec::new();
-        conn.feed(&mut upgrade.clone(), &limits, &mut out, |_, _| {
-            Flow::Continue
-        });
+        conn.feed(
+            0,
+            &mut upgrade.clone(),
+            &limits,
+            &timing,
+            &mut out,
+            |_, _| Flow::Continue,
+        );
         let mut buf = frame.clone();
         b.iter(|| {
             buf.copy_from_slice(&frame);
             out.clear();
             let mut seen = 0;
-            conn.feed(&mut buf, &limits, &mut out, |ev, _| {
+            conn.feed(0, &mut buf, &limits, &timing, &mut out, |ev, _| {
                 if let Event::Text(t) = ev {
                     seen += t.len();
                 }

@@ -302,7 +302,7 @@ impl Worker {
             let _ = sys::set_nodelay(fd);
             let generation = self.next_generation;
             self.next_generation = self.next_generation.wrapping_add(1).max(1);
-            let (down, _) = Conn::accepted(fd, generation, 0, &self.timing);
+            let down = Conn::accepted(fd, generation, 0, &self.timing);
             let entry = self.pairs.vacant_entry();
             let key = entry.key() as u32;
             if self
@@ -397,9 +397,13 @@ impl Worker {
         let mut texts: Vec<Vec<u8>> = Vec::new();
         let mut upgrade: Option<Option<String>> = None;
         let mut refused = false;
-        let fed = pair
-            .down
-            .feed(data, &self.limits, &mut reply, |event, out| match event {
+        let fed = pair.down.feed(
+            0,
+            data,
+            &self.limits,
+            &self.timing,
+            &mut reply,
+            |event, out| match event {
                 Event::Upgrade(req) if req.path != MICROSERVICE_PATH => {
                     ws::write_http_error(out, 404, "this relay serves /ws/microservice only");
                     refused = true;
@@ -414,7 +418,8 @@ impl Worker {
                     texts.push(t.as_bytes().to_vec());
                     Flow::Continue
                 }
-            });
+            },
+        );
         // Pongs the state machine wrote for the service's pings: local.
         if !reply.is_empty() && !self.send_down(key, &reply) {
             return false;

@@ -2,6 +2,15 @@
 //! in, events and bytes to send out. No sockets, no clocks, no threads; the
 //! shard feeds it and carries out what it asks.
 //!
+//! Kinds of methods (as quinn-proto's `Connection`): getters (`phase`,
+//! `pending_out`, …); `feed` and `on_deadline`, which take an input and
+//! the tick it happened at; the mutators the shard calls when the handler
+//! decides (`admit`, `start_closing`); and `poll_deadline`, the one place
+//! the connection says when it next needs the shard. Every phase has a
+//! deadline (handshake, admit, ping or pong, linger), and every input that
+//! can move it moves it here: the shard re-links its wheel after each
+//! input instead of working out what changed.
+//!
 //! Owns: the connection's phase, its liveness bookkeeping, and the bytes it
 //! must hold between reads (an incomplete frame, a fragmented message, output
 //! the socket would not take yet). Those live in one boxed `Bufs` that exists
@@ -205,27 +214,36 @@ pub struct Conn {
     pub handle: i32,
     phase: Phase,
     flags: u8,
-    ping_sent: Tick,
+    /// The tick of the next deadline, whatever the phase. While a pong is
+    /// awaited it is the ping's tick plus the pong timeout, so the ping's
+    /// own tick needs no field.
+    due: Tick,
     bufs: Option<Box<Bufs>>,
 }
 
 impl Conn {
-    /// A connection accepted at `now`; returns it and its first deadline.
-    pub fn accepted(handle: i32, generation: u32, now: Tick, timing: &Timing) -> (Conn, Tick) {
-        let conn = Conn {
+    /// A connection accepted at `now`: the upgrade is due by the handshake
+    /// deadline.
+    pub fn accepted(handle: i32, generation: u32, now: Tick, timing: &Timing) -> Conn {
+        Conn {
             link: Link::default(),
             generation,
             handle,
             phase: Phase::Handshake,
             flags: 0,
-            ping_sent: 0,
+            due: now + timing.handshake,
             bufs: None,
-        };
-        (conn, now + timing.handshake)
+        }
     }
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// When the connection next needs `on_deadline`. Changes only through
+    /// `feed`, `on_deadline`, `admit` and `start_closing`.
+    pub fn poll_deadline(&self) -> Tick {
+        self.due
     }
 
     pub fn set_live(&mut self) {
@@ -283,46 +301,48 @@ impl Conn {
         })
     }
 
-    /// Called after the upgrade was accepted: the admit deadline.
-    pub fn upgraded_deadline(&self, now: Tick, timing: &Timing) -> Tick {
-        now + timing.admit
-    }
-
     /// The handler admitted the connection: start liveness checks. The first
     /// ping comes after `first_ping` ticks (spread by the caller over the
-    /// interval so pings never come in bursts). Returns the next deadline.
-    pub fn admit(&mut self, now: Tick, first_ping: Tick) -> Option<Tick> {
+    /// interval so pings never come in bursts). False if it was not waiting
+    /// to be admitted (already admitted, or closing).
+    pub fn admit(&mut self, now: Tick, first_ping: Tick) -> bool {
         if self.phase != Phase::Upgraded {
-            return None;
+            return false;
         }
         self.phase = Phase::Admitted;
         self.flags |= ADMITTED;
-        Some(now + first_ping.max(1))
+        self.due = now + first_ping.max(1);
+        true
     }
 
-    /// We sent a close frame; the peer has `linger` ticks to answer.
-    pub fn start_closing(&mut self, now: Tick, timing: &Timing) -> Tick {
+    /// We sent a close frame (or answered the peer's); the peer has
+    /// `linger` ticks to finish.
+    pub fn start_closing(&mut self, now: Tick, timing: &Timing) {
         self.phase = Phase::Closing;
-        now + timing.linger
+        self.due = now + timing.linger;
     }
 
-    /// A deadline came. Returns what it means and the next deadline, if any.
-    pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> (Due, Option<Tick>) {
+    /// The deadline came: what it means. A terminal one (every `Due` but
+    /// `SendPing` and `Alive`) leaves the deadline where it was, so it comes
+    /// again if the shard does not end the connection.
+    pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Due {
+        let pong_timeout = timing.pong_timeout.max(1);
         match self.phase {
-            Phase::Handshake => (Due::HandshakeTimeout, None),
-            Phase::Upgraded => (Due::AdmitTimeout, None),
-            Phase::Closing => (Due::LingerOver, None),
+            Phase::Handshake => Due::HandshakeTimeout,
+            Phase::Upgraded => Due::AdmitTimeout,
+            Phase::Closing => Due::LingerOver,
             Phase::Admitted if self.flags & AWAITING_PONG == 0 => {
                 self.flags = (self.flags | AWAITING_PONG) & !SEEN_SINCE_PING;
-                self.ping_sent = now;
-                (Due::SendPing, Some(now + timing.pong_timeout.max(1)))
+                self.due = now + pong_timeout;
+                Due::SendPing
             }
             Phase::Admitted if self.flags & SEEN_SINCE_PING != 0 => {
                 self.flags &= !AWAITING_PONG;
-                let next = (self.ping_sent + timing.ping_interval).max(now + 1);
-                (Due::Alive, Some(next))
+                let ping_sent = self.due - pong_timeout;
+                self.due = (ping_sent + timing.ping_interval).max(now + 1);
+                Due::Alive
             }
-            Phase::Admitted => (Due::PongMissed, None),
+            Phase::Admitted => Due::PongMissed,
         }
     }
 
@@ -369,10 +389,40 @@ impl Conn {
         }
     }
 
-    /// Processes received bytes. `input` may be modified (unmasked in
-    /// place). Whatever does not form a whole frame is kept. Replies the
-    /// protocol requires (pong, close echo, 101) are appended to `out`.
-    pub fn feed<F>(&mut self, input: &mut [u8], limits: &Limits, out: &mut Vec<u8>, sink: F) -> Fed
+    /// Processes bytes received at `now`. `input` may be modified
+    /// (unmasked in place). Whatever does not form a whole frame is kept.
+    /// Replies the protocol requires (pong, close echo, 101) are appended
+    /// to `out`. An upgrade starts the admit deadline, a peer's close the
+    /// linger.
+    pub fn feed<F>(
+        &mut self,
+        now: Tick,
+        input: &mut [u8],
+        limits: &Limits,
+        timing: &Timing,
+        out: &mut Vec<u8>,
+        sink: F,
+    ) -> Fed
+    where
+        F: FnMut(Event<'_>, &mut Vec<u8>) -> Flow,
+    {
+        let before = self.phase;
+        let fed = self.feed_bytes(input, limits, out, sink);
+        if let Fed::PeerClosed(_) = fed {
+            self.start_closing(now, timing);
+        } else if before == Phase::Handshake && self.phase == Phase::Upgraded {
+            self.due = now + timing.admit;
+        }
+        fed
+    }
+
+    fn feed_bytes<F>(
+        &mut self,
+        input: &mut [u8],
+        limits: &Limits,
+        out: &mut Vec<u8>,
+        sink: F,
+    ) -> Fed
     where
         F: FnMut(Event<'_>, &mut Vec<u8>) -> Flow,
     {
@@ -561,13 +611,19 @@ mod tests {
     }
 
     fn feed(conn: &mut Conn, bytes: &[u8], log: &mut Log, out: &mut Vec<u8>) -> Fed {
+        feed_at(conn, 0, bytes, log, out)
+    }
+
+    fn feed_at(conn: &mut Conn, now: Tick, bytes: &[u8], log: &mut Log, out: &mut Vec<u8>) -> Fed {
         let mut input = bytes.to_vec();
         conn.feed(
+            now,
             &mut input,
             &Limits {
                 max_message: 1000,
                 max_upgrade: 1024,
             },
+            &timing(),
             out,
             |ev, _| {
                 match ev {
@@ -582,7 +638,7 @@ mod tests {
     }
 
     fn open_conn() -> (Conn, Log, Vec<u8>) {
-        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut conn = Conn::accepted(3, 0, 0, &timing());
         let mut log = Log::default();
         let mut out = Vec::new();
         assert_eq!(
@@ -606,7 +662,7 @@ mod tests {
             true,
             "mented é".as_bytes(),
         ));
-        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut conn = Conn::accepted(3, 0, 0, &timing());
         let (mut log, mut out) = (Log::default(), Vec::new());
         for b in &stream {
             assert_eq!(
@@ -763,7 +819,7 @@ mod tests {
 
     #[test]
     fn handshake_violation_and_refusal() {
-        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut conn = Conn::accepted(3, 0, 0, &timing());
         let (mut log, mut out) = (Log::default(), Vec::new());
         let fed = feed(
             &mut conn,
@@ -776,11 +832,13 @@ mod tests {
             Fed::Violation(Violation::Handshake(HandshakeError::NotUpgrade))
         );
 
-        let (mut conn, _) = Conn::accepted(3, 0, 0, &timing());
+        let mut conn = Conn::accepted(3, 0, 0, &timing());
         let mut input = upgrade_bytes();
         let fed = conn.feed(
+            0,
             &mut input,
             &Limits::default(),
+            &timing(),
             &mut out,
             |ev, out| match ev {
                 Event::Upgrade(_) => {
@@ -798,21 +856,83 @@ mod tests {
     fn liveness_cycle() {
         let t = timing();
         let (mut conn, _, _) = open_conn();
-        assert_eq!(conn.admit(10, 30), Some(40));
-        assert_eq!(conn.on_deadline(40, &t), (Due::SendPing, Some(140)));
+        assert!(conn.admit(10, 30));
+        assert!(!conn.admit(11, 30), "admitted once");
+        assert_eq!(conn.poll_deadline(), 40);
+        assert_eq!(conn.on_deadline(40, &t), Due::SendPing);
+        assert_eq!(conn.poll_deadline(), 140);
         // A pong (any frame) arrives before the check: alive, next ping at 40 + 300.
         let (mut log, mut out) = (Log::default(), Vec::new());
-        feed(
+        feed_at(
             &mut conn,
+            90,
             &client_frame(OpCode::Pong, true, b""),
             &mut log,
             &mut out,
         );
         assert_eq!(log.pongs, 1);
-        assert_eq!(conn.on_deadline(140, &t), (Due::Alive, Some(340)));
-        assert_eq!(conn.on_deadline(340, &t), (Due::SendPing, Some(440)));
-        // Silence until the check: down.
-        assert_eq!(conn.on_deadline(440, &t).0, Due::PongMissed);
+        assert_eq!(
+            conn.poll_deadline(),
+            140,
+            "a frame does not move the pong check"
+        );
+        assert_eq!(conn.on_deadline(140, &t), Due::Alive);
+        assert_eq!(conn.poll_deadline(), 340);
+        // A late loop (the check at 445, not 440) keeps the interval.
+        assert_eq!(conn.on_deadline(340, &t), Due::SendPing);
+        feed_at(
+            &mut conn,
+            400,
+            &client_frame(OpCode::Pong, true, b""),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(conn.on_deadline(445, &t), Due::Alive);
+        assert_eq!(conn.poll_deadline(), 640);
+        assert_eq!(conn.on_deadline(640, &t), Due::SendPing);
+        // Silence until the check: down, and it stays due.
+        assert_eq!(conn.on_deadline(740, &t), Due::PongMissed);
+        assert_eq!(conn.poll_deadline(), 740);
+    }
+
+    #[test]
+    fn every_phase_owns_its_deadline() {
+        let t = timing();
+        let mut conn = Conn::accepted(3, 0, 7, &t);
+        assert_eq!(conn.poll_deadline(), 7 + t.handshake);
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        let upgrade = upgrade_bytes();
+        // Half the upgrade at 10, the rest at 12: the admit deadline runs
+        // from the upgrade, and later frames do not move it.
+        feed_at(&mut conn, 10, &upgrade[..20], &mut log, &mut out);
+        assert_eq!(conn.poll_deadline(), 7 + t.handshake);
+        feed_at(&mut conn, 12, &upgrade[20..], &mut log, &mut out);
+        assert_eq!(conn.phase(), Phase::Upgraded);
+        assert_eq!(conn.poll_deadline(), 12 + t.admit);
+        feed_at(
+            &mut conn,
+            30,
+            &client_frame(OpCode::Text, true, b"{}"),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(conn.poll_deadline(), 12 + t.admit);
+        assert_eq!(conn.on_deadline(12 + t.admit, &t), Due::AdmitTimeout);
+        // A peer's close starts the linger.
+        let close = client_frame(OpCode::Close, true, &1000u16.to_be_bytes());
+        assert_eq!(
+            feed_at(&mut conn, 50, &close, &mut log, &mut out),
+            Fed::PeerClosed(Some(1000))
+        );
+        assert_eq!(
+            (conn.phase(), conn.poll_deadline()),
+            (Phase::Closing, 50 + t.linger)
+        );
+        assert_eq!(conn.on_deadline(50 + t.linger, &t), Due::LingerOver);
+        // Our close does too.
+        let (mut conn, _, _) = open_conn();
+        conn.start_closing(60, &t);
+        assert_eq!(conn.poll_deadline(), 60 + t.linger);
     }
 
     #[test]

@@ -664,9 +664,19 @@ impl<H: Handler> Shard<H> {
         let interval = self.timing.ping_interval;
         let conn = &mut self.conns[key as usize];
         let spread = first_ping_offset(key, conn.generation, interval);
-        if let Some(deadline) = conn.admit(self.now, spread) {
-            self.wheel.insert(&mut self.conns, key, deadline);
+        if conn.admit(self.now, spread) {
+            self.relink(key);
             metrics::inc(&self.stats().open_admitted);
+        }
+    }
+
+    /// Puts `key` in the wheel at the deadline its connection asks for
+    /// (after every input that may have moved it; a no-op if it did not).
+    fn relink(&mut self, key: u32) {
+        let conn = &self.conns[key as usize];
+        let due = conn.poll_deadline().max(self.wheel.now() + 1);
+        if conn.link.deadline() != Some(due) {
+            self.wheel.insert(&mut self.conns, key, due);
         }
     }
 
@@ -680,12 +690,12 @@ impl<H: Handler> Shard<H> {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let over_cap = self.conns.len() >= self.config.max_conns_per_shard;
-        let (mut conn, deadline) = Conn::accepted(handle, generation, self.now, &self.timing);
+        let mut conn = Conn::accepted(handle, generation, self.now, &self.timing);
         if over_cap {
             conn.mark_over_cap();
         }
         let key = self.conns.insert(conn) as u32;
-        self.wheel.insert(&mut self.conns, key, deadline);
+        self.relink(key);
         let stats = self.stats();
         metrics::inc(&stats.accepted);
         metrics::inc(&stats.open_connections);
@@ -696,6 +706,15 @@ impl<H: Handler> Shard<H> {
 
     /// Feeds received bytes to connection `key` and acts on the outcome.
     fn feed(&mut self, key: u32, data: &mut [u8]) {
+        let fed = self.deliver(key, data);
+        self.relink(key);
+        self.settle(key, fed);
+    }
+
+    /// Delivers bytes to the connection machine, and the events it yields
+    /// to the handler. The protocol's own replies (101, pong, close echo)
+    /// and the handler's frames for this connection are left in `out`.
+    fn deliver(&mut self, key: u32, data: &mut [u8]) -> Fed {
         self.stats()
             .bytes_in
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -706,6 +725,8 @@ impl<H: Handler> Shard<H> {
             out,
             actions,
             config,
+            timing,
+            now,
             clock,
             wall_ms,
             epoch,
@@ -719,11 +740,10 @@ impl<H: Handler> Shard<H> {
             key,
             generation: conn.generation,
         };
-        let phase_before = conn.phase();
         let over_cap = conn.is_over_cap();
         let mut accepted = false;
         out.clear();
-        let fed = conn.feed(data, &config.limits, out, |event, out| {
+        let fed = conn.feed(*now, data, &config.limits, timing, out, |event, out| {
             let mut cx = Cx {
                 shard: *id,
                 now: *clock,
@@ -785,10 +805,13 @@ impl<H: Handler> Shard<H> {
             conn.set_live();
             metrics::inc(&stats.open_upgraded);
         }
-        if phase_before == Phase::Handshake && conn.phase() == Phase::Upgraded {
-            let deadline = conn.upgraded_deadline(self.now, &self.timing);
-            self.wheel.insert(&mut self.conns, key, deadline);
-        }
+        fed
+    }
+
+    /// Acts on how a delivery ended: writes `out`, then closes, lingers or
+    /// drops as the outcome asks, and carries out the handler's actions.
+    fn settle(&mut self, key: u32, fed: Fed) {
+        let over_cap = self.conns[key as usize].is_over_cap();
         let phase = self.conns[key as usize].phase();
         let out = std::mem::take(&mut self.out);
         let alive = out.is_empty() || self.write(key, &out);
@@ -996,9 +1019,9 @@ impl<H: Handler> Shard<H> {
     /// Our last bytes are queued: wait for the peer's close or EOF.
     fn linger(&mut self, key: u32) {
         let conn = &mut self.conns[key as usize];
-        let deadline = conn.start_closing(self.now, &self.timing);
+        conn.start_closing(self.now, &self.timing);
         let idle = conn.pending_out() == 0 && !conn.is_sending();
-        self.wheel.insert(&mut self.conns, key, deadline);
+        self.relink(key);
         if idle {
             // Nothing more will be sent: FIN now (else when `flush` drains).
             self.shutdown_write(key);
@@ -1056,10 +1079,8 @@ impl<H: Handler> Shard<H> {
     }
 
     fn deadline(&mut self, key: u32) {
-        let (due, next) = self.conns[key as usize].on_deadline(self.now, &self.timing);
-        if let Some(next) = next {
-            self.wheel.insert(&mut self.conns, key, next);
-        }
+        let due = self.conns[key as usize].on_deadline(self.now, &self.timing);
+        self.relink(key);
         match due {
             Due::HandshakeTimeout => {
                 self.stats().bad(BadInput::HandshakeTimeout);
