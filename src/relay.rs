@@ -16,20 +16,18 @@
 //! buffered while the upstream connects, upstream connect time.
 
 use std::collections::BinaryHeap;
-use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
-use socket2::{Domain, Socket, Type};
 
 use crate::engine::conn::{Conn, Event, Fed, Flow, Limits, Timing};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
-use crate::engine::{listen, sys, ws};
+use crate::engine::{io, listen, sys, ws};
 use crate::metrics::{dec, inc};
 
 const MICROSERVICE_PATH: &str = "/ws/microservice";
@@ -75,50 +73,30 @@ impl Relay {
         let (listeners, local_addr) = listen::open_listeners(config.listen, threads)?;
         let stats = Arc::new(RelayStats::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut handles = Vec::new();
+        let mut group = io::StartGroup::default();
         for (i, &listener) in listeners.iter().enumerate() {
-            let (config, stats, stop, ready) = (
-                config.clone(),
-                stats.clone(),
-                stop.clone(),
-                ready_tx.clone(),
-            );
-            let spawned = std::thread::Builder::new()
-                .name(format!("tether-relay-{i}"))
-                .spawn(
-                    move || match Worker::new(config, listener, i, stats, stop) {
-                        Ok(mut w) => {
-                            let _ = ready.send(Ok(()));
-                            w.run();
-                        }
-                        Err(e) => drop(ready.send(Err(e.to_string()))),
-                    },
-                );
-            match spawned {
-                Ok(h) => handles.push(h),
-                Err(e) => drop(ready_tx.send(Err(e.to_string()))),
-            }
+            let (config, stats, stop) = (config.clone(), stats.clone(), stop.clone());
+            group.spawn(format!("tether-relay-{i}"), move |ready| match Worker::new(
+                config, listener, i, stats, stop,
+            ) {
+                Ok(mut w) => {
+                    ready.ok();
+                    w.run();
+                }
+                Err(e) => ready.fail(e),
+            });
         }
-        drop(ready_tx);
+        let (handles, started) = group.wait();
         let relay = Relay {
             stats,
             stop,
             threads: handles,
             local_addr,
         };
-        let mut failure = None;
-        for _ in 0..threads {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failure = Some(e),
-                Err(_) => failure = Some("a relay thread died while starting".into()),
-            }
-        }
         listeners.into_iter().for_each(sys::close);
-        match failure {
-            None => Ok(relay),
-            Some(message) => Err(listen::ListenError::Other {
+        match started {
+            Ok(()) => Ok(relay),
+            Err((_, message)) => Err(listen::ListenError::Other {
                 addr: config.listen,
                 source: std::io::Error::other(message),
             }),
@@ -188,9 +166,10 @@ struct Worker {
     next_source: usize,
 }
 
-/// token: generation (32) | key (31) | side (1: upstream).
+/// An `io::token` whose key is the pair's key and its side (low bit:
+/// upstream).
 fn token(key: u32, generation: u32, upstream: bool) -> u64 {
-    (generation as u64) << 32 | (key as u64) << 1 | upstream as u64
+    io::token(key << 1 | upstream as u32, generation)
 }
 
 impl Worker {
@@ -201,12 +180,7 @@ impl Worker {
         stats: Arc<RelayStats>,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<Worker> {
-        sys::unshare_fd_table()?;
-        for fd in sys::open_fds()? {
-            if fd > 2 && fd != listener {
-                sys::close(fd);
-            }
-        }
+        io::own_fd_table(&[listener])?;
         let epoll = Epoll::new(1024)?;
         epoll.add(listener, READABLE | EDGE, LISTENER)?;
         Ok(Worker {
@@ -248,8 +222,8 @@ impl Worker {
                     self.accept();
                     continue;
                 }
-                let (generation, key, upstream) =
-                    ((token >> 32) as u32, (token as u32) >> 1, token & 1 == 1);
+                let (side, generation) = io::untoken(token);
+                let (key, upstream) = (side >> 1, side & 1 == 1);
                 if self
                     .pairs
                     .get(key as usize)
@@ -283,23 +257,14 @@ impl Worker {
                 // the listener's next edge resumes.
                 return;
             }
-            let fd = match sys::accept(self.listener) {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue;
-                }
-                Err(e) => {
+            let fd = match io::accept_one(self.listener) {
+                io::Accepted::Socket(fd) => fd,
+                io::Accepted::Drained => return,
+                io::Accepted::Failed(e) => {
                     tracing::warn!("relay accept failed: {e}");
                     return;
                 }
             };
-            let _ = sys::set_nodelay(fd);
             let generation = self.next_generation;
             self.next_generation = self.next_generation.wrapping_add(1).max(1);
             let down = Conn::accepted(fd, generation, 0, &self.timing);
@@ -373,9 +338,10 @@ impl Worker {
             let Some(pair) = self.pairs.get(key as usize) else {
                 return;
             };
-            match sys::recv(pair.down.handle, &mut self.scratch) {
-                Ok(0) => return self.drop_pair(key),
-                Ok(n) => {
+            match io::recv_some(pair.down.handle, &mut self.scratch) {
+                io::Received::Gone => return self.drop_pair(key),
+                io::Received::Drained => return,
+                io::Received::Data(n) => {
                     let mut scratch = std::mem::take(&mut self.scratch);
                     let alive = self.feed_down(key, &mut scratch[..n]);
                     self.scratch = scratch;
@@ -383,9 +349,6 @@ impl Worker {
                         return;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_pair(key),
             }
         }
     }
@@ -468,14 +431,14 @@ impl Worker {
             pair.down.queue_out(bytes);
             return true;
         }
-        match write_all(pair.down.handle, bytes) {
+        match io::send_some(pair.down.handle, bytes) {
             Ok(sent) => {
                 if sent < bytes.len() {
                     pair.down.queue_out(&bytes[sent..]);
                 }
                 true
             }
-            Err(()) => {
+            Err(io::Gone) => {
                 self.drop_pair(key);
                 false
             }
@@ -488,9 +451,9 @@ impl Worker {
         if pending.is_empty() {
             return;
         }
-        match write_all(pair.down.handle, &pending) {
+        match io::send_some(pair.down.handle, &pending) {
             Ok(sent) => pair.down.restore_out(pending, sent),
-            Err(()) => self.drop_pair(key),
+            Err(io::Gone) => self.drop_pair(key),
         }
     }
 
@@ -500,7 +463,7 @@ impl Worker {
         let sources = &self.config.upstream_sources;
         let source = (!sources.is_empty()).then(|| sources[self.next_source % sources.len()]);
         self.next_source = self.next_source.wrapping_add(self.config.threads.max(1));
-        let fd = match connect(self.config.upstream, source) {
+        let fd = match io::connect_from(self.config.upstream, source) {
             Ok(fd) => fd,
             Err(_) => {
                 inc(&self.stats.upstream_failures);
@@ -545,7 +508,7 @@ impl Worker {
             let pair = &mut self.pairs[key as usize];
             pair.up = Up::Upgrading { key: upgrade_key };
             // A fresh socket takes a few hundred bytes at once.
-            if write_all(pair.up_fd, &request).is_err() {
+            if io::send_some(pair.up_fd, &request).is_err() {
                 inc(&self.stats.upstream_failures);
                 return self.drop_pair(key);
             }
@@ -563,9 +526,10 @@ impl Worker {
             let Some(pair) = self.pairs.get(key as usize) else {
                 return;
             };
-            match sys::recv(pair.up_fd, &mut self.scratch) {
-                Ok(0) => return self.drop_pair(key),
-                Ok(n) => {
+            match io::recv_some(pair.up_fd, &mut self.scratch) {
+                io::Received::Gone => return self.drop_pair(key),
+                io::Received::Drained => return,
+                io::Received::Data(n) => {
                     let chunk = self.scratch[..n].to_vec();
                     self.pairs[key as usize]
                         .up_partial
@@ -574,9 +538,6 @@ impl Worker {
                         return;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.drop_pair(key),
             }
         }
     }
@@ -691,12 +652,12 @@ impl Worker {
             pair.up_unsent.extend_from_slice(bytes);
             return true;
         }
-        match write_all(pair.up_fd, bytes) {
+        match io::send_some(pair.up_fd, bytes) {
             Ok(sent) => {
                 pair.up_unsent.extend_from_slice(&bytes[sent..]);
                 true
             }
-            Err(()) => {
+            Err(io::Gone) => {
                 self.drop_pair(key);
                 false
             }
@@ -709,44 +670,11 @@ impl Worker {
             return;
         }
         let pending = std::mem::take(&mut pair.up_unsent);
-        match write_all(pair.up_fd, &pending) {
+        match io::send_some(pair.up_fd, &pending) {
             Ok(sent) => pair.up_unsent = pending[sent..].to_vec(),
-            Err(()) => self.drop_pair(key),
+            Err(io::Gone) => self.drop_pair(key),
         }
     }
-}
-
-/// Writes what the socket takes now; `Err` if the peer is gone.
-fn write_all(fd: RawFd, bytes: &[u8]) -> Result<usize, ()> {
-    let mut sent = 0;
-    while sent < bytes.len() {
-        match sys::send(fd, &bytes[sent..]) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return Err(()),
-        }
-    }
-    Ok(sent)
-}
-
-fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<RawFd> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-        let _ = sys::set_bind_address_no_port(std::os::fd::AsRawFd::as_raw_fd(&socket));
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into_raw_fd())
 }
 
 /// Counts, for tests and the load test's report.

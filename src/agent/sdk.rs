@@ -14,6 +14,7 @@ use uuid::Uuid;
 use super::session::SessionEvent;
 use super::worker::{Control, Observer, SwarmStats, Worker, WorkerConfig};
 use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
+use crate::engine::io::StartGroup;
 use crate::engine::mailbox::Mailbox;
 
 #[derive(Debug, thiserror::Error)]
@@ -110,38 +111,28 @@ impl Agent {
             own_fd_table: false,
             probe: None,
         };
-        let (ready_tx, ready_rx) = sync_channel(1);
         let (st, ctl, sts) = (state.clone(), control.clone(), stats.clone());
-        let thread = std::thread::Builder::new()
-            .name("tether-agent".into())
-            .spawn(move || {
-                let worker = Worker::new(
-                    config,
-                    vec![Arc::new(spec)],
-                    0,
-                    tools,
-                    SdkObserver(st),
-                    sts,
-                    Some(ctl),
-                );
-                match worker {
-                    Ok(w) => {
-                        let _ = ready_tx.send(Ok(()));
-                        w.run();
-                    }
-                    Err(e) => drop(ready_tx.send(Err(e))),
+        let mut group = StartGroup::default();
+        group.spawn("tether-agent".into(), move |ready| {
+            let specs = vec![Arc::new(spec)];
+            match Worker::new(config, specs, 0, tools, SdkObserver(st), sts, Some(ctl)) {
+                Ok(w) => {
+                    ready.ok();
+                    w.run();
                 }
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("agent thread died"))??;
-        Ok(Agent {
+                Err(e) => ready.fail(e),
+            }
+        });
+        let (mut threads, ready) = group.wait();
+        let agent = Agent {
             state,
             control,
             stop,
-            thread: Some(thread),
+            thread: threads.pop(),
             stats,
-        })
+        };
+        ready.map_err(|(_, why)| std::io::Error::other(format!("agent thread: {why}")))?;
+        Ok(agent)
     }
 
     pub fn stats(&self) -> &Arc<SwarmStats> {

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::worker::{NoObserver, Probe, SwarmStats, Worker, WorkerConfig};
 use super::{Backoff, ControllerUrl, NoTools, ServiceSpec};
+use crate::engine::io::StartGroup;
 
 /// Connections one worker thread holds at most (one fd table each).
 pub const MAX_PER_THREAD: usize = 15_000;
@@ -123,37 +124,26 @@ impl Swarm {
             }),
         };
         let per_thread = config.services.div_ceil(threads);
-        let mut handles = Vec::new();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut group = StartGroup::default();
         for t in 0..threads {
             let first = t * per_thread;
             let specs: Vec<Arc<ServiceSpec>> = (first..(first + per_thread).min(config.services))
                 .map(|i| Arc::new(config.spec(i)))
                 .collect();
-            let (worker, stats, ready) = (worker.clone(), stats.clone(), ready_tx.clone());
-            handles.push(
-                std::thread::Builder::new()
-                    .name(format!("tether-swarm-{t}"))
-                    .spawn(move || {
-                        match Worker::new(
-                            worker,
-                            specs,
-                            first,
-                            Arc::new(NoTools),
-                            NoObserver,
-                            stats,
-                            None,
-                        ) {
-                            Ok(w) => {
-                                let _ = ready.send(Ok(()));
-                                w.run();
-                            }
-                            Err(e) => drop(ready.send(Err(e))),
-                        }
-                    })?,
-            );
+            let (worker, stats) = (worker.clone(), stats.clone());
+            group.spawn(format!("tether-swarm-{t}"), move |ready| {
+                let tools = Arc::new(NoTools);
+                match Worker::new(worker, specs, first, tools, NoObserver, stats, None) {
+                    Ok(w) => {
+                        ready.ok();
+                        w.run();
+                    }
+                    Err(e) => ready.fail(e),
+                }
+            });
         }
-        drop(ready_tx);
+        let (handles, ready) = group.wait();
+        // Dropped on failure: stops and joins the threads that did start.
         let swarm = Swarm {
             stats,
             probes,
@@ -161,11 +151,7 @@ impl Swarm {
             threads: handles,
             started,
         };
-        for _ in 0..threads {
-            ready_rx
-                .recv()
-                .map_err(|_| std::io::Error::other("a swarm thread died"))??;
-        }
+        ready.map_err(|(t, why)| std::io::Error::other(format!("swarm thread {t}: {why}")))?;
         Ok(swarm)
     }
 

@@ -9,22 +9,20 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::io::ErrorKind;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{IntoRawFd, RawFd};
+use std::net::IpAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::SyncSender;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use socket2::{Domain, Socket, Type};
 
 use super::session::{Phase, Session, SessionEvent};
 use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use crate::engine::mailbox::Mailbox;
-use crate::engine::sys;
+use crate::engine::{io, sys};
 use crate::metrics::{dec, inc};
 
 const MAX_UNSENT: usize = 32 << 20;
@@ -163,10 +161,6 @@ pub struct Worker<O: Observer> {
     deregistering: HashMap<(usize, u64), SyncSender<bool>>,
 }
 
-fn token(slot: usize, generation: u32) -> u64 {
-    (generation as u64) << 32 | slot as u64
-}
-
 impl<O: Observer> Worker<O> {
     /// Must be called on the thread that will run it: it takes that
     /// thread's own fd table.
@@ -180,13 +174,8 @@ impl<O: Observer> Worker<O> {
         control: Option<Arc<Mailbox<Control>>>,
     ) -> std::io::Result<Worker<O>> {
         if config.own_fd_table {
-            sys::unshare_fd_table()?;
-            let keep = control.as_ref().map(|c| c.wake_fd());
-            for fd in sys::open_fds()? {
-                if fd > 2 && Some(fd) != keep {
-                    sys::close(fd);
-                }
-            }
+            let keep: Vec<RawFd> = control.iter().map(|c| c.wake_fd()).collect();
+            io::own_fd_table(&keep)?;
         }
         let epoll = Epoll::new(1024)?;
         if let Some(c) = &control {
@@ -264,7 +253,8 @@ impl<O: Observer> Worker<O> {
                     self.drain_control();
                     continue;
                 }
-                let (slot, generation) = (token as u32 as usize, (token >> 32) as u32);
+                let (slot, generation) = io::untoken(token);
+                let slot = slot as usize;
                 if self
                     .slots
                     .get(slot)
@@ -386,7 +376,7 @@ impl<O: Observer> Worker<O> {
         inc(&self.stats.connect_attempts);
         let addr = self.config.controller.addr;
         let source = self.slots[slot].source;
-        match open_socket(addr, source) {
+        match io::connect_from(addr, source) {
             Ok(fd) => {
                 let s = &mut self.slots[slot];
                 s.generation = s.generation.wrapping_add(1);
@@ -395,7 +385,7 @@ impl<O: Observer> Worker<O> {
                 if let Err(e) = self.epoll.add(
                     fd,
                     READABLE | WRITABLE | HANGUP | EDGE,
-                    token(slot, s.generation),
+                    io::token(slot as u32, s.generation),
                 ) {
                     tracing::warn!("cannot watch a socket: {e}");
                     self.fail(slot);
@@ -457,9 +447,10 @@ impl<O: Observer> Worker<O> {
             if self.slots[slot].fd < 0 {
                 return;
             }
-            match sys::recv(self.slots[slot].fd, &mut self.scratch) {
-                Ok(0) => return self.fail(slot),
-                Ok(n) => {
+            match io::recv_some(self.slots[slot].fd, &mut self.scratch) {
+                io::Received::Gone => return self.fail(slot),
+                io::Received::Drained => return,
+                io::Received::Data(n) => {
                     let mut out = std::mem::take(&mut self.out);
                     let mut events = std::mem::take(&mut self.events);
                     out.clear();
@@ -482,9 +473,6 @@ impl<O: Observer> Worker<O> {
                         return;
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.fail(slot),
             }
         }
     }
@@ -634,29 +622,17 @@ impl<O: Observer> Worker<O> {
             s.unsent.extend_from_slice(bytes);
             return;
         }
-        let mut sent = 0;
-        while sent < bytes.len() {
-            match sys::send(s.fd, &bytes[sent..]) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.fail(slot),
-            }
+        match io::send_some(s.fd, bytes) {
+            Ok(sent) => s.unsent.extend_from_slice(&bytes[sent..]),
+            Err(io::Gone) => self.fail(slot),
         }
-        s.unsent.extend_from_slice(&bytes[sent..]);
     }
 
     fn flush(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        let mut sent = 0;
-        while sent < s.unsent.len() {
-            match sys::send(s.fd, &s.unsent[sent..]) {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return self.fail(slot),
-            }
-        }
+        let Ok(sent) = io::send_some(s.fd, &s.unsent) else {
+            return self.fail(slot);
+        };
         s.unsent.drain(..sent);
         if s.unsent.is_empty() {
             s.unsent = Vec::new();
@@ -706,26 +682,4 @@ impl<O: Observer> Worker<O> {
         self.timers
             .push(Reverse((now + delay, slot, s.generation, Timer::Reconnect)));
     }
-}
-
-fn open_socket(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<RawFd> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking().cloexec(),
-        None,
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-        if ip.is_ipv4() {
-            let _ = sys::set_bind_address_no_port(fd);
-        }
-        socket.bind(&SocketAddr::new(ip, 0).into())?;
-    }
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into_raw_fd())
 }

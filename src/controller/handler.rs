@@ -584,6 +584,8 @@ impl Handler for ShardHandler {
             }
             if self.shard.0 == 0 {
                 registry.expire_down(now);
+                #[cfg(debug_assertions)]
+                registry.check_invariants();
             }
             registry.take_notifications(self.shard.0, self.shared.monotonic_ms(cx.now()))
         };

@@ -17,6 +17,7 @@
 
 pub mod conn;
 pub mod epoll;
+pub mod io;
 pub mod listen;
 pub mod mailbox;
 mod shard;
@@ -521,8 +522,7 @@ impl<M: Send + 'static> Engine<M> {
         let stop = Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
         let config = Arc::new(config);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut threads = Vec::with_capacity(config.shards);
+        let mut group = io::StartGroup::default();
         for index in 0..config.shards {
             let id = ShardId(index as u16);
             let handler = make_handler(id, mailboxes.clone(), stats.clone());
@@ -541,29 +541,14 @@ impl<M: Send + 'static> Engine<M> {
                 epoch,
                 io,
             };
-            let shard_ready = ready_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("tether-shard-{index}"))
-                .spawn(move || shard::run(setup, handler, shard_ready));
-            match spawned {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    let _ = ready_tx.send((index, Err(format!("cannot spawn its thread: {e}"))));
-                }
-            }
+            group.spawn(format!("tether-shard-{index}"), move |ready| {
+                shard::run(setup, handler, ready)
+            });
         }
-        drop(ready_tx);
-        let mut failure = None;
-        for _ in 0..config.shards {
-            match ready_rx.recv() {
-                Ok((_, Ok(()))) => {}
-                Ok((shard, Err(message))) => failure = Some(StartError::Shard { shard, message }),
-                Err(_) => {
-                    failure.get_or_insert(StartError::Config("a shard exited during start".into()));
-                    break;
-                }
-            }
-        }
+        let (threads, started) = group.wait();
+        let failure = started
+            .err()
+            .map(|(shard, message)| StartError::Shard { shard, message });
         // Each shard now holds its own listener in its own fd table.
         listeners.into_iter().for_each(sys::close);
         let engine = Engine {

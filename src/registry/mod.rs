@@ -372,6 +372,34 @@ impl Registry {
         self.down_count
     }
 
+    /// Debug builds: the counts agree with the tables they count. Called
+    /// once per tick (by shard 0); O(records).
+    #[cfg(debug_assertions)]
+    pub fn check_invariants(&self) {
+        let down = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.status == Status::Down)
+            .count();
+        assert_eq!(down, self.down_count, "down count");
+        // The queue also holds entries of down records since replaced.
+        assert!(down <= self.down.len(), "every down record is queued");
+        assert!(self.down.len() <= 2 * self.config.max_down_retained + 1024);
+        let indexed: usize = self.by_service.values().map(Vec::len).sum();
+        assert_eq!(indexed, self.len_up(), "discovery index vs up records");
+        for (service, list) in &self.by_service {
+            for (pos, &slot) in list.iter().enumerate() {
+                let i = &self.instances[slot as usize];
+                assert!(i.status == Status::Up && i.service == *service);
+                assert_eq!(i.index_pos as usize, pos, "index position of slot {slot}");
+            }
+        }
+        assert_eq!(self.identity.len(), self.instances.len(), "identity table");
+        let subs: usize = self.subs.values().map(Vec::len).sum();
+        assert_eq!(subs, self.sub_count, "subscription count");
+        assert!(self.sub_count <= self.config.max_subscriptions);
+    }
+
     pub fn resolve(&self, sym: Sym) -> &Arc<str> {
         self.strings.resolve(sym)
     }

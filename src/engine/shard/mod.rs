@@ -3,51 +3,46 @@
 //! shards except the mailboxes (to receive), the counters (to write) and
 //! the stop flag.
 //!
-//! The core is driver-agnostic: it takes received bytes (`feed`), feeds the
-//! connection state machine, hands messages to the handler, writes what it
-//! produced, carries out its actions, and on each tick fires the wheel's
-//! deadlines (handshake, admit, ping, pong, linger) and calls `on_tick`.
-//! Two event loops drive it: epoll (readiness: accept and recv here, into
-//! one scratch buffer) and io_uring (completions: multishot accept into
-//! direct descriptors, multishot recv from provided buffers, sends in
+//! This file is the driver-agnostic core: it takes received bytes
+//! (`feed`: `deliver` them to the connection machine and the handler, then
+//! `settle` the outcome), writes what they produced, carries out the
+//! handler's actions, re-links each connection in the wheel at the
+//! deadline it asks for, and on each tick fires the wheel's deadlines
+//! (handshake, admit, ping, pong, linger) and calls `on_tick`. It reaches
+//! sockets only through a `Driver`. Two event loops drive it, each in a
+//! file of its own: `epoll_loop` (readiness: accept and recv there, into
+//! one scratch buffer) and `uring_loop` (completions: multishot accept
+//! into direct descriptors, multishot recv from provided buffers, sends in
 //! flight one per connection).
+//!
+//! Where a TLS layer goes: between a driver's bytes and `deliver` on the
+//! way in, and between `write` and `Driver::transmit` on the way out; the
+//! connection machine and the handler never see ciphertext.
 //!
 //! Never does: block, allocate per idle connection, or read more than a
 //! bounded amount from one connection before serving the others.
 
+mod epoll_loop;
+mod uring_loop;
+
 use std::collections::VecDeque;
-use std::io::ErrorKind;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 
 use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing, Violation};
-use super::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use super::mailbox::Mailbox;
-use super::uring::{Completion, Op, SendDone, Uring};
 use super::wheel::{Link, Links, Tick, Wheel};
 use super::{
     Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, IoDriver, OVER_CAP_GRACE,
-    ShardId, sys, ws,
+    ShardId, io, sys, ws,
 };
 use crate::metrics::{self, BadInput, ShardStats};
-
-/// The epoll driver's read buffer: every connection reads into it.
-const SCRATCH: usize = 64 << 10;
-/// Reads from one connection per readiness event before the others' turn.
-const READ_BUDGET: usize = 16;
-/// Accepts per listener event before the others' turn.
-const ACCEPT_BUDGET: usize = 512;
-const EVENTS: usize = 1024;
-const LISTENER: u64 = u64::MAX;
-const MAILBOX: u64 = u64::MAX - 1;
-/// Direct-descriptor slots beyond the connection bound, for sockets whose
-/// close is still in flight.
-const SLOT_SLACK: usize = 32;
+use epoll_loop::EpollIo;
+use uring_loop::UringIo;
 
 pub(super) struct Setup<M: Send + 'static> {
     pub id: ShardId,
@@ -62,105 +57,55 @@ pub(super) struct Setup<M: Send + 'static> {
     pub io: IoDriver,
 }
 
-fn token(key: u32, generation: u32) -> u64 {
-    (generation as u64) << 32 | key as u64
+/// What the core needs of an I/O driver: to hand bytes to a socket, to end
+/// one, and to hear that there is room to accept again. The event loops
+/// feed the core from the other side (`feed`, `lost`, `flush`, `tick`).
+pub(super) trait Driver {
+    /// Takes `bytes` for the socket: how many it took (sent, or handed to a
+    /// send in flight), or `Gone` if the peer is.
+    fn transmit(
+        &mut self,
+        conn: &mut Conn,
+        key: u32,
+        bytes: &[u8],
+        stats: &ShardStats,
+    ) -> Result<usize, io::Gone>;
+    /// Best effort, outside the ordered stream (a last close frame).
+    fn send_last(&mut self, conn: &Conn, key: u32, bytes: &[u8]);
+    fn shutdown_write(&mut self, handle: RawFd);
+    fn close(&mut self, handle: RawFd);
+    /// The connection bound has room again.
+    fn resume_accept(&mut self);
 }
 
-/// Takes this thread's own fd table and keeps only the fds named in `keep`
-/// (plus stdio): copies of other threads' sockets would otherwise stay open
-/// here and keep those sockets alive after their owners close them.
-fn own_fd_table(keep: &[RawFd]) -> std::io::Result<()> {
-    sys::unshare_fd_table()?;
-    for fd in sys::open_fds()? {
-        if fd > 2 && !keep.contains(&fd) {
-            sys::close(fd);
-        }
+pub(super) fn run<H: Handler>(setup: Setup<H::Msg>, handler: H, ready: io::Ready) {
+    if let Err(e) = io::own_fd_table(&setup.keep) {
+        return ready.fail(e);
     }
-    Ok(())
+    match setup.io {
+        IoDriver::Epoll => match EpollIo::new(&setup) {
+            Ok(driver) => {
+                ready.ok();
+                guarded(Shard::new(setup, handler, driver), Shard::run_epoll);
+            }
+            Err(e) => ready.fail(e),
+        },
+        IoDriver::Uring => match UringIo::new(&setup) {
+            Ok(driver) => {
+                ready.ok();
+                guarded(Shard::new(setup, handler, driver), Shard::run_uring);
+            }
+            Err(e) => ready.fail(e),
+        },
+    }
 }
 
-/// The epoll driver's state.
-struct EpollIo {
-    epoll: Epoll,
-    scratch: Box<[u8]>,
-    /// Connections whose read budget ran out with data possibly left.
-    resume: Vec<u64>,
-    resume_next: Vec<u64>,
-    /// Accept again before waiting (budget spent, or room freed).
-    accept_now: bool,
-}
-
-/// The io_uring driver's state.
-struct UringIo {
-    ring: Uring,
-    /// After an accept error, accept again no sooner than this tick.
-    accept_retry: Tick,
-    /// Receives that ended (no buffer was free) and must be armed again.
-    rearm: Vec<(u32, u32)>,
-    completions: Vec<Completion>,
-}
-
-// One per shard, and reached on every operation: not worth a box.
-#[allow(clippy::large_enum_variant)]
-enum Io {
-    Epoll(EpollIo),
-    Uring(UringIo),
-}
-
-fn prepare(setup: &Setup<impl Send>) -> std::io::Result<Io> {
-    own_fd_table(&setup.keep)?;
-    let index = setup.id.0 as usize;
-    let wake_fd = setup.mailboxes[index].wake_fd();
-    Ok(match setup.io {
-        IoDriver::Epoll => {
-            let epoll = Epoll::new(EVENTS)?;
-            epoll.add(setup.listener, READABLE | EDGE, LISTENER)?;
-            epoll.add(wake_fd, READABLE, MAILBOX)?;
-            Io::Epoll(EpollIo {
-                epoll,
-                scratch: vec![0; SCRATCH].into_boxed_slice(),
-                resume: Vec::new(),
-                resume_next: Vec::new(),
-                accept_now: true,
-            })
-        }
-        IoDriver::Uring => {
-            let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
-            let slots =
-                (setup.config.max_conns_per_shard + OVER_CAP_GRACE + SLOT_SLACK).min(nofile) as u32;
-            let mut ring = Uring::new(slots, setup.config.uring_recv_buffers)?;
-            ring.watch(wake_fd);
-            ring.accept(setup.listener);
-            Io::Uring(UringIo {
-                ring,
-                accept_retry: 0,
-                rearm: Vec::new(),
-                completions: Vec::with_capacity(4096),
-            })
-        }
-    })
-}
-
-pub(super) fn run<H: Handler>(
-    setup: Setup<H::Msg>,
-    handler: H,
-    ready: Sender<(usize, Result<(), String>)>,
-) {
-    let index = setup.id.0 as usize;
-    let io = match prepare(&setup) {
-        Ok(io) => io,
-        Err(e) => {
-            let _ = ready.send((index, Err(e.to_string())));
-            return;
-        }
-    };
-    let _ = ready.send((index, Ok(())));
-    drop(ready);
-    let mut shard = Shard::new(setup, handler, io);
-    // A shard that died would leave its sockets' instances registered and
-    // its queued commands unanswered: better the whole process stops and
-    // the service manager restarts it.
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run()));
+/// Runs a shard's loop. A shard that died would leave its sockets'
+/// instances registered and its queued commands unanswered: better the
+/// whole process stops and the service manager restarts it.
+fn guarded<H: Handler, D: Driver>(mut shard: Shard<H, D>, run: fn(&mut Shard<H, D>)) {
+    let index = shard.id.0;
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&mut shard)));
     if ran.is_err() {
         tracing::error!(
             shard = index,
@@ -185,14 +130,14 @@ impl Links for Slab<Conn> {
     }
 }
 
-struct Shard<H: Handler> {
+struct Shard<H: Handler, D: Driver> {
     id: ShardId,
     config: Arc<EngineConfig>,
     timing: Timing,
     conns: Slab<Conn>,
     wheel: Wheel,
     handler: H,
-    io: Io,
+    driver: D,
     listener: RawFd,
     mailboxes: Arc<[Mailbox<H::Msg>]>,
     all_stats: Arc<[ShardStats]>,
@@ -215,8 +160,8 @@ struct Shard<H: Handler> {
     last_accept_warning: Option<Instant>,
 }
 
-impl<H: Handler> Shard<H> {
-    fn new(setup: Setup<H::Msg>, handler: H, io: Io) -> Shard<H> {
+impl<H: Handler, D: Driver> Shard<H, D> {
+    fn new(setup: Setup<H::Msg>, handler: H, driver: D) -> Shard<H, D> {
         let timing = setup.config.timing();
         let now = 0;
         Shard {
@@ -225,7 +170,7 @@ impl<H: Handler> Shard<H> {
             conns: Slab::with_capacity(setup.config.max_conns_per_shard + OVER_CAP_GRACE),
             wheel: Wheel::new(now),
             handler,
-            io,
+            driver,
             listener: setup.listener,
             mailboxes: setup.mailboxes,
             all_stats: setup.stats,
@@ -279,14 +224,6 @@ impl<H: Handler> Shard<H> {
         }
     }
 
-    fn run(&mut self) {
-        match self.io {
-            Io::Epoll(_) => self.run_epoll(),
-            Io::Uring(_) => self.run_uring(),
-        }
-        self.shutdown();
-    }
-
     fn warn_accept(&mut self, e: &std::io::Error) {
         metrics::inc(&self.stats().accept_errors);
         let quiet = self
@@ -305,303 +242,6 @@ impl<H: Handler> Shard<H> {
     fn at_accept_bound(&self) -> bool {
         self.conns.len() >= self.config.max_conns_per_shard + OVER_CAP_GRACE
     }
-
-    // -- the epoll loop ------------------------------------------------------
-
-    fn epoll(&mut self) -> &mut EpollIo {
-        match &mut self.io {
-            Io::Epoll(e) => e,
-            Io::Uring(_) => unreachable!("epoll loop on an io_uring shard"),
-        }
-    }
-
-    fn run_epoll(&mut self) {
-        let mut ready: Vec<(u32, u64)> = Vec::with_capacity(EVENTS);
-        while !self.stop.load(Ordering::Relaxed) {
-            let wait = self.until_next_tick();
-            let e = self.epoll();
-            let timeout = if e.accept_now || !e.resume.is_empty() {
-                0
-            } else {
-                wait.as_millis().clamp(1, 1000) as i32
-            };
-            let waited = e.epoll.wait(timeout).map(|events| ready.extend(events));
-            if let Err(err) = waited {
-                tracing::error!(shard = self.id.0, "epoll_wait failed: {err}; shard stops");
-                break;
-            }
-            self.read_clocks();
-            for (events, token) in ready.drain(..) {
-                match token {
-                    LISTENER => self.epoll().accept_now = true,
-                    MAILBOX => self.drain_mailbox(),
-                    token => {
-                        let (key, generation) = (token as u32, (token >> 32) as u32);
-                        if events & WRITABLE != 0 && self.live(key, generation) {
-                            self.flush(key);
-                        }
-                        if events & (READABLE | HANGUP) != 0 && self.live(key, generation) {
-                            self.epoll_read(key, events & HANGUP != 0);
-                        }
-                    }
-                }
-            }
-            if self.epoll().accept_now {
-                self.epoll_accept();
-            }
-            let e = self.epoll();
-            std::mem::swap(&mut e.resume, &mut e.resume_next);
-            for token in std::mem::take(&mut e.resume_next) {
-                if self.live(token as u32, (token >> 32) as u32) {
-                    self.epoll_read(token as u32, true);
-                }
-            }
-            self.tick();
-        }
-    }
-
-    fn epoll_accept(&mut self) {
-        self.epoll().accept_now = false;
-        for _ in 0..ACCEPT_BUDGET {
-            if self.at_accept_bound() {
-                self.accept_paused = true;
-                return;
-            }
-            match sys::accept(self.listener) {
-                Ok(fd) => {
-                    let _ = sys::set_nodelay(fd);
-                    let Some((key, generation)) = self.adopt(fd) else {
-                        sys::close(fd);
-                        continue;
-                    };
-                    let interest = READABLE | WRITABLE | HANGUP | EDGE;
-                    if let Err(e) = self.epoll().epoll.add(fd, interest, token(key, generation)) {
-                        tracing::warn!(shard = self.id.0, "cannot watch an accepted socket: {e}");
-                        self.drop_conn(key);
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::Interrupted | ErrorKind::ConnectionAborted
-                    ) => {}
-                Err(e) => {
-                    // EMFILE, ENFILE, ENOBUFS: the backlog keeps the
-                    // connections; try again when room frees or next tick.
-                    self.accept_paused = true;
-                    self.warn_accept(&e);
-                    return;
-                }
-            }
-        }
-        self.epoll().accept_now = true;
-    }
-
-    /// Reads until the socket is drained. With `hangup` (the peer shut its
-    /// side in the same edge as its last data) a short read does not prove
-    /// it drained: the EOF behind the data gets no edge of its own, so read
-    /// on until EOF or EAGAIN.
-    fn epoll_read(&mut self, key: u32, hangup: bool) {
-        for _ in 0..READ_BUDGET {
-            let Some(conn) = self.conns.get(key as usize) else {
-                return;
-            };
-            let (handle, generation) = (conn.handle, conn.generation);
-            let mut scratch = std::mem::take(&mut self.epoll().scratch);
-            let received = sys::recv(handle, &mut scratch);
-            let outcome = match received {
-                Ok(0) => Err(()),
-                Ok(n) => {
-                    self.feed(key, &mut scratch[..n]);
-                    Ok((n, scratch.len()))
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok((0, 0)),
-                Err(e) if e.kind() == ErrorKind::Interrupted => Ok((1, 0)),
-                Err(_) => Err(()),
-            };
-            self.epoll().scratch = scratch;
-            match outcome {
-                Err(()) => return self.lost(key),
-                Ok((0, _)) => return,
-                // Otherwise a short read drained the socket, and
-                // edge-triggered epoll reports anything arriving later.
-                Ok((n, size)) if (n < size && !hangup) || !self.live(key, generation) => return,
-                Ok(_) => {}
-            }
-        }
-        let generation = self.conns[key as usize].generation;
-        self.epoll().resume.push(token(key, generation));
-    }
-
-    // -- the io_uring loop ---------------------------------------------------
-
-    fn uring(&mut self) -> &mut UringIo {
-        match &mut self.io {
-            Io::Uring(u) => u,
-            Io::Epoll(_) => unreachable!("io_uring loop on an epoll shard"),
-        }
-    }
-
-    fn run_uring(&mut self) {
-        let mut completions = std::mem::take(&mut self.uring().completions);
-        while !self.stop.load(Ordering::Relaxed) {
-            let wait = if self.uring().rearm.is_empty() {
-                self.until_next_tick()
-            } else {
-                Duration::ZERO
-            };
-            if let Err(e) = self.uring().ring.wait(wait, &mut completions) {
-                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) {
-                    // The kernel is short of memory for requests: try again.
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                // A shard that stopped would strand its connections and
-                // leave its mailbox unanswered: stop the process instead.
-                tracing::error!(
-                    shard = self.id.0,
-                    "io_uring wait failed: {e}; aborting the controller"
-                );
-                std::process::abort();
-            }
-            self.read_clocks();
-            for c in completions.drain(..) {
-                self.completed(c);
-            }
-            for (key, generation) in std::mem::take(&mut self.uring().rearm) {
-                if self.live(key, generation) {
-                    let slot = self.conns[key as usize].handle as u32;
-                    self.uring().ring.recv(slot, key, generation);
-                }
-            }
-            if self.accept_paused && !self.at_accept_bound() {
-                self.accept_paused = false;
-            }
-            let (now, paused, listener) = (self.now, self.accept_paused, self.listener);
-            let u = self.uring();
-            if !u.ring.accept_armed() && !paused && now >= u.accept_retry {
-                u.ring.accept(listener);
-            }
-            self.tick();
-        }
-        self.uring().completions = completions;
-    }
-
-    /// A 24-bit generation from a receive's user_data names this
-    /// connection if the low 24 bits match.
-    fn live24(&self, key: u32, generation24: u32) -> Option<u32> {
-        self.conns
-            .get(key as usize)
-            .filter(|c| c.generation & 0xFF_FFFF == generation24)
-            .map(|c| c.generation)
-    }
-
-    fn completed(&mut self, c: Completion) {
-        match c.op {
-            Some(Op::Accept) => {
-                if c.result >= 0 {
-                    let slot = c.result as u32;
-                    match self.adopt(slot as RawFd) {
-                        Some((key, generation)) => {
-                            let ring = &mut self.uring().ring;
-                            ring.nodelay(slot);
-                            ring.recv(slot, key, generation);
-                        }
-                        None => self.uring().ring.close(slot),
-                    }
-                    if self.at_accept_bound() && self.uring().ring.accept_armed() {
-                        // Stop taking connections: the backlog keeps them
-                        // until room frees (the multishot ends on cancel).
-                        self.accept_paused = true;
-                        self.uring().ring.cancel_accept();
-                    }
-                } else if c.result != -libc::ECANCELED {
-                    // ENFILE (no free slot: closes still in flight), EMFILE,
-                    // ENOBUFS: the backlog keeps the connections; accept
-                    // again at the next tick, not at once.
-                    let next = self.now + 1;
-                    self.uring().accept_retry = next;
-                    self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
-                }
-            }
-            Some(Op::Recv(key, generation24)) => {
-                let live = self.live24(key, generation24);
-                let mut buf = c
-                    .buffer()
-                    .map(|bid| self.uring().ring.received(bid, c.result.max(0) as usize));
-                match (c.result, live) {
-                    (n, Some(_)) if n > 0 => {
-                        let data = buf
-                            .as_mut()
-                            .expect("a receive with data selected a buffer")
-                            .data();
-                        self.feed(key, data);
-                    }
-                    (_, None) => {}
-                    (0, Some(_)) => self.lost(key),
-                    (e, Some(generation)) if e == -libc::ENOBUFS => {
-                        // No buffer was free: the data waits in the socket;
-                        // arm again once buffers are back.
-                        metrics::inc(&self.stats().recv_rearms);
-                        self.uring().rearm.push((key, generation));
-                    }
-                    (_, Some(_)) => self.lost(key),
-                }
-                if let Some(buf) = buf {
-                    self.uring().ring.recycle(buf);
-                }
-                if c.result > 0
-                    && !c.more()
-                    && let Some(generation) = self.live24(key, generation24)
-                {
-                    self.uring().rearm.push((key, generation));
-                }
-            }
-            Some(Op::Send(index)) => {
-                let sent = c.result.max(0) as usize;
-                if c.result > 0 {
-                    self.stats()
-                        .bytes_out
-                        .fetch_add(sent as u64, Ordering::Relaxed);
-                }
-                let (key, generation) = match self.uring().ring.send_done(index, sent) {
-                    None => return,
-                    Some(SendDone::Partial { key, generation }) => {
-                        // Only the same connection may get the rest: a
-                        // dropped one's slot may already hold a new one.
-                        if self.live(key, generation) {
-                            self.uring().ring.resend(index);
-                        } else {
-                            self.uring().ring.abandon(index);
-                        }
-                        return;
-                    }
-                    Some(SendDone::Finished { key, generation }) => (key, generation),
-                };
-                if !self.live(key, generation) {
-                    return;
-                }
-                self.conns[key as usize].set_sending(false);
-                if c.result < 0 {
-                    self.lost(key);
-                } else {
-                    self.flush(key);
-                    self.apply_actions();
-                }
-            }
-            Some(Op::Mailbox) => {
-                if !c.more() {
-                    let fd = self.mailboxes[self.id.0 as usize].wake_fd();
-                    self.uring().ring.watch(fd);
-                }
-                self.drain_mailbox();
-            }
-            Some(Op::Quiet | Op::Closed) | None => {}
-        }
-    }
-
-    // -- what every driver shares --------------------------------------------
 
     fn drain_mailbox(&mut self) {
         let mut inbox = std::mem::take(&mut self.inbox);
@@ -870,35 +510,11 @@ impl<H: Handler> Shard<H> {
     // -- output --------------------------------------------------------------
 
     /// Hands `bytes` to the driver; returns how many it took (sent, or in
-    /// flight), or `Err` if the peer is gone.
-    fn transmit(&mut self, key: u32, bytes: &[u8]) -> Result<usize, ()> {
-        let conn = &mut self.conns[key as usize];
-        match &mut self.io {
-            Io::Epoll(_) => {
-                let mut sent = 0;
-                while sent < bytes.len() {
-                    match sys::send(conn.handle, &bytes[sent..]) {
-                        Ok(n) => sent += n,
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                        Err(_) => return Err(()),
-                    }
-                }
-                self.all_stats[self.id.0 as usize]
-                    .bytes_out
-                    .fetch_add(sent as u64, Ordering::Relaxed);
-                Ok(sent)
-            }
-            Io::Uring(u) => {
-                // One send in flight per connection keeps its bytes in order.
-                if conn.is_sending() || bytes.is_empty() {
-                    return Ok(0);
-                }
-                u.ring.send(conn.handle as u32, key, conn.generation, bytes);
-                conn.set_sending(true);
-                Ok(bytes.len())
-            }
-        }
+    /// flight), or `Gone` if the peer is.
+    fn transmit(&mut self, key: u32, bytes: &[u8]) -> Result<usize, io::Gone> {
+        let stats = &self.all_stats[self.id.0 as usize];
+        self.driver
+            .transmit(&mut self.conns[key as usize], key, bytes, stats)
     }
 
     /// Sends `bytes` or keeps what the driver will not take. Returns false
@@ -908,7 +524,7 @@ impl<H: Handler> Shard<H> {
             return self.keep_unsent(key, bytes);
         }
         match self.transmit(key, bytes) {
-            Err(()) => {
+            Err(io::Gone) => {
                 self.lost(key);
                 false
             }
@@ -939,7 +555,7 @@ impl<H: Handler> Shard<H> {
         if !pending.is_empty() {
             let sent = match self.transmit(key, &pending) {
                 Ok(n) => n,
-                Err(()) => {
+                Err(io::Gone) => {
                     self.pending_total -= pending.len();
                     return self.lost(key);
                 }
@@ -955,10 +571,7 @@ impl<H: Handler> Shard<H> {
 
     fn shutdown_write(&mut self, key: u32) {
         let handle = self.conns[key as usize].handle;
-        match &mut self.io {
-            Io::Epoll(_) => sys::shutdown_write(handle),
-            Io::Uring(u) => u.ring.shutdown_write(handle as u32),
-        }
+        self.driver.shutdown_write(handle);
     }
 
     /// Best effort, outside the ordered stream (a last close frame to a
@@ -968,13 +581,7 @@ impl<H: Handler> Shard<H> {
         if conn.pending_out() > 0 || conn.is_sending() {
             return;
         }
-        let (handle, generation) = (conn.handle, conn.generation);
-        match &mut self.io {
-            Io::Epoll(_) => {
-                let _ = sys::send(handle, bytes);
-            }
-            Io::Uring(u) => u.ring.send(handle as u32, key, generation, bytes),
-        }
+        self.driver.send_last(conn, key, bytes);
     }
 
     fn cut_slow(&mut self, key: u32) -> bool {
@@ -1033,12 +640,7 @@ impl<H: Handler> Shard<H> {
         let conn = self.conns.remove(key as usize);
         debug_assert!(!conn.is_live(), "handler must hear of the end first");
         self.pending_total -= conn.pending_out();
-        match &mut self.io {
-            Io::Epoll(_) => sys::close(conn.handle),
-            // A receive or send still in flight completes on its own (as
-            // stale, by generation); the slot frees when the close is done.
-            Io::Uring(u) => u.ring.close(conn.handle as u32),
-        }
+        self.driver.close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
         if conn.was_admitted() {
@@ -1046,9 +648,7 @@ impl<H: Handler> Shard<H> {
         }
         if self.accept_paused && !self.at_accept_bound() {
             self.accept_paused = false;
-            if let Io::Epoll(e) = &mut self.io {
-                e.accept_now = true;
-            }
+            self.driver.resume_accept();
         }
     }
 
@@ -1072,10 +672,49 @@ impl<H: Handler> Shard<H> {
         self.call(|h, cx| h.on_tick(cx));
         if self.accept_paused && !self.at_accept_bound() {
             self.accept_paused = false;
-            if let Io::Epoll(e) = &mut self.io {
-                e.accept_now = true;
-            }
+            self.driver.resume_accept();
         }
+        #[cfg(debug_assertions)]
+        self.check_invariants();
+    }
+
+    /// Debug builds, once per tick: the shard's totals and gauges agree
+    /// with what its connections hold, and every connection waits in the
+    /// wheel at (or just after) the deadline it asks for. O(connections).
+    #[cfg(debug_assertions)]
+    fn check_invariants(&self) {
+        let (mut pending, mut live, mut admitted) = (0, 0, 0);
+        for (key, conn) in self.conns.iter() {
+            pending += conn.pending_out();
+            live += conn.is_live() as u64;
+            admitted += conn.was_admitted() as u64;
+            let linked = conn.link.deadline();
+            assert!(
+                linked.is_some_and(|at| at >= conn.poll_deadline() && at > self.now),
+                "connection {key} ({:?}) is linked at {linked:?}, due {} (now {})",
+                conn.phase(),
+                conn.poll_deadline(),
+                self.now
+            );
+            assert!(
+                conn.phase() != Phase::Closing || !conn.is_live(),
+                "connection {key} is closing but its handler was not told"
+            );
+            assert!(conn.phase() != Phase::Admitted || conn.was_admitted());
+            assert!(!(conn.is_over_cap() && conn.is_live()));
+        }
+        assert_eq!(pending, self.pending_total, "unsent bytes vs their total");
+        assert!(self.pending_total <= self.config.max_pending_out_per_shard);
+        assert_eq!(
+            self.wheel.len(),
+            self.conns.len(),
+            "every connection has a deadline"
+        );
+        let stats = self.stats();
+        let gauge = |g: &std::sync::atomic::AtomicU64| g.load(Ordering::Relaxed);
+        assert_eq!(gauge(&stats.open_connections), self.conns.len() as u64);
+        assert_eq!(gauge(&stats.open_upgraded), live, "upgraded gauge");
+        assert_eq!(gauge(&stats.open_admitted), admitted, "admitted gauge");
     }
 
     fn deadline(&mut self, key: u32) {
@@ -1120,13 +759,7 @@ impl<H: Handler> Shard<H> {
     }
 
     /// Stop: every connection is told 1001 (going away) and released.
-    fn shutdown(&mut self) {
-        if let Io::Uring(u) = &mut self.io
-            && u.ring.accept_armed()
-        {
-            // No new connections while we close the ones we have.
-            u.ring.cancel_accept();
-        }
+    fn close_all(&mut self) {
         let keys: Vec<u32> = self.conns.iter().map(|(k, _)| k as u32).collect();
         let mut frame = Vec::new();
         ws::encode_close(&mut frame, 1001, "controller shutting down", None);
@@ -1137,39 +770,10 @@ impl<H: Handler> Shard<H> {
             self.notify_closed(key, CloseCause::Shutdown);
             self.drop_conn(key);
         }
-        if let Io::Uring(u) = &mut self.io {
-            // Wait (bounded) until nothing of ours is left in the kernel:
-            // the last frames out, every slot closed, every receive ended.
-            // Past the bound the ring keeps its buffers mapped on drop.
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let mut completions = Vec::new();
-            while !u.ring.quiescent() && Instant::now() < deadline {
-                completions.clear();
-                if u.ring
-                    .wait(Duration::from_millis(10), &mut completions)
-                    .is_err()
-                {
-                    break;
-                }
-                for c in &completions {
-                    match c.op {
-                        Some(Op::Send(index)) => {
-                            let done = u.ring.send_done(index, c.result.max(0) as usize);
-                            if let Some(SendDone::Partial { .. }) = done {
-                                u.ring.resend(index);
-                            }
-                        }
-                        Some(Op::Recv(..)) => {
-                            if let Some(bid) = c.buffer() {
-                                let buf = u.ring.received(bid, c.result.max(0) as usize);
-                                u.ring.recycle(buf);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
+    }
+
+    /// The last of a stop, once no connection is left.
+    fn finish(&mut self) {
         sys::close(self.listener);
         // Messages posted before the stop still get their answer (commands
         // find their instance gone), so no caller waits forever.
