@@ -107,7 +107,7 @@ fn hs256_tokens_are_checked_for_signature_host_and_service() {
         assert_eq!(c.expect_close(), Some(1008), "{what}");
         assert_eq!(bad_count(ctl.stats(), BadInput::Unauthorized), i as u64 + 1);
     }
-    assert_eq!(ctl.shared().registry().len_up(), 2);
+    assert_eq!(ctl.counts().up, 2);
 }
 
 #[test]

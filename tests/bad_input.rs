@@ -27,7 +27,7 @@ fn assert_bystander_untouched(ctl: &Controller, bystander: &mut Client, id: uuid
         reply["result"]["nodes"][0]["runtimeInstanceId"],
         id.to_string()
     );
-    assert_eq!(ctl.shared().registry().len_up(), 1);
+    assert_eq!(ctl.counts().up, 1);
 }
 
 /// Raw bytes before any upgrade, and the HTTP status they get.
@@ -222,7 +222,7 @@ fn bad_frames_get_their_close_codes_and_are_counted() {
         assert_eq!(bad_count(ctl.stats(), kind), before + 1, "{what} counted");
         drop(c);
         eventually(&format!("{what}: the victim's instance is gone"), || {
-            ctl.shared().registry().len_up() == 1
+            ctl.counts().up == 1
         });
     }
     assert_bystander_untouched(&ctl, &mut bystander, id);
@@ -343,7 +343,7 @@ fn abrupt_reset_mid_frame_is_counted_and_removes_the_instance() {
     eventually("reset counted", || {
         bad_count(ctl.stats(), BadInput::ResetMidFrame) == 1
     });
-    eventually("victim removed", || ctl.shared().registry().len_up() == 1);
+    eventually("victim removed", || ctl.counts().up == 1);
     assert_bystander_untouched(&ctl, &mut bystander, id);
 }
 
@@ -365,9 +365,7 @@ fn data_then_fin_in_one_edge_is_seen_as_a_close() {
         c.stream.write_all(&frame).unwrap();
         c.stream.shutdown(std::net::Shutdown::Write).unwrap();
     }
-    eventually("every instance removed", || {
-        ctl.shared().registry().len_up() == 0
-    });
+    eventually("every instance removed", || ctl.counts().up == 0);
 }
 
 #[test]

@@ -62,10 +62,8 @@ fn a_silent_service_is_marked_down_within_interval_plus_timeout_plus_a_tick() {
     );
 
     // It left discovery, is kept as down, and its socket was closed.
-    let registry = ctl.shared().registry();
-    assert_eq!(registry.get(&zombie_id).unwrap().status, Status::Down);
-    assert_eq!(registry.get(&healthy_id).unwrap().status, Status::Up);
-    drop(registry);
+    assert_eq!(ctl.node(&zombie_id).unwrap().status, Status::Down);
+    assert_eq!(ctl.node(&healthy_id).unwrap().status, Status::Up);
     assert!(zombie.sees_eof(WAIT), "the zombie's socket is closed");
     let lookup = watcher.call("discovery/lookup", json!({"serviceId": "user"}));
     assert_eq!(lookup["result"]["nodes"].as_array().unwrap().len(), 1);
@@ -85,10 +83,7 @@ fn a_silent_service_is_marked_down_within_interval_plus_timeout_plus_a_tick() {
         pings_seen >= 2,
         "pinged every interval ({pings_seen} pings)"
     );
-    assert_eq!(
-        ctl.shared().registry().get(&healthy_id).unwrap().status,
-        Status::Up
-    );
+    assert_eq!(ctl.node(&healthy_id).unwrap().status, Status::Up);
     assert_eq!(metrics::total(ctl.stats(), |s| &s.pongs_missed), 1);
     assert!(
         metrics::total(ctl.stats(), |s| &s.rtt_count) >= 2,
@@ -108,7 +103,7 @@ fn any_frame_counts_as_life() {
         while c.next_frame(Duration::from_millis(1)).is_some() {}
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(ctl.shared().registry().get(&id).unwrap().status, Status::Up);
+    assert_eq!(ctl.node(&id).unwrap().status, Status::Up);
     assert_eq!(metrics::total(ctl.stats(), |s| &s.pongs_missed), 0);
 }
 
@@ -133,7 +128,7 @@ fn pings_from_services_are_answered_at_once() {
 fn a_closed_service_leaves_and_lastseen_advances() {
     let ctl = fast_pings(1);
     let (mut c, id) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
-    let first_seen = ctl.shared().registry().get(&id).unwrap().last_seen_ms;
+    let first_seen = ctl.node(&id).unwrap().last_seen_ms;
     let until = Instant::now() + INTERVAL * 2;
     while Instant::now() < until {
         if let Some(common::Frame::Ping(p)) = c.next_frame(Duration::from_millis(20)) {
@@ -141,11 +136,9 @@ fn a_closed_service_leaves_and_lastseen_advances() {
         }
     }
     assert!(
-        ctl.shared().registry().get(&id).unwrap().last_seen_ms > first_seen,
+        ctl.node(&id).unwrap().last_seen_ms > first_seen,
         "lastSeenAt moves on pongs"
     );
     drop(c);
-    eventually("removed on close", || {
-        ctl.shared().registry().get(&id).is_none()
-    });
+    eventually("removed on close", || ctl.node(&id).is_none());
 }

@@ -141,7 +141,7 @@ fn supersede_across_shards() {
         successors.push(registered(addr, "svc", "10.1.1.1", port));
         assert_eq!(old.expect_close(), Some(4000), "port {port}");
     }
-    assert_eq!(ctl.shared().registry().len_up(), 20);
+    assert_eq!(ctl.counts().up, 20);
 }
 
 #[test]
@@ -176,7 +176,7 @@ fn an_update_to_a_port_another_instance_holds_is_refused_but_the_rest_applies() 
         json!({"port": 2, "version": "9"}),
     );
     assert_eq!(reply["error"]["code"], -32602, "{reply}");
-    let node = tether::controller::rpc::node_json(&ctl.shared().registry().node_of(&a_id).unwrap());
+    let node = tether::controller::rpc::node_json(&ctl.node(&a_id).unwrap());
     assert_eq!(
         (node["port"].clone(), node["version"].clone()),
         (json!(1), json!("9"))

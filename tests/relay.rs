@@ -68,10 +68,7 @@ fn a_frozen_service_behind_the_relay_is_never_marked_down() {
         events.try_iter().all(|e| e.kind != EventKind::Down),
         "the relay answered the pings"
     );
-    assert_eq!(
-        ctl.shared().registry().get(&id).unwrap().status,
-        tether::registry::Status::Up
-    );
+    assert_eq!(ctl.node(&id).unwrap().status, tether::registry::Status::Up);
     let answered = snapshot(relay.stats())[3].1;
     assert!(
         answered >= 5,
@@ -88,12 +85,12 @@ fn restarting_the_relay_drops_every_service_at_once() {
     let mut services: Vec<Client> = (0..30u16)
         .map(|i| registered(addr, "user", "10.0.0.1", i + 1).0)
         .collect();
-    assert_eq!(ctl.shared().registry().len_up(), 30);
+    assert_eq!(ctl.counts().up, 30);
     let (_at, events) = ctl.subscribe_events(None).unwrap();
     let stopped = Instant::now();
     relay.stop();
     eventually("every service is gone at the controller", || {
-        ctl.shared().registry().len_up() == 0
+        ctl.counts().up == 0
     });
     let gone = events
         .try_iter()

@@ -173,7 +173,7 @@ fn forbidden(tool: &str) -> Reply {
 fn timeout_of(state: &AppState, timeout_ms: Option<u64>) -> Duration {
     let asked = timeout_ms
         .map(Duration::from_millis)
-        .unwrap_or(state.api.shared().config.command_timeout);
+        .unwrap_or(state.api.command_timeout());
     asked.clamp(Duration::from_millis(1), state.config.max_command_timeout)
 }
 

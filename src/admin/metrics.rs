@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use crate::controller::Api;
+use crate::controller::RegistryCounts;
 use crate::metrics::{self, BadInput, RTT_BUCKETS_US, ShardStats};
 use crate::registry::events::EventKind;
 
@@ -179,21 +180,15 @@ pub fn render(api: &Api) -> String {
         );
     }
 
-    let (up, down, subscriptions, subscribers, cut, events) = {
-        let registry = api.shared().registry();
-        let events: Vec<(EventKind, u64)> = EventKind::ALL
-            .iter()
-            .map(|k| (*k, registry.events.count(*k)))
-            .collect();
-        (
-            registry.len_up(),
-            registry.len_down(),
-            registry.subscription_count(),
-            registry.events.subscriber_count(),
-            registry.events.cut_count(),
-            events,
-        )
-    };
+    let RegistryCounts {
+        up,
+        down,
+        subscriptions,
+        event_subscribers: subscribers,
+        events_cut: cut,
+        events,
+        ..
+    } = api.counts();
     o.family(
         "tether_services",
         "gauge",

@@ -44,6 +44,7 @@ pub(crate) fn parse_status(status: Option<&str>) -> Result<Option<Status>, Reply
 /// A node as the admin API shows it: the discovery shape plus its status
 /// and shard.
 pub(crate) fn item(node: &Node) -> Value {
+    crate::controller::assert_registry_unlocked("writing an admin item");
     let mut v = node_json(node);
     v["status"] = json!(node.status);
     v["shard"] = json!(node.shard);
@@ -109,7 +110,7 @@ pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
             format!("{id:?} is not a runtimeInstanceId"),
         );
     };
-    match state.api.shared().registry().node_of(&id) {
+    match state.api.node(&id) {
         Some(node) => (StatusCode::OK, item(&node)),
         None => fail(
             StatusCode::NOT_FOUND,
@@ -121,15 +122,8 @@ pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
 
 pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
     let api = &state.api;
-    let (summary, subscribers, last_seq) = {
-        let registry = api.shared().registry();
-        let summary = registry.summary(top.unwrap_or(100).min(10_000));
-        (
-            summary,
-            registry.events.subscriber_count(),
-            registry.events.last_seq(),
-        )
-    };
+    let summary = api.summary(top.unwrap_or(100).min(10_000));
+    let counts = api.counts();
     let shards: Vec<Value> = api
         .stats()
         .iter()
@@ -150,8 +144,8 @@ pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
         "byService": summary.services.iter().map(|(s, n)| json!({"serviceId": s, "up": n})).collect::<Vec<_>>(),
         "shards": shards,
         "commandsInFlight": api.commands_in_flight(),
-        "eventSubscribers": subscribers,
-        "lastEventSeq": last_seq,
+        "eventSubscribers": counts.event_subscribers,
+        "lastEventSeq": counts.last_event_seq,
     });
     (StatusCode::OK, body)
 }

@@ -181,6 +181,67 @@ pub struct Shared {
     auth: Option<auth::Auth>,
 }
 
+/// The registry, locked. Debug builds count the guards each thread holds,
+/// so code that serializes (snapshots, admin JSON) can assert it holds
+/// none: a lock held while serializing stalls every shard waiting on it.
+pub struct RegistryGuard<'a> {
+    guard: MutexGuard<'a, Registry>,
+}
+
+#[cfg(debug_assertions)]
+thread_local! {
+    static GUARDS_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl std::ops::Deref for RegistryGuard<'_> {
+    type Target = Registry;
+
+    fn deref(&self) -> &Registry {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for RegistryGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Registry {
+        &mut self.guard
+    }
+}
+
+impl Drop for RegistryGuard<'_> {
+    fn drop(&mut self) {
+        #[cfg(debug_assertions)]
+        GUARDS_HELD.with(|held| held.set(held.get() - 1));
+    }
+}
+
+/// Debug builds: panics if this thread holds the registry lock. Called
+/// where JSON is written from registry data (`what` says which).
+pub(crate) fn assert_registry_unlocked(what: &str) {
+    #[cfg(debug_assertions)]
+    GUARDS_HELD.with(|held| {
+        assert_eq!(
+            held.get(),
+            0,
+            "{what} while holding the registry lock: copy the data out, unlock, then serialize"
+        )
+    });
+    let _ = what;
+}
+
+/// What the registry counts, read in one short lock.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryCounts {
+    pub up: usize,
+    pub down: usize,
+    pub subscriptions: usize,
+    pub event_subscribers: usize,
+    /// Event subscribers cut for falling behind.
+    pub events_cut: u64,
+    pub last_event_seq: u64,
+    /// Events so far, by kind.
+    pub events: Vec<(crate::registry::events::EventKind, u64)>,
+}
+
 impl Shared {
     /// The state the shards and the API share; the registry is reserved for
     /// the most connections the engine can hold.
@@ -207,9 +268,13 @@ impl Shared {
         at.saturating_duration_since(self.epoch).as_millis() as u64 + 1_000_000
     }
 
-    /// Locks the registry. Keep the guard briefly: shards wait on it.
-    pub fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    /// Locks the registry. Keep the guard briefly: shards wait on it, and
+    /// never serialize while holding it (`assert_registry_unlocked`).
+    pub(crate) fn registry(&self) -> RegistryGuard<'_> {
+        let guard = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        #[cfg(debug_assertions)]
+        GUARDS_HELD.with(|held| held.set(held.get() + 1));
+        RegistryGuard { guard }
     }
 }
 
@@ -303,8 +368,37 @@ impl Api {
         self.io
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The default deadline of a command that names none.
+    pub fn command_timeout(&self) -> Duration {
+        self.shared.config.command_timeout
+    }
+
+    /// One instance, up or down, detached from the registry.
+    pub fn node(&self, id: &Uuid) -> Option<crate::registry::Node> {
+        self.shared.registry().node_of(id)
+    }
+
+    /// Instances by status and the largest services (`top` of them).
+    pub fn summary(&self, top: usize) -> crate::registry::Summary {
+        self.shared.registry().summary(top)
+    }
+
+    /// The registry's counters.
+    pub fn counts(&self) -> RegistryCounts {
+        use crate::registry::events::EventKind;
+        let registry = self.shared.registry();
+        RegistryCounts {
+            up: registry.len_up(),
+            down: registry.len_down(),
+            subscriptions: registry.subscription_count(),
+            event_subscribers: registry.events.subscriber_count(),
+            events_cut: registry.events.cut_count(),
+            last_event_seq: registry.events.last_seq(),
+            events: EventKind::ALL
+                .iter()
+                .map(|k| (*k, registry.events.count(*k)))
+                .collect(),
+        }
     }
 
     pub fn stats(&self) -> &Arc<[ShardStats]> {

@@ -165,6 +165,7 @@ pub struct SnapshotJson<'a>(pub &'a Snapshot);
 impl Serialize for SnapshotJson<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeSeq, SerializeStruct};
+        crate::controller::assert_registry_unlocked("writing a snapshot");
         struct Nodes<'a>(&'a [Node]);
         impl Serialize for Nodes<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -194,6 +195,7 @@ impl Serialize for SnapshotJson<'_> {
 
 /// One node as JSON (admin views use the same shape as discovery).
 pub fn node_json(node: &Node) -> serde_json::Value {
+    crate::controller::assert_registry_unlocked("writing a node");
     serde_json::to_value(NodeJson::new(node)).expect("nodes serialize")
 }
 

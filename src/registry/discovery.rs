@@ -1,0 +1,328 @@
+//! Discovery and its subscriptions: snapshots by serviceId (and envTag,
+//! protocol), subscriptions keyed by their interned filter, and the
+//! coalesced `discovery/changed` notifications routed to the owner's shard.
+
+use super::*;
+
+/// What a discovery query asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Filter {
+    pub service_id: String,
+    pub env_tag: Option<String>,
+    pub protocol: Option<String>,
+}
+
+/// An instance as discovery shows it, detached from the registry.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub runtime_instance_id: Uuid,
+    pub service_id: Arc<str>,
+    pub env_tag: Arc<str>,
+    pub version: Arc<str>,
+    pub protocol: Arc<str>,
+    pub address: NodeAddress,
+    pub port: u16,
+    pub tags_json: Arc<str>,
+    pub connected_at_ms: u64,
+    pub last_seen_ms: u64,
+    pub status: Status,
+    /// The shard holding its socket.
+    pub shard: u16,
+}
+
+#[derive(Clone, Debug)]
+pub enum NodeAddress {
+    Ip(IpAddr),
+    Host(Arc<str>),
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeAddress::Ip(ip) => ip.fmt(f),
+            NodeAddress::Host(h) => f.write_str(h),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub filter: Filter,
+    pub nodes: Vec<Node>,
+    /// More instances matched than `max_snapshot_nodes`.
+    pub truncated: bool,
+}
+
+/// A discovery subscription that must be told of a change.
+pub struct Notification {
+    pub snapshot: Snapshot,
+    pub owners: Vec<Owner>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("this connection already holds {0} subscriptions, the limit")]
+    PerOwner(usize),
+    #[error("the controller holds {0} subscriptions, the limit")]
+    Total(usize),
+}
+
+/// A discovery subscription's key: the interned filter.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct SubKey {
+    service: Sym,
+    env: Option<Sym>,
+    protocol: Option<Sym>,
+}
+
+pub(super) struct Subscriber {
+    owner: Owner,
+    pending: bool,
+    last_sent_ms: u64,
+}
+
+impl Registry {
+    pub(super) fn node(&self, i: &Instance) -> Node {
+        let s = |sym| self.strings.resolve(sym).clone();
+        Node {
+            shard: i.owner.shard,
+            runtime_instance_id: i.id,
+            service_id: s(i.service),
+            env_tag: s(i.env),
+            version: s(i.version),
+            protocol: s(i.protocol),
+            address: self.node_address(i.address),
+            port: i.port,
+            tags_json: s(i.tags),
+            connected_at_ms: i.connected_at_ms,
+            last_seen_ms: i.last_seen_ms,
+            status: i.status,
+        }
+    }
+
+    /// An instance as discovery shows it.
+    pub fn node_of(&self, id: &Uuid) -> Option<Node> {
+        self.get(id).map(|i| self.node(i))
+    }
+
+    pub(super) fn node_address(&self, address: Address) -> NodeAddress {
+        match address {
+            Address::V4(v4) => NodeAddress::Ip(IpAddr::V4(v4)),
+            Address::V6(v6) => NodeAddress::Ip(IpAddr::V6(v6)),
+            Address::Host(h) => NodeAddress::Host(self.strings.resolve(h).clone()),
+        }
+    }
+
+    pub(super) fn matching(&self, key: &SubKey, filter: Filter) -> Snapshot {
+        let max = self.config.max_snapshot_nodes;
+        let mut nodes = Vec::new();
+        let mut truncated = false;
+        for &slot in self
+            .by_service
+            .get(&key.service)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let i = &self.instances[slot as usize];
+            if key.env.is_some_and(|e| e != i.env) || key.protocol.is_some_and(|p| p != i.protocol)
+            {
+                continue;
+            }
+            if nodes.len() == max {
+                truncated = true;
+                break;
+            }
+            nodes.push(self.node(i));
+        }
+        Snapshot {
+            filter,
+            nodes,
+            truncated,
+        }
+    }
+
+    /// The up instances matching `filter`, at most `max_snapshot_nodes`.
+    pub fn lookup(&self, filter: &Filter) -> Snapshot {
+        let find = |s: &Option<String>| match s {
+            None => Some(None),
+            Some(text) => self.strings.find(text).map(Some),
+        };
+        match (
+            self.strings.find(&filter.service_id),
+            find(&filter.env_tag),
+            find(&filter.protocol),
+        ) {
+            (Some(service), Some(env), Some(protocol)) => self.matching(
+                &SubKey {
+                    service,
+                    env,
+                    protocol,
+                },
+                filter.clone(),
+            ),
+            _ => Snapshot {
+                filter: filter.clone(),
+                nodes: Vec::new(),
+                truncated: false,
+            },
+        }
+    }
+
+    /// Subscribes `owner` to changes of `filter`; returns the snapshot now.
+    /// Subscribing twice to the same filter is one subscription.
+    pub fn subscribe(&mut self, filter: &Filter, owner: Owner) -> Result<Snapshot, SubscribeError> {
+        let held = self.subs_by_owner.get(&owner).map_or(0, Vec::len);
+        let key_if_known = self.sub_key_of(filter);
+        let already = key_if_known
+            .and_then(|k| self.subs.get(&k))
+            .is_some_and(|list| list.iter().any(|s| s.owner == owner));
+        if !already {
+            if held >= self.config.max_subscriptions_per_owner {
+                return Err(SubscribeError::PerOwner(held));
+            }
+            if self.sub_count >= self.config.max_subscriptions {
+                return Err(SubscribeError::Total(self.sub_count));
+            }
+            let mut intern = |s: &str| self.strings.intern(s);
+            let key = SubKey {
+                service: intern(&filter.service_id),
+                env: filter.env_tag.as_deref().map(&mut intern),
+                protocol: filter.protocol.as_deref().map(&mut intern),
+            };
+            let list = self.subs.entry(key).or_default();
+            if list.is_empty() {
+                self.subs_by_service
+                    .entry(key.service)
+                    .or_default()
+                    .push(key);
+            }
+            list.push(Subscriber {
+                owner,
+                pending: false,
+                last_sent_ms: 0,
+            });
+            self.subs_by_owner.entry(owner).or_default().push(key);
+            self.sub_count += 1;
+        }
+        Ok(self.lookup(filter))
+    }
+
+    pub(super) fn sub_key_of(&self, filter: &Filter) -> Option<SubKey> {
+        let find = |s: &Option<String>| match s {
+            None => Some(None),
+            Some(text) => self.strings.find(text).map(Some),
+        };
+        Some(SubKey {
+            service: self.strings.find(&filter.service_id)?,
+            env: find(&filter.env_tag)?,
+            protocol: find(&filter.protocol)?,
+        })
+    }
+
+    /// Ends one subscription. False if `owner` did not hold it.
+    pub fn unsubscribe(&mut self, filter: &Filter, owner: Owner) -> bool {
+        let Some(key) = self.sub_key_of(filter) else {
+            return false;
+        };
+        let Some(keys) = self.subs_by_owner.get_mut(&owner) else {
+            return false;
+        };
+        let Some(pos) = keys.iter().position(|k| *k == key) else {
+            return false;
+        };
+        keys.swap_remove(pos);
+        if keys.is_empty() {
+            self.subs_by_owner.remove(&owner);
+        }
+        self.drop_subscriber(key, owner);
+        true
+    }
+
+    /// Ends every subscription `owner` holds (its connection closed).
+    pub fn unsubscribe_all(&mut self, owner: Owner) {
+        for key in self.subs_by_owner.remove(&owner).unwrap_or_default() {
+            self.drop_subscriber(key, owner);
+        }
+    }
+
+    pub(super) fn drop_subscriber(&mut self, key: SubKey, owner: Owner) {
+        let list = self
+            .subs
+            .get_mut(&key)
+            .expect("owner's keys are subscribed");
+        list.retain(|s| s.owner != owner);
+        self.sub_count -= 1;
+        if list.is_empty() {
+            self.subs.remove(&key);
+            if let Some(keys) = self.subs_by_service.get_mut(&key.service) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    self.subs_by_service.remove(&key.service);
+                }
+            }
+        }
+        for sym in [Some(key.service), key.env, key.protocol]
+            .into_iter()
+            .flatten()
+        {
+            self.strings.release(sym);
+        }
+    }
+
+    /// Subscriptions held in all.
+    pub fn subscription_count(&self) -> usize {
+        self.sub_count
+    }
+
+    /// Turns the services changed since the last call into due
+    /// notifications, then hands `shard` the ones it may send now (each
+    /// subscription at most once per `notify_interval_ms`), with their
+    /// snapshots. Subscriptions still inside their interval stay due.
+    /// `now_ms` is a monotonic clock: a wall-clock step must not stall
+    /// notifications.
+    pub fn take_notifications(&mut self, shard: u16, now_ms: u64) -> Vec<Notification> {
+        for service in std::mem::take(&mut self.changed) {
+            for key in self.subs_by_service.get(&service).into_iter().flatten() {
+                for sub in self.subs.get_mut(key).into_iter().flatten() {
+                    if !sub.pending {
+                        sub.pending = true;
+                        self.due[sub.owner.shard as usize].push((*key, sub.owner));
+                    }
+                }
+            }
+        }
+        let due = std::mem::take(&mut self.due[shard as usize]);
+        let mut ready: HashMap<SubKey, Vec<Owner>> = HashMap::new();
+        for (key, owner) in due {
+            let Some(sub) = self
+                .subs
+                .get_mut(&key)
+                .and_then(|l| l.iter_mut().find(|s| s.owner == owner))
+            else {
+                continue; // unsubscribed meanwhile
+            };
+            if now_ms.saturating_sub(sub.last_sent_ms) < self.config.notify_interval_ms {
+                self.due[shard as usize].push((key, owner));
+                continue;
+            }
+            sub.pending = false;
+            sub.last_sent_ms = now_ms;
+            ready.entry(key).or_default().push(owner);
+        }
+        ready
+            .into_iter()
+            .map(|(key, owners)| {
+                let r = |sym: Sym| self.strings.resolve(sym).to_string();
+                let filter = Filter {
+                    service_id: r(key.service),
+                    env_tag: key.env.map(r),
+                    protocol: key.protocol.map(r),
+                };
+                Notification {
+                    snapshot: self.matching(&key, filter),
+                    owners,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,344 @@
+//! Records and identity: registering (and superseding by identity),
+//! updating, deregistering, marking down, and expiring the down records.
+//! Only a record's owner may change or remove it.
+
+use super::*;
+
+/// A validated `service/register`.
+#[derive(Clone, Debug)]
+pub struct Registration<'a> {
+    pub service_id: &'a str,
+    pub version: &'a str,
+    pub protocol: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub env_tag: Option<&'a str>,
+    /// Canonical JSON object.
+    pub tags_json: &'a str,
+}
+
+/// A validated `service/update_metadata`: `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct MetadataUpdate<'a> {
+    pub version: Option<&'a str>,
+    pub protocol: Option<&'a str>,
+    pub port: Option<u16>,
+    pub tags_json: Option<&'a str>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    Updated,
+    /// Not the caller's record (superseded, or another connection's).
+    NotOwner,
+    /// Everything but the port was applied: another instance already has
+    /// this identity with the new port.
+    PortTaken,
+}
+
+#[derive(Debug)]
+pub struct Registered {
+    pub id: Uuid,
+    /// The connection whose registration this one replaced (still up).
+    pub superseded: Option<Owner>,
+}
+
+impl Registry {
+    pub(super) fn slot_owned(&self, id: &Uuid, owner: Owner) -> Option<u32> {
+        self.get(id)
+            .filter(|i| i.owner == owner)
+            .map(|_| slot_of(id))
+    }
+
+    pub(super) fn identity_hash(
+        &self,
+        service: Sym,
+        env: Sym,
+        address: &Address,
+        port: u16,
+    ) -> u64 {
+        self.hasher.hash_one((service, env, address, port))
+    }
+
+    pub(super) fn hash_of(hasher: &hashbrown::DefaultHashBuilder, i: &Instance) -> u64 {
+        hasher.hash_one((i.service, i.env, &i.address, i.port))
+    }
+
+    pub(super) fn intern_address(&mut self, address: &str) -> Address {
+        match address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => Address::V4(v4),
+            Ok(IpAddr::V6(v6)) => Address::V6(v6),
+            Err(_) => Address::Host(self.strings.intern(&address.to_ascii_lowercase())),
+        }
+    }
+
+    /// Registers an instance owned by `owner`. A record with the same
+    /// identity (serviceId, envTag, address, port) is replaced: if it was
+    /// up, its owner is returned so its connection can be closed (4000).
+    pub fn register(&mut self, reg: &Registration<'_>, owner: Owner, now_ms: u64) -> Registered {
+        let service = self.strings.intern(reg.service_id);
+        let env = self.strings.intern(reg.env_tag.unwrap_or(""));
+        let address = self.intern_address(reg.address);
+        let hash = self.identity_hash(service, env, &address, reg.port);
+        let instances = &self.instances;
+        let existing = self
+            .identity
+            .find(hash, |&slot| {
+                let i = &instances[slot as usize];
+                i.service == service && i.env == env && i.address == address && i.port == reg.port
+            })
+            .copied();
+        let mut superseded = None;
+        if let Some(slot) = existing {
+            let old = &self.instances[slot as usize];
+            if old.status == Status::Up {
+                superseded = Some(old.owner);
+                self.publish(
+                    now_ms,
+                    EventKind::Superseded,
+                    slot,
+                    Some("superseded by a new registration"),
+                );
+            }
+            self.remove(slot);
+        }
+        let version = self.strings.intern(reg.version);
+        let protocol = self.strings.intern(reg.protocol);
+        let tags = self.strings.intern(reg.tags_json);
+        let entry = self.instances.vacant_entry();
+        let slot = entry.key() as u32;
+        self.high_water = self.high_water.max(slot + 1);
+        let mut random = [0u8; 10];
+        random[..6].copy_from_slice(&fastrand::u64(..).to_le_bytes()[..6]);
+        random[6..].copy_from_slice(&slot.to_be_bytes());
+        let id = uuid::Builder::from_unix_timestamp_millis(now_ms, &random).into_uuid();
+        debug_assert_eq!(slot_of(&id), slot);
+        let list = self.by_service.entry(service).or_default();
+        list.push(slot);
+        entry.insert(Instance {
+            id,
+            service,
+            env,
+            version,
+            protocol,
+            tags,
+            address,
+            port: reg.port,
+            status: Status::Up,
+            owner,
+            connected_at_ms: now_ms,
+            last_seen_ms: now_ms,
+            index_pos: (list.len() - 1) as u32,
+        });
+        let (instances, hasher) = (&self.instances, &self.hasher);
+        self.identity.insert_unique(hash, slot, |&s| {
+            Self::hash_of(hasher, &instances[s as usize])
+        });
+        self.changed.insert(service);
+        self.publish(now_ms, EventKind::Registered, slot, None);
+        Registered { id, superseded }
+    }
+
+    /// Applies a metadata update from the owner.
+    pub fn update(
+        &mut self,
+        id: &Uuid,
+        owner: Owner,
+        update: &MetadataUpdate<'_>,
+        now_ms: u64,
+    ) -> UpdateOutcome {
+        let Some(slot) = self.slot_owned(id, owner) else {
+            return UpdateOutcome::NotOwner;
+        };
+        let mut port_taken = false;
+        if let Some(port) = update.port {
+            let i = &self.instances[slot as usize];
+            let (service, env, address) = (i.service, i.env, i.address);
+            let hash = self.identity_hash(service, env, &address, port);
+            let instances = &self.instances;
+            port_taken = self
+                .identity
+                .find(hash, |&s| {
+                    let o = &instances[s as usize];
+                    s != slot
+                        && o.service == service
+                        && o.env == env
+                        && o.address == address
+                        && o.port == port
+                })
+                .is_some();
+        }
+        // The port is part of the identity: re-index, unless another
+        // instance already holds the new identity (then the port stays).
+        if let Some(port) = update.port.filter(|_| !port_taken) {
+            let (instances, hasher) = (&self.instances, &self.hasher);
+            let hash = Self::hash_of(hasher, &instances[slot as usize]);
+            if let Ok(found) = self.identity.find_entry(hash, |&s| s == slot) {
+                found.remove();
+            }
+            self.instances[slot as usize].port = port;
+            let (instances, hasher) = (&self.instances, &self.hasher);
+            let hash = Self::hash_of(hasher, &instances[slot as usize]);
+            self.identity.insert_unique(hash, slot, |&s| {
+                Self::hash_of(hasher, &instances[s as usize])
+            });
+        }
+        for (text, field) in [
+            (update.version, 0),
+            (update.protocol, 1),
+            (update.tags_json, 2),
+        ] {
+            let Some(text) = text else { continue };
+            let new = self.strings.intern(text);
+            let record = &mut self.instances[slot as usize];
+            let old = match field {
+                0 => std::mem::replace(&mut record.version, new),
+                1 => std::mem::replace(&mut record.protocol, new),
+                _ => std::mem::replace(&mut record.tags, new),
+            };
+            self.strings.release(old);
+        }
+        let record = &mut self.instances[slot as usize];
+        record.last_seen_ms = now_ms;
+        let service = record.service;
+        self.changed.insert(service);
+        self.publish(now_ms, EventKind::Updated, slot, None);
+        if port_taken {
+            UpdateOutcome::PortTaken
+        } else {
+            UpdateOutcome::Updated
+        }
+    }
+
+    /// Removes the owner's record. False if it is not the owner's.
+    pub fn deregister(&mut self, id: &Uuid, owner: Owner, reason: &str, now_ms: u64) -> bool {
+        let Some(slot) = self.slot_owned(id, owner) else {
+            return false;
+        };
+        self.publish(now_ms, EventKind::Deregistered, slot, Some(reason));
+        self.remove(slot);
+        true
+    }
+
+    /// The owner's connection ended without a deregister: an up record is
+    /// removed; a down one stays for its retention period.
+    pub fn disconnected(&mut self, id: &Uuid, owner: Owner, now_ms: u64) {
+        if let Some(slot) = self.slot_owned(id, owner)
+            && self.instances[slot as usize].status == Status::Up
+        {
+            self.publish(now_ms, EventKind::Deregistered, slot, Some("disconnected"));
+            self.remove(slot);
+        }
+    }
+
+    /// The owner missed a liveness deadline: the record leaves discovery
+    /// and is kept, down, for the retention period.
+    pub fn mark_down(&mut self, id: &Uuid, owner: Owner, reason: &str, now_ms: u64) -> bool {
+        let Some(slot) = self.slot_owned(id, owner) else {
+            return false;
+        };
+        if self.instances[slot as usize].status != Status::Up {
+            return false;
+        }
+        self.unlist(slot);
+        self.instances[slot as usize].status = Status::Down;
+        self.down_count += 1;
+        self.down.push_back((slot, *id, now_ms));
+        self.publish(now_ms, EventKind::Down, slot, Some(reason));
+        while self.down_count > self.config.max_down_retained
+            // Entries of down records replaced by a new registration stay
+            // queued until they age out; bound them too.
+            || self.down.len() > 2 * self.config.max_down_retained + 1024
+        {
+            self.forget_oldest_down(now_ms);
+        }
+        true
+    }
+
+    /// Drops down records older than the retention period.
+    pub fn expire_down(&mut self, now_ms: u64) {
+        while let Some(&(_, _, at)) = self.down.front() {
+            if now_ms.saturating_sub(at) < self.config.down_retention_ms {
+                break;
+            }
+            self.forget_oldest_down(now_ms);
+        }
+    }
+
+    pub(super) fn forget_oldest_down(&mut self, now_ms: u64) {
+        let Some((slot, id, _)) = self.down.pop_front() else {
+            return;
+        };
+        if self.get(&id).is_some_and(|i| i.status == Status::Down) {
+            self.publish(
+                now_ms,
+                EventKind::Deregistered,
+                slot,
+                Some("down record expired"),
+            );
+            self.remove(slot);
+        }
+    }
+
+    /// Records a sign of life from the owner.
+    pub fn touch(&mut self, id: &Uuid, owner: Owner, now_ms: u64) {
+        if let Some(slot) = self.slot_owned(id, owner) {
+            self.instances[slot as usize].last_seen_ms = now_ms;
+        }
+    }
+
+    pub(super) fn publish(
+        &mut self,
+        now_ms: u64,
+        kind: EventKind,
+        slot: u32,
+        reason: Option<&str>,
+    ) {
+        let i = &self.instances[slot as usize];
+        let service = self.strings.resolve(i.service).clone();
+        self.events
+            .publish(now_ms, kind, i.id, service, reason.map(Arc::from));
+    }
+
+    /// Takes an up record out of discovery.
+    pub(super) fn unlist(&mut self, slot: u32) {
+        let i = &self.instances[slot as usize];
+        let (service, pos) = (i.service, i.index_pos as usize);
+        let list = self
+            .by_service
+            .get_mut(&service)
+            .expect("up records are listed");
+        debug_assert_eq!(list[pos], slot);
+        list.swap_remove(pos);
+        if let Some(&moved) = list.get(pos) {
+            self.instances[moved as usize].index_pos = pos as u32;
+        }
+        if list.is_empty() {
+            self.by_service.remove(&service);
+        }
+        self.changed.insert(service);
+    }
+
+    pub(super) fn remove(&mut self, slot: u32) {
+        if self.instances[slot as usize].status == Status::Up {
+            self.unlist(slot);
+        } else {
+            self.down_count -= 1;
+        }
+        let (instances, hasher) = (&self.instances, &self.hasher);
+        let hash = Self::hash_of(hasher, &instances[slot as usize]);
+        match self.identity.find_entry(hash, |&s| s == slot) {
+            Ok(found) => {
+                found.remove();
+            }
+            Err(_) => debug_assert!(false, "every record is in the identity index"),
+        }
+        let i = self.instances.remove(slot as usize);
+        for sym in [i.service, i.env, i.version, i.protocol, i.tags] {
+            self.strings.release(sym);
+        }
+        if let Address::Host(sym) = i.address {
+            self.strings.release(sym);
+        }
+    }
+}
