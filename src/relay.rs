@@ -15,7 +15,6 @@
 //! hold the pairs, two sockets each. Bounded: unsent bytes per side, bytes
 //! buffered while the upstream connects, upstream connect time.
 
-use std::collections::BinaryHeap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -27,6 +26,7 @@ use slab::Slab;
 
 use crate::engine::conn::{Conn, Event, Fed, Flow, Limits, Timing};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
+use crate::engine::wheel::{Link, Links, Tick, Wheel};
 use crate::engine::{io, listen, sys, ws};
 use crate::metrics::{dec, inc};
 
@@ -162,9 +162,22 @@ struct Worker {
     scratch: Box<[u8]>,
     timing: Timing,
     limits: Limits,
-    deadlines: BinaryHeap<std::cmp::Reverse<(Instant, u32, u32)>>,
+    /// Pairs whose upstream is not open yet, at their upstream deadline
+    /// (linked through the service side's `Conn::link`).
+    wheel: Wheel,
+    epoch: Instant,
+    expired: Vec<u32>,
     next_source: usize,
 }
+
+impl Links for Slab<Pair> {
+    fn link(&mut self, key: u32) -> &mut Link {
+        &mut self[key as usize].down.link
+    }
+}
+
+/// The relay's wheel ticks: only the upstream deadline uses them.
+const TICK: Duration = Duration::from_millis(100);
 
 /// An `io::token` whose key is the pair's key and its side (low bit:
 /// upstream).
@@ -202,7 +215,9 @@ impl Worker {
                 linger: 1,
             },
             limits: Limits::default(),
-            deadlines: BinaryHeap::new(),
+            wheel: Wheel::new(0),
+            epoch: Instant::now(),
+            expired: Vec::new(),
             next_source: index,
         })
     }
@@ -295,34 +310,32 @@ impl Worker {
             });
             inc(&self.stats.accepted);
             inc(&self.stats.pairs);
-            self.deadlines.push(std::cmp::Reverse((
-                Instant::now() + UPSTREAM_TIMEOUT,
-                key,
-                generation,
-            )));
+            let deadline =
+                self.tick() + UPSTREAM_TIMEOUT.as_millis().div_ceil(TICK.as_millis()) as Tick;
+            self.wheel.insert(&mut self.pairs, key, deadline);
         }
+    }
+
+    fn tick(&self) -> Tick {
+        (self.epoch.elapsed().as_nanos() / TICK.as_nanos()) as Tick
     }
 
     /// Pairs whose upstream never opened are dropped.
     fn expire(&mut self) {
-        let now = Instant::now();
-        while let Some(&std::cmp::Reverse((at, key, generation))) = self.deadlines.peek() {
-            if at > now {
-                break;
-            }
-            self.deadlines.pop();
-            let stale = self
-                .pairs
-                .get(key as usize)
-                .is_none_or(|p| p.generation != generation);
-            if !stale && !matches!(self.pairs[key as usize].up, Up::Open) {
+        let mut expired = std::mem::take(&mut self.expired);
+        let now = self.tick();
+        self.wheel.advance(&mut self.pairs, now, &mut expired);
+        for key in expired.drain(..) {
+            if !matches!(self.pairs[key as usize].up, Up::Open) {
                 inc(&self.stats.upstream_failures);
                 self.drop_pair(key);
             }
         }
+        self.expired = expired;
     }
 
     fn drop_pair(&mut self, key: u32) {
+        self.wheel.cancel(&mut self.pairs, key);
         let pair = self.pairs.remove(key as usize);
         sys::close(pair.down.handle);
         if pair.up_fd >= 0 {
@@ -560,6 +573,8 @@ impl Worker {
                 }
                 Ok(Some(used)) => {
                     pos = used;
+                    // Open: no deadline left for this pair.
+                    self.wheel.cancel(&mut self.pairs, key);
                     let pair = &mut self.pairs[key as usize];
                     pair.up = Up::Open;
                     let early = std::mem::take(&mut pair.early);

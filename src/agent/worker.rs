@@ -7,8 +7,7 @@
 //! controller's listen queue), unsent output per session, requests waiting
 //! per session. Every worker stops at its deadline or its stop flag.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -22,11 +21,17 @@ use super::session::{Phase, Session, SessionEvent};
 use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use crate::engine::mailbox::Mailbox;
+use crate::engine::wheel::{Link, Links, Tick, Wheel};
 use crate::engine::{io, sys};
 use crate::metrics::{dec, inc};
 
 const MAX_UNSENT: usize = 32 << 20;
 const CONTROL: u64 = u64::MAX;
+/// The timers' resolution: fine enough that full-jitter reconnects stay
+/// spread (a coarser tick would bunch a reconnect wave into bursts).
+const TICK: Duration = Duration::from_millis(10);
+/// The longest the loop sleeps: how soon a stop or a deadline is noticed.
+const MAX_WAIT: Duration = Duration::from_millis(100);
 /// A connection that lived this long resets the backoff (PROTOCOL.md).
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -127,18 +132,52 @@ struct Slot {
     opened_at: Instant,
     source: Option<IpAddr>,
     registered: bool,
-    /// A reconnect timer is pending for this slot.
-    reconnect_scheduled: bool,
     /// The probe in flight: its request id and when it left.
     probing: Option<(u64, Instant)>,
+    /// The slot's place in the worker's wheel, at its earliest timer.
+    link: Link,
+    timers: Timers,
 }
 
-#[derive(Copy, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Timer {
-    Reconnect,
-    RegisterTimeout,
-    ClientPing,
-    Probe,
+/// A slot's timers, as ticks of the worker's clock (0: not set). The
+/// connection's own (register, ping, probe) are cleared when it ends, so
+/// none fires for a later connection of the same slot.
+#[derive(Copy, Clone, Default)]
+struct Timers {
+    reconnect: Tick,
+    register_by: Tick,
+    client_ping: Tick,
+    probe: Tick,
+}
+
+impl Timers {
+    /// The earliest one set.
+    fn next(&self) -> Option<Tick> {
+        [
+            self.reconnect,
+            self.register_by,
+            self.client_ping,
+            self.probe,
+        ]
+        .into_iter()
+        .filter(|&t| t != 0)
+        .min()
+    }
+
+    /// Clears the timer and says whether it was due at `now`.
+    fn take_due(timer: &mut Tick, now: Tick) -> bool {
+        let due = *timer != 0 && *timer <= now;
+        if due {
+            *timer = 0;
+        }
+        due
+    }
+}
+
+impl Links for Vec<Slot> {
+    fn link(&mut self, key: u32) -> &mut Link {
+        &mut self[key as usize].link
+    }
 }
 
 pub struct Worker<O: Observer> {
@@ -150,7 +189,12 @@ pub struct Worker<O: Observer> {
     stats: Arc<SwarmStats>,
     control: Option<Arc<Mailbox<Control>>>,
     epoll: Epoll,
-    timers: BinaryHeap<Reverse<(Instant, usize, u32, Timer)>>,
+    /// Every slot with a timer set, at its earliest (the controller's
+    /// wheel, at a finer tick).
+    wheel: Wheel,
+    /// Tick 1 of the worker's clock (0 means "no timer").
+    epoch: Instant,
+    expired: Vec<u32>,
     connect_queue: VecDeque<usize>,
     tokens: f64,
     last_refill: Instant,
@@ -196,8 +240,9 @@ impl<O: Observer> Worker<O> {
                 opened_at: now,
                 source: (!sources.is_empty()).then(|| sources[(first_index + i) % sources.len()]),
                 registered: false,
-                reconnect_scheduled: false,
                 probing: None,
+                link: Link::default(),
+                timers: Timers::default(),
             })
             .collect::<Vec<_>>();
         Ok(Worker {
@@ -212,7 +257,9 @@ impl<O: Observer> Worker<O> {
             stats,
             control,
             epoll,
-            timers: BinaryHeap::new(),
+            wheel: Wheel::new(1),
+            epoch: now,
+            expired: Vec::new(),
             scratch: vec![0; 64 << 10],
             out: Vec::new(),
             events: Vec::new(),
@@ -231,13 +278,12 @@ impl<O: Observer> Worker<O> {
             let now = Instant::now();
             self.connect_some(now);
             self.fire_timers(now);
+            let within = (MAX_WAIT.as_nanos() / TICK.as_nanos()) as Tick;
             let next_timer = self
-                .timers
-                .peek()
-                .map(|Reverse((at, ..))| at.saturating_duration_since(now));
-            let mut wait = next_timer
-                .unwrap_or(Duration::from_millis(100))
-                .min(Duration::from_millis(100));
+                .wheel
+                .next_busy(within)
+                .map(|tick| self.instant_of(tick).saturating_duration_since(now));
+            let mut wait = next_timer.unwrap_or(MAX_WAIT).min(MAX_WAIT);
             if !self.connect_queue.is_empty() {
                 wait = wait.min(Duration::from_millis(5));
             }
@@ -304,69 +350,94 @@ impl<O: Observer> Worker<O> {
         }
     }
 
-    fn fire_timers(&mut self, now: Instant) {
-        while let Some(&Reverse((at, slot, generation, timer))) = self.timers.peek() {
-            if at > now {
-                break;
+    /// The tick a deadline at `at` falls in (rounded up: never early).
+    fn tick_of(&self, at: Instant) -> Tick {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        (1 + nanos.div_ceil(TICK.as_nanos())).min(Tick::MAX as u128 / 2) as Tick
+    }
+
+    /// The tick `now` is in (rounded down).
+    fn current_tick(&self, now: Instant) -> Tick {
+        let nanos = now.saturating_duration_since(self.epoch).as_nanos();
+        (1 + nanos / TICK.as_nanos()).min(Tick::MAX as u128 / 2) as Tick
+    }
+
+    fn instant_of(&self, tick: Tick) -> Instant {
+        self.epoch + TICK * tick.saturating_sub(1)
+    }
+
+    /// Puts the slot in the wheel at its earliest timer (or takes it out).
+    fn relink(&mut self, slot: usize) {
+        match self.slots[slot].timers.next() {
+            None => self.wheel.cancel(&mut self.slots, slot as u32),
+            Some(next) if self.slots[slot].link.deadline() != Some(next) => {
+                self.wheel.insert(&mut self.slots, slot as u32, next)
             }
-            self.timers.pop();
-            let s = &self.slots[slot];
-            match timer {
-                Timer::Reconnect if s.state == State::Waiting && s.reconnect_scheduled => {
-                    self.slots[slot].reconnect_scheduled = false;
-                    // Not paced: each simulated service backs off on its
-                    // own, as real ones do (the pacing is the first ramp's).
-                    self.connect(slot);
-                }
-                Timer::RegisterTimeout
-                    if s.generation == generation && s.state == State::Open && !s.registered =>
-                {
-                    self.fail(slot)
-                }
-                Timer::Probe
-                    if s.generation == generation && s.state == State::Open && s.registered =>
-                {
-                    if let Some(probe) = self.config.probe.clone() {
-                        if self.slots[slot].probing.is_none() {
-                            let mut out = std::mem::take(&mut self.out);
-                            out.clear();
-                            let filter = serde_json::json!({"serviceId": PROBE_SERVICE});
-                            if let Some(id) = self.slots[slot].session.request(
-                                "discovery/lookup",
-                                filter,
-                                &mut out,
-                            ) {
-                                self.slots[slot].probing = Some((id, now));
-                            }
-                            self.send(slot, &out);
-                            self.out = out;
-                        }
-                        self.timers.push(Reverse((
-                            now + probe.every,
-                            slot,
-                            generation,
-                            Timer::Probe,
-                        )));
-                    }
-                }
-                Timer::ClientPing if s.generation == generation && s.state == State::Open => {
-                    let mut out = std::mem::take(&mut self.out);
-                    out.clear();
-                    self.slots[slot].session.ping(&mut out);
-                    self.send(slot, &out);
-                    self.out = out;
-                    if let Some(every) = self.config.client_ping {
-                        self.timers.push(Reverse((
-                            now + every,
-                            slot,
-                            generation,
-                            Timer::ClientPing,
-                        )));
-                    }
-                }
-                _ => {}
-            }
+            Some(_) => {}
         }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        let tick = self.current_tick(now);
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(&mut self.slots, tick, &mut expired);
+        for slot in expired.drain(..) {
+            self.fire(slot as usize, now, tick);
+        }
+        self.expired = expired;
+    }
+
+    /// The slot's earliest timer came: runs every one of its timers that is
+    /// due, then re-links it at the next.
+    fn fire(&mut self, slot: usize, now: Instant, tick: Tick) {
+        let timers = &mut self.slots[slot].timers;
+        let reconnect = Timers::take_due(&mut timers.reconnect, tick);
+        let register_by = Timers::take_due(&mut timers.register_by, tick);
+        let client_ping = Timers::take_due(&mut timers.client_ping, tick);
+        let probe = Timers::take_due(&mut timers.probe, tick);
+        if reconnect && self.slots[slot].state == State::Waiting {
+            // Not paced: each simulated service backs off on its own, as
+            // real ones do (the pacing is the first ramp's).
+            self.connect(slot);
+        }
+        let s = &self.slots[slot];
+        if register_by && s.state == State::Open && !s.registered {
+            self.fail(slot);
+        }
+        let s = &self.slots[slot];
+        if probe
+            && s.state == State::Open
+            && s.registered
+            && let Some(every) = self.config.probe.as_ref().map(|p| p.every)
+        {
+            if s.probing.is_none() {
+                let mut out = std::mem::take(&mut self.out);
+                out.clear();
+                let filter = serde_json::json!({"serviceId": PROBE_SERVICE});
+                if let Some(id) =
+                    self.slots[slot]
+                        .session
+                        .request("discovery/lookup", filter, &mut out)
+                {
+                    self.slots[slot].probing = Some((id, now));
+                }
+                self.send(slot, &out);
+                self.out = out;
+            }
+            self.slots[slot].timers.probe = self.tick_of(now + every);
+        }
+        if client_ping
+            && self.slots[slot].state == State::Open
+            && let Some(every) = self.config.client_ping
+        {
+            let mut out = std::mem::take(&mut self.out);
+            out.clear();
+            self.slots[slot].session.ping(&mut out);
+            self.send(slot, &out);
+            self.out = out;
+            self.slots[slot].timers.client_ping = self.tick_of(now + every);
+        }
+        self.relink(slot);
     }
 
     fn connect(&mut self, slot: usize) {
@@ -426,16 +497,15 @@ impl<O: Observer> Worker<O> {
         );
         self.send(slot, &out);
         self.out = out;
-        self.timers.push(Reverse((
-            now + self.config.register_timeout,
-            slot,
-            generation,
-            Timer::RegisterTimeout,
-        )));
-        if let Some(every) = self.config.client_ping {
-            self.timers
-                .push(Reverse((now + every, slot, generation, Timer::ClientPing)));
+        if self.slots[slot].generation != generation || self.slots[slot].fd < 0 {
+            return; // the first send found the peer gone
         }
+        let register_by = self.tick_of(now + self.config.register_timeout);
+        let client_ping = self.config.client_ping.map_or(0, |e| self.tick_of(now + e));
+        let timers = &mut self.slots[slot].timers;
+        timers.register_by = register_by;
+        timers.client_ping = client_ping;
+        self.relink(slot);
         // Data may already be waiting; edge-triggered epoll will not repeat it.
         self.read(slot, true);
     }
@@ -490,13 +560,8 @@ impl<O: Observer> Worker<O> {
                 {
                     // Spread the first probes over the period.
                     let first = probe.every.mul_f64(fastrand::f64());
-                    let generation = self.slots[slot].generation;
-                    self.timers.push(Reverse((
-                        Instant::now() + first,
-                        slot,
-                        generation,
-                        Timer::Probe,
-                    )));
+                    self.slots[slot].timers.probe = self.tick_of(Instant::now() + first);
+                    self.relink(slot);
                 }
                 let renewals = self.observer.after_register();
                 if !renewals.is_empty() {
@@ -654,6 +719,11 @@ impl<O: Observer> Worker<O> {
         }
         s.state = State::Waiting;
         s.unsent = Vec::new();
+        s.timers = Timers {
+            reconnect: s.timers.reconnect,
+            ..Timers::default()
+        };
+        self.relink(slot);
         self.replies.retain(|(i, _), _| *i != slot);
         self.deregistering.retain(|(i, _), _| *i != slot);
     }
@@ -668,18 +738,115 @@ impl<O: Observer> Worker<O> {
     /// ignored, so a failure reported twice backs off once).
     fn schedule_reconnect(&mut self, slot: usize) {
         let now = Instant::now();
-        let s = &mut self.slots[slot];
-        if s.reconnect_scheduled {
+        let s = &self.slots[slot];
+        if s.timers.reconnect != 0 {
             return;
         }
-        s.reconnect_scheduled = true;
+        let s = &mut self.slots[slot];
         if now.duration_since(s.opened_at) > STABLE_AFTER {
             s.attempts = 0;
         }
         let delay = self.config.backoff.delay(s.attempts);
         s.attempts = s.attempts.saturating_add(1);
         s.state = State::Waiting;
-        self.timers
-            .push(Reverse((now + delay, slot, s.generation, Timer::Reconnect)));
+        self.slots[slot].timers.reconnect = self.tick_of(now + delay);
+        self.relink(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener};
+    use std::thread::JoinHandle;
+
+    use super::*;
+    use crate::agent::NoTools;
+
+    /// One service against `addr`, on a thread of its own until `stop`.
+    fn start(
+        addr: SocketAddr,
+        tune: impl FnOnce(&mut WorkerConfig),
+    ) -> (JoinHandle<()>, Arc<SwarmStats>, Arc<AtomicBool>) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut config = WorkerConfig {
+            controller: format!("ws://{addr}/ws/microservice").parse().unwrap(),
+            authorization: None,
+            sources: Vec::new(),
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                cap: Duration::from_millis(100),
+                jitter: false,
+            },
+            connect_rate: 100.0,
+            register_timeout: Duration::from_secs(10),
+            client_ping: None,
+            stop: stop.clone(),
+            deadline: Some(Instant::now() + Duration::from_secs(20)),
+            own_fd_table: false,
+            probe: None,
+        };
+        tune(&mut config);
+        let stats = Arc::new(SwarmStats::default());
+        let counted = stats.clone();
+        let thread = std::thread::spawn(move || {
+            let spec = Arc::new(ServiceSpec::new("timers", "10.0.0.1", 8080));
+            let tools = Arc::new(NoTools);
+            let worker = Worker::new(config, vec![spec], 0, tools, NoObserver, counted, None);
+            worker.expect("a worker").run();
+        });
+        (thread, stats, stop)
+    }
+
+    #[test]
+    fn an_unanswered_upgrade_times_out_and_reconnects() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (thread, stats, stop) = start(listener.local_addr().unwrap(), |c| {
+            c.register_timeout = Duration::from_millis(200);
+        });
+        // Accept and hold every connection; never answer the upgrade.
+        listener.set_nonblocking(true).unwrap();
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while held.len() < 4 && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((socket, _)) => held.push(socket),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+        assert_eq!(
+            held.len(),
+            4,
+            "the register deadline never fired a reconnect"
+        );
+        assert!(stats.connect_attempts.load(Relaxed) >= 4);
+        assert_eq!(stats.registered.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn client_pings_go_out_at_their_interval() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (thread, _stats, stop) = start(listener.local_addr().unwrap(), |c| {
+            c.client_ping = Some(Duration::from_millis(100));
+        });
+        let (socket, _) = listener.accept().unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let mut ws = tungstenite::accept(socket).expect("the agent's upgrade");
+        let (mut pings, started) = (0, Instant::now());
+        while started.elapsed() < Duration::from_millis(1500) {
+            match ws.read() {
+                Ok(tungstenite::Message::Ping(_)) => pings += 1,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+        // ~15 at 100 ms; far fewer means no timer, far more a storm.
+        assert!((3..=30).contains(&pings), "{pings} client pings in 1.5 s");
     }
 }
