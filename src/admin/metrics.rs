@@ -47,7 +47,21 @@ impl Out {
 /// The whole exposition for a controller.
 pub fn render(api: &Api) -> String {
     let mut o = Out(String::with_capacity(16 << 10));
-    let stats = api.stats();
+    connections(&mut o, api.stats());
+    pong_rtt(&mut o, api.stats());
+    registry(&mut o, api.counts());
+    commands(&mut o, api);
+    o.family("tether_build_info", "gauge", "The running version.");
+    o.sample(
+        "tether_build_info",
+        &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
+        1,
+    );
+    o.0
+}
+
+/// What the shards count: connections, pings, bytes, refused input.
+fn connections(o: &mut Out, stats: &[ShardStats]) {
     let r = metrics::read;
 
     o.family("tether_connections", "gauge", "Open connections by shard and state (open: every socket; upgraded: WebSocket; admitted: registered or discovery, pinged).");
@@ -141,7 +155,22 @@ pub fn render(api: &Api) -> String {
         "Bytes written to service sockets.",
         |s| r(&s.bytes_out),
     );
+    o.family(
+        "tether_bad_input_total",
+        "counter",
+        "Refused input by kind.",
+    );
+    for kind in BadInput::ALL {
+        o.sample(
+            "tether_bad_input_total",
+            &format!("kind=\"{}\"", kind.label()),
+            metrics::total(stats, |s| &s.bad_input[kind as usize]),
+        );
+    }
+}
 
+/// The controller's ping round trips, summed over shards.
+fn pong_rtt(o: &mut Out, stats: &[ShardStats]) {
     o.family(
         "tether_pong_rtt_seconds",
         "histogram",
@@ -166,20 +195,10 @@ pub fn render(api: &Api) -> String {
     // From the same reading as +Inf, as the exposition format requires
     // (shards keep counting while we read).
     o.sample("tether_pong_rtt_seconds_count", "", cumulative);
+}
 
-    o.family(
-        "tether_bad_input_total",
-        "counter",
-        "Refused input by kind.",
-    );
-    for kind in BadInput::ALL {
-        o.sample(
-            "tether_bad_input_total",
-            &format!("kind=\"{}\"", kind.label()),
-            metrics::total(stats, |s| &s.bad_input[kind as usize]),
-        );
-    }
-
+/// Instances, registry events, subscriptions and event subscribers.
+fn registry(o: &mut Out, counts: RegistryCounts) {
     let RegistryCounts {
         up,
         down,
@@ -188,7 +207,7 @@ pub fn render(api: &Api) -> String {
         events_cut: cut,
         events,
         ..
-    } = api.counts();
+    } = counts;
     o.family(
         "tether_services",
         "gauge",
@@ -239,7 +258,9 @@ pub fn render(api: &Api) -> String {
         "Event subscribers cut for falling behind.",
     );
     o.sample("tether_event_subscribers_cut_total", "", cut);
+}
 
+fn commands(o: &mut Out, api: &Api) {
     o.family(
         "tether_commands_total",
         "counter",
@@ -254,13 +275,6 @@ pub fn render(api: &Api) -> String {
         "Commands awaiting a reply.",
     );
     o.sample("tether_commands_in_flight", "", api.commands_in_flight());
-    o.family("tether_build_info", "gauge", "The running version.");
-    o.sample(
-        "tether_build_info",
-        &format!("version=\"{}\"", env!("CARGO_PKG_VERSION")),
-        1,
-    );
-    o.0
 }
 
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {

@@ -6,6 +6,12 @@
 //! its `Cx` (send, close, admit). Everything a connection owns is bounded
 //! by `EngineConfig`.
 //!
+//! Layers, bottom up: `sys`, `epoll` and `uring` wrap the OS; `io` is the
+//! one I/O layer every event loop uses (the shards here, the agent's
+//! worker, the relay); `shard` is a driver-agnostic core with an epoll and
+//! an io_uring loop; `conn` and `ws` are the sans-IO connection machine and
+//! codec; `wheel` times everything.
+//!
 //! Invariant: each shard thread has its own fd table (`unshare(CLONE_FILES)`
 //! at start), holding only its listener, the mailboxes' eventfds (created
 //! before) and the sockets it accepts. Code that runs on a shard thread,

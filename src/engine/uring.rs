@@ -1,7 +1,7 @@
 //! The io_uring facility for one shard: a ring, a provided-buffer ring for
 //! receives, a bounded pool of send buffers, and the encoding of each
 //! operation's user_data. No policy: what a completion means is the
-//! shard's business (`shard.rs`).
+//! shard's business (`shard/uring_loop.rs`).
 //!
 //! Sockets are direct descriptors (accepted with IORING_FILE_INDEX_ALLOC
 //! into a sparse table, used as `Fixed`, closed through the ring): they

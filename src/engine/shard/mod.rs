@@ -124,6 +124,18 @@ pub(super) fn first_ping_offset(key: u32, generation: u32, interval: Tick) -> Ti
     (h >> 7) % interval.max(1) + 1
 }
 
+/// Our pings carry the shard clock's nanoseconds at sending; a pong that
+/// echoes them (any other payload is the peer's own) times the round trip.
+fn record_rtt(stats: &ShardStats, payload: &[u8], now: Duration) {
+    let Ok(sent) = <[u8; 8]>::try_from(payload) else {
+        return;
+    };
+    let rtt = (now.as_nanos() as u64).checked_sub(u64::from_be_bytes(sent));
+    if let Some(ns) = rtt.filter(|ns| *ns < 3_600_000_000_000) {
+        stats.rtt(ns / 1000);
+    }
+}
+
 impl Links for Slab<Conn> {
     fn link(&mut self, key: u32) -> &mut Link {
         &mut self[key as usize].link
@@ -423,16 +435,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 }
                 Event::Pong(payload) => {
                     metrics::inc(&stats.pongs_received);
-                    if let Ok(sent) = <[u8; 8]>::try_from(payload) {
-                        let sent_ns = u64::from_be_bytes(sent);
-                        let now_ns = clock.duration_since(*epoch).as_nanos() as u64;
-                        if let Some(rtt) = now_ns
-                            .checked_sub(sent_ns)
-                            .filter(|ns| *ns < 3_600_000_000_000)
-                        {
-                            stats.rtt(rtt / 1000);
-                        }
-                    }
+                    record_rtt(stats, payload, clock.duration_since(*epoch));
                 }
             }
             if cx.stop_current {

@@ -186,97 +186,9 @@ impl<H: Handler> Shard<H, UringIo> {
 
     fn completed(&mut self, c: Completion) {
         match c.op {
-            Some(Op::Accept) => {
-                if c.result >= 0 {
-                    let slot = c.result as u32;
-                    match self.adopt(slot as RawFd) {
-                        Some((key, generation)) => {
-                            let ring = &mut self.driver.ring;
-                            ring.nodelay(slot);
-                            ring.recv(slot, key, generation);
-                        }
-                        None => self.driver.ring.close(slot),
-                    }
-                    if self.at_accept_bound() && self.driver.ring.accept_armed() {
-                        // Stop taking connections: the backlog keeps them
-                        // until room frees (the multishot ends on cancel).
-                        self.accept_paused = true;
-                        self.driver.ring.cancel_accept();
-                    }
-                } else if c.result != -libc::ECANCELED {
-                    // ENFILE (no free slot: closes still in flight), EMFILE,
-                    // ENOBUFS: the backlog keeps the connections; accept
-                    // again at the next tick, not at once.
-                    let next = self.now + 1;
-                    self.driver.accept_retry = next;
-                    self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
-                }
-            }
-            Some(Op::Recv(key, generation24)) => {
-                let live = self.live24(key, generation24);
-                let mut buf = c
-                    .buffer()
-                    .map(|bid| self.driver.ring.received(bid, c.result.max(0) as usize));
-                match (c.result, live) {
-                    (n, Some(_)) if n > 0 => {
-                        let data = buf
-                            .as_mut()
-                            .expect("a receive with data selected a buffer")
-                            .data();
-                        self.feed(key, data);
-                    }
-                    (_, None) => {}
-                    (0, Some(_)) => self.lost(key),
-                    (e, Some(generation)) if e == -libc::ENOBUFS => {
-                        // No buffer was free: the data waits in the socket;
-                        // arm again once buffers are back.
-                        metrics::inc(&self.stats().recv_rearms);
-                        self.driver.rearm.push((key, generation));
-                    }
-                    (_, Some(_)) => self.lost(key),
-                }
-                if let Some(buf) = buf {
-                    self.driver.ring.recycle(buf);
-                }
-                if c.result > 0
-                    && !c.more()
-                    && let Some(generation) = self.live24(key, generation24)
-                {
-                    self.driver.rearm.push((key, generation));
-                }
-            }
-            Some(Op::Send(index)) => {
-                let sent = c.result.max(0) as usize;
-                if c.result > 0 {
-                    self.stats()
-                        .bytes_out
-                        .fetch_add(sent as u64, Ordering::Relaxed);
-                }
-                let (key, generation) = match self.driver.ring.send_done(index, sent) {
-                    None => return,
-                    Some(SendDone::Partial { key, generation }) => {
-                        // Only the same connection may get the rest: a
-                        // dropped one's slot may already hold a new one.
-                        if self.live(key, generation) {
-                            self.driver.ring.resend(index);
-                        } else {
-                            self.driver.ring.abandon(index);
-                        }
-                        return;
-                    }
-                    Some(SendDone::Finished { key, generation }) => (key, generation),
-                };
-                if !self.live(key, generation) {
-                    return;
-                }
-                self.conns[key as usize].set_sending(false);
-                if c.result < 0 {
-                    self.lost(key);
-                } else {
-                    self.flush(key);
-                    self.apply_actions();
-                }
-            }
+            Some(Op::Accept) => self.accept_done(&c),
+            Some(Op::Recv(key, generation24)) => self.recv_done(&c, key, generation24),
+            Some(Op::Send(index)) => self.send_done(&c, index),
             Some(Op::Mailbox) => {
                 if !c.more() {
                     let fd = self.mailboxes[self.id.0 as usize].wake_fd();
@@ -285,6 +197,106 @@ impl<H: Handler> Shard<H, UringIo> {
                 self.drain_mailbox();
             }
             Some(Op::Quiet | Op::Closed) | None => {}
+        }
+    }
+
+    /// The multishot accept produced a socket (a direct descriptor) or an
+    /// error.
+    fn accept_done(&mut self, c: &Completion) {
+        if c.result >= 0 {
+            let slot = c.result as u32;
+            match self.adopt(slot as RawFd) {
+                Some((key, generation)) => {
+                    let ring = &mut self.driver.ring;
+                    ring.nodelay(slot);
+                    ring.recv(slot, key, generation);
+                }
+                None => self.driver.ring.close(slot),
+            }
+            if self.at_accept_bound() && self.driver.ring.accept_armed() {
+                // Stop taking connections: the backlog keeps them
+                // until room frees (the multishot ends on cancel).
+                self.accept_paused = true;
+                self.driver.ring.cancel_accept();
+            }
+        } else if c.result != -libc::ECANCELED {
+            // ENFILE (no free slot: closes still in flight), EMFILE,
+            // ENOBUFS: the backlog keeps the connections; accept
+            // again at the next tick, not at once.
+            let next = self.now + 1;
+            self.driver.accept_retry = next;
+            self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
+        }
+    }
+
+    /// A receive completed: data for the core, the peer's EOF, or no
+    /// buffer free (the data waits in the socket until re-armed).
+    fn recv_done(&mut self, c: &Completion, key: u32, generation24: u32) {
+        let live = self.live24(key, generation24);
+        let mut buf = c
+            .buffer()
+            .map(|bid| self.driver.ring.received(bid, c.result.max(0) as usize));
+        match (c.result, live) {
+            (n, Some(_)) if n > 0 => {
+                let data = buf
+                    .as_mut()
+                    .expect("a receive with data selected a buffer")
+                    .data();
+                self.feed(key, data);
+            }
+            (_, None) => {}
+            (0, Some(_)) => self.lost(key),
+            (e, Some(generation)) if e == -libc::ENOBUFS => {
+                // No buffer was free: the data waits in the socket;
+                // arm again once buffers are back.
+                metrics::inc(&self.stats().recv_rearms);
+                self.driver.rearm.push((key, generation));
+            }
+            (_, Some(_)) => self.lost(key),
+        }
+        if let Some(buf) = buf {
+            self.driver.ring.recycle(buf);
+        }
+        if c.result > 0
+            && !c.more()
+            && let Some(generation) = self.live24(key, generation24)
+        {
+            self.driver.rearm.push((key, generation));
+        }
+    }
+
+    /// A send completed: in part (the rest goes out on the same
+    /// connection only), or whole (the next unsent bytes may go).
+    fn send_done(&mut self, c: &Completion, index: u32) {
+        let sent = c.result.max(0) as usize;
+        if c.result > 0 {
+            self.stats()
+                .bytes_out
+                .fetch_add(sent as u64, Ordering::Relaxed);
+        }
+        let (key, generation) = match self.driver.ring.send_done(index, sent) {
+            None => return,
+            Some(SendDone::Partial { key, generation }) => {
+                // Only the same connection may get the rest: a
+                // dropped one's slot may already hold a new one.
+                if self.live(key, generation) {
+                    self.driver.ring.resend(index);
+                } else {
+                    self.driver.ring.abandon(index);
+                }
+                return;
+            }
+            Some(SendDone::Finished { key, generation }) => (key, generation),
+        };
+        if !self.live(key, generation) {
+            return;
+        }
+        self.conns[key as usize].set_sending(false);
+        if c.result < 0 {
+            self.lost(key);
+        } else {
+            self.flush(key);
+            self.apply_actions();
         }
     }
 }
