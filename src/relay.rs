@@ -167,6 +167,8 @@ struct Worker {
     wheel: Wheel,
     epoch: Instant,
     expired: Vec<u32>,
+    /// Sides whose read budget ran out with data possibly left.
+    read_again: io::ReadAgain,
     next_source: usize,
 }
 
@@ -218,6 +220,7 @@ impl Worker {
             wheel: Wheel::new(0),
             epoch: Instant::now(),
             expired: Vec::new(),
+            read_again: io::ReadAgain::default(),
             next_source: index,
         })
     }
@@ -225,7 +228,8 @@ impl Worker {
     fn run(&mut self) {
         let mut ready = Vec::with_capacity(1024);
         while !self.stop.load(Relaxed) {
-            match self.epoll.wait(100) {
+            let timeout = if self.read_again.is_empty() { 100 } else { 0 };
+            match self.epoll.wait(timeout) {
                 Ok(events) => ready.extend(events),
                 Err(e) => {
                     tracing::error!("relay epoll_wait failed: {e}");
@@ -253,6 +257,21 @@ impl Worker {
                         self.flush_down(key);
                     }
                     if events & (READABLE | HANGUP) != 0 && self.pairs.contains(key as usize) {
+                        self.read_down(key);
+                    }
+                }
+            }
+            for token in self.read_again.take() {
+                let (side, generation) = io::untoken(token);
+                let (key, upstream) = (side >> 1, side & 1 == 1);
+                if self
+                    .pairs
+                    .get(key as usize)
+                    .is_some_and(|p| p.generation == generation)
+                {
+                    if upstream {
+                        self.read_up(key);
+                    } else {
                         self.read_down(key);
                     }
                 }
@@ -347,7 +366,7 @@ impl Worker {
     // -- downstream (the service) --------------------------------------------
 
     fn read_down(&mut self, key: u32) {
-        loop {
+        for _ in 0..io::READ_BUDGET {
             let Some(pair) = self.pairs.get(key as usize) else {
                 return;
             };
@@ -363,6 +382,14 @@ impl Worker {
                     }
                 }
             }
+        }
+        self.read_later(key, false);
+    }
+
+    /// The read budget ran out: the rest of this side waits a turn.
+    fn read_later(&mut self, key: u32, upstream: bool) {
+        if let Some(pair) = self.pairs.get(key as usize) {
+            self.read_again.defer(token(key, pair.generation, upstream));
         }
     }
 
@@ -535,7 +562,7 @@ impl Worker {
     }
 
     fn read_up(&mut self, key: u32) {
-        loop {
+        for _ in 0..io::READ_BUDGET {
             let Some(pair) = self.pairs.get(key as usize) else {
                 return;
             };
@@ -553,6 +580,7 @@ impl Worker {
                 }
             }
         }
+        self.read_later(key, true);
     }
 
     /// Parses what the controller sent: the 101, then frames. Text goes to

@@ -110,6 +110,35 @@ pub fn recv_some(fd: RawFd, buf: &mut [u8]) -> Received {
     }
 }
 
+/// Reads from one socket per readiness event before the others' turn:
+/// the shards', the worker's and the relay's loops all stop at it.
+pub const READ_BUDGET: usize = 16;
+
+/// Sockets whose read budget ran out with data possibly left. Edge-
+/// triggered epoll will not report them again, so the loop reads them on
+/// its next turn, before it sleeps (and does not sleep while any wait).
+#[derive(Default)]
+pub struct ReadAgain {
+    pending: Vec<u64>,
+}
+
+impl ReadAgain {
+    /// Read the socket with this token again next turn.
+    pub fn defer(&mut self, token: u64) {
+        self.pending.push(token);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// This turn's tokens; those deferred while handling them wait for the
+    /// next turn.
+    pub fn take(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pending)
+    }
+}
+
 /// What one accept found.
 #[derive(Debug)]
 pub enum Accepted {

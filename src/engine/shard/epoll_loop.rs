@@ -16,8 +16,6 @@ use crate::metrics::ShardStats;
 
 /// The read buffer: every connection reads into it.
 const SCRATCH: usize = 64 << 10;
-/// Reads from one connection per readiness event before the others' turn.
-const READ_BUDGET: usize = 16;
 /// Accepts per listener event before the others' turn.
 const ACCEPT_BUDGET: usize = 512;
 const EVENTS: usize = 1024;
@@ -28,8 +26,7 @@ pub(super) struct EpollIo {
     epoll: Epoll,
     scratch: Box<[u8]>,
     /// Connections whose read budget ran out with data possibly left.
-    resume: Vec<u64>,
-    resume_next: Vec<u64>,
+    read_again: io::ReadAgain,
     /// Accept again before waiting (budget spent, or room freed).
     accept_now: bool,
 }
@@ -43,8 +40,7 @@ impl EpollIo {
         Ok(EpollIo {
             epoll,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
-            resume: Vec::new(),
-            resume_next: Vec::new(),
+            read_again: io::ReadAgain::default(),
             accept_now: true,
         })
     }
@@ -86,7 +82,7 @@ impl<H: Handler> Shard<H, EpollIo> {
         while !self.stop.load(Ordering::Relaxed) {
             let wait = self.until_next_tick();
             let e = &mut self.driver;
-            let timeout = if e.accept_now || !e.resume.is_empty() {
+            let timeout = if e.accept_now || !e.read_again.is_empty() {
                 0
             } else {
                 wait.as_millis().clamp(1, 1000) as i32
@@ -115,9 +111,7 @@ impl<H: Handler> Shard<H, EpollIo> {
             if self.driver.accept_now {
                 self.epoll_accept();
             }
-            let e = &mut self.driver;
-            std::mem::swap(&mut e.resume, &mut e.resume_next);
-            for token in std::mem::take(&mut e.resume_next) {
+            for token in self.driver.read_again.take() {
                 let (key, generation) = io::untoken(token);
                 if self.live(key, generation) {
                     self.epoll_read(key, true);
@@ -170,7 +164,7 @@ impl<H: Handler> Shard<H, EpollIo> {
     /// it drained: the EOF behind the data gets no edge of its own, so read
     /// on until EOF or EAGAIN.
     fn epoll_read(&mut self, key: u32, hangup: bool) {
-        for _ in 0..READ_BUDGET {
+        for _ in 0..io::READ_BUDGET {
             let Some(conn) = self.conns.get(key as usize) else {
                 return;
             };
@@ -194,6 +188,6 @@ impl<H: Handler> Shard<H, EpollIo> {
             }
         }
         let generation = self.conns[key as usize].generation;
-        self.driver.resume.push(io::token(key, generation));
+        self.driver.read_again.defer(io::token(key, generation));
     }
 }
