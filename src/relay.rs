@@ -76,14 +76,9 @@ impl Relay {
         let mut group = io::StartGroup::default();
         for (i, &listener) in listeners.iter().enumerate() {
             let (config, stats, stop) = (config.clone(), stats.clone(), stop.clone());
-            group.spawn(format!("tether-relay-{i}"), move |ready| match Worker::new(
-                config, listener, i, stats, stop,
-            ) {
-                Ok(mut w) => {
-                    ready.ok();
-                    w.run();
-                }
-                Err(e) => ready.fail(e),
+            group.spawn(format!("tether-relay-{i}"), move |ready| {
+                let setup = Worker::new(config, listener, i, stats, stop);
+                ready.then_run(setup, |mut w| w.run());
             });
         }
         let (handles, started) = group.wait();

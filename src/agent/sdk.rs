@@ -115,13 +115,8 @@ impl Agent {
         let mut group = StartGroup::default();
         group.spawn("tether-agent".into(), move |ready| {
             let specs = vec![Arc::new(spec)];
-            match Worker::new(config, specs, 0, tools, SdkObserver(st), sts, Some(ctl)) {
-                Ok(w) => {
-                    ready.ok();
-                    w.run();
-                }
-                Err(e) => ready.fail(e),
-            }
+            let setup = Worker::new(config, specs, 0, tools, SdkObserver(st), sts, Some(ctl));
+            ready.then_run(setup, Worker::run);
         });
         let (mut threads, ready) = group.wait();
         let agent = Agent {

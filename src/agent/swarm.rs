@@ -133,13 +133,8 @@ impl Swarm {
             let (worker, stats) = (worker.clone(), stats.clone());
             group.spawn(format!("tether-swarm-{t}"), move |ready| {
                 let tools = Arc::new(NoTools);
-                match Worker::new(worker, specs, first, tools, NoObserver, stats, None) {
-                    Ok(w) => {
-                        ready.ok();
-                        w.run();
-                    }
-                    Err(e) => ready.fail(e),
-                }
+                let setup = Worker::new(worker, specs, first, tools, NoObserver, stats, None);
+                ready.then_run(setup, Worker::run);
             });
         }
         let (handles, ready) = group.wait();

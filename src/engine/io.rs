@@ -189,6 +189,17 @@ impl Ready {
     pub fn fail(self, why: impl std::fmt::Display) {
         let _ = self.tx.send((self.index, Err(why.to_string())));
     }
+
+    /// Reports how `setup` went, and on success runs the loop with it.
+    pub fn then_run<T, E: std::fmt::Display>(self, setup: Result<T, E>, run: impl FnOnce(T)) {
+        match setup {
+            Ok(state) => {
+                self.ok();
+                run(state);
+            }
+            Err(e) => self.fail(e),
+        }
+    }
 }
 
 /// Threads started together: each runs its own setup (its fd table, its

@@ -83,20 +83,12 @@ pub(super) fn run<H: Handler>(setup: Setup<H::Msg>, handler: H, ready: io::Ready
         return ready.fail(e);
     }
     match setup.io {
-        IoDriver::Epoll => match EpollIo::new(&setup) {
-            Ok(driver) => {
-                ready.ok();
-                guarded(Shard::new(setup, handler, driver), Shard::run_epoll);
-            }
-            Err(e) => ready.fail(e),
-        },
-        IoDriver::Uring => match UringIo::new(&setup) {
-            Ok(driver) => {
-                ready.ok();
-                guarded(Shard::new(setup, handler, driver), Shard::run_uring);
-            }
-            Err(e) => ready.fail(e),
-        },
+        IoDriver::Epoll => ready.then_run(EpollIo::new(&setup), |driver| {
+            guarded(Shard::new(setup, handler, driver), Shard::run_epoll)
+        }),
+        IoDriver::Uring => ready.then_run(UringIo::new(&setup), |driver| {
+            guarded(Shard::new(setup, handler, driver), Shard::run_uring)
+        }),
     }
 }
 
