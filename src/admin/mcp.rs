@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use crate::jsonrpc::{Code, RpcError};
+use crate::jsonrpc::{self, Code, Message as Rpc, ParseError, RpcError};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
@@ -44,12 +44,26 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Arc<Caller>) {
             Message::Close(_) => return,
             _ => continue,
         };
-        let reply = match serde_json::from_str::<Value>(&text) {
-            Ok(request) => handle(&state, &caller, request).await,
-            Err(_) => Some(rpc_error(
+        let reply = match jsonrpc::parse(&text) {
+            Ok(Rpc::Request { id, method, params }) => {
+                let id: Value = serde_json::from_str(id.get()).unwrap_or(Value::Null);
+                let params = params
+                    .and_then(|p| serde_json::from_str(p.get()).ok())
+                    .unwrap_or(json!({}));
+                handle(&state, &caller, id, &method, params).await
+            }
+            // Notifications (notifications/initialized, …) and responses
+            // get no answer.
+            Ok(Rpc::Notification { .. } | Rpc::Response { .. }) => None,
+            Err(ParseError::Json) => Some(rpc_error(
                 Value::Null,
                 RpcError::new(Code::Parse, "parse error"),
             )),
+            Err(ParseError::Invalid { id, why }) => {
+                let id = id.and_then(|i| serde_json::from_str(i.get()).ok());
+                let e = RpcError::new(Code::InvalidRequest, format!("invalid request: {why}"));
+                Some(rpc_error(id.unwrap_or(Value::Null), e))
+            }
         };
         if let Some(reply) = reply
             && socket
@@ -66,20 +80,14 @@ fn rpc_error(id: Value, error: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": error.to_json()})
 }
 
-/// One request; `None` for notifications.
-async fn handle(state: &AppState, caller: &Arc<Caller>, request: Value) -> Option<Value> {
-    let id = request.get("id").cloned();
-    let method = request.get("method").and_then(Value::as_str);
-    let params = request.get("params").cloned().unwrap_or(json!({}));
-    let (id, method) = match (id, method) {
-        (Some(id), Some(method)) => (id, method),
-        // Notifications (notifications/initialized, …) get no answer.
-        (None, _) => return None,
-        (Some(id), None) => {
-            let e = RpcError::new(Code::InvalidRequest, "invalid request: no method");
-            return Some(rpc_error(id, e));
-        }
-    };
+/// One request (read by the shared envelope, `jsonrpc::parse`).
+async fn handle(
+    state: &AppState,
+    caller: &Arc<Caller>,
+    id: Value,
+    method: &str,
+    params: Value,
+) -> Option<Value> {
     let result = match method {
         "initialize" => {
             let asked = params.get("protocolVersion").and_then(Value::as_str);

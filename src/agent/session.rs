@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::jsonrpc::RpcError;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::{ServiceSpec, Tools};
 use crate::engine::ws::{self, OpCode, Role};
+use crate::jsonrpc::{self, Message, RpcError};
 
 /// Bounds on what the controller can make a session hold.
 const MAX_MESSAGE: usize = 16 << 20;
@@ -118,8 +119,10 @@ impl Session {
         ws::write_upgrade_request(out, host, path, &self.key, authorization);
     }
 
-    fn send(&mut self, out: &mut Vec<u8>, value: &Value) {
-        let text = serde_json::to_vec(value).expect("values serialize");
+    /// Frames one JSON-RPC message that `write` puts in a buffer.
+    fn send(&mut self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        let mut text = Vec::with_capacity(256);
+        write(&mut text);
         ws::encode_frame(out, OpCode::Text, &text, mask());
     }
 
@@ -136,18 +139,17 @@ impl Session {
         self.next_id += 1;
         let id = self.next_id;
         self.pending.insert(id, method);
-        self.send(
-            out,
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
-        );
+        let params = serde_json::value::to_raw_value(&params).expect("values serialize");
+        self.send(out, |text| {
+            jsonrpc::write_request(text, id, method, Some(&params))
+        });
         Some(id)
     }
 
     pub fn notify(&mut self, method: &str, params: Value, out: &mut Vec<u8>) {
-        self.send(
-            out,
-            &json!({"jsonrpc": "2.0", "method": method, "params": params}),
-        );
+        self.send(out, |text| {
+            jsonrpc::write_notification(text, method, &params)
+        });
     }
 
     pub fn ping(&mut self, out: &mut Vec<u8>) {
@@ -290,33 +292,39 @@ impl Session {
         out: &mut Vec<u8>,
         events: &mut Vec<SessionEvent>,
     ) {
-        let Ok(msg) = serde_json::from_slice::<Value>(text) else {
+        // What is not JSON-RPC 2.0 is not the controller's: ignored.
+        let Ok(text) = std::str::from_utf8(text) else {
             return;
         };
-        let method = msg.get("method").and_then(Value::as_str);
-        let id = msg.get("id").filter(|v| !v.is_null()).cloned();
-        match (method, id) {
-            (Some(method), Some(id)) => {
-                let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                let reply = match self.answer(method, params, tools) {
-                    Ok(result) => json!({"jsonrpc": "2.0", "id": id, "result": result}),
-                    Err(error) => json!({"jsonrpc": "2.0", "id": id, "error": error.to_json()}),
-                };
-                self.send(out, &reply);
+        let Ok(message) = jsonrpc::parse(text) else {
+            return;
+        };
+        let value = |raw: Option<&RawValue>| {
+            raw.and_then(|r| serde_json::from_str(r.get()).ok())
+                .unwrap_or(Value::Null)
+        };
+        match message {
+            Message::Request { id, method, params } => {
+                let answer = self.answer(&method, value(params), tools);
+                self.send(out, |text| match answer {
+                    Ok(result) => jsonrpc::write_result(text, id, &result),
+                    Err(error) => error.write(text, Some(id)),
+                });
             }
-            (Some(method), None) => events.push(SessionEvent::Notification {
-                method: method.to_string(),
-                params: msg.get("params").cloned().unwrap_or(Value::Null),
+            Message::Notification { method, params } => events.push(SessionEvent::Notification {
+                method: method.into_owned(),
+                params: value(params),
             }),
-            (None, Some(id)) => {
-                let Some(id) = id.as_u64() else { return };
+            Message::Response { id, outcome } => {
+                let Ok(id) = id.get().parse::<u64>() else {
+                    return;
+                };
                 let Some(method) = self.pending.remove(&id) else {
                     return;
                 };
-                let outcome = match (msg.get("result"), msg.get("error")) {
-                    (Some(r), _) => Ok(r.clone()),
-                    (_, Some(e)) => Err(e.clone()),
-                    _ => Err(Value::Null),
+                let outcome = match outcome {
+                    Ok(result) => Ok(value(Some(result))),
+                    Err(error) => Err(value(Some(error))),
                 };
                 if id == self.register_id && method == "service/register" {
                     self.on_register(outcome, events);
@@ -324,7 +332,6 @@ impl Session {
                     events.push(SessionEvent::Reply { id, outcome });
                 }
             }
-            (None, None) => {}
         }
     }
 
