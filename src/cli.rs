@@ -35,6 +35,60 @@ fn encode(v: &str) -> String {
         .collect()
 }
 
+/// One cell: a string without its quotes, a number as it is, null empty.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// A bordered table, as `etcdctl -w table` prints: every column as wide
+/// as its widest cell, numbers to the right, text to the left.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let width = |i: usize| {
+        rows.iter()
+            .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+            .chain([header[i].chars().count()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..header.len()).map(width).collect();
+    let numeric: Vec<bool> = (0..header.len())
+        .map(|i| {
+            rows.iter().all(|r| {
+                r.get(i)
+                    .is_none_or(|c| c.is_empty() || c.parse::<f64>().is_ok())
+            })
+        })
+        .collect();
+    let rule: String = widths
+        .iter()
+        .map(|w| format!("+{}", "-".repeat(w + 2)))
+        .chain(["+\n".to_string()])
+        .collect();
+    let line = |cells: &[String], align: bool| -> String {
+        let mut out = String::new();
+        for (i, w) in widths.iter().enumerate() {
+            let c = cells.get(i).map_or("", String::as_str);
+            let pad = " ".repeat(w - c.chars().count());
+            if align && numeric[i] {
+                out.push_str(&format!("| {pad}{c} "));
+            } else {
+                out.push_str(&format!("| {c}{pad} "));
+            }
+        }
+        out + "|\n"
+    };
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut out = rule.clone() + &line(&header, false) + &rule;
+    for row in rows {
+        out.push_str(&line(row, true));
+    }
+    out + &rule
+}
+
 pub fn status(admin: &str, json: bool) -> anyhow::Result<()> {
     let s = get(admin, "/summary?top=20")?;
     if json {
@@ -50,24 +104,28 @@ pub fn status(admin: &str, json: bool) -> anyhow::Result<()> {
         s["commandsInFlight"],
         s["eventSubscribers"]
     );
-    println!(
-        "\n{:<6} {:>12} {:>10} {:>10}",
-        "SHARD", "CONNECTIONS", "UPGRADED", "ADMITTED"
+    let shards: Vec<Vec<String>> = s["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|shard| {
+            ["shard", "connections", "upgraded", "admitted"]
+                .iter()
+                .map(|k| cell(&shard[k]))
+                .collect()
+        })
+        .collect();
+    print!(
+        "\n{}",
+        table(&["SHARD", "CONNECTIONS", "UPGRADED", "ADMITTED"], &shards)
     );
-    for shard in s["shards"].as_array().into_iter().flatten() {
-        println!(
-            "{:<6} {:>12} {:>10} {:>10}",
-            shard["shard"], shard["connections"], shard["upgraded"], shard["admitted"]
-        );
-    }
-    println!("\n{:<40} {:>8}", "SERVICE", "UP");
-    for service in s["byService"].as_array().into_iter().flatten() {
-        println!(
-            "{:<40} {:>8}",
-            service["serviceId"].as_str().unwrap_or(""),
-            service["up"]
-        );
-    }
+    let services: Vec<Vec<String>> = s["byService"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|service| vec![cell(&service["serviceId"]), cell(&service["up"])])
+        .collect();
+    print!("\n{}", table(&["SERVICE", "UP"], &services));
     Ok(())
 }
 
@@ -98,22 +156,30 @@ pub fn services(admin: &str, query: &ServicesQuery, json: bool) -> anyhow::Resul
         println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(());
     }
-    println!(
-        "{:<36}  {:<24} {:<6} {:<8} {:<22} {:<5} {:<4}",
-        "RUNTIME INSTANCE", "SERVICE", "ENV", "STATUS", "ADDRESS", "SHARD", ""
-    );
-    for i in page["items"].as_array().into_iter().flatten() {
-        let s = |k: &str| i[k].as_str().unwrap_or("").to_string();
-        println!(
-            "{:<36}  {:<24} {:<6} {:<8} {:<22} {:<5}",
-            s("runtimeInstanceId"),
-            s("serviceId"),
-            s("environment"),
-            s("status"),
-            format!("{}:{}", s("address"), i["port"]),
-            i["shard"]
-        );
-    }
+    let rows: Vec<Vec<String>> = page["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|i| {
+            vec![
+                cell(&i["runtimeInstanceId"]),
+                cell(&i["serviceId"]),
+                cell(&i["environment"]),
+                cell(&i["status"]),
+                format!("{}:{}", cell(&i["address"]), cell(&i["port"])),
+                cell(&i["shard"]),
+            ]
+        })
+        .collect();
+    let header = [
+        "RUNTIME INSTANCE",
+        "SERVICE",
+        "ENV",
+        "STATUS",
+        "ADDRESS",
+        "SHARD",
+    ];
+    print!("{}", table(&header, &rows));
     let shown = page["items"].as_array().map_or(0, Vec::len);
     match page["nextCursor"].as_str() {
         Some(next) => println!(
@@ -123,4 +189,40 @@ pub fn services(admin: &str, query: &ServicesQuery, json: bool) -> anyhow::Resul
         None => println!("\n{shown} of {} shown", page["total"]),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn tables_line_up_like_etcdctl() {
+        let rows = vec![
+            vec!["0".to_string(), "1002".to_string(), "billing".to_string()],
+            vec![
+                "15".to_string(),
+                "7".to_string(),
+                "a-much-longer-service".to_string(),
+            ],
+        ];
+        let text = table(&["SHARD", "CONNECTIONS", "SERVICE"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        let bars = |l: &str| {
+            l.match_indices(['|', '+'])
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        for l in &lines {
+            assert_eq!(bars(l), bars(lines[0]), "column edges differ:\n{text}");
+        }
+        assert!(
+            lines[3].contains("|     0 |        1002 | billing "),
+            "{text}"
+        );
+        assert!(
+            lines[1].starts_with("| SHARD | CONNECTIONS | SERVICE "),
+            "{text}"
+        );
+    }
 }

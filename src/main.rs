@@ -136,6 +136,11 @@ struct ControllerArgs {
     /// This controller's hostId (the `host` claim of service tokens).
     #[arg(long)]
     host_id: Option<String>,
+    /// Serve the service endpoints under this path prefix, for an ingress
+    /// that routes by path: `/controller` serves
+    /// `/controller/ws/microservice` and `/controller/ws/discovery`.
+    #[arg(long, env = "TETHER_BASE_PATH", default_value = "", value_parser = tether::controller::valid_base_path)]
+    base_path: String,
     /// Verify service JWTs with this HS256 shared key (file), for development.
     #[arg(long, conflicts_with = "auth_jwks")]
     auth_shared_key_file: Option<std::path::PathBuf>,
@@ -421,6 +426,8 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let max_conns = engine.max_conns_per_shard;
     let mut config = ControllerConfig::new(engine);
     config.host_id = args.host_id.unwrap_or_else(default_host_id);
+    config.base_path = args.base_path;
+    let config_base_path = config.base_path.clone();
     config.registry.max_snapshot_nodes = args.max_snapshot_nodes;
     config.command_timeout = args.command_timeout;
     let auth = match (&args.auth_shared_key_file, &args.auth_jwks) {
@@ -458,6 +465,11 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         auth_mode,
         admin_line
     );
+    if !config_base_path.is_empty() {
+        tracing::info!(
+            "services connect to {config_base_path}/ws/microservice and {config_base_path}/ws/discovery"
+        );
+    }
     loop {
         if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
             tracing::info!(signal = sig, "stopping: closing every connection with 1001");

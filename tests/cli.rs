@@ -215,6 +215,23 @@ fn status_and_services_read_the_admin_api() {
         text.contains("instances 120 (up 120, down 0), 3 distinct services"),
         "{text}"
     );
+    // Both tables line up: in each, every line has its column edges where
+    // the first rule has them (numbers used to drift off their headers).
+    assert!(
+        text.contains("| SHARD | CONNECTIONS | UPGRADED | ADMITTED |"),
+        "{text}"
+    );
+    let edges = |l: &str| {
+        l.match_indices(['|', '+'])
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    };
+    let tables: Vec<&str> = text.split("\n\n").filter(|b| b.starts_with('+')).collect();
+    assert_eq!(tables.len(), 2, "{text}");
+    for t in tables {
+        let first = edges(t.lines().next().unwrap());
+        assert!(t.lines().all(|l| edges(l) == first), "{t}");
+    }
 
     let out = tether()
         .args([

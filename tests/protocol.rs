@@ -81,17 +81,15 @@ fn register_lookup_subscribe_sees_arrivals_and_departures_then_deregister() {
         }
     }
 
-    // Deregister: confirmed, idempotent, and the instance leaves discovery.
+    // Deregister: confirmed, then closed, and the instance leaves discovery.
     let params = json!({"runtimeInstanceId": first_id, "reason": "programmatic"});
-    let reply = first.call("service/deregister", params.clone());
+    let reply = first.call("service/deregister", params);
     assert_eq!(
         reply["result"],
         json!({"runtimeInstanceId": first_id.to_string(), "status": "deregistered"})
     );
-    assert_eq!(
-        first.call("service/deregister", params)["result"]["status"],
-        "deregistered"
-    );
+    // Then the controller closes with 1000 (the ack came first).
+    assert_eq!(first.expect_close(), Some(1000));
     let unsub = watcher.call(
         "discovery/unsubscribe",
         json!({"serviceId": "user", "envTag": "prod"}),
@@ -373,6 +371,9 @@ fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
     eventually("subscriber sees one", || {
         seen.lock().unwrap().last() == Some(&1)
     });
+    // The controller closed it with 1000 after the ack; a deregistered
+    // agent stays away (its backoff would have brought it back by now).
+    std::thread::sleep(Duration::from_millis(2500));
     let filter = Filter {
         service_id: "billing".into(),
         env_tag: None,
@@ -381,4 +382,29 @@ fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
     assert_eq!(ctl.lookup(&filter).nodes.len(), 1);
     agent.stop();
     other.stop();
+}
+
+/// light-4j builds `portalUrl + basePath + /ws/microservice`: behind a
+/// path-routing ingress the endpoints live under a prefix.
+#[test]
+fn a_base_path_prefixes_both_service_endpoints() {
+    let mut config = config(1);
+    config.base_path = "/controller".into();
+    let ctl = start(config);
+    let addr = ctl.local_addr();
+    let mut service = Client::connect(addr, "/controller/ws/microservice");
+    let id = service.register("billing", "10.0.0.7", 8443);
+    let mut watcher = Client::connect(addr, "/controller/ws/discovery");
+    let snapshot = watcher.call("discovery/lookup", json!({"serviceId": "billing"}));
+    assert_eq!(node_ids(&snapshot["result"]), vec![id.to_string()]);
+    // Without the prefix (or with only part of it) there is nothing.
+    for path in [
+        "/ws/microservice",
+        "/ws/discovery",
+        "/controller",
+        "/controllerx/ws/microservice",
+    ] {
+        let mut c = Client::tcp(addr);
+        assert_eq!(c.upgrade(path, None), 404, "{path}");
+    }
 }

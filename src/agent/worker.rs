@@ -132,6 +132,9 @@ struct Slot {
     opened_at: Instant,
     source: Option<IpAddr>,
     registered: bool,
+    /// Deregistered: the controller closes after its ack, and the service
+    /// stays away (no reconnect).
+    deregistered: bool,
     /// The probe in flight: its request id and when it left.
     probing: Option<(u64, Instant)>,
     /// The slot's place in the worker's wheel, at its earliest timer.
@@ -242,6 +245,7 @@ impl<O: Observer> Worker<O> {
                 opened_at: now,
                 source: (!sources.is_empty()).then(|| sources[(first_index + i) % sources.len()]),
                 registered: false,
+                deregistered: false,
                 probing: None,
                 link: Link::default(),
                 timers: Timers::default(),
@@ -624,6 +628,7 @@ impl<O: Observer> Worker<O> {
                 } else if let Some(tx) = self.replies.remove(&(slot, id)) {
                     let _ = tx.try_send(outcome);
                 } else if let Some(tx) = self.deregistering.remove(&(slot, id)) {
+                    self.slots[slot].deregistered |= outcome.is_ok();
                     let _ = tx.try_send(outcome.is_ok());
                     if self.slots[slot].registered {
                         self.slots[slot].registered = false;
@@ -754,7 +759,9 @@ impl<O: Observer> Worker<O> {
     /// The connection failed or ended: reconnect after the backoff.
     fn fail(&mut self, slot: usize) {
         self.disconnect(slot);
-        self.schedule_reconnect(slot);
+        if !self.slots[slot].deregistered {
+            self.schedule_reconnect(slot);
+        }
     }
 
     /// Schedules one reconnect (a second request while one is pending is

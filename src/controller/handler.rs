@@ -78,6 +78,8 @@ pub struct ShardHandler {
     /// (by connection key, with its generation). Empty when auth is off.
     bearer: HashMap<u32, (u32, Box<str>)>,
     commands: Commands,
+    /// The answer to a path that is neither endpoint (it names them).
+    wrong_path: &'static str,
 }
 
 impl ShardHandler {
@@ -88,6 +90,7 @@ impl ShardHandler {
         stats: Arc<[ShardStats]>,
     ) -> ShardHandler {
         let max_conns = shared.config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE;
+        let wrong_path = wrong_path_message(&shared.config.base_path);
         ShardHandler {
             shard,
             shared,
@@ -100,6 +103,7 @@ impl ShardHandler {
             supersede_retry: Vec::new(),
             bearer: HashMap::new(),
             commands: Commands::default(),
+            wrong_path,
         }
     }
 
@@ -322,6 +326,9 @@ impl ShardHandler {
         }
         let result = serde_json::json!({"runtimeInstanceId": instance, "status": "deregistered"});
         self.reply_result(cx, conn, id, &result);
+        // The ack goes out first, then the close (light-fabric's graceful
+        // shutdown: flush the ack, close with 1000).
+        cx.close(conn, 1000, "deregistered");
         Ok(())
     }
 
@@ -433,13 +440,14 @@ impl Handler for ShardHandler {
     type Msg = ShardMsg;
 
     fn on_upgrade(&mut self, conn: ConnRef, req: &UpgradeRequest<'_>) -> Result<(), Refusal> {
-        let endpoint = match req.path {
-            MICROSERVICE_PATH => Endpoint::Microservice,
-            DISCOVERY_PATH => Endpoint::Discovery,
+        let base = self.shared.config.base_path.as_str();
+        let endpoint = match req.path.strip_prefix(base) {
+            Some(MICROSERVICE_PATH) => Endpoint::Microservice,
+            Some(DISCOVERY_PATH) => Endpoint::Discovery,
             _ => {
                 return Err(Refusal {
                     status: 404,
-                    message: "no such path: tether serves /ws/microservice and /ws/discovery",
+                    message: self.wrong_path,
                     kind: BadInput::WrongPath,
                 });
             }
@@ -607,6 +615,18 @@ impl Handler for ShardHandler {
             }
         }
     }
+}
+
+/// "no such path: tether serves {base}/ws/microservice and …": made once
+/// per controller and shard (a `Refusal` carries a static message).
+fn wrong_path_message(base: &str) -> &'static str {
+    const PLAIN: &str = "no such path: tether serves /ws/microservice and /ws/discovery";
+    if base.is_empty() {
+        return PLAIN;
+    }
+    let message =
+        format!("no such path: tether serves {base}{MICROSERVICE_PATH} and {base}{DISCOVERY_PATH}");
+    Box::leak(message.into_boxed_str())
 }
 
 /// A default for commands that did not name a timeout.

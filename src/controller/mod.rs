@@ -39,6 +39,10 @@ pub struct ControllerConfig {
     pub registry: RegistryConfig,
     /// This controller's hostId: the `host` claim service tokens must carry.
     pub host_id: String,
+    /// A path prefix the service endpoints are served under (`/controller`
+    /// serves `/controller/ws/microservice`), for a path-routing ingress;
+    /// empty for none. See `valid_base_path`.
+    pub base_path: String,
     pub command_timeout: Duration,
     pub max_inflight_per_instance: usize,
     pub max_inflight_total: usize,
@@ -53,6 +57,7 @@ impl ControllerConfig {
         ControllerConfig {
             registry: RegistryConfig::default(),
             host_id: default_host_id(),
+            base_path: String::new(),
             command_timeout: handler::DEFAULT_COMMAND_TIMEOUT,
             max_inflight_per_instance: 64,
             max_inflight_total: 4096,
@@ -61,6 +66,32 @@ impl ControllerConfig {
             engine,
         }
     }
+}
+
+/// A `--base-path` as served: `""` or `/a/b` (leading slash, none at the
+/// end, no query, fragment or space). `/` means none.
+pub fn valid_base_path(path: &str) -> Result<String, String> {
+    let path = path.trim_end_matches('/');
+    if path.is_empty() {
+        return Ok(String::new());
+    }
+    let bad = |why: &str| Err(format!("--base-path {path:?} {why}, like /controller"));
+    if !path.starts_with('/') {
+        return bad("must start with /");
+    }
+    if path.len() > 256 {
+        return bad("is over 256 bytes");
+    }
+    if path
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '%'))
+    {
+        return bad("must be a plain path (no query, fragment, escapes or spaces)");
+    }
+    if path.contains("//") {
+        return bad("must not hold an empty segment");
+    }
+    Ok(path.to_string())
 }
 
 /// The machine's host name, the usual hostId.
@@ -560,4 +591,28 @@ impl Api {
 pub fn tool_call_params(name: &str, arguments: &serde_json::Value) -> Box<RawValue> {
     let params = serde_json::json!({"name": name, "arguments": arguments});
     RawValue::from_string(params.to_string()).expect("json! is valid JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_base_path;
+
+    #[test]
+    fn base_paths_are_plain_absolute_paths() {
+        for (given, served) in [
+            ("", ""),
+            ("/", ""),
+            ("/controller", "/controller"),
+            ("/a/b/", "/a/b"),
+        ] {
+            assert_eq!(valid_base_path(given).as_deref(), Ok(served), "{given}");
+        }
+        for bad in ["controller", "/a?b", "/a#b", "/a b", "/a//b", "/%2e"] {
+            let e = valid_base_path(bad).unwrap_err();
+            assert!(
+                e.contains("--base-path") && e.contains("/controller"),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

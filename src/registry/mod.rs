@@ -375,6 +375,41 @@ mod tests {
     }
 
     #[test]
+    fn an_update_onto_a_down_records_identity_replaces_it() {
+        let mut r = Registry::new(RegistryConfig::default(), 1);
+        let gone = r.register(&reg("user", "10.0.0.1", 1), owner(1), 0);
+        assert!(r.mark_down(&gone.id, owner(1), "pong timeout", 10));
+        let live = r.register(&reg("user", "10.0.0.1", 2), owner(2), 20);
+        let update = MetadataUpdate {
+            version: Some("2"),
+            port: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.update(&live.id, owner(2), &update, 30),
+            UpdateOutcome::Updated,
+            "the whole update applies"
+        );
+        let i = r.get(&live.id).unwrap();
+        assert_eq!((i.port, r.resolve(i.version).as_ref()), (1, "2"));
+        assert!(r.get(&gone.id).is_none(), "the down record is replaced");
+        assert_eq!((r.len_up(), r.len_down()), (1, 0));
+        #[cfg(debug_assertions)]
+        r.check_invariants();
+        // A live holder still keeps its identity: the port stays.
+        let other = r.register(&reg("user", "10.0.0.1", 3), owner(3), 40);
+        let onto_live = MetadataUpdate {
+            port: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            r.update(&other.id, owner(3), &onto_live, 50),
+            UpdateOutcome::PortTaken
+        );
+        assert_eq!(r.get(&other.id).unwrap().port, 3);
+    }
+
+    #[test]
     fn update_changes_metadata_and_reindexes_the_port() {
         let mut r = Registry::new(RegistryConfig::default(), 1);
         let a = r.register(&reg("user", "10.0.0.1", 1), owner(1), 0);

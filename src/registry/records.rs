@@ -156,7 +156,7 @@ impl Registry {
             let (service, env, address) = (i.service, i.env, i.address);
             let hash = self.identity_hash(service, env, &address, port);
             let instances = &self.instances;
-            port_taken = self
+            let holder = self
                 .identity
                 .find(hash, |&s| {
                     let o = &instances[s as usize];
@@ -166,9 +166,18 @@ impl Registry {
                         && o.address == address
                         && o.port == port
                 })
-                .is_some();
+                .copied();
+            match holder {
+                // A retained down record never blocks a live instance: it
+                // goes, as it would for a registration of that identity.
+                Some(down) if self.instances[down as usize].status == Status::Down => {
+                    self.remove(down)
+                }
+                Some(_) => port_taken = true,
+                None => {}
+            }
         }
-        // The port is part of the identity: re-index, unless another
+        // The port is part of the identity: re-index, unless another live
         // instance already holds the new identity (then the port stays).
         if let Some(port) = update.port.filter(|_| !port_taken) {
             let (instances, hasher) = (&self.instances, &self.hasher);
