@@ -121,6 +121,8 @@ pub struct ShardStats {
     pub pings_sent: AtomicU64,
     pub pongs_received: AtomicU64,
     pub pongs_missed: AtomicU64,
+    /// Missed pongs that waited for a command in flight to the instance.
+    pub pongs_deferred: AtomicU64,
     pub peer_closed: AtomicU64,
     pub peer_gone: AtomicU64,
     pub accept_errors: AtomicU64,

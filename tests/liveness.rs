@@ -142,3 +142,45 @@ fn a_closed_service_leaves_and_lastseen_advances() {
     drop(c);
     eventually("removed on close", || ctl.node(&id).is_none());
 }
+
+/// light-fabric runs a tool inside its read loop, so it answers no ping
+/// while the tool runs. A missed pong then waits for the command's own
+/// deadline; once the command ends, silence marks the service down again.
+#[test]
+fn a_service_busy_with_a_command_is_not_marked_down_before_its_deadline() {
+    let ctl = fast_pings(1);
+    let addr = ctl.local_addr();
+    let (mut busy, id) = registered(addr, "tooling", "10.0.0.3", 1);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let params = tether::controller::tool_call_params("slow_tool", &json!({}));
+    ctl.call(
+        id,
+        "tools/call",
+        Some(params),
+        Some(Duration::from_secs(6)),
+        Box::new(move |outcome| drop(tx.send(outcome))),
+    );
+    // The service reads the command, then is silent for three times the
+    // ping interval plus the pong timeout: a ping goes unanswered.
+    let command = busy.recv_json();
+    assert_eq!(command["method"], "tools/call");
+    std::thread::sleep(3 * (INTERVAL + PONG_TIMEOUT));
+    assert_eq!(
+        ctl.node(&id).unwrap().status,
+        Status::Up,
+        "marked down mid-command"
+    );
+    let deferred = metrics::total(ctl.stats(), |s| &s.pongs_deferred);
+    assert!(deferred >= 1, "no deferral counted");
+    busy.send_json(&json!({"jsonrpc": "2.0", "id": command["id"], "result": {"done": true}}));
+    match rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(tether::controller::CommandOutcome::Ok(r)) => assert_eq!(r.get(), r#"{"done":true}"#),
+        other => panic!("the command's answer was lost: {other:?}"),
+    }
+    // No command in flight now: silence is a missed pong again.
+    busy.auto_pong = false;
+    eventually("down once idle and silent", || {
+        let _ = busy.next_frame(Duration::from_millis(20));
+        ctl.node(&id).is_some_and(|n| n.status == Status::Down)
+    });
+}

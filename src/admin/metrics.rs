@@ -115,6 +115,13 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     );
     o.per_shard(
         stats,
+        "tether_pong_deadlines_deferred_total",
+        "counter",
+        "Missed pong deadlines that waited for a command in flight to the instance (its tool may run in the service's read loop).",
+        |s| r(&s.pongs_deferred),
+    );
+    o.per_shard(
+        stats,
         "tether_peer_closed_total",
         "counter",
         "Connections the peer closed with a close frame.",

@@ -101,6 +101,7 @@ impl Drop for Permit {
 
 struct Pending {
     conn: ConnRef,
+    deadline: Instant,
     reply: Reply,
     permit: Permit,
 }
@@ -147,12 +148,23 @@ impl Commands {
             id,
             Pending {
                 conn,
+                deadline,
                 reply,
                 permit,
             },
         );
         self.deadlines.push(Reverse((deadline, id)));
         id
+    }
+
+    /// The latest deadline of the commands waiting on `conn`, if any
+    /// (O(commands in flight), at most `max_inflight_total`).
+    pub fn latest_deadline(&self, conn: ConnRef) -> Option<Instant> {
+        self.pending
+            .values()
+            .filter(|p| p.conn == conn)
+            .map(|p| p.deadline)
+            .max()
     }
 
     /// A reply arrived on `conn` for wire id `id`. Returns false if no such

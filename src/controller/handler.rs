@@ -530,6 +530,23 @@ impl Handler for ShardHandler {
         self.touch(conn);
     }
 
+    /// A command to the instance is still in flight: the service may be
+    /// running the tool in its read loop (light-fabric does), answering no
+    /// ping. It is not marked down before that command's own deadline.
+    fn on_pong_missed(
+        &mut self,
+        conn: ConnRef,
+        now: std::time::Instant,
+    ) -> Option<std::time::Instant> {
+        let state = self.state(conn)?;
+        if state.inflight == 0 {
+            return None;
+        }
+        self.commands
+            .latest_deadline(conn)
+            .filter(|deadline| *deadline > now)
+    }
+
     fn on_closed(&mut self, cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
         if !self.bearer.is_empty() {
             self.bearer.remove(&conn.key);

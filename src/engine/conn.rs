@@ -346,6 +346,17 @@ impl Conn {
         }
     }
 
+    /// The pong deadline passed but the handler keeps the connection until
+    /// `until`: the check comes again then (a frame meanwhile makes it
+    /// `Alive`). False unless a pong is awaited.
+    pub fn defer_pong(&mut self, until: Tick) -> bool {
+        if self.phase != Phase::Admitted || self.flags & AWAITING_PONG == 0 {
+            return false;
+        }
+        self.due = until.max(self.due + 1);
+        true
+    }
+
     /// Output the socket would not take; kept until `take_pending_out`.
     pub fn queue_out(&mut self, bytes: &[u8]) {
         self.bufs
@@ -893,6 +904,32 @@ mod tests {
         // Silence until the check: down, and it stays due.
         assert_eq!(conn.on_deadline(740, &t), Due::PongMissed);
         assert_eq!(conn.poll_deadline(), 740);
+    }
+
+    #[test]
+    fn a_deferred_pong_check_comes_again_later() {
+        let t = timing();
+        let (mut conn, _, _) = open_conn();
+        assert!(!conn.defer_pong(500), "no pong awaited yet");
+        assert!(conn.admit(0, 10));
+        assert_eq!(conn.on_deadline(10, &t), Due::SendPing);
+        assert_eq!(conn.on_deadline(110, &t), Due::PongMissed);
+        assert!(conn.defer_pong(500));
+        assert_eq!(conn.poll_deadline(), 500);
+        // Still silent at the new check: missed again (the handler decides).
+        assert_eq!(conn.on_deadline(500, &t), Due::PongMissed);
+        assert!(conn.defer_pong(600));
+        // A frame before it: alive.
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        feed_at(
+            &mut conn,
+            550,
+            &client_frame(OpCode::Text, true, b"{}"),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(conn.on_deadline(600, &t), Due::Alive);
+        assert!(conn.poll_deadline() > 600);
     }
 
     #[test]

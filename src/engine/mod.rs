@@ -287,6 +287,14 @@ pub trait Handler: Send + 'static {
     fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str);
     /// A liveness check passed (once per ping interval per admitted conn).
     fn on_alive(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
+    /// No frame came within the pong timeout. `Some(until)` keeps the
+    /// connection until then (the peer is busy on our behalf: clients that
+    /// run a tool inside their read loop answer no ping meanwhile), and the
+    /// check comes again at `until`; `None` ends it as `PongMissed`.
+    fn on_pong_missed(&mut self, conn: ConnRef, now: Instant) -> Option<Instant> {
+        let _ = (conn, now);
+        None
+    }
     /// Exactly once for every connection whose upgrade was accepted.
     fn on_closed(&mut self, cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause);
     fn on_message(&mut self, cx: &mut Cx<'_>, msg: Self::Msg);

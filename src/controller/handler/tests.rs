@@ -480,6 +480,22 @@ fn commands_are_answered_and_time_out_on_the_fake_clock() {
     assert_eq!(effects, []);
     assert!(matches!(missing.try_recv(), Ok(CommandOutcome::NotFound)));
 
+    // A missed pong waits for a command in flight, until its deadline.
+    let (_running, _) = h.command(conn, id, timeout);
+    let now = h.clocks[0].now();
+    let until = h.shards[0].on_pong_missed(conn, now);
+    assert_eq!(
+        until,
+        Some(now + timeout),
+        "kept until the command's deadline"
+    );
+    h.tick(timeout + Duration::from_millis(100));
+    assert_eq!(
+        h.shards[0].on_pong_missed(conn, h.clocks[0].now()),
+        None,
+        "idle: down"
+    );
+
     // A command in flight when the connection ends is answered "gone".
     let (cut, _) = h.command(conn, id, timeout);
     h.closed(conn, CloseCause::PeerGone);

@@ -739,6 +739,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 let cref = self.cref(key);
                 self.call(|h, cx| h.on_alive(cx, cref));
             }
+            Due::PongMissed if self.pong_deferred(key) => {
+                metrics::inc(&self.stats().pongs_deferred);
+            }
             Due::PongMissed => {
                 metrics::inc(&self.stats().pongs_missed);
                 self.notify_closed(key, CloseCause::PongMissed);
@@ -751,6 +754,27 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             }
             Due::LingerOver => self.drop_conn(key),
         }
+    }
+
+    /// Asks the handler whether a missed pong may wait; if so, moves the
+    /// connection's check to the handler's deadline.
+    fn pong_deferred(&mut self, key: u32) -> bool {
+        let cref = self.cref(key);
+        let Some(until) = self.handler.on_pong_missed(cref, self.clock) else {
+            return false;
+        };
+        let ahead = until.saturating_duration_since(self.clock);
+        let ticks = ahead
+            .as_nanos()
+            .div_ceil(self.config.tick.as_nanos().max(1));
+        let until = self
+            .now
+            .saturating_add(ticks.min(u32::MAX as u128 / 4) as Tick);
+        let deferred = self.conns[key as usize].defer_pong(until);
+        if deferred {
+            self.relink(key);
+        }
+        deferred
     }
 
     /// Stop: every connection is told 1001 (going away) and released.
