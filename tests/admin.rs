@@ -580,3 +580,88 @@ fn fanouts_are_bounded_names_are_checked_and_a_dropped_request_is_still_audited(
     drop(plane);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `tools/list` reaches the service as `tools/list` (not as a tools/call
+/// named so), over REST and MCP, and its answer comes back as it said it.
+#[test]
+fn a_services_tools_are_listed_by_asking_it() {
+    use std::sync::Arc;
+    use tether::agent::{Agent, Backoff, ServiceSpec, Tools};
+
+    struct Billing;
+    impl Tools for Billing {
+        fn list(&self) -> Vec<Value> {
+            vec![
+                json!({"name": "rebill", "description": "re-run billing", "inputSchema": {"type": "object"}}),
+            ]
+        }
+    }
+    let plane = Plane::start(1, |_| {});
+    let url = format!("ws://{}/ws/microservice", plane.ctl.local_addr());
+    let agent = Agent::start(
+        url.parse().unwrap(),
+        ServiceSpec::new("billing", "10.0.0.5", 7000),
+        Arc::new(Billing),
+        Backoff::default(),
+    )
+    .unwrap();
+    let id = agent.wait_registered(WAIT).expect("registers");
+    let (status, body) = get(&plane.url(&format!("/services/{id}/tools")));
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("ok")),
+        "{body}"
+    );
+    let names: Vec<&str> = body["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"rebill") && names.contains(&"check"),
+        "{names:?}"
+    );
+
+    // A service that knows no tools/list: "unsupported", not a failure.
+    let (mut raw, raw_id) = registered(plane.ctl.local_addr(), "legacy", "10.0.0.6", 1);
+    let server = std::thread::spawn(move || {
+        let req = raw.recv_json();
+        assert_eq!(
+            (req["method"].as_str(), req.get("params")),
+            (Some("tools/list"), None)
+        );
+        raw.send_json(&json!({"jsonrpc": "2.0", "id": req["id"],
+                              "error": {"code": -32601, "message": "Method not found"}}));
+        raw
+    });
+    let (status, body) = get(&plane.url(&format!("/services/{raw_id}/tools")));
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("unsupported")),
+        "{body}"
+    );
+    drop(server.join().unwrap());
+    let missing = plane.url(&format!("/services/{}/tools", uuid::Uuid::now_v7()));
+    assert_eq!(get(&missing).0, 404);
+
+    // The same through MCP.
+    let mut mcp = plane.ws(
+        "/ctrl/mcp",
+        &[("x-tether-user", "ui"), ("x-tether-scopes", "portal.r")],
+    );
+    let msg = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                     "params": {"name": "list_service_tools", "arguments": {"runtimeInstanceId": id}}});
+    mcp.send(tungstenite::Message::Text(msg.to_string().into()))
+        .unwrap();
+    let listed = ws_json(&mut mcp);
+    assert_eq!(listed["result"]["isError"], false, "{listed}");
+    let tools = &listed["result"]["structuredContent"]["result"]["tools"];
+    assert!(
+        tools
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "rebill")),
+        "{listed}"
+    );
+    agent.stop();
+}

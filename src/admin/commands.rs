@@ -115,12 +115,23 @@ async fn call(
     arguments: &Value,
     timeout: Duration,
 ) -> CommandOutcome {
-    let (tx, rx) = tokio::sync::oneshot::channel();
     let params = tool_call_params(name, arguments);
+    send(state, id, "tools/call", Some(params), timeout).await
+}
+
+/// Sends one request (`tools/call`, `tools/list`) and waits for its outcome.
+async fn send(
+    state: &AppState,
+    id: Uuid,
+    method: &str,
+    params: Option<Box<serde_json::value::RawValue>>,
+    timeout: Duration,
+) -> CommandOutcome {
+    let (tx, rx) = tokio::sync::oneshot::channel();
     state.api.call(
         id,
-        "tools/call",
-        Some(params),
+        method,
+        params,
         Some(timeout),
         Box::new(move |o| drop(tx.send(o))),
     );
@@ -227,6 +238,61 @@ pub(crate) async fn command_reply(
     });
     work.await
         .unwrap_or_else(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// `tools/list` to one instance: the tools (and, from light-runtime, the
+/// `capabilityVersion` and `features`) it says it supports, as it said it.
+pub(crate) async fn tools_reply(
+    state: &AppState,
+    caller: Arc<Caller>,
+    id: &str,
+    timeout_ms: Option<u64>,
+) -> Reply {
+    let Ok(id) = Uuid::parse_str(id) else {
+        return fail(
+            StatusCode::BAD_REQUEST,
+            "bad_id",
+            format!("{id:?} is not a runtimeInstanceId"),
+        );
+    };
+    let timeout = timeout_of(state, timeout_ms);
+    let state = state.clone();
+    let work = tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = send(&state, id, "tools/list", None, timeout).await;
+        let target = id.to_string();
+        audit(
+            &state,
+            &caller,
+            "tools",
+            &target,
+            "tools/list",
+            outcome.label(),
+            started,
+        );
+        let mut v = outcome_json(id, &outcome, usize::MAX);
+        v["name"] = json!("tools/list");
+        (status_of(&outcome), v)
+    });
+    work.await
+        .unwrap_or_else(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ToolsParams {
+    timeout_ms: Option<u64>,
+}
+
+pub(crate) async fn tools(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::extract::Query(p): axum::extract::Query<ToolsParams>,
+) -> Response {
+    let caller = Arc::new(Caller::from_headers(&headers, peer));
+    respond(tools_reply(&state, caller, &id, p.timeout_ms).await)
 }
 
 pub(crate) async fn one(

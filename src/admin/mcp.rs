@@ -13,7 +13,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::commands::{command_reply, fanout_reply};
+use super::commands::{command_reply, fanout_reply, tools_reply};
 use super::services::{list_reply, one_reply, summary_reply};
 use super::{AppState, Caller, Reply};
 
@@ -159,6 +159,10 @@ async fn call_tool(
                 .and_then(Value::as_u64)
                 .map(|n| n as usize),
         ),
+        "list_service_tools" => {
+            let timeout_ms = arguments.get("timeoutMs").and_then(Value::as_u64);
+            tools_reply(state, caller.clone(), &id, timeout_ms).await
+        }
         "send_command" => match parse(arguments) {
             Ok(body) => command_reply(state, caller.clone(), &id, body).await,
             Err(e) => e,
@@ -191,6 +195,10 @@ fn tools() -> Value {
          "inputSchema": {"type": "object", "properties": {"runtimeInstanceId": {"type": "string"}}, "required": ["runtimeInstanceId"]}},
         {"name": "get_summary", "description": "Counts by status and serviceId, shard loads.",
          "inputSchema": {"type": "object", "properties": {"top": {"type": "integer"}}}},
+        {"name": "list_service_tools", "description": "Ask one instance which tools it supports (tools/list), as it answers.",
+         "inputSchema": {"type": "object", "properties": {
+             "runtimeInstanceId": {"type": "string"}, "timeoutMs": {"type": "integer"}},
+             "required": ["runtimeInstanceId"]}},
         {"name": "send_command", "description": "Call a tool on one instance (mutating tools need portal.w).",
          "inputSchema": {"type": "object", "properties": {
              "runtimeInstanceId": {"type": "string"}, "name": {"type": "string"},

@@ -273,6 +273,7 @@ fn router(state: AppState) -> Router {
         .route("/services", get(services::list))
         .route("/services/{id}", get(services::one))
         .route("/services/{id}/commands", post(commands::one))
+        .route("/services/{id}/tools", get(commands::tools))
         .route("/commands", post(commands::fanout))
         .route("/summary", get(services::summary))
         .route("/events", get(events::events))
