@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::audit::AuditEntry;
-use super::services::parse_status;
+use super::services::{instance_id, parse_status};
 use super::{AppState, Caller, Reply, WRITE_SCOPE, error, fail, now_rfc3339, respond};
 use crate::controller::{CommandOutcome, tool_call_params};
 use crate::registry::{self, Status};
@@ -195,12 +195,9 @@ pub(crate) async fn command_reply(
     id: &str,
     body: CommandBody,
 ) -> Reply {
-    let Ok(id) = Uuid::parse_str(id) else {
-        return fail(
-            StatusCode::BAD_REQUEST,
-            "bad_id",
-            format!("{id:?} is not a runtimeInstanceId"),
-        );
+    let id = match instance_id(id) {
+        Ok(id) => id,
+        Err(reply) => return reply,
     };
     if let Err(reply) = check_tool_name(&body.name) {
         return reply;
@@ -248,12 +245,9 @@ pub(crate) async fn tools_reply(
     id: &str,
     timeout_ms: Option<u64>,
 ) -> Reply {
-    let Ok(id) = Uuid::parse_str(id) else {
-        return fail(
-            StatusCode::BAD_REQUEST,
-            "bad_id",
-            format!("{id:?} is not a runtimeInstanceId"),
-        );
+    let id = match instance_id(id) {
+        Ok(id) => id,
+        Err(reply) => return reply,
     };
     let timeout = timeout_of(state, timeout_ms);
     let state = state.clone();

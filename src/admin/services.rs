@@ -102,13 +102,21 @@ pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
     (StatusCode::OK, body)
 }
 
-pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
-    let Ok(id) = Uuid::parse_str(id) else {
-        return fail(
+/// A path's runtimeInstanceId, or the 400 that says it is not one.
+pub(crate) fn instance_id(id: &str) -> Result<Uuid, Reply> {
+    Uuid::parse_str(id).map_err(|_| {
+        fail(
             StatusCode::BAD_REQUEST,
             "bad_id",
             format!("{id:?} is not a runtimeInstanceId"),
-        );
+        )
+    })
+}
+
+pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
+    let id = match instance_id(id) {
+        Ok(id) => id,
+        Err(reply) => return reply,
     };
     match state.api.node(&id) {
         Some(node) => (StatusCode::OK, item(&node)),
