@@ -296,8 +296,25 @@ impl Session {
         let Ok(text) = std::str::from_utf8(text) else {
             return;
         };
-        let Ok(message) = jsonrpc::parse(text) else {
-            return;
+        let message = match jsonrpc::parse(text) {
+            Ok(message) => message,
+            // A malformed answer to one of our requests (neither or both
+            // of result and error) still ends that request, as a failure.
+            Err(jsonrpc::ParseError::Invalid { id: Some(id), .. }) => {
+                let Ok(id) = id.get().parse::<u64>() else {
+                    return;
+                };
+                if let Some(method) = self.pending.remove(&id) {
+                    let outcome = Err(Value::Null);
+                    if id == self.register_id && method == "service/register" {
+                        self.on_register(outcome, events);
+                    } else {
+                        events.push(SessionEvent::Reply { id, outcome });
+                    }
+                }
+                return;
+            }
+            Err(_) => return,
         };
         let value = |raw: Option<&RawValue>| {
             raw.and_then(|r| serde_json::from_str(r.get()).ok())
@@ -474,6 +491,20 @@ mod tests {
             json!({"jsonrpc":"2.0","id":7,"result":{"result":"OK"}})
         );
         assert_eq!(answers[1]["error"]["code"], -32601);
+
+        // A malformed answer to our request still ends it, as a failure.
+        out.clear();
+        events.clear();
+        let asked = s
+            .request("discovery/lookup", json!({"serviceId": "x"}), &mut out)
+            .unwrap();
+        let both = server_text(json!({"jsonrpc":"2.0","id":asked,"result":{},"error":{}}));
+        s.on_input(&both, &NoTools, &mut out, &mut events);
+        assert!(
+            matches!(events.as_slice(), [SessionEvent::Reply { id, outcome: Err(Value::Null) }] if *id == asked),
+            "{events:?}"
+        );
+        assert!(s.pending.is_empty(), "no request left waiting");
     }
 
     #[test]

@@ -193,6 +193,9 @@ const OVER_CAP: u8 = 16;
 const ADMITTED: u8 = 32;
 /// A send is in flight (io_uring: one at a time keeps bytes in order).
 const SENDING: u8 = 64;
+/// The pong check was deferred (`defer_pong`): `due` no longer tells when
+/// the ping went out.
+const DEFERRED: u8 = 128;
 
 #[derive(Default)]
 struct Bufs {
@@ -337,9 +340,16 @@ impl Conn {
                 Due::SendPing
             }
             Phase::Admitted if self.flags & SEEN_SINCE_PING != 0 => {
-                self.flags &= !AWAITING_PONG;
-                let ping_sent = self.due - pong_timeout;
-                self.due = (ping_sent + timing.ping_interval).max(now + 1);
+                // After a deferral the ping's tick is unknown, and at least
+                // an interval old unless the wait was short: ping again at
+                // once rather than late.
+                let next = if self.flags & DEFERRED != 0 {
+                    now + 1
+                } else {
+                    self.due - pong_timeout + timing.ping_interval
+                };
+                self.flags &= !(AWAITING_PONG | DEFERRED);
+                self.due = next.max(now + 1);
                 Due::Alive
             }
             Phase::Admitted => Due::PongMissed,
@@ -353,6 +363,7 @@ impl Conn {
         if self.phase != Phase::Admitted || self.flags & AWAITING_PONG == 0 {
             return false;
         }
+        self.flags |= DEFERRED;
         self.due = until.max(self.due + 1);
         true
     }
@@ -929,7 +940,23 @@ mod tests {
             &mut out,
         );
         assert_eq!(conn.on_deadline(600, &t), Due::Alive);
-        assert!(conn.poll_deadline() > 600);
+        // The ping went out at 10, long ago: the next one at once, not at
+        // "600 - pong timeout + interval".
+        assert_eq!(conn.poll_deadline(), 601);
+        assert_eq!(conn.on_deadline(601, &t), Due::SendPing);
+        feed_at(
+            &mut conn,
+            650,
+            &client_frame(OpCode::Pong, true, b""),
+            &mut log,
+            &mut out,
+        );
+        assert_eq!(conn.on_deadline(701, &t), Due::Alive);
+        assert_eq!(
+            conn.poll_deadline(),
+            901,
+            "back to the interval from its ping"
+        );
     }
 
     #[test]

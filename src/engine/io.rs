@@ -260,14 +260,18 @@ impl StartGroup {
         } = self;
         drop(tx);
         let spawned = threads.len();
+        let mut heard = vec![false; started];
         for _ in 0..spawned {
             match rx.recv() {
-                Ok((_, Ok(()))) => {}
+                Ok((index, Ok(()))) => heard[index] = true,
                 Ok((index, Err(why))) => {
+                    heard[index] = true;
                     failure.get_or_insert((index, why));
                 }
                 Err(_) => {
-                    failure.get_or_insert((started, "a thread exited during start".into()));
+                    // Name the first thread that never said a word.
+                    let silent = heard.iter().position(|h| !h).unwrap_or(0);
+                    failure.get_or_insert((silent, "its thread exited during start".into()));
                     break;
                 }
             }
@@ -297,7 +301,15 @@ mod tests {
         let (threads, result) = group.wait();
         assert_eq!(threads.len(), 3);
         let (index, why) = result.unwrap_err();
-        assert!(index == 1 || index == 3, "{index}: {why}");
+        assert_eq!((index, why.as_str()), (1, "no fd table"));
+        threads.into_iter().for_each(|t| t.join().unwrap());
+
+        // Only a silent thread: it is named, not a thread that never existed.
+        let mut group = StartGroup::default();
+        group.spawn("ok".into(), |ready| ready.ok());
+        group.spawn("silent".into(), drop);
+        let (threads, result) = group.wait();
+        assert_eq!(result.unwrap_err().0, 1);
         threads.into_iter().for_each(|t| t.join().unwrap());
 
         let mut group = StartGroup::default();
