@@ -50,7 +50,7 @@ async fn session(mut socket: WebSocket, state: AppState, caller: Arc<Caller>) {
                 let params = params
                     .and_then(|p| serde_json::from_str(p.get()).ok())
                     .unwrap_or(json!({}));
-                handle(&state, &caller, id, &method, params).await
+                Some(handle(&state, &caller, id, &method, params).await)
             }
             // Notifications (notifications/initialized, …) and responses
             // get no answer.
@@ -87,7 +87,7 @@ async fn handle(
     id: Value,
     method: &str,
     params: Value,
-) -> Option<Value> {
+) -> Value {
     let result = match method {
         "initialize" => {
             let asked = params.get("protocolVersion").and_then(Value::as_str);
@@ -113,16 +113,16 @@ async fn handle(
                 }),
                 None => {
                     let e = RpcError::invalid_params(format!("unknown tool: {name}"));
-                    return Some(rpc_error(id, e));
+                    return rpc_error(id, e);
                 }
             }
         }
         _ => {
             let e = RpcError::method_not_found(format!("method not found: {method}"));
-            return Some(rpc_error(id, e));
+            return rpc_error(id, e);
         }
     };
-    Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+    json!({"jsonrpc": "2.0", "id": id, "result": result})
 }
 
 fn parse<T: serde::de::DeserializeOwned>(arguments: Value) -> Result<T, Reply> {

@@ -370,12 +370,8 @@ impl ShardHandler {
     ) -> Result<(), RpcError> {
         match Method::parse(method) {
             Some(Method::UpdateMetadata) => {
-                if let Request::UpdateMetadata(update) =
-                    Request::parse(Method::UpdateMetadata, params)?
-                {
-                    self.update(conn, &update, now_ms)?;
-                }
-                Ok(())
+                let update = rpc::update_params(params).map_err(RpcError::invalid_params)?;
+                self.update(conn, &update, now_ms)
             }
             None if method.starts_with("notifications/") => {
                 let instance = self

@@ -763,13 +763,10 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let Some(until) = self.handler.on_pong_missed(cref, self.clock) else {
             return false;
         };
-        let ahead = until.saturating_duration_since(self.clock);
-        let ticks = ahead
-            .as_nanos()
-            .div_ceil(self.config.tick.as_nanos().max(1));
-        let until = self
-            .now
-            .saturating_add(ticks.min(u32::MAX as u128 / 4) as Tick);
+        let ahead = self
+            .config
+            .ticks(until.saturating_duration_since(self.clock));
+        let until = self.now.saturating_add(ahead);
         let deferred = self.conns[key as usize].defer_pong(until);
         if deferred {
             self.relink(key);
