@@ -24,6 +24,7 @@ fn populated(n: u32, services: u32) -> (Registry, Vec<String>) {
             port: 8443,
             env_tag: Some("prod"),
             tags_json: r#"{"zone":"a"}"#,
+            address_derived: false,
         };
         r.register(
             &reg,
@@ -56,6 +57,7 @@ fn registry(c: &mut Criterion) {
                 port: 8443,
                 env_tag: Some("prod"),
                 tags_json: r#"{"zone":"a"}"#,
+                address_derived: false,
             };
             let done = r.register(
                 &reg,

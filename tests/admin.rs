@@ -191,6 +191,9 @@ fn list_filter_and_page_over_2000_swarm_services() {
         (status, item["runtimeInstanceId"].as_str()),
         (200, Some(id))
     );
+    // The swarm names its address; a light-4j client that names none shows
+    // "peer" (tests/compat.rs).
+    assert_eq!(item["addressSource"], "registered", "{item}");
     assert_eq!(
         get(&plane.url(&format!("/services/{}", uuid::Uuid::now_v7()))).0,
         404

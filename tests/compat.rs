@@ -144,13 +144,15 @@ fn light_fabric_crate_session() {
 fn light_4j_java_client_session() {
     let ctl = controller(1);
     let addr = ctl.local_addr();
-    let mut svc = Client::connect(addr, "/ws/microservice");
+    // From a source address of its own: the controller takes the address
+    // from the socket, since this client names none.
+    let mut svc = Client::tcp_from(addr, "127.0.0.9".parse().unwrap());
+    assert_eq!(svc.upgrade("/ws/microservice", None), 101);
     svc.auto_pong = true; // the Java client answers pings and sends none
     svc.send_json(&json!({
         "jsonrpc": "2.0", "id": "1", "method": "service/register",
         "params": {"serviceId": "com.networknt.petstore-1.0.0", "version": "1.0.0",
-                   "protocol": "https", "address": "10.1.2.3", "port": 8443,
-                   "tags": {}, "envTag": "dev"}}));
+                   "protocol": "https", "port": 8443, "tags": {}, "envTag": "dev"}}));
     let ack = svc.recv_json();
     assert_eq!(
         (&ack["id"], &ack["result"]["status"]),
@@ -160,6 +162,12 @@ fn light_4j_java_client_session() {
         .as_str()
         .unwrap()
         .to_string();
+    let node = ctl.node(&id.parse().unwrap()).expect("registered");
+    assert_eq!(
+        (node.address.to_string(), node.address_derived),
+        ("127.0.0.9".to_string(), true),
+        "the peer's address, marked as derived"
+    );
 
     // Discovery on the registration socket (light-4j >= 2.3.7).
     svc.send_json(&json!({"jsonrpc": "2.0", "id": "2", "method": "discovery/subscribe",
@@ -180,6 +188,7 @@ fn light_4j_java_client_session() {
         "empty tags stay an object"
     );
     assert_eq!(result["nodes"][0]["environment"], "dev");
+    assert_eq!(result["nodes"][0]["address"], "127.0.0.9");
 
     // A second instance arrives: the subscription is told, with a snapshot.
     let mut other = Client::connect(addr, "/ws/microservice");
@@ -207,4 +216,83 @@ fn light_4j_java_client_session() {
         (&unsub["id"], &unsub["result"]["status"]),
         (&json!("3"), &json!("unsubscribed"))
     );
+}
+
+/// light-4j's contract leaves `address` to the controller: missing, null,
+/// empty or unspecified, it is the socket's peer, with an IPv4-mapped IPv6
+/// peer (a v4 client on a dual-stack listener) unwrapped.
+#[test]
+fn register_without_address_takes_the_peers() {
+    let mut cfg = config(2);
+    cfg.engine.listen = "[::]:0".parse().unwrap();
+    let ctl = start(cfg);
+    let port = ctl.local_addr().port();
+    let v4: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let v6: std::net::SocketAddr = (std::net::Ipv6Addr::LOCALHOST, port).into();
+    let cases = [
+        (v4, "127.0.0.7", json!({"serviceId": "a", "port": 1})),
+        (
+            v4,
+            "127.0.0.8",
+            json!({"serviceId": "a", "port": 2, "address": null}),
+        ),
+        (
+            v4,
+            "127.0.0.8",
+            json!({"serviceId": "a", "port": 3, "address": "0.0.0.0"}),
+        ),
+        (
+            v6,
+            "::1",
+            json!({"serviceId": "a", "port": 4, "address": "::"}),
+        ),
+        (
+            v6,
+            "::1",
+            json!({"serviceId": "a", "port": 5, "address": ""}),
+        ),
+    ];
+    let mut clients = Vec::new();
+    for (to, from, params) in cases {
+        let mut c = Client::tcp_from(to, from.parse().unwrap());
+        assert_eq!(c.upgrade("/ws/microservice", None), 101);
+        let reply = c.call("service/register", params.clone());
+        let id: uuid::Uuid = reply["result"]["runtimeInstanceId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{params}: {reply}"))
+            .parse()
+            .unwrap();
+        let node = ctl.node(&id).unwrap();
+        assert_eq!(
+            (node.address.to_string().as_str(), node.address_derived),
+            (from, true),
+            "{params}"
+        );
+        clients.push(c);
+    }
+    // A named address is kept as it was given (an IPv4-mapped one
+    // unwrapped), and not marked derived.
+    let mut named = Client::tcp_from(v4, "127.0.0.7".parse().unwrap());
+    assert_eq!(named.upgrade("/ws/microservice", None), 101);
+    let reply = named.call(
+        "service/register",
+        json!({"serviceId": "a", "port": 6, "address": "::ffff:10.0.0.5"}),
+    );
+    let id: uuid::Uuid = reply["result"]["runtimeInstanceId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let node = ctl.node(&id).unwrap();
+    assert_eq!(
+        (node.address.to_string().as_str(), node.address_derived),
+        ("10.0.0.5", false)
+    );
+    // Two derived registrations from one host with one port are one
+    // identity: the second supersedes the first (4000), as with named ones.
+    let mut again = Client::tcp_from(v4, "127.0.0.7".parse().unwrap());
+    assert_eq!(again.upgrade("/ws/microservice", None), 101);
+    let reply = again.call("service/register", json!({"serviceId": "a", "port": 1}));
+    assert_eq!(reply["result"]["status"], "registered", "{reply}");
+    assert_eq!(clients[0].expect_close(), Some(4000));
 }

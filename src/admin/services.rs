@@ -48,6 +48,13 @@ pub(crate) fn item(node: &Node) -> Value {
     let mut v = node_json(node);
     v["status"] = json!(node.status);
     v["shard"] = json!(node.shard);
+    // Where the address came from: the registration, or (light-4j's
+    // clients name none) the socket's peer.
+    v["addressSource"] = json!(if node.address_derived {
+        "peer"
+    } else {
+        "registered"
+    });
     v
 }
 

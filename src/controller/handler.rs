@@ -260,10 +260,27 @@ impl ShardHandler {
                 format!("unauthorized: {why}"),
             ));
         }
-        let registered =
-            self.shared
-                .registry()
-                .register(&request.registration(), owner_of(conn), cx.wall_ms());
+        let peer;
+        let address = match &request.address {
+            Some(address) => address.as_str(),
+            None => {
+                // light-4j leaves the address to the controller.
+                peer = cx
+                    .peer_addr()
+                    .map(|p| p.ip().to_canonical().to_string())
+                    .ok_or_else(|| {
+                        RpcError::invalid_params(
+                            "missing address, and the socket's peer address is unknown",
+                        )
+                    })?;
+                peer.as_str()
+            }
+        };
+        let registered = self.shared.registry().register(
+            &request.registration(address),
+            owner_of(conn),
+            cx.wall_ms(),
+        );
         if let Some(s) = self.state(conn) {
             s.slot = slot_of(&registered.id);
             s.registered = true;

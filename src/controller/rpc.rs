@@ -246,7 +246,9 @@ pub struct RegisterRequest<'a> {
     pub service_id: Cow<'a, str>,
     pub version: Cow<'a, str>,
     pub protocol: Cow<'a, str>,
-    pub address: String,
+    /// `None`: the service named none (the field missing, null, empty or
+    /// unspecified), so the controller takes the socket's peer address.
+    pub address: Option<String>,
     pub port: u16,
     pub env_tag: Option<Cow<'a, str>>,
     pub tags_json: String,
@@ -254,15 +256,18 @@ pub struct RegisterRequest<'a> {
 }
 
 impl RegisterRequest<'_> {
-    pub fn registration(&self) -> Registration<'_> {
+    /// The registration at `address`: the request's own, or (when it named
+    /// none) the socket's peer, and then the record says it was derived.
+    pub fn registration<'b>(&'b self, address: &'b str) -> Registration<'b> {
         Registration {
             service_id: &self.service_id,
             version: &self.version,
             protocol: &self.protocol,
-            address: &self.address,
+            address,
             port: self.port,
             env_tag: self.env_tag.as_deref(),
             tags_json: &self.tags_json,
+            address_derived: self.address.is_none(),
         }
     }
 }
@@ -275,19 +280,21 @@ fn valid_port(port: i64) -> Result<u16, String> {
 }
 
 /// A concrete address: an IP that is not the unspecified address, or a
-/// host name. Brackets around an IPv6 address are removed.
-fn valid_address(address: &str) -> Result<String, String> {
+/// host name; brackets around an IPv6 address are removed, and an
+/// IPv4-mapped one is unwrapped. `None` when there is none to take: empty,
+/// or unspecified (`0.0.0.0`, `::`), as light-4j clients send when they
+/// leave the address to the controller.
+fn valid_address(address: &str) -> Result<Option<String>, String> {
     let bare = address
         .strip_prefix('[')
         .and_then(|a| a.strip_suffix(']'))
         .unwrap_or(address);
+    if bare.is_empty() {
+        return Ok(None);
+    }
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        if ip.is_unspecified() {
-            return Err(format!(
-                "address {address} is not concrete: register the address other services can reach (not 0.0.0.0 or ::)"
-            ));
-        }
-        return Ok(ip.to_string());
+        let ip = ip.to_canonical();
+        return Ok(Some(ip.to_string()).filter(|_| !ip.is_unspecified()));
     }
     let host_ok = !bare.is_empty()
         && bare.len() <= MAX_HOST
@@ -296,7 +303,7 @@ fn valid_address(address: &str) -> Result<String, String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
     if host_ok {
-        Ok(bare.to_string())
+        Ok(Some(bare.to_string()))
     } else {
         Err(format!(
             "address {address:?} is neither an IP address nor a host name"
@@ -332,7 +339,10 @@ pub fn register_params(params: Option<&RawValue>) -> Result<RegisterRequest<'_>,
         return Err("serviceId is empty".into());
     }
     bounded("serviceId", &service_id, MAX_NAME)?;
-    let address = valid_address(p.address.as_deref().ok_or("missing address")?)?;
+    let address = match p.address.as_deref() {
+        Some(a) => valid_address(a)?,
+        None => None,
+    };
     let port = valid_port(p.port.ok_or("missing port")?)?;
     let version = p.version.unwrap_or(Cow::Borrowed(""));
     bounded("version", &version, MAX_NAME)?;
@@ -474,18 +484,30 @@ mod tests {
         )))
         .unwrap();
         assert_eq!(
-            (ok.address.as_str(), ok.port, ok.tags_json.as_str()),
-            ("::1", 8443, r#"{"a":"1","b":"2"}"#)
+            (ok.address.as_deref(), ok.port, ok.tags_json.as_str()),
+            (Some("::1"), 8443, r#"{"a":"1","b":"2"}"#)
         );
+        // light-4j leaves the address to the controller: missing, null,
+        // empty or unspecified all mean "take the peer's".
+        for params in [
+            r#"{"serviceId":"u","port":1}"#,
+            r#"{"serviceId":"u","address":null,"port":1}"#,
+            r#"{"serviceId":"u","address":"","port":1}"#,
+            r#"{"serviceId":"u","address":"0.0.0.0","port":1}"#,
+            r#"{"serviceId":"u","address":"::","port":1}"#,
+            r#"{"serviceId":"u","address":"[::]","port":1}"#,
+        ] {
+            let req = register_params(Some(raw(params))).unwrap();
+            assert_eq!(req.address, None, "{params}");
+            assert!(req.registration("10.0.0.1").address_derived);
+        }
+        let mapped = register_params(Some(raw(
+            r#"{"serviceId":"u","address":"::ffff:10.1.2.3","port":1}"#,
+        )))
+        .unwrap();
+        assert_eq!(mapped.address.as_deref(), Some("10.1.2.3"));
+        assert!(!mapped.registration("10.1.2.3").address_derived);
         let bad = [
-            (
-                r#"{"serviceId":"u","address":"0.0.0.0","port":1}"#,
-                "not concrete",
-            ),
-            (
-                r#"{"serviceId":"u","address":"::","port":1}"#,
-                "not concrete",
-            ),
             (
                 r#"{"serviceId":"u","address":"h","port":0}"#,
                 "port must be",
@@ -495,7 +517,6 @@ mod tests {
                 "port must be",
             ),
             (r#"{"address":"h","port":1}"#, "missing serviceId"),
-            (r#"{"serviceId":"u","port":1}"#, "missing address"),
             (r#"{"serviceId":"u","address":"h"}"#, "missing port"),
             (
                 r#"{"serviceId":"u","address":"bad host!","port":1}"#,

@@ -45,6 +45,15 @@ pub fn own_fd_table(keep: &[RawFd]) -> std::io::Result<()> {
 /// Starts a non-blocking TCP connect to `addr`, from `source` if given (and
 /// of the same family; IPv4 sources bind without taking a port until the
 /// connect, so many sources share the ephemeral range). Nagle is off.
+/// A connected socket's peer address, with an IPv4-mapped IPv6 address
+/// unwrapped (`::ffff:10.0.0.7` is `10.0.0.7`).
+pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: the caller owns `fd` for the duration of the call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let addr = socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()?;
+    Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
 pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<RawFd> {
     let socket = Socket::new(
         Domain::for_address(addr),

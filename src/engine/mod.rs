@@ -341,6 +341,19 @@ pub struct Cx<'a> {
     out: Option<&'a mut Vec<u8>>,
     actions: &'a mut Actions,
     stop_current: bool,
+    /// How to learn the current connection's peer address, asked only
+    /// when the handler needs it (one system call).
+    peer: Peer<'a>,
+}
+
+/// Where `Cx::peer_addr` gets its answer.
+pub(crate) enum Peer<'a> {
+    /// Outside a connection's input.
+    None,
+    /// A recorder's fixed answer.
+    Known(Option<SocketAddr>),
+    /// The shard's driver, for the connection being fed.
+    Ask(&'a mut dyn FnMut() -> Option<SocketAddr>),
 }
 
 impl<'a> Cx<'a> {
@@ -404,6 +417,18 @@ impl<'a> Cx<'a> {
     pub fn admit(&mut self, conn: ConnRef) {
         self.actions.list.push(Action::Admit(conn));
     }
+
+    /// The socket's peer address for the connection whose message is being
+    /// handled (`None` outside one, or if the socket cannot say). It costs
+    /// a system call, so it is asked only when needed: a registration that
+    /// names no address of its own.
+    pub fn peer_addr(&mut self) -> Option<SocketAddr> {
+        match &mut self.peer {
+            Peer::None => None,
+            Peer::Known(addr) => *addr,
+            Peer::Ask(ask) => ask(),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -438,6 +463,7 @@ pub struct Recorder {
     now: Instant,
     wall_ms: u64,
     actions: Actions,
+    peer: Option<SocketAddr>,
 }
 
 impl Recorder {
@@ -447,7 +473,13 @@ impl Recorder {
             now,
             wall_ms,
             actions: Actions::default(),
+            peer: None,
         }
+    }
+
+    /// What `Cx::peer_addr` answers in the contexts handed out from now on.
+    pub fn set_peer(&mut self, peer: Option<SocketAddr>) {
+        self.peer = peer;
     }
 
     /// Moves both clocks forward.
@@ -474,6 +506,7 @@ impl Recorder {
             out: None,
             actions: &mut self.actions,
             stop_current: false,
+            peer: Peer::Known(self.peer),
         }
     }
 

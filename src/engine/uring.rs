@@ -11,7 +11,7 @@
 //! says whether this one will do.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ pub enum Op {
     Mailbox,
     /// A slot's close (counted until done: teardown waits for them).
     Closed,
+    /// A direct descriptor installed into the fd table (waited for).
+    Install,
 }
 
 impl Op {
@@ -55,6 +57,7 @@ impl Op {
             Op::Quiet => 4 << 56,
             Op::Mailbox => 5 << 56,
             Op::Closed => 6 << 56,
+            Op::Install => 7 << 56,
         }
     }
 
@@ -67,6 +70,7 @@ impl Op {
             4 => Op::Quiet,
             5 => Op::Mailbox,
             6 => Op::Closed,
+            7 => Op::Install,
             _ => return None,
         })
     }
@@ -425,6 +429,33 @@ impl Uring {
         self.push(entry.user_data(Op::Quiet.encode()));
     }
 
+    /// Installs direct descriptor `slot` into the thread's fd table
+    /// (IORING_OP_FIXED_FD_INSTALL, kernel 6.8) and waits for it: it
+    /// completes inline, so the wait is one `io_uring_enter`. Completions
+    /// reaped meanwhile are kept for the next `wait`. The returned fd is a
+    /// second reference to the socket, for calls that need a plain fd.
+    pub fn install(&mut self, slot: u32) -> io::Result<OwnedFd> {
+        let entry = opcode::FixedFdInstall::new(Fixed(slot), 0).build();
+        self.push(entry.user_data(Op::Install.encode()));
+        for _ in 0..10 {
+            self.submit_and_wait(Duration::from_millis(100))?;
+            self.reap();
+            if let Some(i) = self.deferred.iter().position(|c| c.op == Some(Op::Install)) {
+                let done = self.deferred.remove(i);
+                if done.result < 0 {
+                    return Err(io::Error::from_raw_os_error(-done.result));
+                }
+                // SAFETY: the kernel just made this fd, and it is ours alone.
+                return Ok(unsafe { OwnedFd::from_raw_fd(done.result) });
+            }
+        }
+        // Its completion, if it ever comes, is closed by the shard loop.
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the descriptor install did not complete",
+        ))
+    }
+
     /// Starts sending `bytes` on `slot`; the connection is (key, generation).
     pub fn send(&mut self, slot: u32, key: u32, generation: u32, bytes: &[u8]) {
         let mut buf = match self.pool.pop() {
@@ -535,20 +566,29 @@ impl Uring {
         } else {
             Duration::ZERO
         };
+        self.submit_and_wait(timeout)?;
+        self.reap();
+        into.append(&mut self.deferred);
+        Ok(())
+    }
+
+    /// Submits what is queued and waits up to `timeout` for a completion;
+    /// a timeout, a signal or a full completion queue is no error.
+    fn submit_and_wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
+            Ok(_) => Ok(()),
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => return Err(e),
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
-        self.reap();
-        into.append(&mut self.deferred);
-        Ok(())
     }
 
     /// Nothing of ours is in the kernel any more: no receive armed, no
@@ -582,6 +622,8 @@ mod tests {
             Op::Send(42),
             Op::Quiet,
             Op::Mailbox,
+            Op::Closed,
+            Op::Install,
         ] {
             assert_eq!(Op::decode(op.encode()), Some(op));
         }

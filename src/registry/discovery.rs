@@ -21,6 +21,8 @@ pub struct Node {
     pub version: Arc<str>,
     pub protocol: Arc<str>,
     pub address: NodeAddress,
+    /// `address` is the socket's peer: the service named none.
+    pub address_derived: bool,
     pub port: u16,
     pub tags_json: Arc<str>,
     pub connected_at_ms: u64,
@@ -92,6 +94,7 @@ impl Registry {
             version: s(i.version),
             protocol: s(i.protocol),
             address: self.node_address(i.address),
+            address_derived: i.address_derived,
             port: i.port,
             tags_json: s(i.tags),
             connected_at_ms: i.connected_at_ms,

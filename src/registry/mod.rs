@@ -87,6 +87,8 @@ pub struct Instance {
     pub tags: Sym,
     pub address: Address,
     pub port: u16,
+    /// `address` is the socket's peer: the service named none.
+    pub address_derived: bool,
     pub status: Status,
     pub owner: Owner,
     pub connected_at_ms: u64,
@@ -271,6 +273,7 @@ mod tests {
             port,
             env_tag: Some("prod"),
             tags_json: r#"{"zone":"a"}"#,
+            address_derived: false,
         }
     }
 

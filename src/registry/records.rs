@@ -15,6 +15,8 @@ pub struct Registration<'a> {
     pub env_tag: Option<&'a str>,
     /// Canonical JSON object.
     pub tags_json: &'a str,
+    /// The service named no address: `address` is its socket's peer.
+    pub address_derived: bool,
 }
 
 /// A validated `service/update_metadata`: `None` leaves a field as it is.
@@ -124,6 +126,7 @@ impl Registry {
             tags,
             address,
             port: reg.port,
+            address_derived: reg.address_derived,
             status: Status::Up,
             owner,
             connected_at_ms: now_ms,
@@ -135,7 +138,10 @@ impl Registry {
             Self::hash_of(hasher, &instances[s as usize])
         });
         self.changed.insert(service);
-        self.publish(now_ms, EventKind::Registered, slot, None);
+        let reason = reg
+            .address_derived
+            .then_some("no address registered: took the socket's peer address");
+        self.publish(now_ms, EventKind::Registered, slot, reason);
         Registered { id, superseded }
     }
 

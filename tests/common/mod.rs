@@ -68,7 +68,10 @@ pub struct Client {
 impl Client {
     /// TCP connect only.
     pub fn tcp(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect to the controller");
+        Client::over(TcpStream::connect(addr).expect("connect to the controller"))
+    }
+
+    fn over(stream: TcpStream) -> Client {
         stream
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
@@ -79,6 +82,18 @@ impl Client {
             next_id: 0,
             auto_pong: true,
         }
+    }
+
+    /// TCP connect from `source` (another loopback address: what the
+    /// controller then sees as the peer).
+    pub fn tcp_from(addr: SocketAddr, source: std::net::IpAddr) -> Client {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::new(source, 0).into()).unwrap();
+        socket
+            .connect(&addr.into())
+            .expect("connect to the controller");
+        Client::over(socket.into())
     }
 
     /// Connects and upgrades on `path`.

@@ -501,3 +501,51 @@ fn commands_are_answered_and_time_out_on_the_fake_clock() {
     h.closed(conn, CloseCause::PeerGone);
     assert!(matches!(cut.try_recv(), Ok(CommandOutcome::Gone)));
 }
+
+#[test]
+fn register_without_address_takes_the_peers_or_says_why_not() {
+    let mut h = Harness::new(1);
+    let params = json!({"serviceId": "java", "port": 8443, "tags": {}});
+    // The socket cannot say (the recorder knows no peer): -32602, counted
+    // as bad params, and the connection stays unregistered.
+    let (conn, _) = h.connect(0, MICROSERVICE_PATH);
+    let (answer, effects) = h.call(conn, "service/register", params.clone());
+    assert_eq!(error_code(&answer), -32602, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("peer address is unknown"),
+        "{answer}"
+    );
+    assert!(!effects.contains(&Effect::Admit(conn)));
+    // With a peer: its address (an IPv4-mapped one unwrapped), marked as
+    // derived, and the registered event says so.
+    h.clocks[0].set_peer(Some("[::ffff:10.9.8.7]:40000".parse().unwrap()));
+    let (answer, effects) = h.call(conn, "service/register", params);
+    assert_eq!(answer["result"]["status"], "registered", "{answer}");
+    assert!(effects.contains(&Effect::Admit(conn)));
+    let id: Uuid = answer["result"]["runtimeInstanceId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let node = h.shared.registry().node_of(&id).unwrap();
+    assert_eq!(
+        (node.address.to_string().as_str(), node.address_derived),
+        ("10.9.8.7", true)
+    );
+    let mut registry = h.shared.registry();
+    let (_, events) = registry.events.subscribe(Some(0)).unwrap();
+    drop(registry);
+    let event = events.try_recv().expect("the registered event");
+    assert_eq!(event.runtime_instance_id, id);
+    assert!(
+        event
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("peer address"),
+        "{event:?}"
+    );
+}

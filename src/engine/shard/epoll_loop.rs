@@ -74,6 +74,10 @@ impl Driver for EpollIo {
     fn resume_accept(&mut self) {
         self.accept_now = true;
     }
+
+    fn peer_addr(&mut self, handle: i32) -> Option<std::net::SocketAddr> {
+        io::peer_addr(handle)
+    }
 }
 
 impl<H: Handler> Shard<H, EpollIo> {

@@ -26,6 +26,7 @@ mod epoll_loop;
 mod uring_loop;
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +39,7 @@ use super::mailbox::Mailbox;
 use super::wheel::{Link, Links, Tick, Wheel};
 use super::{
     Action, Actions, CloseCause, ConnRef, Cx, EngineConfig, Handler, IoDriver, OVER_CAP_GRACE,
-    ShardId, io, sys, ws,
+    Peer, ShardId, io, sys, ws,
 };
 use crate::metrics::{self, BadInput, ShardStats};
 use epoll_loop::EpollIo;
@@ -76,6 +77,9 @@ pub(super) trait Driver {
     fn close(&mut self, handle: RawFd);
     /// The connection bound has room again.
     fn resume_accept(&mut self);
+    /// The socket's peer address (a system call; asked only by a handler
+    /// that needs it).
+    fn peer_addr(&mut self, handle: RawFd) -> Option<SocketAddr>;
 }
 
 pub(super) fn run<H: Handler>(setup: Setup<H::Msg>, handler: H, ready: io::Ready) {
@@ -267,6 +271,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             out: None,
             actions: &mut self.actions,
             stop_current: false,
+            peer: Peer::None,
         };
         f(&mut self.handler, &mut cx);
         self.apply_actions();
@@ -375,10 +380,12 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             wall_ms,
             epoch,
             all_stats,
+            driver,
             ..
         } = self;
         let stats = &all_stats[id.0 as usize];
         let conn = &mut conns[key as usize];
+        let handle = conn.handle;
         let cref = ConnRef {
             shard: *id,
             key,
@@ -388,6 +395,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let mut accepted = false;
         out.clear();
         let fed = conn.feed(*now, data, &config.limits, timing, out, |event, out| {
+            let mut ask = || driver.peer_addr(handle);
             let mut cx = Cx {
                 shard: *id,
                 now: *clock,
@@ -396,6 +404,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 out: None,
                 actions,
                 stop_current: false,
+                peer: Peer::Ask(&mut ask),
             };
             match event {
                 Event::Upgrade(_) if over_cap => {}

@@ -120,6 +120,18 @@ impl Driver for UringIo {
 
     /// The loop re-arms the accept itself once `accept_paused` clears.
     fn resume_accept(&mut self) {}
+
+    fn peer_addr(&mut self, handle: RawFd) -> Option<std::net::SocketAddr> {
+        // A direct descriptor has no getpeername: lend it to the fd table
+        // for the one call.
+        match self.ring.install(handle as u32) {
+            Ok(fd) => io::peer_addr(std::os::fd::AsRawFd::as_raw_fd(&fd)),
+            Err(e) => {
+                tracing::debug!("cannot install a direct descriptor to read its peer: {e}");
+                None
+            }
+        }
+    }
 }
 
 impl<H: Handler> Shard<H, UringIo> {
@@ -196,7 +208,9 @@ impl<H: Handler> Shard<H, UringIo> {
                 }
                 self.drain_mailbox();
             }
-            Some(Op::Quiet | Op::Closed) | None => {}
+            // An install that outlived its wait: nobody holds its fd.
+            Some(Op::Install) if c.result >= 0 => sys::close(c.result),
+            Some(Op::Quiet | Op::Closed | Op::Install) | None => {}
         }
     }
 
