@@ -34,7 +34,9 @@ fn populated(n: u32, services: u32) -> (Registry, Vec<String>) {
                 generation: 1,
             },
             1_795_413_540_000,
-        );
+            &mut || None,
+        )
+        .unwrap();
     }
     (r, names)
 }
@@ -59,15 +61,18 @@ fn registry(c: &mut Criterion) {
                 tags_json: r#"{"zone":"a"}"#,
                 address_derived: false,
             };
-            let done = r.register(
-                &reg,
-                Owner {
-                    shard: 0,
-                    key: i,
-                    generation: 1,
-                },
-                1_795_413_540_000,
-            );
+            let done = r
+                .register(
+                    &reg,
+                    Owner {
+                        shard: 0,
+                        key: i,
+                        generation: 1,
+                    },
+                    1_795_413_540_000,
+                    &mut || None,
+                )
+                .unwrap();
             r.deregister(
                 &done.id,
                 Owner {

@@ -123,6 +123,9 @@ pub struct ShardStats {
     pub pongs_missed: AtomicU64,
     /// Missed pongs that waited for a command in flight to the instance.
     pub pongs_deferred: AtomicU64,
+    /// Registrations refused: their identity is in conflict (two live
+    /// registrants kept superseding each other).
+    pub identity_conflict_refusals: AtomicU64,
     pub peer_closed: AtomicU64,
     pub peer_gone: AtomicU64,
     pub accept_errors: AtomicU64,

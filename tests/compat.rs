@@ -296,3 +296,91 @@ fn register_without_address_takes_the_peers() {
     assert_eq!(reply["result"]["status"], "registered", "{reply}");
     assert_eq!(clients[0].expect_close(), Some(4000));
 }
+
+/// Two live processes with one identity, each reconnecting at once on any
+/// close as the light-fabric crate does: after a few supersedes the
+/// controller refuses the newcomer (close 1013) instead of letting them
+/// evict each other forever, and one identity_conflict event is emitted.
+#[test]
+fn two_processes_with_one_identity_stop_evicting_each_other() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tether::registry::events::EventKind;
+    let ctl = controller(2);
+    let addr = ctl.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let process = |source: &'static str| {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut closes = Vec::new();
+            // Bounded: at most 40 connections or until told to stop.
+            for _ in 0..40 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut c = Client::tcp_from(addr, source.parse().unwrap());
+                if c.upgrade("/ws/microservice", None) != 101 {
+                    continue;
+                }
+                c.send_json(
+                    &json!({"jsonrpc": "2.0", "id": "1", "method": "service/register",
+                    "params": register_params("copy-paste", "10.0.0.7", 8443)}),
+                );
+                // Hold the registration until the controller closes it (or
+                // for a while, then look again).
+                let deadline = std::time::Instant::now() + Duration::from_millis(500);
+                let code = loop {
+                    match c.next_frame(Duration::from_millis(50)) {
+                        Some(Frame::Close(code)) => break code,
+                        Some(Frame::Eof) => break None,
+                        _ if std::time::Instant::now() > deadline => break Some(0),
+                        _ => {}
+                    }
+                };
+                if code == Some(0) {
+                    // Still holding: keep it until the end of the test.
+                    while !stop.load(Ordering::Relaxed) {
+                        if matches!(
+                            c.next_frame(Duration::from_millis(50)),
+                            Some(Frame::Close(_) | Frame::Eof)
+                        ) {
+                            break;
+                        }
+                    }
+                    closes.push(Some(0));
+                    continue;
+                }
+                closes.push(code);
+            }
+            closes
+        })
+    };
+    let a = process("127.0.0.11");
+    let b = process("127.0.0.12");
+    let conflicts = || {
+        ctl.counts()
+            .events
+            .iter()
+            .find(|(k, _)| *k == EventKind::IdentityConflict)
+            .map_or(0, |(_, n)| *n)
+    };
+    eventually("an identity conflict", || conflicts() == 1);
+    let refusals = || tether::metrics::total(ctl.stats(), |s| &s.identity_conflict_refusals);
+    eventually("the loser refused again", || refusals() >= 3);
+    stop.store(true, Ordering::Relaxed);
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let supersedes = ctl
+        .counts()
+        .events
+        .iter()
+        .find(|(k, _)| *k == EventKind::Superseded)
+        .map_or(0, |(_, n)| *n);
+    assert_eq!(
+        supersedes,
+        tether::registry::conflicts::MAX_SUPERSEDES as u64,
+        "the flapping stopped at the conflict"
+    );
+    assert_eq!(conflicts(), 1, "one event for the one conflict");
+    let told_1013 = a.iter().chain(&b).filter(|c| **c == Some(1013)).count() as u64;
+    assert!(told_1013 >= 3, "refused with 1013: {a:?} {b:?}");
+}

@@ -122,6 +122,13 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     );
     o.per_shard(
         stats,
+        "tether_identity_conflict_refusals_total",
+        "counter",
+        "Registrations refused (-32003, then close 1013) because two live registrants kept superseding one identity; each conflict's start is an identity_conflict event.",
+        |s| r(&s.identity_conflict_refusals),
+    );
+    o.per_shard(
+        stats,
         "tether_peer_closed_total",
         "counter",
         "Connections the peer closed with a close frame.",
@@ -225,7 +232,7 @@ fn registry(o: &mut Out, counts: RegistryCounts) {
     o.family(
         "tether_registry_events_total",
         "counter",
-        "Instance state changes by kind (registered, updated, down, deregistered, superseded).",
+        "Instance state changes by kind (registered, updated, down, deregistered, superseded, identity_conflict).",
     );
     for (kind, n) in &events {
         o.sample(

@@ -19,7 +19,7 @@ use super::{ShardMsg, Shared};
 use crate::engine::mailbox::Mailbox;
 use crate::engine::{CloseCause, ConnRef, Cx, Handler, Refusal, ShardId, UpgradeRequest};
 use crate::jsonrpc::{self, Code, Message, ParseError, RpcError};
-use crate::metrics::{BadInput, ShardStats};
+use crate::metrics::{self, BadInput, ShardStats};
 use crate::registry::{Owner, UpdateOutcome, slot_of};
 
 const MICROSERVICE_PATH: &str = "/ws/microservice";
@@ -260,27 +260,55 @@ impl ShardHandler {
                 format!("unauthorized: {why}"),
             ));
         }
-        let peer;
+        // The peer's address: the address itself when the service names
+        // none (light-4j leaves it to the controller), else asked only if
+        // the registration would supersede (a conflict names the peers).
+        let mut peer = None;
+        let derived;
         let address = match &request.address {
             Some(address) => address.as_str(),
             None => {
-                // light-4j leaves the address to the controller.
-                peer = cx
-                    .peer_addr()
+                peer = cx.peer_addr();
+                derived = peer
                     .map(|p| p.ip().to_canonical().to_string())
                     .ok_or_else(|| {
                         RpcError::invalid_params(
                             "missing address, and the socket's peer address is unknown",
                         )
                     })?;
-                peer.as_str()
+                derived.as_str()
             }
         };
         let registered = self.shared.registry().register(
             &request.registration(address),
             owner_of(conn),
             cx.wall_ms(),
+            &mut || peer.or_else(|| cx.peer_addr()),
         );
+        let registered = match registered {
+            Ok(registered) => registered,
+            Err(refused) => {
+                // Two live processes with one identity: the holder keeps
+                // it; this one is slowed down (1013, a retry hint) rather
+                // than flapping discovery for every subscriber.
+                metrics::inc(&self.stats[self.shard.0 as usize].identity_conflict_refusals);
+                let secs = refused.retry_after_ms / 1000;
+                let error = RpcError::new(
+                    Code::RateLimited,
+                    format!(
+                        "identity conflict: instance {} holds this (serviceId, envTag, address, port) and was superseded too often; is a second process registering the same identity? Retry after {secs} s",
+                        refused.holder
+                    ),
+                );
+                self.fail(cx, conn, Some(id), &error);
+                cx.close(
+                    conn,
+                    1013,
+                    &format!("identity conflict; retry after {secs}s"),
+                );
+                return Ok(());
+            }
+        };
         if let Some(s) = self.state(conn) {
             s.slot = slot_of(&registered.id);
             s.registered = true;

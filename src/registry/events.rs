@@ -23,15 +23,20 @@ pub enum EventKind {
     Down,
     Deregistered,
     Superseded,
+    /// Two live registrants kept superseding one identity: the newest is
+    /// refused (`registry::conflicts`). The reason names both peers.
+    #[serde(rename = "identity_conflict")]
+    IdentityConflict,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::Registered,
         EventKind::Updated,
         EventKind::Down,
         EventKind::Deregistered,
         EventKind::Superseded,
+        EventKind::IdentityConflict,
     ];
 
     pub fn label(self) -> &'static str {
@@ -41,6 +46,7 @@ impl EventKind {
             EventKind::Down => "down",
             EventKind::Deregistered => "deregistered",
             EventKind::Superseded => "superseded",
+            EventKind::IdentityConflict => "identity_conflict",
         }
     }
 }

@@ -28,6 +28,7 @@
 //! `Owner` names a connection on this node only; an instance held by
 //! another node would be a record whose owner is that node.
 
+pub mod conflicts;
 mod discovery;
 pub mod events;
 pub mod intern;
@@ -38,18 +39,19 @@ mod summary;
 pub use discovery::{Filter, Node, NodeAddress, Notification, Snapshot, SubscribeError};
 use discovery::{SubKey, Subscriber};
 pub use listing::{Page, PageScan, Query};
-pub use records::{MetadataUpdate, Registered, Registration, UpdateOutcome};
+pub use records::{MetadataUpdate, Refused, Registered, Registration, UpdateOutcome};
 pub use summary::Summary;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use hashbrown::HashTable;
 use slab::Slab;
 use uuid::Uuid;
 
+use conflicts::{Conflicts, Verdict};
 use events::{EventKind, EventLog};
 use intern::{Interner, Sym};
 
@@ -153,6 +155,8 @@ pub struct Registry {
     due: Vec<Vec<(SubKey, Owner)>>,
     /// One past the highest slot ever used (where listings stop).
     high_water: u32,
+    /// Identities superseded often lately (bounded).
+    conflicts: Conflicts,
     pub events: EventLog,
 }
 
@@ -187,6 +191,7 @@ impl Registry {
             due: (0..shards).map(|_| Vec::new()).collect(),
             events,
             high_water: 0,
+            conflicts: Conflicts::default(),
         }
     }
 
@@ -288,8 +293,17 @@ mod tests {
     #[test]
     fn register_lookup_and_remove_release_everything() {
         let mut r = Registry::new(RegistryConfig::default(), 2);
-        let a = r.register(&reg("user", "10.0.0.1", 8443), owner(1), 1000);
-        let b = r.register(&reg("user", "node-b.example", 8443), owner(2), 1000);
+        let a = r
+            .register(&reg("user", "10.0.0.1", 8443), owner(1), 1000, &mut || None)
+            .unwrap();
+        let b = r
+            .register(
+                &reg("user", "node-b.example", 8443),
+                owner(2),
+                1000,
+                &mut || None,
+            )
+            .unwrap();
         assert!(a.superseded.is_none() && b.superseded.is_none());
         assert_ne!(a.id, b.id);
         assert_eq!(a.id.get_version_num(), 7);
@@ -328,8 +342,12 @@ mod tests {
     #[test]
     fn same_identity_supersedes_and_the_old_owner_cannot_touch_the_new() {
         let mut r = Registry::new(RegistryConfig::default(), 2);
-        let first = r.register(&reg("user", "10.0.0.1", 8443), owner(1), 1000);
-        let second = r.register(&reg("user", "10.0.0.1", 8443), owner(2), 1001);
+        let first = r
+            .register(&reg("user", "10.0.0.1", 8443), owner(1), 1000, &mut || None)
+            .unwrap();
+        let second = r
+            .register(&reg("user", "10.0.0.1", 8443), owner(2), 1001, &mut || None)
+            .unwrap();
         assert_eq!(second.superseded, Some(owner(1)));
         assert!(r.get(&first.id).is_none());
         assert_eq!(r.len_up(), 1);
@@ -339,7 +357,8 @@ mod tests {
         assert!(r.get(&second.id).is_some());
         // A different port is a different identity.
         assert!(
-            r.register(&reg("user", "10.0.0.1", 9000), owner(3), 1003)
+            r.register(&reg("user", "10.0.0.1", 9000), owner(3), 1003, &mut || None)
+                .unwrap()
                 .superseded
                 .is_none()
         );
@@ -353,8 +372,12 @@ mod tests {
             ..Default::default()
         };
         let mut r = Registry::new(config, 1);
-        let a = r.register(&reg("user", "10.0.0.1", 1), owner(1), 0);
-        let b = r.register(&reg("user", "10.0.0.2", 1), owner(2), 0);
+        let a = r
+            .register(&reg("user", "10.0.0.1", 1), owner(1), 0, &mut || None)
+            .unwrap();
+        let b = r
+            .register(&reg("user", "10.0.0.2", 1), owner(2), 0, &mut || None)
+            .unwrap();
         assert!(r.mark_down(&a.id, owner(1), "pong timeout", 100));
         assert_eq!(r.lookup(&filter("user")).nodes.len(), 1);
         assert_eq!(r.get(&a.id).unwrap().status, Status::Down);
@@ -367,10 +390,13 @@ mod tests {
         r.expire_down(700);
         assert_eq!((r.len_down(), r.len_up()), (0, 0));
         // Re-registering a down identity is not a supersede.
-        let c = r.register(&reg("user", "10.0.0.3", 1), owner(3), 800);
+        let c = r
+            .register(&reg("user", "10.0.0.3", 1), owner(3), 800, &mut || None)
+            .unwrap();
         assert!(r.mark_down(&c.id, owner(3), "x", 900));
         assert!(
-            r.register(&reg("user", "10.0.0.3", 1), owner(4), 901)
+            r.register(&reg("user", "10.0.0.3", 1), owner(4), 901, &mut || None)
+                .unwrap()
                 .superseded
                 .is_none()
         );
@@ -380,9 +406,13 @@ mod tests {
     #[test]
     fn an_update_onto_a_down_records_identity_replaces_it() {
         let mut r = Registry::new(RegistryConfig::default(), 1);
-        let gone = r.register(&reg("user", "10.0.0.1", 1), owner(1), 0);
+        let gone = r
+            .register(&reg("user", "10.0.0.1", 1), owner(1), 0, &mut || None)
+            .unwrap();
         assert!(r.mark_down(&gone.id, owner(1), "pong timeout", 10));
-        let live = r.register(&reg("user", "10.0.0.1", 2), owner(2), 20);
+        let live = r
+            .register(&reg("user", "10.0.0.1", 2), owner(2), 20, &mut || None)
+            .unwrap();
         let update = MetadataUpdate {
             version: Some("2"),
             port: Some(1),
@@ -400,7 +430,9 @@ mod tests {
         #[cfg(debug_assertions)]
         r.check_invariants();
         // A live holder still keeps its identity: the port stays.
-        let other = r.register(&reg("user", "10.0.0.1", 3), owner(3), 40);
+        let other = r
+            .register(&reg("user", "10.0.0.1", 3), owner(3), 40, &mut || None)
+            .unwrap();
         let onto_live = MetadataUpdate {
             port: Some(1),
             ..Default::default()
@@ -415,7 +447,9 @@ mod tests {
     #[test]
     fn update_changes_metadata_and_reindexes_the_port() {
         let mut r = Registry::new(RegistryConfig::default(), 1);
-        let a = r.register(&reg("user", "10.0.0.1", 1), owner(1), 0);
+        let a = r
+            .register(&reg("user", "10.0.0.1", 1), owner(1), 0, &mut || None)
+            .unwrap();
         let update = MetadataUpdate {
             version: Some("2.0.0"),
             port: Some(2),
@@ -433,7 +467,8 @@ mod tests {
         assert_eq!((&*node.version, node.port), ("2.0.0", 2));
         // The new port now identifies it.
         assert_eq!(
-            r.register(&reg("user", "10.0.0.1", 2), owner(2), 6)
+            r.register(&reg("user", "10.0.0.1", 2), owner(2), 6, &mut || None)
+                .unwrap()
                 .superseded,
             Some(owner(1))
         );
@@ -444,7 +479,8 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default(), 2);
         let sub = owner(3); // shard 1
         assert!(r.subscribe(&filter("user"), sub).unwrap().nodes.is_empty());
-        r.register(&reg("user", "10.0.0.1", 1), owner(10), 0);
+        r.register(&reg("user", "10.0.0.1", 1), owner(10), 0, &mut || None)
+            .unwrap();
         assert!(r.take_notifications(0, 1000).is_empty(), "not shard 0's");
         let n = r.take_notifications(1, 1000);
         assert_eq!(n.len(), 1);
@@ -453,15 +489,20 @@ mod tests {
             (vec![sub], 1)
         );
         // Two changes inside one interval: one notification, after it.
-        r.register(&reg("user", "10.0.0.2", 1), owner(12), 1010);
-        r.register(&reg("user", "10.0.0.3", 1), owner(14), 1020);
+        r.register(&reg("user", "10.0.0.2", 1), owner(12), 1010, &mut || None)
+            .unwrap();
+        r.register(&reg("user", "10.0.0.3", 1), owner(14), 1020, &mut || None)
+            .unwrap();
         assert!(r.take_notifications(1, 1050).is_empty());
         let n = r.take_notifications(1, 1100);
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].snapshot.nodes.len(), 3);
         assert!(r.take_notifications(1, 1300).is_empty());
         // Other services do not notify.
-        r.register(&reg("billing", "10.0.0.1", 1), owner(16), 1400);
+        r.register(&reg("billing", "10.0.0.1", 1), owner(16), 1400, &mut || {
+            None
+        })
+        .unwrap();
         assert!(r.take_notifications(1, 2000).is_empty());
         r.unsubscribe_all(sub);
         assert_eq!(r.subscription_count(), 0);
@@ -501,9 +542,18 @@ mod tests {
         let mut r = Registry::new(RegistryConfig::default(), 2);
         for i in 0..25u32 {
             let service = if i % 5 == 0 { "billing" } else { "user" };
-            r.register(&reg(service, &format!("10.0.1.{i}"), 1), owner(i), 0);
+            r.register(
+                &reg(service, &format!("10.0.1.{i}"), 1),
+                owner(i),
+                0,
+                &mut || None,
+            )
+            .unwrap();
         }
-        let down = r.register(&reg("user", "10.0.9.9", 1), owner(99), 0).id;
+        let down = r
+            .register(&reg("user", "10.0.9.9", 1), owner(99), 0, &mut || None)
+            .unwrap()
+            .id;
         r.mark_down(&down, owner(99), "pong", 1);
         let all = r.page(&Query::default(), 0, 10);
         assert_eq!((all.total, all.items.len()), (26, 10));
@@ -556,7 +606,9 @@ mod tests {
                 ),
                 owner(i),
                 0,
-            );
+                &mut || None,
+            )
+            .unwrap();
         }
         for query in [
             Query::default(),
@@ -615,7 +667,13 @@ mod tests {
         };
         let mut r = Registry::new(config, 1);
         for i in 0..5 {
-            r.register(&reg("user", &format!("10.0.0.{i}"), 1), owner(i), 0);
+            r.register(
+                &reg("user", &format!("10.0.0.{i}"), 1),
+                owner(i),
+                0,
+                &mut || None,
+            )
+            .unwrap();
         }
         let snap = r.lookup(&filter("user"));
         assert_eq!((snap.nodes.len(), snap.truncated), (3, true));

@@ -38,6 +38,16 @@ pub enum UpdateOutcome {
     PortTaken,
 }
 
+/// A registration refused because its identity is in conflict: another
+/// live process holds it and the two keep superseding each other.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The record that keeps the identity.
+    pub holder: Uuid,
+    /// How long the refused one is told to wait before trying again.
+    pub retry_after_ms: u64,
+}
+
 #[derive(Debug)]
 pub struct Registered {
     pub id: Uuid,
@@ -76,8 +86,17 @@ impl Registry {
 
     /// Registers an instance owned by `owner`. A record with the same
     /// identity (serviceId, envTag, address, port) is replaced: if it was
-    /// up, its owner is returned so its connection can be closed (4000).
-    pub fn register(&mut self, reg: &Registration<'_>, owner: Owner, now_ms: u64) -> Registered {
+    /// up, its owner is returned so its connection can be closed (4000),
+    /// unless the identity is in conflict (`conflicts`): then the
+    /// registration is refused. `peer` is the registrant's socket address,
+    /// asked only when it would supersede (it names the two in a conflict).
+    pub fn register(
+        &mut self,
+        reg: &Registration<'_>,
+        owner: Owner,
+        now_ms: u64,
+        peer: &mut dyn FnMut() -> Option<SocketAddr>,
+    ) -> Result<Registered, Refused> {
         let service = self.strings.intern(reg.service_id);
         let env = self.strings.intern(reg.env_tag.unwrap_or(""));
         let address = self.intern_address(reg.address);
@@ -94,6 +113,30 @@ impl Registry {
         if let Some(slot) = existing {
             let old = &self.instances[slot as usize];
             if old.status == Status::Up {
+                let refused = Refused {
+                    holder: old.id,
+                    retry_after_ms: conflicts::RETRY_AFTER_MS,
+                };
+                match self.conflicts.judge(hash, now_ms, peer()) {
+                    Verdict::Supersede => {}
+                    Verdict::Refuse => return Err(refused),
+                    Verdict::Conflict { holder, loser } => {
+                        let show = |p: Option<SocketAddr>| {
+                            p.map_or_else(|| "an unknown peer".to_string(), |p| p.to_string())
+                        };
+                        let why = format!(
+                            "{} registrations within {} s claimed this identity; it stays with {} and {} is refused for now (two live processes with one identity?)",
+                            conflicts::MAX_SUPERSEDES + 1,
+                            conflicts::WINDOW_MS / 1000,
+                            show(holder),
+                            show(loser),
+                        );
+                        tracing::warn!(instance = %refused.holder, "identity conflict: {why}");
+                        self.publish(now_ms, EventKind::IdentityConflict, slot, Some(&why));
+                        return Err(refused);
+                    }
+                }
+                let old = &self.instances[slot as usize];
                 superseded = Some(old.owner);
                 self.publish(
                     now_ms,
@@ -142,7 +185,7 @@ impl Registry {
             .address_derived
             .then_some("no address registered: took the socket's peer address");
         self.publish(now_ms, EventKind::Registered, slot, reason);
-        Registered { id, superseded }
+        Ok(Registered { id, superseded })
     }
 
     /// Applies a metadata update from the owner.
@@ -272,6 +315,7 @@ impl Registry {
 
     /// Drops down records older than the retention period.
     pub fn expire_down(&mut self, now_ms: u64) {
+        self.conflicts.expire(now_ms);
         while let Some(&(_, _, at)) = self.down.front() {
             if now_ms.saturating_sub(at) < self.config.down_retention_ms {
                 break;

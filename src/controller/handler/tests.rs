@@ -549,3 +549,82 @@ fn register_without_address_takes_the_peers_or_says_why_not() {
         "{event:?}"
     );
 }
+
+/// Two live processes with one identity: after a few supersedes within a
+/// minute the next registration is refused (-32003, close 1013 with a retry
+/// hint), the holder keeps the identity, one identity_conflict event names
+/// both peers, and every refusal is counted. Once the holder is gone, the
+/// other registers at once.
+#[test]
+fn supersede_ping_pong_is_a_conflict_and_the_loser_is_slowed_down() {
+    use crate::registry::conflicts::MAX_SUPERSEDES;
+    use crate::registry::events::EventKind;
+    let mut h = Harness::new(1);
+    let peers: [SocketAddr; 2] = [
+        "127.0.0.2:40001".parse().unwrap(),
+        "127.0.0.3:40002".parse().unwrap(),
+    ];
+    let (_, events) = h.shared.registry().events.subscribe(None).unwrap();
+    let mut holder = None;
+    for i in 0..=MAX_SUPERSEDES as usize {
+        h.clocks[0].set_peer(Some(peers[i % 2]));
+        let (conn, _) = h.connect(0, MICROSERVICE_PATH);
+        let id = h.register(conn, "billing", 8443);
+        holder = Some((conn, id));
+        h.clocks[0].advance(Duration::from_secs(2));
+    }
+    let (holder_conn, holder_id) = holder.unwrap();
+    let loser_peer = peers[(MAX_SUPERSEDES as usize + 1) % 2];
+    h.clocks[0].set_peer(Some(loser_peer));
+    for attempt in 0..2 {
+        let (conn, _) = h.connect(0, MICROSERVICE_PATH);
+        let (answer, effects) = h.call(conn, "service/register", registration("billing", 8443));
+        assert_eq!(error_code(&answer), -32003, "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("identity conflict") && message.contains("Retry after 30 s"));
+        assert!(
+            effects.contains(&Effect::Close {
+                conn,
+                code: 1013,
+                reason: "identity conflict; retry after 30s".into()
+            }),
+            "attempt {attempt}: {effects:?}"
+        );
+        assert!(!effects.contains(&Effect::Admit(conn)));
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::Close { conn: c, .. } if *c == holder_conn)),
+            "the holder is not superseded"
+        );
+        h.clocks[0].advance(Duration::from_secs(5));
+    }
+    assert_eq!(h.status(&holder_id), Some(Status::Up));
+    let conflicts: Vec<_> = events
+        .try_iter()
+        .filter(|e| e.kind == EventKind::IdentityConflict)
+        .collect();
+    assert_eq!(conflicts.len(), 1, "one event per conflict: {conflicts:?}");
+    let reason = conflicts[0].reason.as_deref().unwrap();
+    assert_eq!(conflicts[0].runtime_instance_id, holder_id);
+    assert!(
+        reason.contains(&peers[MAX_SUPERSEDES as usize % 2].to_string())
+            && reason.contains(&loser_peer.to_string()),
+        "names both peers: {reason}"
+    );
+    assert_eq!(
+        h.stats[0].identity_conflict_refusals.load(Relaxed),
+        2,
+        "each refusal counted"
+    );
+    assert_eq!(
+        h.bad(BadInput::InvalidParams),
+        0,
+        "not the peer's bad input"
+    );
+    // The holder goes away: its record is down, and the other process's
+    // registration supersedes nothing, so it goes through.
+    h.closed(holder_conn, CloseCause::PeerGone);
+    let (conn, _) = h.connect(0, MICROSERVICE_PATH);
+    h.register(conn, "billing", 8443);
+}
