@@ -54,6 +54,7 @@ fn conn_machine(c: &mut Criterion) {
         ping_interval: 300,
         pong_timeout: 100,
         linger: 20,
+        message: 100,
     };
     let register = br#"{"jsonrpc":"2.0","id":"register-1","method":"service/register","params":{"serviceId":"user-service","version":"1.0.0","protocol":"https","address":"10.0.3.7","port":8443,"tags":{"zone":"a"},"envTag":"prod"}}"#;
     let mut frame = Vec::new();

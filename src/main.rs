@@ -169,6 +169,11 @@ struct ControllerArgs {
     /// batches, rotated at 64 MiB, 5 kept). Without it, to the log.
     #[arg(long)]
     audit_log: Option<std::path::PathBuf>,
+    /// The memory this controller may use (e.g. 8GiB). Buffered bytes (input
+    /// being reassembled, output queued or in flight) may take half of it,
+    /// split evenly over the shards. Default: the cgroup's limit, else RAM.
+    #[arg(long, env = "TETHER_MEMORY_BUDGET", value_parser = tether::plan::parse_size)]
+    memory_budget: Option<u64>,
 }
 
 #[derive(Args)]
@@ -423,6 +428,17 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     if let Some(max) = args.max_conns_per_shard {
         engine.max_conns_per_shard = max;
     }
+    let (budget, budget_source) = match args.memory_budget {
+        Some(bytes) => (bytes, "--memory-budget"),
+        None => tether::plan::memory_limit(),
+    };
+    engine.buffer_budget = (budget / 2).max(1 << 20) as usize;
+    let budget_line = format!(
+        "memory budget {} ({budget_source}): buffers up to {}, {} per shard",
+        tether::plan::show_size(budget),
+        tether::plan::show_size(engine.buffer_budget as u64),
+        tether::plan::show_size((engine.buffer_budget / shards.max(1)) as u64),
+    );
     let max_conns = engine.max_conns_per_shard;
     let mut config = ControllerConfig::new(engine);
     config.host_id = args.host_id.unwrap_or_else(default_host_id);
@@ -465,6 +481,8 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         auth_mode,
         admin_line
     );
+    // On stderr: stdout carries the one ready line scripts wait for.
+    tracing::info!("{budget_line}");
     if !config_base_path.is_empty() {
         tracing::info!(
             "services connect to {config_base_path}/ws/microservice and {config_base_path}/ws/discovery"

@@ -36,10 +36,12 @@ pub enum BadInput {
     UnknownReplyId,
     RegisterTimeout,
     Unauthorized,
+    /// A frame or fragmented message not whole within the message timeout.
+    MessageTimeout,
 }
 
 impl BadInput {
-    pub const ALL: [BadInput; 25] = [
+    pub const ALL: [BadInput; 26] = [
         BadInput::UpgradeTooLarge,
         BadInput::NotAnUpgrade,
         BadInput::BadWebsocketKey,
@@ -65,6 +67,7 @@ impl BadInput {
         BadInput::UnknownReplyId,
         BadInput::RegisterTimeout,
         BadInput::Unauthorized,
+        BadInput::MessageTimeout,
     ];
 
     pub fn label(self) -> &'static str {
@@ -94,6 +97,7 @@ impl BadInput {
             BadInput::UnknownReplyId => "unknown_reply_id",
             BadInput::RegisterTimeout => "register_timeout",
             BadInput::Unauthorized => "unauthorized",
+            BadInput::MessageTimeout => "message_timeout",
         }
     }
 
@@ -126,6 +130,15 @@ pub struct ShardStats {
     /// Registrations refused: their identity is in conflict (two live
     /// registrants kept superseding each other).
     pub identity_conflict_refusals: AtomicU64,
+    /// Connections cut because the shard was over its slice of the buffer
+    /// budget and they held the most beyond their share.
+    pub budget_cuts: AtomicU64,
+    /// Gauges, set every tick: heap bytes held for input (partial frames,
+    /// messages being reassembled), for output not yet taken by the socket,
+    /// and by sends in flight (io_uring).
+    pub held_in_bytes: AtomicU64,
+    pub held_out_bytes: AtomicU64,
+    pub in_flight_bytes: AtomicU64,
     pub peer_closed: AtomicU64,
     pub peer_gone: AtomicU64,
     pub accept_errors: AtomicU64,

@@ -479,6 +479,77 @@ fn meminfo_bytes(field: &str) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// A size such as `8GiB`, `512MiB`, `64KiB`, `2G` (powers of 1024 either
+/// way) or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{s:?} is not a size like 8GiB, 512MiB or 1048576")),
+    };
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 8GiB, 512MiB or 1048576"))?;
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
+/// Bytes for people: `1.5 GiB`, `640 MiB`, `12 KiB`.
+pub fn show_size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.1} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1u64 << 20) as f64 {
+        format!("{:.0} MiB", b / (1u64 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
+/// The memory this process may use, and where that figure comes from: its
+/// cgroup's limit (v2 `memory.max`, or v1 `memory.limit_in_bytes`) when it
+/// has one below RAM, else RAM (`MemTotal`).
+pub fn memory_limit() -> (u64, &'static str) {
+    let ram = meminfo_bytes("MemTotal").unwrap_or(1 << 30);
+    match cgroup_memory_limit() {
+        Some(limit) if limit < ram => (limit, "cgroup limit"),
+        _ => (ram, "RAM"),
+    }
+}
+
+fn cgroup_memory_limit() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let read =
+        |path: String| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_end_matches('/');
+        let found = if controllers.is_empty() {
+            // v2 ("max" does not parse: no limit).
+            read(format!("/sys/fs/cgroup{path}/memory.max"))
+                .or_else(|| read(format!("/sys/fs/cgroup/unified{path}/memory.max")))
+        } else if controllers.split(',').any(|c| c == "memory") {
+            // v1; inside a cgroup namespace the path may not be mounted.
+            read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+                .or_else(|| read("/sys/fs/cgroup/memory/memory.limit_in_bytes".into()))
+        } else {
+            None
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 fn kernel_at_least(major: u64, minor: u64) -> Option<(bool, String)> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
     let mut parts = release
@@ -622,6 +693,19 @@ pub fn render_checks(checks: &[Check]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_and_show() {
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5g"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err() && parse_size("5 parsecs").is_err());
+        assert_eq!(show_size(3 << 29), "1.5 GiB");
+        assert_eq!(show_size(640 << 20), "640 MiB");
+        let (limit, source) = memory_limit();
+        assert!(limit > 0 && (source == "RAM" || source == "cgroup limit"));
+    }
 
     #[test]
     fn chained_needs_twice_the_sockets_and_more_memory() {

@@ -210,8 +210,13 @@ impl Worker {
                 ping_interval: u32::MAX / 8,
                 pong_timeout: 1,
                 linger: 1,
+                message: u32::MAX / 8,
             },
-            limits: Limits::default(),
+            // It admits nothing: relayed messages get the admitted bound.
+            limits: Limits {
+                max_message_unadmitted: Limits::default().max_message,
+                ..Limits::default()
+            },
             wheel: Wheel::new(0),
             epoch: Instant::now(),
             expired: Vec::new(),

@@ -92,6 +92,45 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
         "Upgrades answered 1013 because the shard was at its connection cap.",
         |s| r(&s.rejected_over_cap),
     );
+    o.family(
+        "tether_buffered_bytes",
+        "gauge",
+        "Heap bytes the shard holds for its connections (kind: in = partial frames and messages being reassembled; out = output the socket has not taken; in_flight = io_uring sends in flight), counted against --memory-budget.",
+    );
+    for (i, s) in stats.iter().enumerate() {
+        for (kind, v) in [
+            ("in", r(&s.held_in_bytes)),
+            ("out", r(&s.held_out_bytes)),
+            ("in_flight", r(&s.in_flight_bytes)),
+        ] {
+            o.sample(
+                "tether_buffered_bytes",
+                &format!("shard=\"{i}\",kind=\"{kind}\""),
+                v,
+            );
+        }
+    }
+    o.family(
+        "tether_connections_cut_total",
+        "counter",
+        "Connections the controller cut to bound its memory, by reason (slow_consumer: past its own output bound; over_budget: the shard was over its slice of the buffer budget and this one held the most beyond its share; message_timeout: a message begun was not whole in time).",
+    );
+    for (i, s) in stats.iter().enumerate() {
+        for (reason, v) in [
+            ("slow_consumer", r(&s.slow_consumers_cut)),
+            ("over_budget", r(&s.budget_cuts)),
+            (
+                "message_timeout",
+                r(&s.bad_input[BadInput::MessageTimeout as usize]),
+            ),
+        ] {
+            o.sample(
+                "tether_connections_cut_total",
+                &format!("shard=\"{i}\",reason=\"{reason}\""),
+                v,
+            );
+        }
+    }
     o.per_shard(
         stats,
         "tether_slow_consumers_cut_total",

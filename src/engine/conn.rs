@@ -29,6 +29,10 @@ use crate::metrics::BadInput;
 pub struct Limits {
     /// One message (after reassembly), and so one frame. Over it: close 1009.
     pub max_message: usize,
+    /// The same before the handler admits the connection: all it needs
+    /// then is a registration, so a socket that never registers cannot
+    /// make the controller hold a megabyte.
+    pub max_message_unadmitted: usize,
     /// The HTTP upgrade head. Over it: 431 and drop.
     pub max_upgrade: usize,
 }
@@ -37,6 +41,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_message: 1 << 20,
+            max_message_unadmitted: 64 << 10,
             max_upgrade: 8 << 10,
         }
     }
@@ -50,6 +55,9 @@ pub struct Timing {
     pub ping_interval: Tick,
     pub pong_timeout: Tick,
     pub linger: Tick,
+    /// A frame or fragmented message, once begun, must be whole within
+    /// this (else close 1008): held input cannot be kept open by a trickle.
+    pub message: Tick,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -180,6 +188,8 @@ pub enum Due {
     PongMissed,
     /// We closed and the peer never finished the close handshake.
     LingerOver,
+    /// A frame or message begun long ago is still not whole.
+    MessageTimeout,
 }
 
 const FRAGMENTED: u8 = 1;
@@ -203,8 +213,36 @@ struct Bufs {
     partial: Vec<u8>,
     /// A fragmented text message being reassembled.
     message: Vec<u8>,
-    /// Bytes the socket has not taken yet.
+    /// Bytes the socket has not taken yet: `out[out_start..]` (what went
+    /// out is dropped from the front lazily, so a slow reader's backlog is
+    /// not moved once per partial send).
     out: Vec<u8>,
+    out_start: usize,
+    /// While `partial` or `message` holds bytes (after the upgrade): the
+    /// tick by which they must form a whole message; 0 when none is held.
+    input_due: Tick,
+}
+
+impl Bufs {
+    fn holds_input(&self) -> bool {
+        !self.partial.is_empty() || !self.message.is_empty()
+    }
+}
+
+/// Unsent output taken out of a connection to be sent: the bytes are
+/// `buf[start..]`.
+#[derive(Default)]
+pub struct Pending {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl std::ops::Deref for Pending {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
 }
 
 /// The per-connection state. Kept small: it is multiplied by every service.
@@ -246,7 +284,10 @@ impl Conn {
     /// When the connection next needs `on_deadline`. Changes only through
     /// `feed`, `on_deadline`, `admit` and `start_closing`.
     pub fn poll_deadline(&self) -> Tick {
-        self.due
+        match &self.bufs {
+            Some(b) if b.input_due != 0 => self.due.min(b.input_due),
+            _ => self.due,
+        }
     }
 
     pub fn set_live(&mut self) {
@@ -292,15 +333,18 @@ impl Conn {
     /// Part of a frame (or of the upgrade head) is held: the peer stopped
     /// mid-frame if the connection ends now.
     pub fn holds_partial_input(&self) -> bool {
-        self.bufs
-            .as_ref()
-            .is_some_and(|b| !b.partial.is_empty() || !b.message.is_empty())
+        self.bufs.as_ref().is_some_and(|b| b.holds_input())
     }
 
-    /// Bytes this connection holds on the heap right now.
-    pub fn buffered(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| {
-            b.partial.capacity() + b.message.capacity() + b.out.capacity()
+    /// Heap bytes held for input (a partial frame, a message being
+    /// reassembled) and for output (what the socket has not taken), as
+    /// allocated: what the memory budget counts.
+    pub fn buffered(&self) -> (usize, usize) {
+        self.bufs.as_ref().map_or((0, 0), |b| {
+            (
+                b.partial.capacity() + b.message.capacity(),
+                b.out.capacity(),
+            )
         })
     }
 
@@ -323,6 +367,14 @@ impl Conn {
     pub fn start_closing(&mut self, now: Tick, timing: &Timing) {
         self.phase = Phase::Closing;
         self.due = now + timing.linger;
+        // Nothing of a message is delivered now: free it, and only the
+        // linger bounds what is left (a partial frame, for the peer's close).
+        if let Some(b) = &mut self.bufs {
+            b.message = Vec::new();
+            b.input_due = 0;
+        }
+        self.flags &= !FRAGMENTED;
+        self.release_if_empty();
     }
 
     /// The deadline came: what it means. A terminal one (every `Due` but
@@ -330,6 +382,13 @@ impl Conn {
     /// again if the shard does not end the connection.
     pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Due {
         let pong_timeout = timing.pong_timeout.max(1);
+        if self
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.input_due != 0 && b.input_due <= now)
+        {
+            return Due::MessageTimeout;
+        }
         match self.phase {
             Phase::Handshake => Due::HandshakeTimeout,
             Phase::Upgraded => Due::AdmitTimeout,
@@ -377,28 +436,40 @@ impl Conn {
     }
 
     pub fn pending_out(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| b.out.len())
+        self.bufs.as_ref().map_or(0, |b| b.out.len() - b.out_start)
     }
 
     /// Takes the unsent output to try it again; give back what is left with
     /// `restore_out`.
-    pub fn take_pending_out(&mut self) -> Vec<u8> {
-        let out = self
+    pub fn take_pending_out(&mut self) -> Pending {
+        let pending = self
             .bufs
             .as_mut()
-            .map(|b| std::mem::take(&mut b.out))
+            .map(|b| Pending {
+                buf: std::mem::take(&mut b.out),
+                start: std::mem::take(&mut b.out_start),
+            })
             .unwrap_or_default();
         self.release_if_empty();
-        out
+        pending
     }
 
-    pub fn restore_out(&mut self, mut rest: Vec<u8>, sent: usize) {
-        if sent < rest.len() {
-            rest.drain(..sent);
-            let bufs = self.bufs.get_or_insert_default();
-            debug_assert!(bufs.out.is_empty());
-            bufs.out = rest;
+    /// Gives back what `take_pending_out` took, `sent` bytes of it gone.
+    pub fn restore_out(&mut self, mut rest: Pending, sent: usize) {
+        rest.start += sent;
+        if rest.start >= rest.buf.len() {
+            return;
         }
+        if rest.start > rest.buf.len() / 2 {
+            // Compact once most of it is gone: amortized, each byte moves
+            // at most once per halving.
+            rest.buf.drain(..rest.start);
+            rest.start = 0;
+        }
+        let bufs = self.bufs.get_or_insert_default();
+        debug_assert!(bufs.out.is_empty());
+        bufs.out = rest.buf;
+        bufs.out_start = rest.start;
     }
 
     fn release_if_empty(&mut self) {
@@ -434,6 +505,15 @@ impl Conn {
             self.start_closing(now, timing);
         } else if before == Phase::Handshake && self.phase == Phase::Upgraded {
             self.due = now + timing.admit;
+        }
+        let phase = self.phase;
+        if let Some(b) = &mut self.bufs {
+            let timed = matches!(phase, Phase::Upgraded | Phase::Admitted) && b.holds_input();
+            if !timed {
+                b.input_due = 0;
+            } else if b.input_due == 0 {
+                b.input_due = now + timing.message.max(1);
+            }
         }
         fed
     }
@@ -510,6 +590,11 @@ impl Conn {
                 return (Fed::Stopped, pos);
             }
         }
+        let max_message = if self.phase == Phase::Admitted {
+            limits.max_message
+        } else {
+            limits.max_message_unadmitted
+        };
         loop {
             let rest = &mut data[pos..];
             let header = match ws::decode_header(rest, Role::Server) {
@@ -517,7 +602,7 @@ impl Conn {
                 Ok(None) => break,
                 Err(e) => return (Fed::Violation(Violation::Frame(e)), pos),
             };
-            if header.payload_len > limits.max_message as u64 {
+            if header.payload_len > max_message as u64 {
                 return (Fed::Violation(Violation::TooBig), pos);
             }
             let total = header.header_len + header.payload_len as usize;
@@ -554,7 +639,7 @@ impl Conn {
                     // An empty first fragment holds no bytes, so no buffer
                     // need exist yet.
                     let b = bufs.get_or_insert_default();
-                    if b.message.len() + payload.len() > limits.max_message {
+                    if b.message.len() + payload.len() > max_message {
                         return (Fed::Violation(Violation::TooBig), pos);
                     }
                     b.message.extend_from_slice(payload);
@@ -606,6 +691,7 @@ mod tests {
             ping_interval: 300,
             pong_timeout: 100,
             linger: 20,
+            message: 40,
         }
     }
 
@@ -643,6 +729,7 @@ mod tests {
             &mut input,
             &Limits {
                 max_message: 1000,
+                max_message_unadmitted: 1000,
                 max_upgrade: 1024,
             },
             &timing(),
@@ -694,7 +781,11 @@ mod tests {
         }
         assert_eq!(log.texts, vec!["hello", "fragmented é"]);
         assert_eq!(log.opened, 1);
-        assert_eq!(conn.buffered(), 0, "an idle connection holds no buffer");
+        assert_eq!(
+            conn.buffered(),
+            (0, 0),
+            "an idle connection holds no buffer"
+        );
         // The ping was answered with a pong carrying its payload.
         let tail = &out[out.len() - 3..];
         assert_eq!(tail, &[0x8A, 1, b'p']);
@@ -785,7 +876,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(log.texts, vec!["{}", ""]);
-        assert_eq!(conn.buffered(), 0);
+        assert_eq!(conn.buffered(), (0, 0));
     }
 
     #[test]
@@ -802,7 +893,7 @@ mod tests {
         for _ in 0..10 {
             feed(&mut conn, &[0x81, 0x05, 1, 2, 3], &mut log, &mut out);
         }
-        assert_eq!(conn.buffered(), 0);
+        assert_eq!(conn.buffered(), (0, 0));
     }
 
     #[test]
@@ -1006,8 +1097,83 @@ mod tests {
         assert_eq!(conn.pending_out(), 6);
         let out = conn.take_pending_out();
         conn.restore_out(out, 4);
-        assert_eq!(conn.take_pending_out(), b"ef");
-        assert_eq!(conn.buffered(), 0);
+        assert_eq!(&*conn.take_pending_out(), b"ef");
+        assert_eq!(conn.buffered(), (0, 0));
+        // Sent a little at a time, a backlog is compacted only once most of
+        // it is gone; what is left stays in order.
+        let backlog: Vec<u8> = (0..100u8).collect();
+        conn.queue_out(&backlog);
+        for step in 0..9 {
+            let out = conn.take_pending_out();
+            assert_eq!(out[0], step * 10);
+            conn.restore_out(out, 10);
+        }
+        assert_eq!(&*conn.take_pending_out(), &backlog[90..]);
+        assert_eq!(conn.buffered(), (0, 0));
+    }
+
+    #[test]
+    fn before_admission_a_message_is_held_to_the_smaller_bound() {
+        let limits = Limits {
+            max_message: 1000,
+            max_message_unadmitted: 100,
+            max_upgrade: 1024,
+        };
+        let feed_with = |conn: &mut Conn, bytes: &[u8]| {
+            let mut input = bytes.to_vec();
+            let mut out = Vec::new();
+            conn.feed(0, &mut input, &limits, &timing(), &mut out, |_, _| {
+                Flow::Continue
+            })
+        };
+        let (mut conn, _, _) = open_conn();
+        let big = vec![b'x'; 500];
+        assert_eq!(
+            feed_with(&mut conn, &client_frame(OpCode::Text, true, &big)),
+            Fed::Violation(Violation::TooBig),
+            "a socket that has not registered cannot make us hold 500 bytes"
+        );
+        let (mut conn, _, _) = open_conn();
+        assert!(conn.admit(0, 10));
+        assert_eq!(
+            feed_with(&mut conn, &client_frame(OpCode::Text, true, &big)),
+            Fed::Open
+        );
+    }
+
+    #[test]
+    fn a_message_begun_must_be_whole_within_the_message_timeout() {
+        let t = timing();
+        let (mut conn, mut log, mut out) = open_conn();
+        assert!(conn.admit(0, 300));
+        let idle_deadline = conn.poll_deadline();
+        // A fragment at tick 5: the message is due at 5 + message.
+        let first = client_frame(OpCode::Text, false, b"part");
+        assert_eq!(feed_at(&mut conn, 5, &first, &mut log, &mut out), Fed::Open);
+        assert_eq!(conn.poll_deadline(), 5 + t.message);
+        // Empty continuations do not move it (a trickle cannot keep it).
+        let empty = client_frame(OpCode::Continuation, false, b"");
+        assert_eq!(
+            feed_at(&mut conn, 30, &empty, &mut log, &mut out),
+            Fed::Open
+        );
+        assert_eq!(conn.poll_deadline(), 5 + t.message);
+        assert_eq!(conn.on_deadline(5 + t.message, &t), Due::MessageTimeout);
+        // Finished in time instead: the deadline is the idle one again.
+        let (mut conn, mut log, mut out) = open_conn();
+        assert!(conn.admit(0, 300));
+        feed_at(&mut conn, 5, &first, &mut log, &mut out);
+        let last = client_frame(OpCode::Continuation, true, b"!");
+        assert_eq!(feed_at(&mut conn, 6, &last, &mut log, &mut out), Fed::Open);
+        assert_eq!(log.texts, ["part!"]);
+        assert_eq!(conn.poll_deadline(), idle_deadline);
+        assert_eq!(conn.buffered(), (0, 0));
+        // A partial frame counts too, and closing lets go of the message.
+        let frame = client_frame(OpCode::Text, true, b"hello");
+        feed_at(&mut conn, 50, &frame[..3], &mut log, &mut out);
+        assert_eq!(conn.poll_deadline(), 50 + t.message);
+        conn.start_closing(51, &t);
+        assert_eq!(conn.poll_deadline(), 51 + t.linger, "only the linger now");
     }
 }
 

@@ -137,8 +137,17 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// Unsent output one connection may hold before it is cut as too slow.
     pub max_pending_out: usize,
-    /// Unsent output all of one shard's connections may hold together.
-    pub max_pending_out_per_shard: usize,
+    /// What a connection the handler has not admitted (no register yet)
+    /// may hold in all, in and out: it needs little, so it gets little.
+    pub max_held_unadmitted: usize,
+    /// Buffered bytes (input being reassembled, output queued or in
+    /// flight) all shards together may hold; each shard keeps an equal
+    /// slice. Past its slice a shard cuts the connections holding the most
+    /// beyond their fair share (slice / connections), biggest first, so a
+    /// connection within its share is never cut because of others.
+    pub buffer_budget: usize,
+    /// A frame or fragmented message, once begun, must be whole within this.
+    pub message_timeout: Duration,
     /// Messages waiting in one shard's mailbox.
     pub mailbox_capacity: usize,
     /// io_uring: provided receive buffers per shard (a power of two, each
@@ -162,7 +171,9 @@ impl EngineConfig {
             tick: Duration::from_millis(100),
             limits: Limits::default(),
             max_pending_out: 16 << 20,
-            max_pending_out_per_shard: 256 << 20,
+            max_held_unadmitted: 64 << 10,
+            buffer_budget: 1 << 30,
+            message_timeout: Duration::from_secs(10),
             mailbox_capacity: 65_536,
             uring_recv_buffers: 512,
         }
@@ -180,6 +191,7 @@ impl EngineConfig {
             ping_interval: self.ticks(self.ping_interval),
             pong_timeout: self.ticks(self.pong_timeout),
             linger: self.ticks(self.close_linger),
+            message: self.ticks(self.message_timeout),
         }
     }
 
@@ -264,6 +276,11 @@ pub enum CloseCause {
     Closed(u16),
     /// It would not read what we sent, past `max_pending_out`.
     SlowConsumer,
+    /// Its shard was over its slice of the buffer budget, and it held the
+    /// most beyond its fair share.
+    OverBudget,
+    /// A frame or message it began was not whole within the message timeout.
+    MessageTimeout,
     Shutdown,
 }
 

@@ -27,6 +27,10 @@ pub const RECV_BUFFER_SIZE: usize = 2048;
 const SEND_POOL: usize = 256;
 /// A pooled send buffer's capacity; larger sends get their own.
 const SEND_BUFFER_SIZE: usize = 4096;
+/// The most one send takes in flight: the rest of a connection's output
+/// waits, counted, in its own queue (so a slow reader holds at most this
+/// much outside the shard's accounting of queued bytes).
+pub const MAX_SEND: usize = 64 << 10;
 const BUFFER_GROUP: u16 = 7;
 
 /// What a completion is for: the top 8 bits of its user_data.
@@ -308,6 +312,8 @@ pub struct Uring {
     recycled: bool,
     /// Completions reaped while making room in a full queue.
     deferred: Vec<Completion>,
+    /// Bytes held by sends in flight (their buffers' capacity).
+    in_flight: usize,
     // What is in the kernel: teardown waits until none is.
     accept_armed: bool,
     armed_recvs: usize,
@@ -332,6 +338,7 @@ impl Uring {
             pool: Vec::new(),
             recycled: false,
             deferred: Vec::new(),
+            in_flight: 0,
             accept_armed: false,
             armed_recvs: 0,
             closing: 0,
@@ -469,6 +476,7 @@ impl Uring {
         };
         buf.clear();
         buf.extend_from_slice(bytes);
+        self.in_flight += buf.capacity();
         let index = self.sends.insert(Sending {
             key,
             generation,
@@ -508,6 +516,7 @@ impl Uring {
     /// Drops a send (its buffer goes back to the pool).
     pub fn abandon(&mut self, index: u32) {
         let done = self.sends.remove(index as usize);
+        self.in_flight -= done.buf.capacity();
         if self.pool.len() < SEND_POOL && done.buf.capacity() <= SEND_BUFFER_SIZE {
             self.pool.push(done.buf);
         }
@@ -600,6 +609,11 @@ impl Uring {
     /// Sends in flight.
     pub fn sending(&self) -> usize {
         self.sends.len()
+    }
+
+    /// Bytes the sends in flight hold.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 }
 

@@ -71,7 +71,7 @@ impl Client {
         Client::over(TcpStream::connect(addr).expect("connect to the controller"))
     }
 
-    fn over(stream: TcpStream) -> Client {
+    pub fn over(stream: TcpStream) -> Client {
         stream
             .set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();

@@ -78,6 +78,15 @@ impl Driver for EpollIo {
     fn peer_addr(&mut self, handle: i32) -> Option<std::net::SocketAddr> {
         io::peer_addr(handle)
     }
+
+    /// Sends go straight to the socket: nothing is held in flight.
+    fn in_flight(&self) -> usize {
+        0
+    }
+
+    fn in_flight_bound(&self) -> usize {
+        0
+    }
 }
 
 impl<H: Handler> Shard<H, EpollIo> {

@@ -80,6 +80,10 @@ pub(super) trait Driver {
     /// The socket's peer address (a system call; asked only by a handler
     /// that needs it).
     fn peer_addr(&mut self, handle: RawFd) -> Option<SocketAddr>;
+    /// Bytes held by sends in flight, all connections together.
+    fn in_flight(&self) -> usize;
+    /// The most one connection's send in flight holds.
+    fn in_flight_bound(&self) -> usize;
 }
 
 pub(super) fn run<H: Handler>(setup: Setup<H::Msg>, handler: H, ready: io::Ready) {
@@ -160,8 +164,12 @@ struct Shard<H: Handler, D: Driver> {
     actions: Actions,
     expired: Vec<u32>,
     inbox: VecDeque<H::Msg>,
-    /// Unsent output held by all of this shard's connections.
-    pending_total: usize,
+    /// Heap bytes this shard's connections hold for input and for output
+    /// (allocated sizes; the sends in flight are the driver's to count).
+    held_in: usize,
+    held_out: usize,
+    /// This shard's slice of the buffer budget.
+    budget: usize,
     next_generation: u32,
     /// At the connection bound or out of fds: accept again when room frees.
     accept_paused: bool,
@@ -191,7 +199,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             actions: Actions::default(),
             expired: Vec::new(),
             inbox: VecDeque::new(),
-            pending_total: 0,
+            held_in: 0,
+            held_out: 0,
+            budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
             next_generation: 1,
             accept_paused: false,
             last_accept_warning: None,
@@ -355,7 +365,14 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
     /// Feeds received bytes to connection `key` and acts on the outcome.
     fn feed(&mut self, key: u32, data: &mut [u8]) {
+        let before = self.conns[key as usize].buffered();
         let fed = self.deliver(key, data);
+        self.recount(key, before);
+        if self.held() > self.budget && !self.make_room(key, 0) {
+            // It was cut for holding the most: what it asked is moot.
+            self.out.clear();
+            return self.apply_actions();
+        }
         self.relink(key);
         self.settle(key, fed);
     }
@@ -540,33 +557,110 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// Keeps output the socket would not take, within the per-connection
     /// and per-shard bounds; past either the connection is cut as too slow.
     fn keep_unsent(&mut self, key: u32, bytes: &[u8]) -> bool {
-        let conn = &mut self.conns[key as usize];
-        if conn.pending_out() + bytes.len() > self.config.max_pending_out
-            || self.pending_total + bytes.len() > self.config.max_pending_out_per_shard
-        {
+        let conn = &self.conns[key as usize];
+        // Its own bound first: output for an admitted connection, all it
+        // holds for one not admitted yet.
+        let own = conn.pending_out() + bytes.len();
+        let over = if conn.was_admitted() {
+            own > self.config.max_pending_out
+        } else {
+            own + conn.buffered().0 > self.config.max_held_unadmitted
+        };
+        if over {
             return self.cut_slow(key);
         }
-        conn.queue_out(bytes);
-        self.pending_total += bytes.len();
+        if self.held() + bytes.len() > self.budget && !self.make_room(key, bytes.len()) {
+            return false;
+        }
+        let before = self.conns[key as usize].buffered();
+        self.conns[key as usize].queue_out(bytes);
+        self.recount(key, before);
         true
+    }
+
+    /// Everything this shard holds for its connections, in flight included.
+    fn held(&self) -> usize {
+        self.held_in + self.held_out + self.driver.in_flight()
+    }
+
+    /// What one connection holds (its send in flight at its bound).
+    fn usage(&self, conn: &Conn) -> usize {
+        let (held_in, held_out) = conn.buffered();
+        let in_flight = if conn.is_sending() {
+            self.driver.in_flight_bound()
+        } else {
+            0
+        };
+        held_in + held_out + in_flight
+    }
+
+    /// Re-counts what `key` holds after a change that began at `before`.
+    fn recount(&mut self, key: u32, before: (usize, usize)) {
+        let (held_in, held_out) = self.conns[key as usize].buffered();
+        self.held_in = self.held_in - before.0 + held_in;
+        self.held_out = self.held_out - before.1 + held_out;
+    }
+
+    /// Over the budget (with `extra` more bytes for `current`): cuts the
+    /// connections holding the most beyond their fair share, biggest
+    /// first, until the rest fits. False if `current` was one of them.
+    fn make_room(&mut self, current: u32, extra: usize) -> bool {
+        let share = self.budget / self.conns.len().max(1);
+        let mut offenders: Vec<(usize, u32)> = self
+            .conns
+            .iter()
+            .filter_map(|(key, conn)| {
+                let extra = if key as u32 == current { extra } else { 0 };
+                let usage = self.usage(conn) + extra;
+                (usage > share).then_some((usage, key as u32))
+            })
+            .collect();
+        offenders.sort_unstable_by(|a, b| b.cmp(a));
+        let mut total = self.held() + extra;
+        let mut survived = true;
+        for (usage, key) in offenders {
+            if total <= self.budget {
+                break;
+            }
+            if !self.conns.contains(key as usize) {
+                continue; // cut meanwhile, by a handler's reaction
+            }
+            metrics::inc(&self.stats().budget_cuts);
+            self.notify_closed(key, CloseCause::OverBudget);
+            if self.conns.contains(key as usize) {
+                self.drop_conn(key);
+            }
+            total = total.saturating_sub(usage);
+            survived &= key != current;
+        }
+        if survived && total > self.budget {
+            tracing::debug!(
+                shard = self.id.0,
+                total,
+                budget = self.budget,
+                "over the buffer budget with every connection within its share"
+            );
+        }
+        survived
     }
 
     /// The socket can take more (epoll: writable; io_uring: a send
     /// completed): send what was kept, and FIN once a closing connection's
     /// last bytes are out.
     fn flush(&mut self, key: u32) {
+        let before = self.conns[key as usize].buffered();
         let pending = self.conns[key as usize].take_pending_out();
         if !pending.is_empty() {
             let sent = match self.transmit(key, &pending) {
                 Ok(n) => n,
                 Err(io::Gone) => {
-                    self.pending_total -= pending.len();
+                    self.recount(key, before);
                     return self.lost(key);
                 }
             };
-            self.pending_total -= sent;
             self.conns[key as usize].restore_out(pending, sent);
         }
+        self.recount(key, before);
         let conn = &self.conns[key as usize];
         if conn.pending_out() == 0 && !conn.is_sending() && conn.phase() == Phase::Closing {
             self.shutdown_write(key);
@@ -629,8 +723,10 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
     /// Our last bytes are queued: wait for the peer's close or EOF.
     fn linger(&mut self, key: u32) {
-        let conn = &mut self.conns[key as usize];
-        conn.start_closing(self.now, &self.timing);
+        let before = self.conns[key as usize].buffered();
+        self.conns[key as usize].start_closing(self.now, &self.timing);
+        self.recount(key, before);
+        let conn = &self.conns[key as usize];
         let idle = conn.pending_out() == 0 && !conn.is_sending();
         self.relink(key);
         if idle {
@@ -643,7 +739,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         self.wheel.cancel(&mut self.conns, key);
         let conn = self.conns.remove(key as usize);
         debug_assert!(!conn.is_live(), "handler must hear of the end first");
-        self.pending_total -= conn.pending_out();
+        let (held_in, held_out) = conn.buffered();
+        self.held_in -= held_in;
+        self.held_out -= held_out;
         self.driver.close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
@@ -674,6 +772,13 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         expired.clear();
         self.expired = expired;
         self.call(|h, cx| h.on_tick(cx));
+        let stats = &self.all_stats[self.id.0 as usize];
+        let set = |gauge: &std::sync::atomic::AtomicU64, v: usize| {
+            gauge.store(v as u64, Ordering::Relaxed);
+        };
+        set(&stats.held_in_bytes, self.held_in);
+        set(&stats.held_out_bytes, self.held_out);
+        set(&stats.in_flight_bytes, self.driver.in_flight());
         if self.accept_paused && !self.at_accept_bound() {
             self.accept_paused = false;
             self.driver.resume_accept();
@@ -687,9 +792,10 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// wheel at (or just after) the deadline it asks for. O(connections).
     #[cfg(debug_assertions)]
     fn check_invariants(&self) {
-        let (mut pending, mut live, mut admitted) = (0, 0, 0);
+        let (mut held, mut live, mut admitted) = ((0, 0), 0, 0);
         for (key, conn) in self.conns.iter() {
-            pending += conn.pending_out();
+            let (held_in, held_out) = conn.buffered();
+            held = (held.0 + held_in, held.1 + held_out);
             live += conn.is_live() as u64;
             admitted += conn.was_admitted() as u64;
             let linked = conn.link.deadline();
@@ -707,8 +813,11 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             assert!(conn.phase() != Phase::Admitted || conn.was_admitted());
             assert!(!(conn.is_over_cap() && conn.is_live()));
         }
-        assert_eq!(pending, self.pending_total, "unsent bytes vs their total");
-        assert!(self.pending_total <= self.config.max_pending_out_per_shard);
+        assert_eq!(
+            held,
+            (self.held_in, self.held_out),
+            "held bytes vs their totals"
+        );
         assert_eq!(
             self.wheel.len(),
             self.conns.len(),
@@ -762,6 +871,11 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 self.drop_conn(key);
             }
             Due::LingerOver => self.drop_conn(key),
+            Due::MessageTimeout => {
+                self.stats().bad(BadInput::MessageTimeout);
+                let reason = "message not completed within the message timeout";
+                self.close(key, 1008, reason, CloseCause::MessageTimeout);
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::{Driver, Setup, Shard};
 use crate::engine::conn::Conn;
-use crate::engine::uring::{Completion, Op, SendDone, Uring};
+use crate::engine::uring::{Completion, MAX_SEND, Op, SendDone, Uring};
 use crate::engine::wheel::Tick;
 use crate::engine::{Handler, OVER_CAP_GRACE, io, sys};
 use crate::metrics::{self, ShardStats};
@@ -97,10 +97,20 @@ impl Driver for UringIo {
         if conn.is_sending() || bytes.is_empty() {
             return Ok(0);
         }
+        // At most MAX_SEND in flight: the rest stays queued and counted.
+        let bytes = &bytes[..bytes.len().min(MAX_SEND)];
         self.ring
             .send(conn.handle as u32, key, conn.generation, bytes);
         conn.set_sending(true);
         Ok(bytes.len())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    fn in_flight_bound(&self) -> usize {
+        MAX_SEND
     }
 
     fn send_last(&mut self, conn: &Conn, key: u32, bytes: &[u8]) {
