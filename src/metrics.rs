@@ -133,6 +133,8 @@ pub struct ShardStats {
     /// Connections cut because the shard was over its slice of the buffer
     /// budget and they held the most beyond their share.
     pub budget_cuts: AtomicU64,
+    /// Requests refused (-32003) past a connection's request rate.
+    pub rate_limited: AtomicU64,
     /// Gauges, set every tick: heap bytes held for input (partial frames,
     /// messages being reassembled), for output not yet taken by the socket,
     /// and by sends in flight (io_uring).

@@ -312,3 +312,105 @@ fn healthy_clients_keep_their_share_while_hogs_are_cut() {
         "held {peak} bytes at the peak"
     );
 }
+
+/// Finding 4: subscriptions multiplied updates. They are indexed by
+/// filter now: 20 connections × 64 subscriptions to filters of a service
+/// that its changing instance does not match are told nothing, while the
+/// one matching subscriber is told (coalesced), and lookups stay served.
+#[test]
+fn updates_reach_only_the_subscriptions_they_match() {
+    let ctl = start(abuse_config(2));
+    let addr = ctl.local_addr();
+    let (mut svc, _) = registered(addr, "s", "10.0.0.1", 8443);
+    let mut attackers = Vec::new();
+    for _ in 0..20 {
+        let mut c = Client::connect(addr, "/ws/discovery");
+        for p in 0..64 {
+            let r = c.call(
+                "discovery/subscribe",
+                json!({"serviceId": "s", "protocol": format!("p{p}")}),
+            );
+            assert!(r.get("result").is_some(), "{r}");
+        }
+        attackers.push(c);
+    }
+    let mut watcher = Client::connect(addr, "/ws/discovery");
+    watcher.call("discovery/subscribe", json!({"serviceId": "s"}));
+    // 30 updates, 20 ms apart (within the service's request rate).
+    for i in 0..30 {
+        svc.send_json(
+            &json!({"jsonrpc": "2.0", "method": "service/update_metadata",
+                              "params": {"tags": {"n": i.to_string()}}}),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut told = 0;
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Some(frame) = watcher.next_frame(until.saturating_duration_since(Instant::now())) {
+        if let Frame::Text(t) = frame {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            assert_eq!(v["method"], "discovery/changed");
+            told += 1;
+            if v["params"]["nodes"][0]["tags"]["n"] == "29" {
+                break;
+            }
+        }
+    }
+    assert!((1..=30).contains(&told), "the matching subscriber: {told}");
+    for c in &mut attackers {
+        assert_eq!(
+            c.next_frame(Duration::from_millis(20)),
+            None,
+            "a filter the instance does not match is told nothing"
+        );
+    }
+    let mut bystander = Client::connect(addr, "/ws/discovery");
+    let r = bystander.call("discovery/lookup", json!({"serviceId": "s"}));
+    assert_eq!(r["result"]["nodes"].as_array().map(Vec::len), Some(1));
+}
+
+/// Finding 5: a 100-byte lookup for a big snapshot. One connection asking
+/// as fast as it can is answered for a burst, then told -32003; what it is
+/// answered is one shared snapshot, not one built per lookup.
+#[test]
+fn a_lookup_flood_is_rate_limited() {
+    // The answers it reads may pile up: room for them (the default bound).
+    let mut cfg = abuse_config(1);
+    cfg.engine.max_pending_out = 16 << 20;
+    let ctl = start(cfg);
+    let addr = ctl.local_addr();
+    let _services = big_service(addr, 20);
+    let mut c = Client::connect(addr, "/ws/discovery");
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    for id in 0..300 {
+        tether::engine::ws::encode_frame(
+            &mut bytes,
+            OpCode::Text,
+            lookup_text(id).as_bytes(),
+            Some([3, 3, 3, 3]),
+        );
+    }
+    c.send_raw(&bytes);
+    let (mut answered, mut refused) = (0, 0);
+    while answered + refused < 300 {
+        let m = c.recv_json();
+        if m.get("result").is_some() {
+            answered += 1;
+        } else {
+            assert_eq!(m["error"]["code"], -32003, "{m}");
+            refused += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // The burst (64), plus what 20/s refilled meanwhile.
+    assert!(
+        answered as f64 <= 64.0 + 20.0 * secs + 2.0,
+        "{answered} answered in {secs:.2} s"
+    );
+    assert!(refused >= 200, "{refused} refused");
+    assert_eq!(
+        metrics::total(ctl.stats(), |s| &s.rate_limited),
+        refused as u64
+    );
+}

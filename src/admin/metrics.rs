@@ -161,6 +161,13 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     );
     o.per_shard(
         stats,
+        "tether_rate_limited_total",
+        "counter",
+        "Lookups, subscriptions and metadata updates refused (-32003) past a connection's request rate.",
+        |s| r(&s.rate_limited),
+    );
+    o.per_shard(
+        stats,
         "tether_identity_conflict_refusals_total",
         "counter",
         "Registrations refused (-32003, then close 1013) because two live registrants kept superseding one identity; each conflict's start is an identity_conflict event.",

@@ -44,6 +44,11 @@ struct ConnState {
     endpoint: Endpoint,
     registered: bool,
     inflight: u16,
+    /// The request bucket (`ControllerConfig::request_burst`): tokens
+    /// left, and when it was last refilled, in deciseconds of the
+    /// monotonic clock (wrapping; a wrap can only refill it early).
+    tokens: u8,
+    refilled_ds: u16,
 }
 
 pub(crate) fn owner_of(conn: ConnRef) -> Owner {
@@ -121,6 +126,42 @@ impl ShardHandler {
         {
             self.touched.push((slot, owner_of(conn)));
         }
+    }
+
+    /// Takes one request token from `conn`'s bucket; false if it is empty.
+    fn take_token(&mut self, conn: ConnRef, now: std::time::Instant) -> bool {
+        let now_ds = (self.shared.monotonic_ms(now) / 100) as u16;
+        let (burst, rate) = (
+            self.shared.config.request_burst,
+            u32::from(self.shared.config.requests_per_second),
+        );
+        let Some(s) = self.state(conn) else {
+            return true;
+        };
+        if s.refilled_ds == 0 {
+            s.refilled_ds = now_ds; // the first request: the bucket is full
+        }
+        let refill = u32::from(now_ds.wrapping_sub(s.refilled_ds)) * rate / 10;
+        if refill > 0 {
+            s.tokens = (u32::from(s.tokens) + refill).min(u32::from(burst)) as u8;
+            s.refilled_ds = now_ds;
+        }
+        if s.tokens == 0 {
+            metrics::inc(&self.stats[self.shard.0 as usize].rate_limited);
+            return false;
+        }
+        s.tokens -= 1;
+        true
+    }
+
+    fn rate_limited(&self) -> RpcError {
+        RpcError::new(
+            Code::RateLimited,
+            format!(
+                "rate limited: at most {} lookups, subscriptions and metadata updates a second per connection (bursts of {}); retry later",
+                self.shared.config.requests_per_second, self.shared.config.request_burst
+            ),
+        )
     }
 
     fn bad(&self, kind: BadInput) {
@@ -207,6 +248,13 @@ impl ShardHandler {
                 "already registered on this connection; open another connection to register another instance",
             ));
         }
+        if matches!(
+            method,
+            Method::Lookup | Method::Subscribe | Method::UpdateMetadata
+        ) && !self.take_token(conn, cx.now())
+        {
+            return Err(self.rate_limited());
+        }
         match Request::parse(method, params)? {
             Request::Register(request) => self.register(cx, conn, id, &request),
             Request::Deregister { instance, reason } => {
@@ -218,15 +266,20 @@ impl ShardHandler {
                 Ok(())
             }
             Request::Lookup(filter) => {
-                let snapshot = self.shared.registry().lookup(&filter);
-                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
+                let now = self.shared.monotonic_ms(cx.now());
+                let snapshot = self.shared.registry().lookup_shared(&filter, now);
+                self.reply_result(cx, conn, id, rpc::shared_json(&snapshot));
                 Ok(())
             }
             Request::Subscribe(filter) => {
-                let subscribed = self.shared.registry().subscribe(&filter, owner_of(conn));
+                let now = self.shared.monotonic_ms(cx.now());
+                let subscribed =
+                    self.shared
+                        .registry()
+                        .subscribe_shared(&filter, owner_of(conn), now);
                 let snapshot =
                     subscribed.map_err(|e| RpcError::new(Code::RateLimited, e.to_string()))?;
-                self.reply_result(cx, conn, id, &rpc::SnapshotJson(&snapshot));
+                self.reply_result(cx, conn, id, rpc::shared_json(&snapshot));
                 Ok(())
             }
             Request::Unsubscribe(filter) => {
@@ -411,11 +464,20 @@ impl ShardHandler {
         method: &str,
         params: Option<&RawValue>,
         text: &str,
+        now: std::time::Instant,
         now_ms: u64,
     ) -> Result<(), RpcError> {
         match Method::parse(method) {
             Some(Method::UpdateMetadata) => {
                 let update = rpc::update_params(params).map_err(RpcError::invalid_params)?;
+                if !self.take_token(conn, now) {
+                    // A notification has no answer: counted, and logged.
+                    tracing::debug!(
+                        shard = self.shard.0,
+                        "update_metadata over the connection's rate limit dropped"
+                    );
+                    return Err(self.rate_limited());
+                }
                 self.update(conn, &update, now_ms)
             }
             None if method.starts_with("notifications/") => {
@@ -529,6 +591,8 @@ impl Handler for ShardHandler {
             endpoint,
             registered: false,
             inflight: 0,
+            tokens: self.shared.config.request_burst,
+            refilled_ds: 0,
         };
         Ok(())
     }
@@ -551,7 +615,9 @@ impl Handler for ShardHandler {
                 }
             }
             Ok(Message::Notification { method, params }) => {
-                if let Err(e) = self.notification(conn, &method, params, text, cx.wall_ms()) {
+                if let Err(e) =
+                    self.notification(conn, &method, params, text, cx.now(), cx.wall_ms())
+                {
                     self.count(&e);
                 }
             }
@@ -660,7 +726,7 @@ impl Handler for ShardHandler {
             jsonrpc::write_notification(
                 &mut self.buf,
                 "discovery/changed",
-                &rpc::SnapshotJson(&n.snapshot),
+                rpc::shared_json(&n.snapshot),
             );
             // One encoded frame for every subscriber of this filter.
             cx.send_text_to_all(n.owners.into_iter().map(conn_of), &self.buf);

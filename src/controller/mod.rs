@@ -50,6 +50,12 @@ pub struct ControllerConfig {
     pub watcher_queue: usize,
     /// Notification watches that may exist at once.
     pub max_watchers: usize,
+    /// Lookups, subscriptions and metadata updates one connection may send:
+    /// a bucket of `request_burst`, refilled at `requests_per_second`.
+    /// Past it: -32003 (a real service, which looks up and subscribes at
+    /// start and updates now and then, never gets there).
+    pub request_burst: u8,
+    pub requests_per_second: u16,
 }
 
 impl ControllerConfig {
@@ -63,6 +69,8 @@ impl ControllerConfig {
             max_inflight_total: 4096,
             watcher_queue: 1024,
             max_watchers: 4096,
+            request_burst: 64,
+            requests_per_second: 20,
             engine,
         }
     }

@@ -158,6 +158,13 @@ impl<'a> NodeJson<'a> {
     }
 }
 
+/// A shared snapshot's JSON, written once for all who send it (outside
+/// the registry lock).
+pub fn shared_json(shared: &crate::registry::SharedSnapshot) -> &RawValue {
+    shared
+        .json(|s| serde_json::value::to_raw_value(&SnapshotJson(s)).expect("a snapshot serializes"))
+}
+
 /// A discovery snapshot as the protocol shows it: the filter echoed as it
 /// was asked (clients key their caches on it), then the nodes.
 pub struct SnapshotJson<'a>(pub &'a Snapshot);

@@ -57,9 +57,48 @@ pub struct Snapshot {
 
 /// A discovery subscription that must be told of a change.
 pub struct Notification {
-    pub snapshot: Snapshot,
+    pub snapshot: Arc<SharedSnapshot>,
     pub owners: Vec<Owner>,
 }
+
+/// One filter's snapshot, built once under the lock and shared by every
+/// lookup and notification of that filter until its set changes; its JSON
+/// is written once, outside the lock, by whoever sends it first.
+pub struct SharedSnapshot {
+    pub snapshot: Snapshot,
+    json: std::sync::OnceLock<Box<serde_json::value::RawValue>>,
+}
+
+impl SharedSnapshot {
+    pub fn new(snapshot: Snapshot) -> SharedSnapshot {
+        SharedSnapshot {
+            snapshot,
+            json: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Its JSON, written by `write` the first time it is asked for.
+    pub fn json(
+        &self,
+        write: impl FnOnce(&Snapshot) -> Box<serde_json::value::RawValue>,
+    ) -> &serde_json::value::RawValue {
+        self.json.get_or_init(|| write(&self.snapshot))
+    }
+}
+
+impl std::ops::Deref for SharedSnapshot {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+/// How long a shared snapshot may serve before it is built again even
+/// though no instance changed (its `lastSeenAt`s move).
+const SNAPSHOT_MAX_AGE_MS: u64 = 1000;
+/// Shared snapshots kept at once.
+const MAX_SHARED_SNAPSHOTS: usize = 1024;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -114,6 +153,67 @@ impl Registry {
             Address::V6(v6) => NodeAddress::Ip(IpAddr::V6(v6)),
             Address::Host(h) => NodeAddress::Host(self.strings.resolve(h).clone()),
         }
+    }
+
+    /// The four filters an instance of (service, env, protocol) matches:
+    /// envTag and protocol each either named or left open.
+    fn keys_matching(service: Sym, env: Sym, protocol: Sym) -> [SubKey; 4] {
+        [
+            (None, None),
+            (Some(env), None),
+            (None, Some(protocol)),
+            (Some(env), Some(protocol)),
+        ]
+        .map(|(env, protocol)| SubKey {
+            service,
+            env,
+            protocol,
+        })
+    }
+
+    /// Instance `slot` changed (appeared, moved, went): the filters it
+    /// matches are due a notification and their shared snapshots are stale.
+    pub(super) fn mark_changed(&mut self, slot: u32) {
+        let i = &self.instances[slot as usize];
+        let change = (i.service, i.env, i.protocol);
+        for key in Self::keys_matching(change.0, change.1, change.2) {
+            self.snapshots.remove(&key);
+        }
+        self.changed.insert(change);
+    }
+
+    /// The snapshot of `key` (as `filter` asked it), shared: built anew
+    /// only if its set changed or it is older than `SNAPSHOT_MAX_AGE_MS`.
+    fn shared(&mut self, key: SubKey, filter: Filter, now_ms: u64) -> Arc<SharedSnapshot> {
+        if let Some((at, shared)) = self.snapshots.get(&key)
+            && now_ms.saturating_sub(*at) < SNAPSHOT_MAX_AGE_MS
+        {
+            return shared.clone();
+        }
+        if self.snapshots.len() >= MAX_SHARED_SNAPSHOTS {
+            self.snapshots
+                .retain(|_, (at, _)| now_ms.saturating_sub(*at) < SNAPSHOT_MAX_AGE_MS);
+            if self.snapshots.len() >= MAX_SHARED_SNAPSHOTS {
+                self.snapshots.clear();
+            }
+        }
+        let shared = Arc::new(SharedSnapshot::new(self.matching(&key, filter)));
+        self.snapshots.insert(key, (now_ms, shared.clone()));
+        shared
+    }
+
+    /// `lookup`, shared with every other asker of the same filter until the
+    /// set changes. `now_ms` is a monotonic clock.
+    pub fn lookup_shared(&mut self, filter: &Filter, now_ms: u64) -> Arc<SharedSnapshot> {
+        match self.sub_key_of(filter) {
+            Some(key) => self.shared(key, filter.clone(), now_ms),
+            None => Arc::new(SharedSnapshot::new(self.lookup(filter))),
+        }
+    }
+
+    /// The shared snapshots held now.
+    pub fn shared_snapshots(&self) -> usize {
+        self.snapshots.len()
     }
 
     pub(super) fn matching(&self, key: &SubKey, filter: Filter) -> Snapshot {
@@ -174,6 +274,22 @@ impl Registry {
     /// Subscribes `owner` to changes of `filter`; returns the snapshot now.
     /// Subscribing twice to the same filter is one subscription.
     pub fn subscribe(&mut self, filter: &Filter, owner: Owner) -> Result<Snapshot, SubscribeError> {
+        self.add_subscriber(filter, owner)?;
+        Ok(self.lookup(filter))
+    }
+
+    /// `subscribe`, with the snapshot shared as `lookup_shared`'s.
+    pub fn subscribe_shared(
+        &mut self,
+        filter: &Filter,
+        owner: Owner,
+        now_ms: u64,
+    ) -> Result<Arc<SharedSnapshot>, SubscribeError> {
+        self.add_subscriber(filter, owner)?;
+        Ok(self.lookup_shared(filter, now_ms))
+    }
+
+    fn add_subscriber(&mut self, filter: &Filter, owner: Owner) -> Result<(), SubscribeError> {
         let held = self.subs_by_owner.get(&owner).map_or(0, Vec::len);
         let key_if_known = self.sub_key_of(filter);
         let already = key_if_known
@@ -193,12 +309,6 @@ impl Registry {
                 protocol: filter.protocol.as_deref().map(&mut intern),
             };
             let list = self.subs.entry(key).or_default();
-            if list.is_empty() {
-                self.subs_by_service
-                    .entry(key.service)
-                    .or_default()
-                    .push(key);
-            }
             list.push(Subscriber {
                 owner,
                 pending: false,
@@ -207,7 +317,7 @@ impl Registry {
             self.subs_by_owner.entry(owner).or_default().push(key);
             self.sub_count += 1;
         }
-        Ok(self.lookup(filter))
+        Ok(())
     }
 
     pub(super) fn sub_key_of(&self, filter: &Filter) -> Option<SubKey> {
@@ -257,12 +367,8 @@ impl Registry {
         self.sub_count -= 1;
         if list.is_empty() {
             self.subs.remove(&key);
-            if let Some(keys) = self.subs_by_service.get_mut(&key.service) {
-                keys.retain(|k| *k != key);
-                if keys.is_empty() {
-                    self.subs_by_service.remove(&key.service);
-                }
-            }
+            // Its shared snapshot holds the key's strings: let them go.
+            self.snapshots.remove(&key);
         }
         for sym in [Some(key.service), key.env, key.protocol]
             .into_iter()
@@ -284,12 +390,14 @@ impl Registry {
     /// `now_ms` is a monotonic clock: a wall-clock step must not stall
     /// notifications.
     pub fn take_notifications(&mut self, shard: u16, now_ms: u64) -> Vec<Notification> {
-        for service in std::mem::take(&mut self.changed) {
-            for key in self.subs_by_service.get(&service).into_iter().flatten() {
-                for sub in self.subs.get_mut(key).into_iter().flatten() {
+        // Indexed by filter: a change touches only the (at most four)
+        // filters its instance matches, never every filter of its service.
+        for (service, env, protocol) in std::mem::take(&mut self.changed) {
+            for key in Self::keys_matching(service, env, protocol) {
+                for sub in self.subs.get_mut(&key).into_iter().flatten() {
                     if !sub.pending {
                         sub.pending = true;
-                        self.due[sub.owner.shard as usize].push((*key, sub.owner));
+                        self.due[sub.owner.shard as usize].push((key, sub.owner));
                     }
                 }
             }
@@ -322,7 +430,7 @@ impl Registry {
                     protocol: key.protocol.map(r),
                 };
                 Notification {
-                    snapshot: self.matching(&key, filter),
+                    snapshot: self.shared(key, filter, now_ms),
                     owners,
                 }
             })

@@ -36,7 +36,9 @@ mod listing;
 mod records;
 mod summary;
 
-pub use discovery::{Filter, Node, NodeAddress, Notification, Snapshot, SubscribeError};
+pub use discovery::{
+    Filter, Node, NodeAddress, Notification, SharedSnapshot, Snapshot, SubscribeError,
+};
 use discovery::{SubKey, Subscriber};
 pub use listing::{Page, PageScan, Query};
 pub use records::{MetadataUpdate, Refused, Registered, Registration, UpdateOutcome};
@@ -147,10 +149,14 @@ pub struct Registry {
     down: VecDeque<(u32, Uuid, u64)>,
     down_count: usize,
     subs: HashMap<SubKey, Vec<Subscriber>>,
-    subs_by_service: HashMap<Sym, Vec<SubKey>>,
     subs_by_owner: HashMap<Owner, Vec<SubKey>>,
     sub_count: usize,
-    changed: HashSet<Sym>,
+    /// (service, env, protocol) of the instances changed since the last
+    /// `take_notifications`: only the filters they match are told.
+    changed: HashSet<(Sym, Sym, Sym)>,
+    /// Snapshots built for a filter, shared by every lookup and
+    /// notification of it until the set changes (bounded, short-lived).
+    snapshots: HashMap<SubKey, (u64, Arc<SharedSnapshot>)>,
     /// Subscriptions due a notification, per shard of their owner.
     due: Vec<Vec<(SubKey, Owner)>>,
     /// One past the highest slot ever used (where listings stop).
@@ -184,7 +190,7 @@ impl Registry {
             down: VecDeque::new(),
             down_count: 0,
             subs: HashMap::new(),
-            subs_by_service: HashMap::new(),
+            snapshots: HashMap::new(),
             subs_by_owner: HashMap::new(),
             sub_count: 0,
             changed: HashSet::new(),
@@ -506,6 +512,85 @@ mod tests {
         assert!(r.take_notifications(1, 2000).is_empty());
         r.unsubscribe_all(sub);
         assert_eq!(r.subscription_count(), 0);
+    }
+
+    /// A change tells only the filters its instance matches (not every
+    /// filter of its service), and one snapshot serves every asker of a
+    /// filter until its set changes.
+    #[test]
+    fn changes_reach_only_matching_filters_and_snapshots_are_shared() {
+        let mut r = Registry::new(RegistryConfig::default(), 1);
+        let f = |env: Option<&str>, protocol: Option<&str>| Filter {
+            service_id: "user".into(),
+            env_tag: env.map(Into::into),
+            protocol: protocol.map(Into::into),
+        };
+        let matching = [
+            f(None, None),
+            f(Some("prod"), None),
+            f(None, Some("https")),
+            f(Some("prod"), Some("https")),
+        ];
+        let other = [
+            f(Some("dev"), None),
+            f(None, Some("http")),
+            f(Some("dev"), Some("https")),
+        ];
+        for (i, filter) in matching.iter().chain(&other).enumerate() {
+            r.subscribe(filter, owner(2 * i as u32)).unwrap();
+        }
+        // reg() is envTag prod, protocol https.
+        let a = r
+            .register(&reg("user", "10.0.0.1", 1), owner(99), 0, &mut || None)
+            .unwrap();
+        let told: Vec<Owner> = r
+            .take_notifications(0, 1000)
+            .into_iter()
+            .flat_map(|n| n.owners)
+            .collect();
+        assert_eq!(told.len(), 4, "only the matching filters: {told:?}");
+        assert!(told.iter().all(|o| o.key < 2 * matching.len() as u32));
+        // Shared until it changes.
+        let one = r.lookup_shared(&matching[0], 1000);
+        let two = r.lookup_shared(&matching[0], 1001);
+        assert!(Arc::ptr_eq(&one, &two));
+        assert_eq!(r.shared_snapshots(), 4);
+        r.update(
+            &a.id,
+            owner(99),
+            &MetadataUpdate {
+                version: Some("2"),
+                ..Default::default()
+            },
+            1002,
+        );
+        let three = r.lookup_shared(&matching[0], 1003);
+        assert!(!Arc::ptr_eq(&one, &three), "a change builds it again");
+        assert_eq!(three.nodes[0].version.as_ref(), "2");
+        // And it ages out even without a change (lastSeenAt moves).
+        let four = r.lookup_shared(&matching[0], 1003 + 1000);
+        assert!(!Arc::ptr_eq(&three, &four));
+        // A protocol change tells the filters of the old and the new one.
+        r.take_notifications(0, 5000);
+        r.update(
+            &a.id,
+            owner(99),
+            &MetadataUpdate {
+                protocol: Some("http"),
+                ..Default::default()
+            },
+            6000,
+        );
+        let told = r
+            .take_notifications(0, 7000)
+            .into_iter()
+            .flat_map(|n| n.owners)
+            .count();
+        assert_eq!(
+            told,
+            4 + 1,
+            "the https ones, and now the (any env, http) one"
+        );
     }
 
     #[test]

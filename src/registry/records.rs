@@ -180,7 +180,7 @@ impl Registry {
         self.identity.insert_unique(hash, slot, |&s| {
             Self::hash_of(hasher, &instances[s as usize])
         });
-        self.changed.insert(service);
+        self.mark_changed(slot);
         let reason = reg
             .address_derived
             .then_some("no address registered: took the socket's peer address");
@@ -241,6 +241,7 @@ impl Registry {
                 Self::hash_of(hasher, &instances[s as usize])
             });
         }
+        self.mark_changed(slot);
         for (text, field) in [
             (update.version, 0),
             (update.protocol, 1),
@@ -256,10 +257,8 @@ impl Registry {
             };
             self.strings.release(old);
         }
-        let record = &mut self.instances[slot as usize];
-        record.last_seen_ms = now_ms;
-        let service = record.service;
-        self.changed.insert(service);
+        self.instances[slot as usize].last_seen_ms = now_ms;
+        self.mark_changed(slot);
         self.publish(now_ms, EventKind::Updated, slot, None);
         if port_taken {
             UpdateOutcome::PortTaken
@@ -375,7 +374,7 @@ impl Registry {
         if list.is_empty() {
             self.by_service.remove(&service);
         }
-        self.changed.insert(service);
+        self.mark_changed(slot);
     }
 
     pub(super) fn remove(&mut self, slot: u32) {

@@ -628,3 +628,44 @@ fn supersede_ping_pong_is_a_conflict_and_the_loser_is_slowed_down() {
     let (conn, _) = h.connect(0, MICROSERVICE_PATH);
     h.register(conn, "billing", 8443);
 }
+
+/// Lookups, subscriptions and updates come out of one bucket per
+/// connection: a burst passes, then -32003 (not counted as bad input),
+/// and the bucket refills with time.
+#[test]
+fn requests_past_the_connection_rate_are_refused_then_refill() {
+    let mut h = Harness::new(1);
+    let burst = h.shared.config.request_burst as usize;
+    let rate = h.shared.config.requests_per_second as usize;
+    let (conn, _) = h.connect(0, DISCOVERY_PATH);
+    let lookup = json!({"serviceId": "x"});
+    for i in 0..burst {
+        let (answer, _) = h.call(conn, "discovery/lookup", lookup.clone());
+        assert!(answer.get("result").is_some(), "request {i}: {answer}");
+    }
+    let (answer, _) = h.call(conn, "discovery/subscribe", lookup.clone());
+    assert_eq!(error_code(&answer), -32003, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rate limited")
+    );
+    assert_eq!(h.stats[0].rate_limited.load(Relaxed), 1);
+    assert_eq!(
+        h.bad(BadInput::InvalidRequest) + h.bad(BadInput::InvalidParams),
+        0
+    );
+    // One second later: `rate` more.
+    h.clocks[0].advance(Duration::from_secs(1));
+    for i in 0..rate {
+        let (answer, _) = h.call(conn, "discovery/lookup", lookup.clone());
+        assert!(answer.get("result").is_some(), "after refill {i}: {answer}");
+    }
+    let (answer, _) = h.call(conn, "discovery/lookup", lookup);
+    assert_eq!(error_code(&answer), -32003);
+    // Another connection has a bucket of its own.
+    let (other, _) = h.connect(0, DISCOVERY_PATH);
+    let (answer, _) = h.call(other, "discovery/lookup", json!({"serviceId": "x"}));
+    assert!(answer.get("result").is_some());
+}
