@@ -668,3 +668,107 @@ fn a_services_tools_are_listed_by_asking_it() {
     );
     agent.stop();
 }
+
+/// Issue 10, finding 7: stalled event streams. Clients that open
+/// `/events` as SSE and never read are bounded in number, pin no thread,
+/// are dropped by the kernel once they take nothing for the send timeout
+/// (freeing their places), and meanwhile `GET /services` and `/readyz`
+/// answer.
+#[test]
+fn stalled_event_streams_are_bounded_and_dropped() {
+    use socket2::{Domain, Socket, Type};
+    use std::io::Write;
+    let plane = Plane::start(2, |c| {
+        c.max_event_streams = 8;
+        c.stream_send_timeout = Duration::from_secs(2);
+    });
+    let admin = plane.admin.local_addr();
+    let stalled: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&admin.into()).unwrap();
+            let mut s: std::net::TcpStream = s.into();
+            s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // The status of a new `GET /events` (read from its first line only: a
+    // 200 is a stream that does not end).
+    let events_status = || {
+        let mut s = std::net::TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 12];
+        std::io::Read::read_exact(&mut s, &mut head)
+            .ok()
+            .and_then(|()| std::str::from_utf8(&head[9..12]).ok()?.parse::<u16>().ok())
+    };
+    eventually("the 8 streams open", || {
+        plane.ctl.counts().event_subscribers == 8
+    });
+    // Their places are taken: a ninth is refused.
+    assert_eq!(events_status(), Some(503));
+    // ~1,500 events (each ~200 bytes of SSE): more than their windows and
+    // send buffers hold.
+    let addr = plane.ctl.local_addr();
+    for i in 0..750 {
+        let (c, _) = registered(addr, "churn", &format!("10.9.{}.{}", i / 250, i % 250), 1);
+        drop(c);
+    }
+    // Meanwhile the plane serves.
+    let started = Instant::now();
+    let (status, page) = get(&plane.url("/services?limit=1"));
+    assert_eq!(status, 200, "{page}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(get(&plane.url("/readyz")).0, 200);
+    // The stalled ones are dropped, and their places free.
+    eventually("a new stream can open", || events_status() == Some(200));
+    drop(stalled);
+}
+
+/// Issue 10, finding 8: a fan-out keeps at most `max_fanout_bytes` of
+/// results; past them each result is a note of its size.
+#[test]
+fn fanout_results_are_bounded_in_total() {
+    let plane = Plane::start(1, |c| {
+        c.max_fanout_bytes = 200 << 10;
+    });
+    let addr = plane.ctl.local_addr();
+    let services: Vec<std::thread::JoinHandle<()>> = (0..10)
+        .map(|i| {
+            let mut c = Client::connect(addr, "/ws/microservice");
+            c.register("blob", &format!("10.0.0.{i}"), 1);
+            std::thread::spawn(move || {
+                // Answers one tool call with 60 KB, then leaves.
+                let m = c.recv_json();
+                let id = m["id"].clone();
+                c.send_json(&json!({"jsonrpc": "2.0", "id": id,
+                                    "result": {"blob": "x".repeat(60_000)}}));
+                c.sees_eof(Duration::from_secs(2));
+            })
+        })
+        .collect();
+    let (status, body) = post(
+        &plane.url("/commands"),
+        &json!({"name": "get_service_info", "serviceId": "blob"}),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 10);
+    let kept = results
+        .iter()
+        .filter(|r| r["result"]["blob"].is_string())
+        .count();
+    let noted = results
+        .iter()
+        .filter(|r| r["result"]["truncated"] == true)
+        .count();
+    assert_eq!((kept, noted), (3, 7), "200 KiB holds three 60 KB results");
+    for s in services {
+        s.join().unwrap();
+    }
+}

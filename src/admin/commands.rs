@@ -85,11 +85,31 @@ fn status_of(outcome: &CommandOutcome) -> StatusCode {
 /// The JSON of one instance's outcome; a result larger than `max_result`
 /// bytes is replaced by a note of its size.
 pub(crate) fn outcome_json(id: Uuid, outcome: &CommandOutcome, max_result: usize) -> Value {
+    outcome_json_within(id, outcome, max_result, None)
+}
+
+/// The same, taking the result's bytes from `left` (a fan-out's budget for
+/// all its results): once it is spent, results are notes of their size.
+pub(crate) fn outcome_json_within(
+    id: Uuid,
+    outcome: &CommandOutcome,
+    max_result: usize,
+    left: Option<&std::sync::atomic::AtomicUsize>,
+) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
     let raw = |r: &serde_json::value::RawValue| {
-        if r.get().len() > max_result {
-            json!({"truncated": true, "bytes": r.get().len()})
-        } else {
+        let len = r.get().len();
+        if len > max_result {
+            return json!({"truncated": true, "bytes": len});
+        }
+        let within = left.is_none_or(|left| {
+            left.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(len))
+                .is_ok()
+        });
+        if within {
             serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null)
+        } else {
+            json!({"truncated": true, "bytes": len, "why": "the fan-out's results passed max_fanout_bytes"})
         }
     };
     let mut v = json!({"runtimeInstanceId": id, "outcome": outcome.label()});
@@ -393,17 +413,21 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
     let name: Arc<str> = Arc::from(body.name.as_str());
     let timeout = timeout_of(state, body.timeout_ms);
     let max_result = state.config.max_fanout_result;
+    let left = Arc::new(std::sync::atomic::AtomicUsize::new(
+        state.config.max_fanout_bytes,
+    ));
     // Spawned (not a JoinSet): each target is sent and audited even if the
     // HTTP client leaves.
     let tasks: Vec<_> = targets
         .iter()
         .map(|&id| {
-            let (state, semaphore, arguments, name, caller) = (
+            let (state, semaphore, arguments, name, caller, left) = (
                 state.clone(),
                 semaphore.clone(),
                 arguments.clone(),
                 name.clone(),
                 caller.clone(),
+                left.clone(),
             );
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await.expect("never closed");
@@ -418,7 +442,8 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
                     outcome.label(),
                     started,
                 );
-                (outcome_json(id, &outcome, max_result), outcome.label())
+                let json = outcome_json_within(id, &outcome, max_result, Some(&left));
+                (json, outcome.label())
             })
         })
         .collect();

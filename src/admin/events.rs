@@ -9,6 +9,13 @@
 //! bounded queue is cut (WebSocket close 1008, or a final `cut` SSE event)
 //! and must resubscribe with `since`; it never makes the controller hold
 //! more memory.
+//!
+//! One pump thread carries events from every subscription's std channel
+//! into the streams' tasks, without ever blocking on one: a stream whose
+//! queue is full is cut. A stream counts against `max_event_streams` until
+//! its task ends, and a client that stops reading is dropped by the kernel
+//! after `stream_send_timeout` (TCP_USER_TIMEOUT on admin sockets), SSE as
+//! well as WebSocket.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -24,13 +31,78 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::{AppState, Reply, fail, respond};
-use crate::registry::events::{Event, ReplayError};
+use crate::registry::events::{Event, ReplayError, Subscription};
+use std::sync::Arc;
 
-/// A stalled WebSocket client is dropped after this long on one send.
-const SEND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Events between the bridge thread and the stream's task.
+/// Events between the pump and one stream's task.
 const BRIDGE: usize = 256;
+
+/// Moves events from the event log's std channels into the streams'
+/// tokio channels. Events are published on shard threads, which must never
+/// touch the runtime's wakers (they signal through file descriptors the
+/// shards' fd tables do not share); the pump lives in the process's own.
+pub(crate) struct Pump {
+    streams: std::sync::Mutex<Vec<(Subscription, mpsc::Sender<Event>)>>,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Pump {
+    /// Starts the pump's thread; it ends once `halt` is called.
+    pub(crate) fn start() -> std::io::Result<Arc<Pump>> {
+        let pump = Arc::new(Pump {
+            streams: std::sync::Mutex::new(Vec::new()),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let p = pump.clone();
+        std::thread::Builder::new()
+            .name("tether-admin-events".into())
+            .spawn(move || Pump::run(&p))?;
+        Ok(pump)
+    }
+
+    pub(crate) fn halt(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn add(&self, events: Subscription, tx: mpsc::Sender<Event>) {
+        self.streams.lock().unwrap().push((events, tx));
+    }
+
+    /// Until halted, or until the server that owns it is gone.
+    fn run(self: &Arc<Pump>) {
+        use std::sync::mpsc::TryRecvError;
+        while !self.stop.load(std::sync::atomic::Ordering::Relaxed) && Arc::strong_count(self) > 1 {
+            let mut moved = false;
+            self.streams.lock().unwrap().retain(|(events, tx)| {
+                loop {
+                    // Room in the stream's queue first: a slow reader's
+                    // events wait in its bounded queue in the log, which
+                    // cuts it when that is full.
+                    let room = match tx.try_reserve() {
+                        Ok(room) => room,
+                        Err(mpsc::error::TrySendError::Full(())) => return true,
+                        // The stream ended: dropping `events` frees its
+                        // place in the log.
+                        Err(mpsc::error::TrySendError::Closed(())) => return false,
+                    };
+                    match events.try_recv() {
+                        Ok(event) => {
+                            room.send(event);
+                            moved = true;
+                        }
+                        Err(TryRecvError::Empty) => return true,
+                        // Cut by the log: dropping the sender ends the
+                        // stream with `cut`.
+                        Err(TryRecvError::Disconnected) => return false,
+                    }
+                }
+            });
+            if !moved {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
 
 #[derive(Deserialize)]
 pub(crate) struct EventParams {
@@ -56,23 +128,7 @@ fn subscribe(state: &AppState, since: Option<u64>) -> Result<(u64, mpsc::Receive
         ),
     })?;
     let (tx, rx) = mpsc::channel(BRIDGE);
-    tokio::task::spawn_blocking(move || {
-        loop {
-            match events.recv_timeout(Duration::from_secs(1)) {
-                // A stalled stream fills the bridge, then the subscription's
-                // bounded queue, and the event log cuts it.
-                Ok(event) => {
-                    if tx.blocking_send(event).is_err() {
-                        return;
-                    }
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
-                // Cut by the event log, or the stream ended: dropping
-                // `events` frees the subscriber's place at once.
-                Err(_) => return,
-            }
-        }
-    });
+    state.pump.add(events, tx);
     Ok((seq, rx))
 }
 
@@ -99,16 +155,31 @@ pub(crate) async fn events(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let since = p.since.or(last_event_id);
+    // Held by the stream until its task ends, however it ends.
+    let Ok(permit) = state.streams.clone().try_acquire_owned() else {
+        return respond(fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            format!(
+                "{} event streams are open, the limit",
+                state.config.max_event_streams
+            ),
+        ));
+    };
     let (seq, rx) = match subscribe(&state, since) {
         Ok(s) => s,
         Err(reply) => return respond(reply),
     };
     let stop = state.stopping.subscribe();
+    let send_timeout = state.config.stream_send_timeout;
     match ws {
         Ok(upgrade) => upgrade
-            .on_upgrade(move |socket| stream_ws(socket, seq, rx, stop))
+            .on_upgrade(move |socket| async move {
+                stream_ws(socket, seq, rx, stop, send_timeout).await;
+                drop(permit);
+            })
             .into_response(),
-        Err(_) => stream_sse(seq, rx, stop).into_response(),
+        Err(_) => stream_sse(seq, rx, stop, permit).into_response(),
     }
 }
 
@@ -117,6 +188,7 @@ async fn stream_ws(
     seq: u64,
     mut rx: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
+    send_timeout: Duration,
 ) {
     let (mut tx, mut inbound) = socket.split();
     let hello = json!({"type": "hello", "seq": seq}).to_string();
@@ -130,7 +202,7 @@ async fn stream_ws(
                 Some(e) => {
                     last = e.seq;
                     let text = event_json(&e).to_string();
-                    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
+                    match tokio::time::timeout(send_timeout, tx.send(Message::Text(text.into()))).await {
                         Ok(Ok(())) => {}
                         _ => return,
                     }
@@ -160,6 +232,7 @@ fn stream_sse(
     seq: u64,
     rx: mpsc::Receiver<Event>,
     stop: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // No `id:` on hello: a reconnecting EventSource sends the last id it
     // saw as Last-Event-ID, and the events replayed after hello must not be
@@ -167,9 +240,11 @@ fn stream_sse(
     let hello = SseEvent::default()
         .event("hello")
         .data(json!({"type": "hello", "seq": seq}).to_string());
+    // The permit lives in the stream's state: it is released when hyper
+    // drops the body (the client left, or the kernel gave up on it).
     let live = futures_util::stream::unfold(
-        (rx, stop, seq, false),
-        |(mut rx, mut stop, last, done)| async move {
+        (rx, stop, seq, false, permit),
+        |(mut rx, mut stop, last, done, permit)| async move {
             if done {
                 return None;
             }
@@ -183,13 +258,13 @@ fn stream_sse(
                         .event(e.kind.label())
                         .id(e.seq.to_string())
                         .data(event_json(&e).to_string());
-                    (Ok(sse), (rx, stop, e.seq, false))
+                    (Ok(sse), (rx, stop, e.seq, false, permit))
                 }
                 Err(why) => {
                     let data = json!({"type": why, "resumeSince": last}).to_string();
                     (
                         Ok(SseEvent::default().event(why).data(data)),
-                        (rx, stop, last, true),
+                        (rx, stop, last, true, permit),
                     )
                 }
             })

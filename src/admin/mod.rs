@@ -57,6 +57,15 @@ pub struct AdminConfig {
     pub allowed_origins: Vec<String>,
     /// `None`: audit lines go to the log.
     pub audit: Option<AuditConfig>,
+    /// Event streams (`/events`, WebSocket or SSE) open at once; each
+    /// counts until its task ends.
+    pub max_event_streams: usize,
+    /// A stream's client that takes nothing for this long is dropped
+    /// (TCP_USER_TIMEOUT on admin sockets, and a WebSocket send timeout).
+    pub stream_send_timeout: Duration,
+    /// Result bytes one fan-out keeps in all; past them results are
+    /// replaced by a note of their size.
+    pub max_fanout_bytes: usize,
 }
 
 impl AdminConfig {
@@ -73,6 +82,9 @@ impl AdminConfig {
             max_command_timeout: Duration::from_secs(300),
             allowed_origins: Vec::new(),
             audit: None,
+            max_event_streams: 64,
+            stream_send_timeout: Duration::from_secs(10),
+            max_fanout_bytes: 16 << 20,
         }
     }
 }
@@ -85,6 +97,9 @@ pub(crate) struct State {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Fan-outs running at once (each may hold many replies).
     fanouts: Arc<tokio::sync::Semaphore>,
+    /// Event streams open.
+    streams: Arc<tokio::sync::Semaphore>,
+    pump: Arc<events::Pump>,
 }
 
 type AppState = Arc<State>;
@@ -189,12 +204,17 @@ impl AdminServer {
             .build()
             .map_err(AdminError::Runtime)?;
         let fanouts = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_fanouts));
+        let streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
+        let pump = events::Pump::start().map_err(AdminError::Runtime)?;
+        let user_timeout = config.stream_send_timeout;
         let state = Arc::new(State {
             api,
             audit,
             config,
             stopping: tokio::sync::watch::channel(false).0,
             fanouts,
+            streams,
+            pump: pump.clone(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -210,8 +230,12 @@ impl AdminServer {
                     // A client that stops reading (a stalled event stream)
                     // holds at most this much kernel memory before
                     // backpressure reaches its bounded queue and cuts it.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                        let _ = socket2::SockRef::from(&*tcp).set_send_buffer_size(SEND_BUFFER);
+                    // And one that takes nothing at all (a zero window, SSE
+                    // or not) is dropped by the kernel after the timeout.
+                    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
+                        let socket = socket2::SockRef::from(&*tcp);
+                        let _ = socket.set_send_buffer_size(SEND_BUFFER);
+                        let _ = socket.set_tcp_user_timeout(Some(user_timeout));
                     });
                     let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
                     let server = axum::serve(listener, app).with_graceful_shutdown(async {
@@ -233,6 +257,7 @@ impl AdminServer {
                     }
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
+                pump.halt();
             })
             .map_err(AdminError::Runtime)?;
         Ok(AdminServer {
@@ -282,11 +307,22 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Ready when not stopping and the admin plane can serve: a request that
+/// needs a blocking thread and the registry (as `GET /services` does) is
+/// answered within a second.
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
-    if state.api.ready() {
-        "ready\n".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    if !state.api.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let api = state.api.clone();
+    let probe = tokio::task::spawn_blocking(move || api.counts().up);
+    match tokio::time::timeout(Duration::from_secs(1), probe).await {
+        Ok(Ok(_)) => "ready\n".into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the admin plane cannot serve: no blocking thread or registry within 1 s\n",
+        )
+            .into_response(),
     }
 }
 
