@@ -135,6 +135,8 @@ pub struct ShardStats {
     pub budget_cuts: AtomicU64,
     /// Requests refused (-32003) past a connection's request rate.
     pub rate_limited: AtomicU64,
+    /// Connections not admitted yet evicted to make room (the oldest).
+    pub unadmitted_evicted: AtomicU64,
     /// Gauges, set every tick: heap bytes held for input (partial frames,
     /// messages being reassembled), for output not yet taken by the socket,
     /// and by sends in flight (io_uring).

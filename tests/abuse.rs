@@ -414,3 +414,45 @@ fn a_lookup_flood_is_rate_limited() {
         refused as u64
     );
 }
+
+/// Finding 6: half-open upgrades filled the connection cap (with a cap of
+/// 100, 1 of 5 legitimate registrations got in). The oldest connection not
+/// registered yet now makes room for a new one, so registrations get in
+/// and registered services keep their places.
+#[test]
+fn half_open_sockets_cannot_keep_services_out() {
+    let mut cfg = abuse_config(1);
+    cfg.engine.max_conns_per_shard = 100;
+    cfg.engine.max_unadmitted_per_shard = 60;
+    // Deadlines far away: only eviction can make room within the test.
+    cfg.engine.handshake_timeout = Duration::from_secs(60);
+    cfg.engine.admit_timeout = Duration::from_secs(60);
+    let ctl = start(cfg);
+    let addr = ctl.local_addr();
+    // 20 registered services, then 100 half-open upgrades and 50
+    // upgraded sockets that never register.
+    let mut services: Vec<Client> = (0..20)
+        .map(|i| registered(addr, "svc", &format!("10.0.0.{i}"), 1).0)
+        .collect();
+    let mut attackers = Vec::new();
+    for i in 0..150 {
+        let mut c = Client::tcp(addr);
+        if i < 100 {
+            c.send_raw(b"GET /ws/microservice HTTP/1.1\r\nHost: x\r\n");
+        } else {
+            assert_eq!(c.upgrade("/ws/microservice", None), 101);
+        }
+        attackers.push(c);
+    }
+    // 5 legitimate registrations all get in.
+    for i in 0..5 {
+        let (c, _) = registered(addr, "late", &format!("10.1.0.{i}"), 1);
+        services.push(c);
+    }
+    assert_eq!(ctl.counts().up, 25);
+    assert!(metrics::total(ctl.stats(), |s| &s.unadmitted_evicted) >= 90);
+    // The registered ones were never touched.
+    for s in &mut services {
+        assert_eq!(s.next_frame(Duration::from_millis(10)), None);
+    }
+}

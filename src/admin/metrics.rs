@@ -113,12 +113,13 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     o.family(
         "tether_connections_cut_total",
         "counter",
-        "Connections the controller cut to bound its memory, by reason (slow_consumer: past its own output bound; over_budget: the shard was over its slice of the buffer budget and this one held the most beyond its share; message_timeout: a message begun was not whole in time).",
+        "Connections the controller cut to bound its memory, by reason (slow_consumer: past its own output bound; over_budget: the shard was over its slice of the buffer budget and this one held the most beyond its share; evicted_unadmitted: the oldest connection not registered yet, evicted to make room; message_timeout: a message begun was not whole in time).",
     );
     for (i, s) in stats.iter().enumerate() {
         for (reason, v) in [
             ("slow_consumer", r(&s.slow_consumers_cut)),
             ("over_budget", r(&s.budget_cuts)),
+            ("evicted_unadmitted", r(&s.unadmitted_evicted)),
             (
                 "message_timeout",
                 r(&s.bad_input[BadInput::MessageTimeout as usize]),

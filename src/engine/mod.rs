@@ -148,6 +148,12 @@ pub struct EngineConfig {
     pub buffer_budget: usize,
     /// A frame or fragmented message, once begun, must be whole within this.
     pub message_timeout: Duration,
+    /// Connections the handler has not admitted yet (upgrade or register
+    /// in progress) one shard holds at once. Past it, and whenever a new
+    /// connection finds the shard at its connection bound, the oldest of
+    /// them is evicted (1013 if upgraded): half-open sockets cannot keep
+    /// registering services out, and registered ones keep their places.
+    pub max_unadmitted_per_shard: usize,
     /// Messages waiting in one shard's mailbox.
     pub mailbox_capacity: usize,
     /// io_uring: provided receive buffers per shard (a power of two, each
@@ -174,6 +180,7 @@ impl EngineConfig {
             max_held_unadmitted: 64 << 10,
             buffer_budget: 1 << 30,
             message_timeout: Duration::from_secs(10),
+            max_unadmitted_per_shard: 1024,
             mailbox_capacity: 65_536,
             uring_recv_buffers: 512,
         }
@@ -281,6 +288,8 @@ pub enum CloseCause {
     OverBudget,
     /// A frame or message it began was not whole within the message timeout.
     MessageTimeout,
+    /// Not admitted yet, and the oldest such when room was needed.
+    Evicted,
     Shutdown,
 }
 

@@ -170,6 +170,10 @@ struct Shard<H: Handler, D: Driver> {
     held_out: usize,
     /// This shard's slice of the buffer budget.
     budget: usize,
+    /// Connections not admitted yet, oldest first (entries of connections
+    /// admitted or gone since are skipped, and pruned), and their number.
+    unadmitted: VecDeque<(u32, u32)>,
+    unadmitted_count: usize,
     next_generation: u32,
     /// At the connection bound or out of fds: accept again when room frees.
     accept_paused: bool,
@@ -201,6 +205,8 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             inbox: VecDeque::new(),
             held_in: 0,
             held_out: 0,
+            unadmitted: VecDeque::new(),
+            unadmitted_count: 0,
             budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
             next_generation: 1,
             accept_paused: false,
@@ -324,8 +330,31 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let conn = &mut self.conns[key as usize];
         let spread = first_ping_offset(key, conn.generation, interval);
         if conn.admit(self.now, spread) {
+            self.unadmitted_count -= 1;
             self.relink(key);
             metrics::inc(&self.stats().open_admitted);
+        }
+    }
+
+    /// Drops the oldest connection not admitted yet, if there is one: one
+    /// still upgrading silently, an upgraded one with 1013.
+    fn evict_oldest_unadmitted(&mut self) {
+        while let Some((key, generation)) = self.unadmitted.pop_front() {
+            let Some(conn) = self.conns.get(key as usize) else {
+                continue;
+            };
+            if conn.generation != generation || conn.was_admitted() || conn.is_over_cap() {
+                continue;
+            }
+            metrics::inc(&self.stats().unadmitted_evicted);
+            if conn.is_live() {
+                let mut frame = Vec::with_capacity(64);
+                let reason = "too many connections not registered yet; try again later";
+                ws::encode_close(&mut frame, 1013, reason, None);
+                self.notify_closed(key, CloseCause::Evicted);
+                self.send_last(key, &frame);
+            }
+            return self.drop_conn(key);
         }
     }
 
@@ -346,6 +375,13 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             self.accept_paused = true;
             return None;
         }
+        // Room for it: the oldest socket still upgrading or registering
+        // goes first, before anyone is told the shard is full.
+        if self.unadmitted_count >= self.config.max_unadmitted_per_shard
+            || self.conns.len() >= self.config.max_conns_per_shard
+        {
+            self.evict_oldest_unadmitted();
+        }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let over_cap = self.conns.len() >= self.config.max_conns_per_shard;
@@ -355,6 +391,18 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         }
         let key = self.conns.insert(conn) as u32;
         self.relink(key);
+        if !over_cap {
+            self.unadmitted.push_back((key, generation));
+            self.unadmitted_count += 1;
+            if self.unadmitted.len() > 2 * self.unadmitted_count + 64 {
+                let conns = &self.conns;
+                self.unadmitted.retain(|&(k, g)| {
+                    conns
+                        .get(k as usize)
+                        .is_some_and(|c| c.generation == g && !c.was_admitted())
+                });
+            }
+        }
         let stats = self.stats();
         metrics::inc(&stats.accepted);
         metrics::inc(&stats.open_connections);
@@ -742,6 +790,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let (held_in, held_out) = conn.buffered();
         self.held_in -= held_in;
         self.held_out -= held_out;
+        if !conn.was_admitted() && !conn.is_over_cap() {
+            self.unadmitted_count -= 1;
+        }
         self.driver.close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
@@ -793,7 +844,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     #[cfg(debug_assertions)]
     fn check_invariants(&self) {
         let (mut held, mut live, mut admitted) = ((0, 0), 0, 0);
+        let mut unadmitted = 0;
         for (key, conn) in self.conns.iter() {
+            unadmitted += (!conn.was_admitted() && !conn.is_over_cap()) as usize;
             let (held_in, held_out) = conn.buffered();
             held = (held.0 + held_in, held.1 + held_out);
             live += conn.is_live() as u64;
@@ -818,6 +871,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             (self.held_in, self.held_out),
             "held bytes vs their totals"
         );
+        assert_eq!(unadmitted, self.unadmitted_count, "unadmitted connections");
         assert_eq!(
             self.wheel.len(),
             self.conns.len(),
