@@ -149,30 +149,47 @@ fn the_swarm_reports_its_ramp_until_all_are_registered() {
 #[test]
 fn a_single_agent_registers_and_deregisters_on_sigint() {
     let (_running, addr) = controller(&[]);
-    let mut agent = tether()
-        .args([
-            "agent",
-            "--controller",
-            &format!("ws://{addr}"),
-            "--service-id",
-            "one",
-            "--address",
-            "10.1.2.3",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
-    let first = lines.next().unwrap().unwrap();
+    let mut agent = Running(
+        tether()
+            .args([
+                "agent",
+                "--controller",
+                &format!("ws://{addr}"),
+                "--service-id",
+                "one",
+                "--address",
+                "10.1.2.3",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Its lines through a channel, so every wait below is bounded (a
+    // controller that died would otherwise leave this test reading forever).
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = agent.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the agent registers within 10 s");
     assert!(first.starts_with("registered as "), "{first}");
     let deadline = Instant::now() + Duration::from_secs(10);
     Command::new("kill")
-        .args(["-INT", &agent.id().to_string()])
+        .args(["-INT", &agent.0.id().to_string()])
         .status()
         .unwrap();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        rest.push(line);
+    }
     assert!(rest.iter().any(|l| l == "deregistered"), "{rest:?}");
-    assert!(agent.wait().unwrap().success());
+    assert!(agent.0.wait().unwrap().success());
     assert!(Instant::now() < deadline);
 }
 
