@@ -174,6 +174,11 @@ struct ControllerArgs {
     /// split evenly over the shards. Default: the cgroup's limit, else RAM.
     #[arg(long, env = "TETHER_MEMORY_BUDGET", value_parser = tether::plan::parse_size)]
     memory_budget: Option<u64>,
+    /// On SIGTERM/SIGINT: services are told `session/draining`, then closed
+    /// with 1001 spread over this long, so they do not all reconnect at
+    /// once. A second signal exits at once. 0s closes all at once.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    drain_period: Duration,
 }
 
 #[derive(Args)]
@@ -490,7 +495,21 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     }
     loop {
         if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
-            tracing::info!(signal = sig, "stopping: closing every connection with 1001");
+            tracing::info!(
+                signal = sig,
+                "stopping: draining over {} (a second signal exits at once)",
+                humantime::format_duration(args.drain_period)
+            );
+            break;
+        }
+    }
+    // Drain: not ready, no new upgrades, services told, closes spread.
+    let api = controller.api();
+    api.drain(args.drain_period);
+    let until = Instant::now() + args.drain_period + Duration::from_secs(2);
+    while api.drain_left() > 0 && Instant::now() < until {
+        if let Some(sig) = sys::wait_for_signal(Duration::from_millis(100))? {
+            tracing::info!(signal = sig, "second signal: exiting now");
             break;
         }
     }

@@ -408,3 +408,44 @@ fn a_base_path_prefixes_both_service_endpoints() {
         assert_eq!(c.upgrade(path, None), 404, "{path}");
     }
 }
+
+/// A graceful drain: every service hears `session/draining` with the
+/// deadline, then is closed with 1001, the closes spread over the drain
+/// period (not all at once); new upgrades are refused meanwhile, and the
+/// drain reports its end.
+#[test]
+fn a_drain_tells_services_then_spreads_the_closes() {
+    let ctl = controller(2);
+    let addr = ctl.local_addr();
+    let mut services: Vec<Client> = (0..20)
+        .map(|i| registered(addr, "svc", &format!("10.0.0.{i}"), 1).0)
+        .collect();
+    let started = std::time::Instant::now();
+    ctl.drain(Duration::from_secs(1));
+    let handles: Vec<std::thread::JoinHandle<Duration>> = services
+        .drain(..)
+        .map(|mut c| {
+            std::thread::spawn(move || {
+                let told = c.recv_json();
+                assert_eq!(told["method"], "session/draining", "{told}");
+                assert_eq!(told["params"]["deadlineMs"], 1000);
+                assert_eq!(c.expect_close(), Some(1001));
+                started.elapsed()
+            })
+        })
+        .collect();
+    let mut closed: Vec<Duration> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    closed.sort();
+    let (first, last) = (closed[0], closed[closed.len() - 1]);
+    assert!(
+        last - first >= Duration::from_millis(400),
+        "spread over the period, not all at once: {closed:?}"
+    );
+    assert!(
+        last < Duration::from_secs(3),
+        "within the period: {closed:?}"
+    );
+    eventually("the drain is over", || ctl.drain_left() == 0);
+    let mut late = Client::tcp(addr);
+    assert_eq!(late.upgrade("/ws/microservice", None), 503);
+}

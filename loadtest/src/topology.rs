@@ -53,6 +53,10 @@ pub fn controller_at(
         &admin,
         "--shards",
         &shards.to_string(),
+        // The scenarios stop it to measure what follows a stop (a herd of
+        // reconnects): at once, as before drains existed, unless one asks.
+        "--drain-period",
+        "0s",
     ])
     .args(extra);
     let mut proc = Proc::spawn("controller", cmd)?;

@@ -67,7 +67,17 @@ pub(crate) fn conn_of(owner: Owner) -> ConnRef {
     }
 }
 
+/// A drain in progress on one shard: its connections, closed in order so
+/// that by `start + period × i / n` the first i are.
+struct Drain {
+    start: std::time::Instant,
+    period: Duration,
+    conns: Vec<ConnRef>,
+    closed: usize,
+}
+
 pub struct ShardHandler {
+    drain: Option<Drain>,
     shard: ShardId,
     shared: Arc<Shared>,
     mailboxes: Arc<[Mailbox<ShardMsg>]>,
@@ -97,6 +107,7 @@ impl ShardHandler {
         let max_conns = shared.config.engine.max_conns_per_shard + crate::engine::OVER_CAP_GRACE;
         let wrong_path = wrong_path_message(&shared.config.base_path);
         ShardHandler {
+            drain: None,
             shard,
             shared,
             mailboxes,
@@ -126,6 +137,67 @@ impl ShardHandler {
         {
             self.touched.push((slot, owner_of(conn)));
         }
+    }
+
+    /// Begins this shard's share of a drain: `session/draining` to every
+    /// registered service now, the closes spread over `period`.
+    fn start_drain(&mut self, cx: &mut Cx<'_>, period: Duration) {
+        let shard = self.shard;
+        let conns: Vec<ConnRef> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.generation != 0)
+            .map(|(key, s)| ConnRef {
+                shard,
+                key: key as u32,
+                generation: s.generation,
+            })
+            .collect();
+        self.buf.clear();
+        jsonrpc::write_notification(
+            &mut self.buf,
+            "session/draining",
+            &serde_json::json!({
+                "deadlineMs": period.as_millis() as u64,
+                "reason": "controller shutting down; reconnect (to another node if there is one)",
+            }),
+        );
+        let services = conns.iter().copied().filter(|c| {
+            self.conns[c.key as usize].registered
+                && self.conns[c.key as usize].endpoint == Endpoint::Microservice
+        });
+        cx.send_text_to_all(services, &self.buf);
+        use std::sync::atomic::Ordering::SeqCst;
+        self.shared.drain_left.fetch_add(conns.len(), SeqCst);
+        self.shared.drain_left.fetch_sub(1, SeqCst); // this shard's share is taken
+        self.drain = Some(Drain {
+            start: cx.now(),
+            period,
+            conns,
+            closed: 0,
+        });
+        self.drain_some(cx);
+    }
+
+    /// Closes the connections whose turn in the drain has come.
+    fn drain_some(&mut self, cx: &mut Cx<'_>) {
+        let Some(d) = &mut self.drain else { return };
+        let n = d.conns.len();
+        let elapsed = cx.now().saturating_duration_since(d.start);
+        let due = if d.period.is_zero() || elapsed >= d.period {
+            n
+        } else {
+            ((n as u128 * elapsed.as_nanos()).div_ceil(d.period.as_nanos()) as usize).min(n)
+        };
+        for conn in &d.conns[d.closed..due] {
+            cx.close(*conn, 1001, "controller draining");
+        }
+        let closed = due.saturating_sub(d.closed);
+        d.closed = due;
+        self.shared
+            .drain_left
+            .fetch_sub(closed, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Takes one request token from `conn`'s bucket; false if it is empty.
@@ -543,6 +615,17 @@ impl Handler for ShardHandler {
     type Msg = ShardMsg;
 
     fn on_upgrade(&mut self, conn: ConnRef, req: &UpgradeRequest<'_>) -> Result<(), Refusal> {
+        if self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Refusal {
+                status: 503,
+                message: "the controller is draining; connect to another node or retry",
+                kind: None,
+            });
+        }
         let base = self.shared.config.base_path.as_str();
         let endpoint = match req.path.strip_prefix(base) {
             Some(MICROSERVICE_PATH) => Endpoint::Microservice,
@@ -551,7 +634,7 @@ impl Handler for ShardHandler {
                 return Err(Refusal {
                     status: 404,
                     message: self.wrong_path,
-                    kind: BadInput::WrongPath,
+                    kind: Some(BadInput::WrongPath),
                 });
             }
         };
@@ -561,7 +644,7 @@ impl Handler for ShardHandler {
                     return Err(Refusal {
                         status: 401,
                         message: "a valid Authorization: Bearer token is required on /ws/discovery",
-                        kind: BadInput::Unauthorized,
+                        kind: Some(BadInput::Unauthorized),
                     });
                 }
                 (Endpoint::Microservice, Some(header)) => match auth.service_of(header) {
@@ -574,7 +657,7 @@ impl Handler for ShardHandler {
                         return Err(Refusal {
                             status: 401,
                             message: "the Authorization bearer token is not valid for this controller",
-                            kind: BadInput::Unauthorized,
+                            kind: Some(BadInput::Unauthorized),
                         });
                     }
                 },
@@ -698,10 +781,14 @@ impl Handler for ShardHandler {
                 cx.close(old, 4000, "superseded");
             }
             ShardMsg::Command(request, permit) => self.command(cx, *request, permit),
+            ShardMsg::Drain { period } => self.start_drain(cx, period),
         }
     }
 
     fn on_tick(&mut self, cx: &mut Cx<'_>) {
+        if self.drain.is_some() {
+            self.drain_some(cx);
+        }
         let now = cx.wall_ms();
         let retry = std::mem::take(&mut self.supersede_retry);
         for old in retry {

@@ -117,6 +117,9 @@ pub enum ShardMsg {
     Supersede(ConnRef),
     /// Send a command to an instance on this shard.
     Command(Box<CommandRequest>, Permit),
+    /// Drain: tell every service `session/draining`, then close every
+    /// connection with 1001, spread evenly over `period`.
+    Drain { period: Duration },
 }
 
 /// Service notifications (`notifications/*`) relayed to whoever watches
@@ -218,6 +221,10 @@ pub struct Shared {
     /// Commands ended, indexed by `CommandOutcome::index`.
     command_outcomes: [std::sync::atomic::AtomicU64; CommandOutcome::LABELS.len()],
     auth: Option<auth::Auth>,
+    /// Set once a drain begins: new upgrades are refused (503).
+    draining: std::sync::atomic::AtomicBool,
+    /// Connections a drain has still to close, all shards together.
+    drain_left: AtomicUsize,
 }
 
 /// The registry, locked. Debug builds count the guards each thread holds,
@@ -297,6 +304,8 @@ impl Shared {
             watchers: Watchers::default(),
             command_outcomes: Default::default(),
             auth,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_left: AtomicUsize::new(0),
             config,
         }
     }
@@ -452,6 +461,41 @@ impl Api {
     /// Marks the controller as stopping: /readyz answers 503 from now on.
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Starts a graceful drain: new upgrades are refused (503), every
+    /// registered service is sent `session/draining {deadlineMs, reason}`,
+    /// and every connection is closed with 1001, spread evenly over
+    /// `period` so the services do not all reconnect at once. Watch
+    /// `drain_left` for the end.
+    pub fn drain(&self, period: Duration) {
+        self.set_stopping();
+        if self.shared.draining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // One for each shard until it has taken its share.
+        self.shared
+            .drain_left
+            .fetch_add(self.mailboxes.len(), Ordering::SeqCst);
+        for mailbox in self.mailboxes.iter() {
+            let mut msg = ShardMsg::Drain { period };
+            // Bounded: a full mailbox drains within ticks.
+            for _ in 0..100 {
+                match mailbox.post(msg) {
+                    Ok(()) => break,
+                    Err(full) => {
+                        msg = full.0;
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connections a drain has still to close (0 before one starts, and
+    /// once every shard has closed its share).
+    pub fn drain_left(&self) -> usize {
+        self.shared.drain_left.load(Ordering::SeqCst)
     }
 
     /// Commands in flight in all.

@@ -298,7 +298,9 @@ pub enum CloseCause {
 pub struct Refusal {
     pub status: u16,
     pub message: &'static str,
-    pub kind: BadInput,
+    /// The bad-input counter it is reported under; `None` when the peer did
+    /// nothing wrong (the controller is draining).
+    pub kind: Option<BadInput>,
 }
 
 /// One per shard; called only from that shard's thread.

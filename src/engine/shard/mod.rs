@@ -476,7 +476,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 Event::Upgrade(req) => match handler.on_upgrade(cref, req) {
                     Ok(()) => accepted = true,
                     Err(refusal) => {
-                        stats.bad(refusal.kind);
+                        if let Some(kind) = refusal.kind {
+                            stats.bad(kind);
+                        }
                         ws::write_http_error(out, refusal.status, refusal.message);
                         return Flow::Stop;
                     }
