@@ -46,7 +46,8 @@ struct ConnState {
     inflight: u16,
     /// The request bucket (`ControllerConfig::request_burst`): tokens
     /// left, and when it was last refilled, in deciseconds of the
-    /// monotonic clock (wrapping; a wrap can only refill it early).
+    /// monotonic clock (wrapping every 109 minutes: an idle connection
+    /// whose gap is a multiple of that is refilled for the remainder only).
     tokens: u8,
     refilled_ds: u16,
 }

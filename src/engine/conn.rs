@@ -673,6 +673,15 @@ impl Conn {
             if flow == Flow::Stop {
                 return (Fed::Stopped, pos);
             }
+            // A whole message (or a control frame outside one) came: what
+            // is held from now on is a new frame, with a deadline of its
+            // own. A fragment or a control frame inside a fragmented
+            // message does not restart it.
+            if self.flags & FRAGMENTED == 0
+                && let Some(b) = bufs.as_mut()
+            {
+                b.input_due = 0;
+            }
         }
         (Fed::Open, pos)
     }
@@ -1168,6 +1177,30 @@ mod tests {
         assert_eq!(log.texts, ["part!"]);
         assert_eq!(conn.poll_deadline(), idle_deadline);
         assert_eq!(conn.buffered(), (0, 0));
+        // A peer that keeps sending whole messages, each read ending mid
+        // frame, is never timed out: each whole message starts it over.
+        let (mut steady, mut slog, mut sout) = open_conn();
+        assert!(steady.admit(0, 300));
+        let frame = client_frame(OpCode::Text, true, b"steady");
+        let mut stream = Vec::new();
+        for _ in 0..4 {
+            stream.extend_from_slice(&frame);
+        }
+        let cut = frame.len() + 3;
+        feed_at(&mut steady, 10, &stream[..cut], &mut slog, &mut sout);
+        assert_eq!(steady.poll_deadline(), 10 + t.message);
+        feed_at(
+            &mut steady,
+            10 + t.message - 1,
+            &stream[cut..2 * cut],
+            &mut slog,
+            &mut sout,
+        );
+        assert_eq!(
+            steady.poll_deadline(),
+            10 + 2 * t.message - 1,
+            "the deadline is the newest frame's"
+        );
         // A partial frame counts too, and closing lets go of the message.
         let frame = client_frame(OpCode::Text, true, b"hello");
         feed_at(&mut conn, 50, &frame[..3], &mut log, &mut out);

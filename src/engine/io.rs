@@ -42,9 +42,6 @@ pub fn own_fd_table(keep: &[RawFd]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Starts a non-blocking TCP connect to `addr`, from `source` if given (and
-/// of the same family; IPv4 sources bind without taking a port until the
-/// connect, so many sources share the ephemeral range). Nagle is off.
 /// A connected socket's peer address, with an IPv4-mapped IPv6 address
 /// unwrapped (`::ffff:10.0.0.7` is `10.0.0.7`).
 pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
@@ -54,6 +51,9 @@ pub fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
+/// Starts a non-blocking TCP connect to `addr`, from `source` if given (and
+/// of the same family; IPv4 sources bind without taking a port until the
+/// connect, so many sources share the ephemeral range). Nagle is off.
 pub fn connect_from(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<RawFd> {
     let socket = Socket::new(
         Domain::for_address(addr),

@@ -72,6 +72,16 @@ pub enum Address {
     Host(Sym),
 }
 
+impl Address {
+    /// The interned host name, if it is one.
+    pub(super) fn host(self) -> Option<Sym> {
+        match self {
+            Address::Host(sym) => Some(sym),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {

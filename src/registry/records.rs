@@ -117,7 +117,17 @@ impl Registry {
                     holder: old.id,
                     retry_after_ms: conflicts::RETRY_AFTER_MS,
                 };
-                match self.conflicts.judge(hash, now_ms, peer()) {
+                let verdict = self.conflicts.judge(hash, now_ms, peer());
+                if verdict != Verdict::Supersede {
+                    // Refused: the strings interned for it go again.
+                    for sym in [Some(service), Some(env), address.host()]
+                        .into_iter()
+                        .flatten()
+                    {
+                        self.strings.release(sym);
+                    }
+                }
+                match verdict {
                     Verdict::Supersede => {}
                     Verdict::Refuse => return Err(refused),
                     Verdict::Conflict { holder, loser } => {

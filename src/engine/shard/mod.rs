@@ -174,6 +174,8 @@ struct Shard<H: Handler, D: Driver> {
     /// admitted or gone since are skipped, and pruned), and their number.
     unadmitted: VecDeque<(u32, u32)>,
     unadmitted_count: usize,
+    /// `make_room` is running (a cut's handler may write, and come back).
+    making_room: bool,
     next_generation: u32,
     /// At the connection bound or out of fds: accept again when room frees.
     accept_paused: bool,
@@ -207,6 +209,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             held_out: 0,
             unadmitted: VecDeque::new(),
             unadmitted_count: 0,
+            making_room: false,
             budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
             next_generation: 1,
             accept_paused: false,
@@ -416,13 +419,13 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let before = self.conns[key as usize].buffered();
         let fed = self.deliver(key, data);
         self.recount(key, before);
-        if self.held() > self.budget && !self.make_room(key, 0) {
-            // It was cut for holding the most: what it asked is moot.
-            self.out.clear();
-            return self.apply_actions();
-        }
         self.relink(key);
         self.settle(key, fed);
+        // Only now, with this input's answers written and its actions
+        // done, so no cut runs the handler in the middle of them.
+        if self.held() > self.budget {
+            self.make_room();
+        }
     }
 
     /// Delivers bytes to the connection machine, and the events it yields
@@ -522,6 +525,16 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// Acts on how a delivery ended: writes `out`, then closes, lingers or
     /// drops as the outcome asks, and carries out the handler's actions.
     fn settle(&mut self, key: u32, fed: Fed) {
+        // The handler admitted it in this input (a register): admitted
+        // before its answers go out, so they get an admitted connection's
+        // bounds, not those of one still unregistered.
+        let generation = self.conns[key as usize].generation;
+        let admitted_now = self.actions.list.iter().any(|a| {
+            matches!(a, Action::Admit(c) if c.key == key && c.generation == generation && c.shard == self.id)
+        });
+        if admitted_now {
+            self.admit(key);
+        }
         let over_cap = self.conns[key as usize].is_over_cap();
         let phase = self.conns[key as usize].phase();
         let out = std::mem::take(&mut self.out);
@@ -619,13 +632,16 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if over {
             return self.cut_slow(key);
         }
-        if self.held() + bytes.len() > self.budget && !self.make_room(key, bytes.len()) {
-            return false;
-        }
+        // Queued first: a write the cuts below cause (through the handler)
+        // to this same connection then goes after these bytes.
+        let generation = conn.generation;
         let before = self.conns[key as usize].buffered();
         self.conns[key as usize].queue_out(bytes);
         self.recount(key, before);
-        true
+        if self.held() > self.budget {
+            self.make_room();
+        }
+        self.live(key, generation)
     }
 
     /// Everything this shard holds for its connections, in flight included.
@@ -651,39 +667,41 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         self.held_out = self.held_out - before.1 + held_out;
     }
 
-    /// Over the budget (with `extra` more bytes for `current`): cuts the
-    /// connections holding the most beyond their fair share, biggest
-    /// first, until the rest fits. False if `current` was one of them.
-    fn make_room(&mut self, current: u32, extra: usize) -> bool {
+    /// Over the budget: cuts the connections holding the most beyond their
+    /// fair share, biggest first, until the rest fits. Callers check
+    /// whether the connection they were serving is still there.
+    fn make_room(&mut self) {
+        if self.making_room {
+            return; // a cut's handler wrote, and its write came back here
+        }
+        self.making_room = true;
         let share = self.budget / self.conns.len().max(1);
-        let mut offenders: Vec<(usize, u32)> = self
+        let mut offenders: Vec<(usize, u32, u32)> = self
             .conns
             .iter()
             .filter_map(|(key, conn)| {
-                let extra = if key as u32 == current { extra } else { 0 };
-                let usage = self.usage(conn) + extra;
-                (usage > share).then_some((usage, key as u32))
+                let usage = self.usage(conn);
+                (usage > share).then_some((usage, key as u32, conn.generation))
             })
             .collect();
         offenders.sort_unstable_by(|a, b| b.cmp(a));
-        let mut total = self.held() + extra;
-        let mut survived = true;
-        for (usage, key) in offenders {
+        let mut total = self.held();
+        for (usage, key, generation) in offenders {
             if total <= self.budget {
                 break;
             }
-            if !self.conns.contains(key as usize) {
+            if !self.live(key, generation) {
                 continue; // cut meanwhile, by a handler's reaction
             }
             metrics::inc(&self.stats().budget_cuts);
             self.notify_closed(key, CloseCause::OverBudget);
-            if self.conns.contains(key as usize) {
+            if self.live(key, generation) {
                 self.drop_conn(key);
             }
             total = total.saturating_sub(usage);
-            survived &= key != current;
         }
-        if survived && total > self.budget {
+        self.making_room = false;
+        if total > self.budget {
             tracing::debug!(
                 shard = self.id.0,
                 total,
@@ -691,7 +709,6 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 "over the buffer budget with every connection within its share"
             );
         }
-        survived
     }
 
     /// The socket can take more (epoll: writable; io_uring: a send
@@ -743,7 +760,10 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
     /// Tells the handler, once, that the connection is over for it.
     fn notify_closed(&mut self, key: u32, cause: CloseCause) {
-        let conn = &mut self.conns[key as usize];
+        // Gone already (a handler's reaction to another cut took it).
+        let Some(conn) = self.conns.get_mut(key as usize) else {
+            return;
+        };
         if !conn.take_live() {
             return;
         }
@@ -786,6 +806,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     }
 
     fn drop_conn(&mut self, key: u32) {
+        if !self.conns.contains(key as usize) {
+            return; // dropped already, by a handler's reaction to a cut
+        }
         self.wheel.cancel(&mut self.conns, key);
         let conn = self.conns.remove(key as usize);
         debug_assert!(!conn.is_live(), "handler must hear of the end first");
