@@ -369,6 +369,9 @@ pub struct Cx<'a> {
     out: Option<&'a mut Vec<u8>>,
     actions: &'a mut Actions,
     stop_current: bool,
+    /// The handler admitted `current`: its answers already get an admitted
+    /// connection's bounds.
+    admit_current: bool,
     /// How to learn the current connection's peer address, asked only
     /// when the handler needs it (one system call).
     peer: Peer<'a>,
@@ -443,6 +446,9 @@ impl<'a> Cx<'a> {
 
     /// Starts liveness checks (pings) and lifts the admit deadline.
     pub fn admit(&mut self, conn: ConnRef) {
+        if Some(conn) == self.current {
+            self.admit_current = true;
+        }
         self.actions.list.push(Action::Admit(conn));
     }
 
@@ -534,6 +540,7 @@ impl Recorder {
             out: None,
             actions: &mut self.actions,
             stop_current: false,
+            admit_current: false,
             peer: Peer::Known(self.peer),
         }
     }

@@ -290,6 +290,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             out: None,
             actions: &mut self.actions,
             stop_current: false,
+            admit_current: false,
             peer: Peer::None,
         };
         f(&mut self.handler, &mut cx);
@@ -461,6 +462,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         };
         let over_cap = conn.is_over_cap();
         let mut accepted = false;
+        let mut admitted = false;
         out.clear();
         let fed = conn.feed(*now, data, &config.limits, timing, out, |event, out| {
             let mut ask = || driver.peer_addr(handle);
@@ -472,6 +474,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 out: None,
                 actions,
                 stop_current: false,
+                admit_current: false,
                 peer: Peer::Ask(&mut ask),
             };
             match event {
@@ -509,6 +512,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                     record_rtt(stats, payload, clock.duration_since(*epoch));
                 }
             }
+            admitted |= cx.admit_current;
             if cx.stop_current {
                 Flow::Stop
             } else {
@@ -519,22 +523,17 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             conn.set_live();
             metrics::inc(&stats.open_upgraded);
         }
+        // Admitted in this input (a register): before its answers go out,
+        // so they get an admitted connection's bounds.
+        if admitted {
+            self.admit(key);
+        }
         fed
     }
 
     /// Acts on how a delivery ended: writes `out`, then closes, lingers or
     /// drops as the outcome asks, and carries out the handler's actions.
     fn settle(&mut self, key: u32, fed: Fed) {
-        // The handler admitted it in this input (a register): admitted
-        // before its answers go out, so they get an admitted connection's
-        // bounds, not those of one still unregistered.
-        let generation = self.conns[key as usize].generation;
-        let admitted_now = self.actions.list.iter().any(|a| {
-            matches!(a, Action::Admit(c) if c.key == key && c.generation == generation && c.shard == self.id)
-        });
-        if admitted_now {
-            self.admit(key);
-        }
         let over_cap = self.conns[key as usize].is_over_cap();
         let phase = self.conns[key as usize].phase();
         let out = std::mem::take(&mut self.out);
