@@ -10,6 +10,9 @@ pub mod admin;
 pub mod agent;
 pub mod controller;
 pub mod engine;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod plan;

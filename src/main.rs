@@ -130,6 +130,16 @@ struct ControllerArgs {
     /// Default: just under RLIMIT_NOFILE.
     #[arg(long)]
     max_conns_per_shard: Option<usize>,
+    /// Sockets one source address may hold in their handshakes (upgrade or
+    /// registration in progress), node-wide; past it, its new sockets are
+    /// closed at accept. 0: no bound.
+    #[arg(long, default_value_t = 1024)]
+    max_handshakes_per_source: u32,
+    /// Connections one source address may hold, node-wide; past it, its
+    /// new sockets are closed at accept. 0 (default): no bound. Set it above
+    /// the most instances one host (or NAT address) runs.
+    #[arg(long, default_value_t = 0)]
+    max_conns_per_source: u32,
     /// service/register must arrive within this after the upgrade.
     #[arg(long, value_parser = duration, default_value = "10s")]
     register_timeout: Duration,
@@ -430,6 +440,8 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         );
     }
     engine.admit_timeout = args.register_timeout;
+    engine.max_handshakes_per_source = args.max_handshakes_per_source;
+    engine.max_conns_per_source = args.max_conns_per_source;
     if let Some(max) = args.max_conns_per_shard {
         engine.max_conns_per_shard = max;
     }

@@ -137,6 +137,10 @@ pub struct ShardStats {
     pub rate_limited: AtomicU64,
     /// Connections not admitted yet evicted to make room (the oldest).
     pub unadmitted_evicted: AtomicU64,
+    /// Sockets closed at accept: their source address had its most
+    /// sockets in their handshakes, or its most connections.
+    pub refused_source_handshakes: AtomicU64,
+    pub refused_source_conns: AtomicU64,
     /// Gauges, set every tick: heap bytes held for input (partial frames,
     /// messages being reassembled), for output not yet taken by the socket,
     /// and by sends in flight (io_uring).

@@ -292,7 +292,7 @@ impl Worker {
                 return;
             }
             let fd = match io::accept_one(self.listener) {
-                io::Accepted::Socket(fd) => fd,
+                io::Accepted::Socket(fd, _) => fd,
                 io::Accepted::Drained => return,
                 io::Accepted::Failed(e) => {
                     tracing::warn!("relay accept failed: {e}");

@@ -456,3 +456,112 @@ fn half_open_sockets_cannot_keep_services_out() {
         assert_eq!(s.next_frame(Duration::from_millis(10)), None);
     }
 }
+
+/// Whether a socket from `source` gets through its upgrade (false if it
+/// was closed at accept).
+fn upgrades_from(addr: SocketAddr, source: std::net::IpAddr) -> bool {
+    use std::io::Write;
+    let mut c = Client::tcp_from(addr, source);
+    let mut req = Vec::new();
+    let key = tether::engine::ws::new_client_key();
+    tether::engine::ws::write_upgrade_request(
+        &mut req,
+        "localhost",
+        "/ws/microservice",
+        &key,
+        None,
+    );
+    c.stream.write_all(&req).is_ok() && c.read_http_status() == 101
+}
+
+/// Finding 6, per source: one address's half-open sockets are bounded
+/// node-wide (over two shards), closed at accept past the bound and
+/// counted, while another address's services register as usual; each
+/// socket that completes its handshake or goes frees its place.
+#[test]
+fn one_source_cannot_hold_more_than_its_handshakes() {
+    let mut cfg = abuse_config(2);
+    cfg.engine.max_handshakes_per_source = 10;
+    cfg.engine.handshake_timeout = Duration::from_secs(60);
+    let ctl = start(cfg);
+    let addr = ctl.local_addr();
+    let attacker: std::net::IpAddr = "127.0.0.61".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let mut c = Client::tcp_from(addr, attacker);
+        c.send_raw(b"GET /ws/microservice HTTP/1.1\r\n");
+        held.push(c);
+    }
+    eventually("20 of the attacker's sockets are refused", || {
+        metrics::total(ctl.stats(), |s| &s.refused_source_handshakes) == 20
+    });
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for mut c in held {
+        if c.sees_eof(Duration::from_millis(200)) {
+            refused += 1;
+        } else {
+            open.push(c);
+        }
+    }
+    assert_eq!((open.len(), refused), (10, 20));
+    // Another source registers as usual, well past 10.
+    let bystander: std::net::IpAddr = "127.0.0.62".parse().unwrap();
+    let services: Vec<Client> = (0..15)
+        .map(|i| {
+            let mut c = Client::tcp_from(addr, bystander);
+            assert_eq!(c.upgrade("/ws/microservice", None), 101);
+            c.register("svc", &format!("10.2.0.{i}"), 1);
+            c
+        })
+        .collect();
+    assert_eq!(ctl.counts().up, 15);
+    // A handshake that completes frees its place: a registered service
+    // from the attacker's address is no longer counted against it.
+    let mut first = open.pop().unwrap();
+    first.send_raw(b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    assert_eq!(first.read_http_status(), 101);
+    first.register("svc", "10.3.0.1", 1);
+    let mut next = Client::tcp_from(addr, attacker);
+    assert_eq!(next.upgrade("/ws/microservice", None), 101);
+    next.register("svc", "10.3.0.2", 1);
+    // So does one that goes.
+    drop(open.pop());
+    eventually("the closed socket's place is free", || {
+        upgrades_from(addr, attacker)
+    });
+    assert_eq!(ctl.counts().up, 17);
+    drop(services);
+}
+
+/// A bound on connections per source, when set, holds for registered
+/// connections too, and each one that goes frees its place.
+#[test]
+fn connections_per_source_are_bounded_when_asked() {
+    let mut cfg = abuse_config(2);
+    cfg.engine.max_conns_per_source = 4;
+    let ctl = start(cfg);
+    let addr = ctl.local_addr();
+    let host: std::net::IpAddr = "127.0.0.63".parse().unwrap();
+    let mut services: Vec<Client> = (0..4)
+        .map(|i| {
+            let mut c = Client::tcp_from(addr, host);
+            assert_eq!(c.upgrade("/ws/microservice", None), 101);
+            c.register("svc", &format!("10.4.0.{i}"), 1);
+            c
+        })
+        .collect();
+    let mut fifth = Client::tcp_from(addr, host);
+    assert!(
+        fifth.sees_eof(Duration::from_secs(5)),
+        "the fifth is closed at accept"
+    );
+    assert_eq!(metrics::total(ctl.stats(), |s| &s.refused_source_conns), 1);
+    // Other sources are not affected.
+    let (_other, _) = registered(addr, "svc", "10.4.1.1", 1);
+    drop(services.pop());
+    eventually("a gone connection frees its place", || {
+        upgrades_from(addr, host)
+    });
+    assert_eq!(ctl.counts().up, 4);
+}

@@ -112,6 +112,9 @@ fn a_port_in_use_is_reported() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already in use"), "{err}");
+    // After trying again for a while (a controller that just exited may
+    // still hold the port).
+    assert!(err.contains("trying again"), "{err}");
 }
 
 #[test]

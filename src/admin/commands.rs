@@ -45,7 +45,7 @@ pub fn is_mutating(tool: &str) -> bool {
 }
 
 /// A tool name: 1..=128 of letters, digits and `_ . : / -`.
-fn check_tool_name(name: &str) -> Result<(), Reply> {
+pub(crate) fn check_tool_name(name: &str) -> Result<(), Reply> {
     let ok = !name.is_empty()
         && name.len() <= MAX_TOOL_NAME
         && name
@@ -324,6 +324,23 @@ pub(crate) async fn one(
             "bad_body",
             format!("expected {{\"name\", \"arguments\"}}: {e}"),
         ),
+    }
+}
+
+/// A command body's checks short of sending it: its tool name, and a
+/// fan-out's status filter (the fuzz target's way in).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn check_bodies(body: &[u8]) {
+    if let Ok(b) = serde_json::from_slice::<CommandBody>(body) {
+        let _ = (
+            check_tool_name(&b.name),
+            is_mutating(&b.name),
+            b.arguments,
+            b.timeout_ms,
+        );
+    }
+    if let Ok(b) = serde_json::from_slice::<FanoutBody>(body) {
+        let _ = (check_tool_name(&b.name), parse_status(b.status.as_deref()));
     }
 }
 

@@ -132,6 +132,24 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
             );
         }
     }
+    o.family(
+        "tether_admission_refused_total",
+        "counter",
+        "New sockets refused, by reason (source_handshakes: closed at accept, its source address had its most sockets in their handshakes; source_connections: closed at accept, its source had its most connections; over_cap: the shard was at its connection bound, told 1013).",
+    );
+    for (i, s) in stats.iter().enumerate() {
+        for (reason, v) in [
+            ("source_handshakes", r(&s.refused_source_handshakes)),
+            ("source_connections", r(&s.refused_source_conns)),
+            ("over_cap", r(&s.rejected_over_cap)),
+        ] {
+            o.sample(
+                "tether_admission_refused_total",
+                &format!("shard=\"{i}\",reason=\"{reason}\""),
+                v,
+            );
+        }
+    }
     o.per_shard(
         stats,
         "tether_slow_consumers_cut_total",

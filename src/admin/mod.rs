@@ -12,6 +12,8 @@
 pub mod audit;
 mod commands;
 mod events;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod mcp;
 mod metrics;
 mod services;

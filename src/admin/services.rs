@@ -58,11 +58,13 @@ pub(crate) fn item(node: &Node) -> Value {
     v
 }
 
-pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
-    let status = match parse_status(p.status.as_deref()) {
-        Ok(s) => s,
-        Err(reply) => return reply,
-    };
+/// A listing's filter, cursor and page size from its query parameters, or
+/// the 400 that says which is wrong.
+pub(crate) fn list_query(
+    p: ListParams,
+    max_page: usize,
+) -> Result<(registry::Query, u32, usize), Reply> {
+    let status = parse_status(p.status.as_deref())?;
     let cursor = match p
         .cursor
         .as_deref()
@@ -72,22 +74,22 @@ pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
         None => 0,
         Some(Ok(c)) => c,
         Some(Err(_)) => {
-            return fail(
+            return Err(fail(
                 StatusCode::BAD_REQUEST,
                 "bad_cursor",
                 "cursor is the nextCursor of a previous page",
-            );
+            ));
         }
     };
     let limit = match given(p.limit).map(|l| l.parse::<usize>()) {
         None => 100,
-        Some(Ok(l)) => l.clamp(1, state.config.max_page),
+        Some(Ok(l)) => l.clamp(1, max_page),
         Some(Err(_)) => {
-            return fail(
+            return Err(fail(
                 StatusCode::BAD_REQUEST,
                 "bad_limit",
                 "limit is a number of items",
-            );
+            ));
         }
     };
     let query = registry::Query {
@@ -95,6 +97,14 @@ pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
         env_tag: given(p.env_tag),
         status,
         q: given(p.q),
+    };
+    Ok((query, cursor, limit))
+}
+
+pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
+    let (query, cursor, limit) = match list_query(p, state.config.max_page) {
+        Ok(parsed) => parsed,
+        Err(reply) => return reply,
     };
     // A listing may visit every record: not on the runtime's threads.
     let api = state.api.clone();

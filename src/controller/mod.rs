@@ -9,6 +9,8 @@
 
 pub mod auth;
 pub mod commands;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod handler;
 
 pub mod rpc;

@@ -151,7 +151,8 @@ impl ReadAgain {
 /// What one accept found.
 #[derive(Debug)]
 pub enum Accepted {
-    Socket(RawFd),
+    /// A socket, and its peer if the kernel told it.
+    Socket(RawFd, Option<std::net::SocketAddr>),
     /// The backlog is empty.
     Drained,
     /// EMFILE, ENFILE, ENOBUFS…: the backlog keeps the connections; try
@@ -164,9 +165,9 @@ pub enum Accepted {
 pub fn accept_one(listener: RawFd) -> Accepted {
     loop {
         match sys::accept(listener) {
-            Ok(fd) => {
+            Ok((fd, peer)) => {
                 let _ = sys::set_nodelay(fd);
-                return Accepted::Socket(fd);
+                return Accepted::Socket(fd, peer);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => return Accepted::Drained,
             Err(e)

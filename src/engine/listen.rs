@@ -47,6 +47,34 @@ fn classify(addr: SocketAddr, source: io::Error) -> ListenError {
     }
 }
 
+/// `open_listeners`, but a port in use is tried again for up to `wait`: a
+/// process that just exited may hold it a little longer (an io_uring's
+/// teardown, which closes its sockets, runs after the process is gone), so
+/// a restart right after a crash still binds.
+pub fn open_listeners_waiting(
+    addr: SocketAddr,
+    count: usize,
+    wait: std::time::Duration,
+) -> Result<(Vec<RawFd>, SocketAddr), ListenError> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut warned = false;
+    loop {
+        match open_listeners(addr, count) {
+            Err(ListenError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!(
+                        "{addr} is in use; trying again for up to {} (a process that just exited may still hold it)",
+                        humantime::format_duration(wait)
+                    );
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens `count` SO_REUSEPORT listeners on `addr` and returns their raw fds
 /// (owned by the caller) and the bound address (the real port when `addr`
 /// asked for port 0).

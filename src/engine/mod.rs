@@ -21,6 +21,7 @@
 //! channels and mutexes wake through futexes), never through an fd (an async
 //! runtime's waker, a pipe, a log file opened later).
 
+pub mod admission;
 pub mod conn;
 pub mod epoll;
 pub mod io;
@@ -149,11 +150,27 @@ pub struct EngineConfig {
     /// A frame or fragmented message, once begun, must be whole within this.
     pub message_timeout: Duration,
     /// Connections the handler has not admitted yet (upgrade or register
-    /// in progress) one shard holds at once. Past it, and whenever a new
-    /// connection finds the shard at its connection bound, the oldest of
-    /// them is evicted (1013 if upgraded): half-open sockets cannot keep
-    /// registering services out, and registered ones keep their places.
+    /// in progress) one shard holds at once. At it the shard stops
+    /// accepting (the listen backlog holds the rest) and evicts the oldest
+    /// of them once it is `unadmitted_grace` old (1013 if upgraded), as it
+    /// does when a new connection finds the shard at its connection bound:
+    /// half-open sockets cannot keep registering services out, registered
+    /// ones keep their places, and a reconnect herd is taken in as fast as
+    /// it registers rather than evicted.
     pub max_unadmitted_per_shard: usize,
+    /// A connection not admitted yet is evicted for another only once it
+    /// is this old: it had its chance to register.
+    pub unadmitted_grace: Duration,
+    /// Sockets one source address may hold in their handshakes (accepted,
+    /// not yet admitted), node-wide; past it its new sockets are closed at
+    /// accept. 0: no bound.
+    pub max_handshakes_per_source: u32,
+    /// Connections one source address may hold, node-wide; past it its new
+    /// sockets are closed at accept. 0 (the default): no bound.
+    pub max_conns_per_source: u32,
+    /// A listen address in use is tried again for this long before start
+    /// fails (a controller that just exited may still hold it).
+    pub listen_wait: Duration,
     /// Messages waiting in one shard's mailbox.
     pub mailbox_capacity: usize,
     /// io_uring: provided receive buffers per shard (a power of two, each
@@ -181,17 +198,21 @@ impl EngineConfig {
             buffer_budget: 1 << 30,
             message_timeout: Duration::from_secs(10),
             max_unadmitted_per_shard: 1024,
+            unadmitted_grace: Duration::from_secs(2),
+            max_handshakes_per_source: 1024,
+            max_conns_per_source: 0,
+            listen_wait: Duration::from_secs(5),
             mailbox_capacity: 65_536,
             uring_recv_buffers: 512,
         }
     }
 
-    fn ticks(&self, d: Duration) -> wheel::Tick {
+    pub(crate) fn ticks(&self, d: Duration) -> wheel::Tick {
         let ticks = d.as_nanos().div_ceil(self.tick.as_nanos().max(1));
         ticks.clamp(1, u32::MAX as u128 / 4) as wheel::Tick
     }
 
-    fn timing(&self) -> conn::Timing {
+    pub(crate) fn timing(&self) -> conn::Timing {
         conn::Timing {
             handshake: self.ticks(self.handshake_timeout),
             admit: self.ticks(self.admit_timeout),
@@ -600,7 +621,13 @@ impl<M: Send + 'static> Engine<M> {
             .collect::<Result<Vec<_>, _>>()?
             .into();
         let stats: Arc<[ShardStats]> = (0..config.shards).map(|_| ShardStats::default()).collect();
-        let (listeners, local_addr) = listen::open_listeners(config.listen, config.shards)?;
+        let (listeners, local_addr) =
+            listen::open_listeners_waiting(config.listen, config.shards, config.listen_wait)?;
+        let sources = admission::Sources::new(
+            config.max_handshakes_per_source,
+            config.max_conns_per_source,
+        )
+        .map(Arc::new);
         let stop = Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
         let config = Arc::new(config);
@@ -620,6 +647,7 @@ impl<M: Send + 'static> Engine<M> {
                 mailboxes: mailboxes.clone(),
                 stats: stats.clone(),
                 stop: stop.clone(),
+                sources: sources.clone(),
                 epoch,
                 io,
             };

@@ -3,6 +3,7 @@
 //! what an error means are decided by the caller.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -45,16 +46,46 @@ pub fn close(fd: RawFd) {
 }
 
 /// Accepts one connection, non-blocking and close-on-exec.
-pub fn accept(listener: RawFd) -> io::Result<RawFd> {
-    // SAFETY: null address pointers are allowed; we do not need the peer.
-    check(unsafe {
+/// Accepts one connection: its fd and, where the kernel tells it, its
+/// peer's address.
+pub fn accept(listener: RawFd) -> io::Result<(RawFd, Option<SocketAddr>)> {
+    // SAFETY: zeroed sockaddr_storage is a valid (empty) address.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` are valid for writes for the call.
+    let fd = check(unsafe {
         libc::accept4(
             listener,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            (&raw mut storage).cast(),
+            &mut len,
             libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
         )
-    })
+    })?;
+    Ok((fd, socket_addr(storage, len)))
+}
+
+/// The socket address in `storage` (as an accept wrote it), with an
+/// IPv4-mapped IPv6 address unwrapped (`::ffff:10.0.0.7` is `10.0.0.7`).
+pub fn socket_addr(storage: libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    let len = len as usize;
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let v4: libc::sockaddr_in = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(v4.sin_port)))
+        }
+        libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let v6: libc::sockaddr_in6 = unsafe { std::ptr::read((&raw const storage).cast()) };
+            let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+            Some(SocketAddr::new(
+                ip.to_canonical(),
+                u16::from_be(v6.sin6_port),
+            ))
+        }
+        _ => None,
+    }
 }
 
 pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {

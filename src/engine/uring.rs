@@ -3,19 +3,20 @@
 //! operation's user_data. No policy: what a completion means is the
 //! shard's business (`shard/uring_loop.rs`).
 //!
-//! Sockets are direct descriptors (accepted with IORING_FILE_INDEX_ALLOC
-//! into a sparse table, used as `Fixed`, closed through the ring): they
+//! Sockets are direct descriptors (accepted, by a few one-shot accepts
+//! kept armed, with IORING_FILE_INDEX_ALLOC into a sparse table, used as `Fixed`, closed through the ring): they
 //! never appear in an fd table. Receives are multishot and take their
 //! buffer from the ring's buffer group only when data arrives, so an idle
 //! connection owns no buffer. Kernel >= 6.0 (multishot recv); `probe`
 //! says whether this one will do.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use io_uring::types::{BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
+use io_uring::types::{self, BufRingEntry, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue};
 
 /// The size of a provided receive buffer. The default count
@@ -36,7 +37,8 @@ const BUFFER_GROUP: u16 = 7;
 /// What a completion is for: the top 8 bits of its user_data.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Accept,
+    /// An accept: its index among the accepts kept armed.
+    Accept(u32),
     /// A connection's multishot receive: (slab key, generation low 24 bits).
     Recv(u32, u32),
     /// A send: its index in the send table.
@@ -53,7 +55,7 @@ pub enum Op {
 impl Op {
     pub fn encode(self) -> u64 {
         match self {
-            Op::Accept => 1 << 56,
+            Op::Accept(index) => 1 << 56 | index as u64,
             Op::Recv(key, generation) => {
                 2 << 56 | ((generation & 0xFF_FFFF) as u64) << 32 | key as u64
             }
@@ -68,7 +70,7 @@ impl Op {
     pub fn decode(user_data: u64) -> Option<Op> {
         let low = user_data as u32;
         Some(match user_data >> 56 {
-            1 => Op::Accept,
+            1 => Op::Accept(low),
             2 => Op::Recv(low, ((user_data >> 32) & 0xFF_FFFF) as u32),
             3 => Op::Send(low),
             4 => Op::Quiet,
@@ -303,6 +305,36 @@ pub struct Sending {
     pub offset: usize,
 }
 
+/// One-shot accepts a shard keeps armed: up to this many connections are
+/// taken per completion batch without re-arming in between.
+const ACCEPTS: usize = 16;
+
+#[derive(Copy, Clone, PartialEq, Eq, Default)]
+enum AcceptState {
+    #[default]
+    Free,
+    Armed,
+    /// Completed and reaped, not yet handled: its address is still unread.
+    Done,
+}
+
+struct Accepting {
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    state: AcceptState,
+}
+
+impl Default for Accepting {
+    fn default() -> Accepting {
+        Accepting {
+            // SAFETY: zeroed sockaddr_storage is a valid (empty) address.
+            addr: unsafe { std::mem::zeroed() },
+            len: 0,
+            state: AcceptState::Free,
+        }
+    }
+}
+
 /// One shard's ring.
 pub struct Uring {
     ring: IoUring,
@@ -314,8 +346,10 @@ pub struct Uring {
     deferred: Vec<Completion>,
     /// Bytes held by sends in flight (their buffers' capacity).
     in_flight: usize,
+    /// One-shot accepts kept armed, each with the buffer its peer's
+    /// address is written to (boxed: the kernel holds the pointers).
+    accepts: Box<[Accepting]>,
     // What is in the kernel: teardown waits until none is.
-    accept_armed: bool,
     armed_recvs: usize,
     closing: usize,
 }
@@ -339,7 +373,7 @@ impl Uring {
             recycled: false,
             deferred: Vec::new(),
             in_flight: 0,
-            accept_armed: false,
+            accepts: (0..ACCEPTS).map(|_| Accepting::default()).collect(),
             armed_recvs: 0,
             closing: 0,
         })
@@ -365,7 +399,8 @@ impl Uring {
     /// Copies completions out of the ring, keeping count of what is still
     /// in the kernel.
     fn reap(&mut self) {
-        let (mut recvs_ended, mut closes_done, mut accept_ended) = (0, 0, false);
+        let (mut recvs_ended, mut closes_done) = (0, 0);
+        let accepts = &mut self.accepts;
         let reaped = self.ring.completion().map(|c| {
             let done = Completion {
                 op: Op::decode(c.user_data()),
@@ -375,7 +410,8 @@ impl Uring {
             match done.op {
                 Some(Op::Recv(..)) if !done.more() => recvs_ended += 1,
                 Some(Op::Closed) => closes_done += 1,
-                Some(Op::Accept) if !done.more() => accept_ended = true,
+                // Out of the kernel; its address is read when handled.
+                Some(Op::Accept(i)) => accepts[i as usize].state = AcceptState::Done,
                 _ => {}
             }
             done
@@ -383,29 +419,58 @@ impl Uring {
         self.deferred.extend(reaped);
         self.armed_recvs -= recvs_ended;
         self.closing -= closes_done;
-        if accept_ended {
-            self.accept_armed = false;
+    }
+
+    /// Arms every accept not in the kernel on `listener`, each into a free
+    /// direct slot. One-shot accepts (not multishot) so that each tells its
+    /// peer's address, for the per-source limits, without a system call.
+    pub fn accept(&mut self, listener: RawFd) {
+        for index in 0..self.accepts.len() {
+            let accepting = &mut self.accepts[index];
+            if accepting.state != AcceptState::Free {
+                continue;
+            }
+            accepting.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            accepting.state = AcceptState::Armed;
+            let entry = opcode::Accept::new(
+                Fd(listener),
+                (&raw mut accepting.addr).cast(),
+                &raw mut accepting.len,
+            )
+            .file_index(Some(types::DestinationSlot::auto_target()))
+            .build();
+            // SAFETY (of the pointers): `accepts` is boxed and never
+            // resized, and this entry is not armed again until its
+            // completion was handled (`accepted`).
+            self.push(entry.user_data(Op::Accept(index as u32).encode()));
         }
     }
 
-    /// Arms a multishot accept on `listener` into free direct slots.
-    pub fn accept(&mut self, listener: RawFd) {
-        let entry = opcode::AcceptMulti::new(Fd(listener))
-            .allocate_file_index(true)
-            .build();
-        self.push(entry.user_data(Op::Accept.encode()));
-        self.accept_armed = true;
+    /// Accept `index` completed: the peer's address it wrote, if it took a
+    /// socket. Frees it to be armed again.
+    pub fn accepted(&mut self, index: u32, took_socket: bool) -> Option<SocketAddr> {
+        let accepting = self.accepts.get_mut(index as usize)?;
+        accepting.state = AcceptState::Free;
+        took_socket
+            .then(|| super::sys::socket_addr(accepting.addr, accepting.len))
+            .flatten()
     }
 
-    /// A multishot accept is in the kernel.
+    /// An accept is in the kernel.
     pub fn accept_armed(&self) -> bool {
-        self.accept_armed
+        self.accepts.iter().any(|a| a.state == AcceptState::Armed)
     }
 
-    /// Ends the multishot accept (its last completion says -ECANCELED).
+    /// Ends the accepts in the kernel (each completes with -ECANCELED, or
+    /// with the socket it took just before).
     pub fn cancel_accept(&mut self) {
-        let entry = opcode::AsyncCancel::new(Op::Accept.encode()).build();
-        self.push(entry.user_data(Op::Quiet.encode()));
+        for index in 0..self.accepts.len() {
+            if self.accepts[index].state == AcceptState::Armed {
+                let user_data = Op::Accept(index as u32).encode();
+                let entry = opcode::AsyncCancel::new(user_data).build();
+                self.push(entry.user_data(Op::Quiet.encode()));
+            }
+        }
     }
 
     pub fn recv(&mut self, slot: u32, key: u32, generation: u32) {
@@ -603,7 +668,7 @@ impl Uring {
     /// Nothing of ours is in the kernel any more: no receive armed, no
     /// send or close in flight, no accept.
     pub fn quiescent(&self) -> bool {
-        self.armed_recvs == 0 && self.closing == 0 && self.sends.is_empty() && !self.accept_armed
+        self.armed_recvs == 0 && self.closing == 0 && self.sends.is_empty() && !self.accept_armed()
     }
 
     /// Sends in flight.
@@ -630,7 +695,7 @@ mod tests {
     #[test]
     fn user_data_round_trips() {
         for op in [
-            Op::Accept,
+            Op::Accept(3),
             Op::Recv(7, 0xABCDEF),
             Op::Recv(u32::MAX, 1),
             Op::Send(42),

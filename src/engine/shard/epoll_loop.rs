@@ -139,13 +139,13 @@ impl<H: Handler> Shard<H, EpollIo> {
     fn epoll_accept(&mut self) {
         self.driver.accept_now = false;
         for _ in 0..ACCEPT_BUDGET {
-            if self.at_accept_bound() {
+            if self.should_pause_accepts() {
                 self.accept_paused = true;
                 return;
             }
             match io::accept_one(self.listener) {
-                io::Accepted::Socket(fd) => {
-                    let Some((key, generation)) = self.adopt(fd) else {
+                io::Accepted::Socket(fd, peer) => {
+                    let Some((key, generation)) = self.adopt(fd, peer) else {
                         sys::close(fd);
                         continue;
                     };

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::admission::{self, Refused, Sources};
 use super::conn::{Conn, Due, Event, Fed, Flow, Phase, Timing, Violation};
 use super::mailbox::Mailbox;
 use super::wheel::{Link, Links, Tick, Wheel};
@@ -54,6 +55,8 @@ pub(super) struct Setup<M: Send + 'static> {
     pub mailboxes: Arc<[Mailbox<M>]>,
     pub stats: Arc<[ShardStats]>,
     pub stop: Arc<AtomicBool>,
+    /// Per-source counts, shared by the shards (none without limits).
+    pub sources: Option<Arc<Sources>>,
     pub epoch: Instant,
     pub io: IoDriver,
 }
@@ -172,8 +175,14 @@ struct Shard<H: Handler, D: Driver> {
     budget: usize,
     /// Connections not admitted yet, oldest first (entries of connections
     /// admitted or gone since are skipped, and pruned), and their number.
-    unadmitted: VecDeque<(u32, u32)>,
+    unadmitted: VecDeque<(u32, u32, Tick)>,
     unadmitted_count: usize,
+    /// Per-source counts shared with the other shards, if limits are set.
+    sources: Option<Arc<Sources>>,
+    /// The peer of each connection in its handshake (and of every one when
+    /// connections per source are counted), from accept: its source's key
+    /// to release, and `Cx::peer_addr`'s answer without a system call.
+    peers: hashbrown::HashMap<u32, SocketAddr>,
     /// `make_room` is running (a cut's handler may write, and come back).
     making_room: bool,
     next_generation: u32,
@@ -210,6 +219,8 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             unadmitted: VecDeque::new(),
             unadmitted_count: 0,
             making_room: false,
+            sources: setup.sources.clone(),
+            peers: hashbrown::HashMap::new(),
             budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
             next_generation: 1,
             accept_paused: false,
@@ -335,21 +346,56 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let spread = first_ping_offset(key, conn.generation, interval);
         if conn.admit(self.now, spread) {
             self.unadmitted_count -= 1;
+            self.release_handshake(key);
+            self.maybe_resume_accepts();
             self.relink(key);
             metrics::inc(&self.stats().open_admitted);
         }
     }
 
-    /// Drops the oldest connection not admitted yet, if there is one: one
-    /// still upgrading silently, an upgraded one with 1013.
-    fn evict_oldest_unadmitted(&mut self) {
-        while let Some((key, generation)) = self.unadmitted.pop_front() {
+    /// `key` finished its handshake: its source counts one fewer, and
+    /// forgets its peer unless connections are counted.
+    fn release_handshake(&mut self, key: u32) {
+        let keep = self
+            .sources
+            .as_ref()
+            .is_some_and(|s| s.counts_connections());
+        let peer = if keep {
+            self.peers.get(&key).copied()
+        } else {
+            self.peers.remove(&key)
+        };
+        if let (Some(peer), Some(sources)) = (peer, &self.sources) {
+            sources.admitted(admission::source_key(peer));
+        }
+    }
+
+    /// The shard holds its most connections in their handshakes.
+    fn handshakes_full(&self) -> bool {
+        self.unadmitted_count >= self.config.max_unadmitted_per_shard
+    }
+
+    /// Drops the oldest connection not admitted yet, if it has had its
+    /// chance (accepted at least `unadmitted_grace` ago): one still
+    /// upgrading silently, an upgraded one with 1013. True if one went.
+    /// A young one is never evicted for a newer one: in a reconnect herd
+    /// that would evict every socket before it could register, so the
+    /// shard stops accepting instead (the listen backlog holds the rest).
+    fn evict_stale_unadmitted(&mut self) -> bool {
+        let grace = self.config.ticks(self.config.unadmitted_grace);
+        while let Some(&(key, generation, since)) = self.unadmitted.front() {
             let Some(conn) = self.conns.get(key as usize) else {
+                self.unadmitted.pop_front();
                 continue;
             };
             if conn.generation != generation || conn.was_admitted() || conn.is_over_cap() {
+                self.unadmitted.pop_front();
                 continue;
             }
+            if self.now < since + grace {
+                return false;
+            }
+            self.unadmitted.pop_front();
             metrics::inc(&self.stats().unadmitted_evicted);
             if conn.is_live() {
                 let mut frame = Vec::with_capacity(64);
@@ -358,7 +404,23 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 self.notify_closed(key, CloseCause::Evicted);
                 self.send_last(key, &frame);
             }
-            return self.drop_conn(key);
+            self.drop_conn(key);
+            return true;
+        }
+        false
+    }
+
+    /// Whether to take no new connections for now: at the connection bound,
+    /// or with the most in their handshakes and none stale enough to evict.
+    fn should_pause_accepts(&mut self) -> bool {
+        self.at_accept_bound() || (self.handshakes_full() && !self.evict_stale_unadmitted())
+    }
+
+    /// Accepting was paused and there is room again.
+    fn maybe_resume_accepts(&mut self) {
+        if self.accept_paused && !self.at_accept_bound() && !self.handshakes_full() {
+            self.accept_paused = false;
+            self.driver.resume_accept();
         }
     }
 
@@ -372,19 +434,33 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         }
     }
 
-    /// Takes an accepted socket (an fd, or a direct-descriptor slot). `None`
-    /// past the accept bound (the caller closes it).
-    fn adopt(&mut self, handle: RawFd) -> Option<(u32, u32)> {
+    /// Takes an accepted socket (an fd, or a direct-descriptor slot) from
+    /// `peer` (if the accept told it). `None` past the accept bound or past
+    /// the peer's source limits (the caller closes it).
+    fn adopt(&mut self, handle: RawFd, peer: Option<SocketAddr>) -> Option<(u32, u32)> {
         if self.at_accept_bound() {
             self.accept_paused = true;
             return None;
         }
-        // Room for it: the oldest socket still upgrading or registering
-        // goes first, before anyone is told the shard is full.
-        if self.unadmitted_count >= self.config.max_unadmitted_per_shard
-            || self.conns.len() >= self.config.max_conns_per_shard
-        {
-            self.evict_oldest_unadmitted();
+        if let (Some(sources), Some(peer)) = (&self.sources, peer) {
+            match sources.open(admission::source_key(peer)) {
+                Ok(()) => {}
+                Err(Refused::Handshakes) => {
+                    metrics::inc(&self.stats().refused_source_handshakes);
+                    return None;
+                }
+                Err(Refused::Connections) => {
+                    metrics::inc(&self.stats().refused_source_conns);
+                    return None;
+                }
+            }
+        }
+        // At the connection bound the oldest socket still upgrading or
+        // registering goes first, if it has had its chance, before anyone
+        // is told the shard is full. (Past the handshake bound, accepting
+        // pauses: see `should_pause_accepts`.)
+        if self.conns.len() >= self.config.max_conns_per_shard {
+            self.evict_stale_unadmitted();
         }
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
@@ -394,13 +470,16 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             conn.mark_over_cap();
         }
         let key = self.conns.insert(conn) as u32;
+        if let Some(peer) = peer {
+            self.peers.insert(key, peer);
+        }
         self.relink(key);
         if !over_cap {
-            self.unadmitted.push_back((key, generation));
+            self.unadmitted.push_back((key, generation, self.now));
             self.unadmitted_count += 1;
             if self.unadmitted.len() > 2 * self.unadmitted_count + 64 {
                 let conns = &self.conns;
-                self.unadmitted.retain(|&(k, g)| {
+                self.unadmitted.retain(|&(k, g, _)| {
                     conns
                         .get(k as usize)
                         .is_some_and(|c| c.generation == g && !c.was_admitted())
@@ -450,6 +529,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             epoch,
             all_stats,
             driver,
+            peers,
             ..
         } = self;
         let stats = &all_stats[id.0 as usize];
@@ -465,7 +545,8 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let mut admitted = false;
         out.clear();
         let fed = conn.feed(*now, data, &config.limits, timing, out, |event, out| {
-            let mut ask = || driver.peer_addr(handle);
+            // The accept told the peer of a socket in its handshake.
+            let mut ask = || (peers.get(&key).copied()).or_else(|| driver.peer_addr(handle));
             let mut cx = Cx {
                 shard: *id,
                 now: *clock,
@@ -817,16 +898,18 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if !conn.was_admitted() && !conn.is_over_cap() {
             self.unadmitted_count -= 1;
         }
+        if let Some(peer) = self.peers.remove(&key)
+            && let Some(sources) = &self.sources
+        {
+            sources.closed(admission::source_key(peer), !conn.was_admitted());
+        }
         self.driver.close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];
         metrics::dec(&stats.open_connections);
         if conn.was_admitted() {
             metrics::dec(&stats.open_admitted);
         }
-        if self.accept_paused && !self.at_accept_bound() {
-            self.accept_paused = false;
-            self.driver.resume_accept();
-        }
+        self.maybe_resume_accepts();
     }
 
     // -- time ----------------------------------------------------------------
@@ -837,6 +920,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             return;
         }
         self.now = now;
+        // Paused on handshakes: the stale ones make room, so sockets that
+        // never register cannot keep a shard from accepting.
+        while self.accept_paused && self.handshakes_full() && self.evict_stale_unadmitted() {}
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(&mut self.conns, now, &mut expired);
         for &key in &expired {
@@ -854,10 +940,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         set(&stats.held_in_bytes, self.held_in);
         set(&stats.held_out_bytes, self.held_out);
         set(&stats.in_flight_bytes, self.driver.in_flight());
-        if self.accept_paused && !self.at_accept_bound() {
-            self.accept_paused = false;
-            self.driver.resume_accept();
-        }
+        self.maybe_resume_accepts();
         #[cfg(debug_assertions)]
         self.check_invariants();
     }

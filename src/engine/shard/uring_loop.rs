@@ -1,5 +1,5 @@
-//! A shard's io_uring loop: completions. Multishot accept straight into
-//! direct descriptors, multishot receive from a ring of provided buffers
+//! A shard's io_uring loop: completions. One-shot accepts kept armed,
+//! straight into direct descriptors and each telling its peer's address, multishot receive from a ring of provided buffers
 //! (an idle connection owns no read buffer), one send in flight per
 //! connection (so its bytes stay in order), and the next tick as the
 //! submit-and-wait timeout.
@@ -177,12 +177,11 @@ impl<H: Handler> Shard<H, UringIo> {
                     self.driver.ring.recv(slot, key, generation);
                 }
             }
-            if self.accept_paused && !self.at_accept_bound() {
-                self.accept_paused = false;
-            }
+            self.maybe_resume_accepts();
             let (now, paused, listener) = (self.now, self.accept_paused, self.listener);
             let u = &mut self.driver;
-            if !u.ring.accept_armed() && !paused && now >= u.accept_retry {
+            if !paused && now >= u.accept_retry {
+                // Arms those that completed (a no-op when all are armed).
                 u.ring.accept(listener);
             }
             self.tick();
@@ -208,7 +207,7 @@ impl<H: Handler> Shard<H, UringIo> {
 
     fn completed(&mut self, c: Completion) {
         match c.op {
-            Some(Op::Accept) => self.accept_done(&c),
+            Some(Op::Accept(index)) => self.accept_done(&c, index),
             Some(Op::Recv(key, generation24)) => self.recv_done(&c, key, generation24),
             Some(Op::Send(index)) => self.send_done(&c, index),
             Some(Op::Mailbox) => {
@@ -224,12 +223,14 @@ impl<H: Handler> Shard<H, UringIo> {
         }
     }
 
-    /// The multishot accept produced a socket (a direct descriptor) or an
-    /// error.
-    fn accept_done(&mut self, c: &Completion) {
+    /// Accept `index` produced a socket (a direct descriptor, and its
+    /// peer's address) or an error. It is armed again at once, unless the
+    /// shard is at its bound.
+    fn accept_done(&mut self, c: &Completion, index: u32) {
+        let peer = self.driver.ring.accepted(index, c.result >= 0);
         if c.result >= 0 {
             let slot = c.result as u32;
-            match self.adopt(slot as RawFd) {
+            match self.adopt(slot as RawFd, peer) {
                 Some((key, generation)) => {
                     let ring = &mut self.driver.ring;
                     ring.nodelay(slot);
@@ -237,11 +238,13 @@ impl<H: Handler> Shard<H, UringIo> {
                 }
                 None => self.driver.ring.close(slot),
             }
-            if self.at_accept_bound() && self.driver.ring.accept_armed() {
+            if self.should_pause_accepts() {
                 // Stop taking connections: the backlog keeps them
-                // until room frees (the multishot ends on cancel).
+                // until room frees.
                 self.accept_paused = true;
                 self.driver.ring.cancel_accept();
+            } else if !self.accept_paused && self.now >= self.driver.accept_retry {
+                self.driver.ring.accept(self.listener);
             }
         } else if c.result != -libc::ECANCELED {
             // ENFILE (no free slot: closes still in flight), EMFILE,
