@@ -7,6 +7,7 @@
 //! older single-figure ones (`memory`, `admin`, `capacity`) print and
 //! optionally write JSON.
 
+mod abuse;
 mod admin;
 mod capacity;
 mod common;
@@ -54,6 +55,8 @@ enum Scenario {
     Admin(admin::AdminArgs),
     /// N services ramped and held: memory, registration rate, ping cost, false downs.
     Capacity(capacity::CapacityArgs),
+    /// Issue 10's attacks, one after another: controller RSS before, at peak and after, cuts, bystanders served.
+    Abuse(abuse::AbuseArgs),
 }
 
 fn write_json<T: serde::Serialize>(
@@ -84,6 +87,12 @@ fn main() -> anyhow::Result<()> {
             let json = args.json.clone();
             let report = capacity::run(args)?;
             capacity::print(&report);
+            return write_json(json, &report);
+        }
+        Scenario::Abuse(args) => {
+            let json = args.json.clone();
+            let report = abuse::run(args)?;
+            abuse::print(&report);
             return write_json(json, &report);
         }
         Scenario::Admin(args) => {

@@ -46,6 +46,11 @@ use crate::metrics::{self, BadInput, ShardStats};
 use epoll_loop::EpollIo;
 use uring_loop::UringIo;
 
+/// A dropped connection that held this much makes the shard hand freed
+/// memory back to the OS at its next tick (after an attack's cuts, RSS
+/// falls back instead of staying at its peak).
+const COLLECT_AFTER: usize = 1 << 20;
+
 pub(super) struct Setup<M: Send + 'static> {
     pub id: ShardId,
     pub listener: RawFd,
@@ -183,6 +188,9 @@ struct Shard<H: Handler, D: Driver> {
     /// connections per source are counted), from accept: its source's key
     /// to release, and `Cx::peer_addr`'s answer without a system call.
     peers: hashbrown::HashMap<u32, SocketAddr>,
+    /// A connection that held much was dropped: give freed memory back to
+    /// the OS at the next tick.
+    collect_freed: bool,
     /// `make_room` is running (a cut's handler may write, and come back).
     making_room: bool,
     next_generation: u32,
@@ -219,6 +227,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             unadmitted: VecDeque::new(),
             unadmitted_count: 0,
             making_room: false,
+            collect_freed: false,
             sources: setup.sources.clone(),
             peers: hashbrown::HashMap::new(),
             budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
@@ -895,6 +904,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let (held_in, held_out) = conn.buffered();
         self.held_in -= held_in;
         self.held_out -= held_out;
+        if held_in + held_out >= COLLECT_AFTER {
+            self.collect_freed = true;
+        }
         if !conn.was_admitted() && !conn.is_over_cap() {
             self.unadmitted_count -= 1;
         }
@@ -941,6 +953,10 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         set(&stats.held_out_bytes, self.held_out);
         set(&stats.in_flight_bytes, self.driver.in_flight());
         self.maybe_resume_accepts();
+        if std::mem::take(&mut self.collect_freed) {
+            // SAFETY: mi_collect only walks this thread's heap.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
         #[cfg(debug_assertions)]
         self.check_invariants();
     }
