@@ -282,6 +282,8 @@ impl Drop for Uring {
             for (_, s) in std::mem::take(&mut self.sends) {
                 std::mem::forget(s.buf);
             }
+            // An accept still armed may write its peer's address.
+            std::mem::forget(std::mem::take(&mut self.accepts));
         }
     }
 }

@@ -50,6 +50,7 @@ use uring_loop::UringIo;
 /// memory back to the OS at its next tick (after an attack's cuts, RSS
 /// falls back instead of staying at its peak).
 const COLLECT_AFTER: usize = 1 << 20;
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Setup<M: Send + 'static> {
     pub id: ShardId,
@@ -191,6 +192,7 @@ struct Shard<H: Handler, D: Driver> {
     /// A connection that held much was dropped: give freed memory back to
     /// the OS at the next tick.
     collect_freed: bool,
+    collected_at: Tick,
     /// `make_room` is running (a cut's handler may write, and come back).
     making_room: bool,
     next_generation: u32,
@@ -228,6 +230,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             unadmitted_count: 0,
             making_room: false,
             collect_freed: false,
+            collected_at: 0,
             sources: setup.sources.clone(),
             peers: hashbrown::HashMap::new(),
             budget: (setup.config.buffer_budget / setup.config.shards.max(1)).max(1),
@@ -953,7 +956,11 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         set(&stats.held_out_bytes, self.held_out);
         set(&stats.in_flight_bytes, self.driver.in_flight());
         self.maybe_resume_accepts();
-        if std::mem::take(&mut self.collect_freed) {
+        // At most once a second: a peer that gets itself cut over and
+        // over must not make the shard collect on every tick.
+        if self.collect_freed && self.now >= self.collected_at + self.config.ticks(COLLECT_EVERY) {
+            self.collect_freed = false;
+            self.collected_at = self.now;
             // SAFETY: mi_collect only walks this thread's heap.
             unsafe { libmimalloc_sys::mi_collect(true) };
         }

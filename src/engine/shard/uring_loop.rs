@@ -248,10 +248,13 @@ impl<H: Handler> Shard<H, UringIo> {
             }
         } else if c.result != -libc::ECANCELED {
             // ENFILE (no free slot: closes still in flight), EMFILE,
-            // ENOBUFS: the backlog keeps the connections; accept
-            // again at the next tick, not at once.
+            // ENOBUFS. The kernel may have taken the connection before it
+            // found no slot, so the other accepts armed are cancelled
+            // rather than each lose one the same way; accept again at the
+            // next tick, not at once.
             let next = self.now + 1;
             self.driver.accept_retry = next;
+            self.driver.ring.cancel_accept();
             self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
         }
     }
