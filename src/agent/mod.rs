@@ -111,6 +111,28 @@ impl Backoff {
     }
 }
 
+/// The wait a controller asks for in a close reason or an error message
+/// ("… retry after 30s", as tether's 1013 and -32003 for an identity
+/// conflict say), at most 10 minutes.
+pub fn retry_hint(reason: &str) -> Option<Duration> {
+    let reason = reason.to_ascii_lowercase();
+    let at = reason.find("retry after ")? + "retry after ".len();
+    let rest = &reason[at..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let n: u64 = rest[..digits].parse().ok()?;
+    let unit = rest[digits..].trim_start();
+    let secs = if unit.starts_with("ms") {
+        return Some(Duration::from_millis(n).min(Duration::from_secs(600)));
+    } else if unit.starts_with('s') {
+        n
+    } else if unit.starts_with('m') {
+        n.saturating_mul(60)
+    } else {
+        return None;
+    };
+    Some(Duration::from_secs(secs.min(600)))
+}
+
 /// A controller WebSocket URL, `ws://HOST:PORT/PATH`.
 #[derive(Clone, Debug)]
 pub struct ControllerUrl {
@@ -184,6 +206,29 @@ pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_close_reason_s_retry_hint_is_read() {
+        assert_eq!(
+            retry_hint("identity conflict; retry after 30s"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(retry_hint("retry after 2m"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_hint("retry after 250ms"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            retry_hint("retry after 99999s"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            retry_hint("… second process registering the same identity? Retry after 30 s"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(retry_hint("try again later"), None);
+        assert_eq!(retry_hint("retry after soon"), None);
+    }
 
     #[test]
     fn backoff_is_bounded_and_jittered() {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::session::{Phase, Session, SessionEvent};
-use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
+use super::{Backoff, ControllerUrl, ServiceSpec, Tools, retry_hint};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use crate::engine::mailbox::Mailbox;
 use crate::engine::wheel::{Link, Links, Tick, Wheel};
@@ -604,13 +604,19 @@ impl<O: Observer> Worker<O> {
             SessionEvent::Refused { code, message } => {
                 inc(&self.stats.refused);
                 tracing::debug!(code, "registration refused: {message}");
-                self.fail(slot);
+                // Rate limited with a wait named (an identity conflict):
+                // no sooner than that.
+                let hint = retry_hint(&message).filter(|_| code == -32003);
+                self.fail_after(slot, hint);
             }
-            SessionEvent::Closed { code, .. } => {
+            SessionEvent::Closed { code, reason } => {
                 if code.is_some() {
                     inc(&self.stats.closed_by_controller);
                 }
-                self.fail(slot);
+                // A controller that asks for a wait (1013 "… retry after
+                // 30s") gets at least that.
+                let hint = retry_hint(&reason).filter(|_| code == Some(1013));
+                self.fail_after(slot, hint);
             }
             SessionEvent::Reply { id, outcome } => {
                 if let Some((probe_id, sent)) = self.slots[slot].probing
@@ -758,18 +764,37 @@ impl<O: Observer> Worker<O> {
 
     /// The connection failed or ended: reconnect after the backoff.
     fn fail(&mut self, slot: usize) {
+        self.fail_after(slot, None);
+    }
+
+    /// The same, no sooner than a wait the controller asked for, plus up
+    /// to a quarter of it (so those it told at once do not come back at
+    /// once).
+    fn fail_after(&mut self, slot: usize, hint: Option<Duration>) {
         self.disconnect(slot);
         if !self.slots[slot].deregistered {
-            self.schedule_reconnect(slot);
+            let at_least = hint.map_or(Duration::ZERO, |h| h + h.mul_f64(fastrand::f64() / 4.0));
+            self.schedule_reconnect_after(slot, at_least);
         }
     }
 
     /// Schedules one reconnect (a second request while one is pending is
     /// ignored, so a failure reported twice backs off once).
     fn schedule_reconnect(&mut self, slot: usize) {
+        self.schedule_reconnect_after(slot, Duration::ZERO);
+    }
+
+    /// The same, no sooner than `at_least` from now (a wait the controller
+    /// asked for); a pending reconnect is pushed back to it if earlier.
+    fn schedule_reconnect_after(&mut self, slot: usize, at_least: Duration) {
         let now = Instant::now();
+        let earliest = self.tick_of(now + at_least);
         let s = &self.slots[slot];
         if s.timers.reconnect != 0 {
+            if !at_least.is_zero() && s.timers.reconnect < earliest {
+                self.slots[slot].timers.reconnect = earliest;
+                self.relink(slot);
+            }
             return;
         }
         let s = &mut self.slots[slot];
@@ -779,7 +804,7 @@ impl<O: Observer> Worker<O> {
         let delay = self.config.backoff.delay(s.attempts);
         s.attempts = s.attempts.saturating_add(1);
         s.state = State::Waiting;
-        self.slots[slot].timers.reconnect = self.tick_of(now + delay);
+        self.slots[slot].timers.reconnect = self.tick_of(now + delay).max(earliest);
         self.relink(slot);
     }
 }
@@ -886,6 +911,44 @@ mod tests {
         thread.join().unwrap();
         // ~15 at 100 ms; far fewer means no timer, far more a storm.
         assert!((3..=30).contains(&pings), "{pings} client pings in 1.5 s");
+    }
+
+    /// A 1013 whose reason names a wait ("retry after 1s", as the
+    /// controller's identity-conflict refusal says) holds the reconnect
+    /// back at least that long, though the backoff alone would retry at
+    /// once (50 ms here).
+    #[test]
+    fn a_retry_hint_in_a_1013_holds_the_reconnect_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (thread, stats, stop) = start(listener.local_addr().unwrap(), |_| {});
+        let (socket, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(socket).expect("the agent's upgrade");
+        // Its register, then the refusal's close.
+        let _ = ws.read().expect("a register");
+        ws.close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::from(1013),
+            reason: "identity conflict; retry after 1s".into(),
+        }))
+        .unwrap();
+        let closed = Instant::now();
+        let _ = ws.flush();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = closed + Duration::from_secs(10);
+        let again = loop {
+            match listener.accept() {
+                Ok(_) => break Some(closed.elapsed()),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+        let again = again.expect("it reconnects after the wait");
+        assert!(
+            again >= Duration::from_secs(1),
+            "reconnected after {again:?}"
+        );
+        assert_eq!(stats.closed_by_controller.load(Relaxed), 1);
     }
 
     /// Records the size of every notification a session hears.
