@@ -11,9 +11,9 @@
 //! (handshake, admit, ping, pong, linger) and calls `on_tick`. It reaches
 //! sockets only through a `Driver`. Two event loops drive it, each in a
 //! file of its own: `epoll_loop` (readiness: accept and recv there, into
-//! one scratch buffer) and `uring_loop` (completions: multishot accept
-//! into direct descriptors, multishot recv from provided buffers, sends in
-//! flight one per connection).
+//! one scratch buffer) and `uring_loop` (completions: one-shot accepts
+//! kept armed into direct descriptors, each telling its peer; multishot
+//! recv from provided buffers; sends in flight one per connection).
 //!
 //! Where a TLS layer goes: between a driver's bytes and `deliver` on the
 //! way in, and between `write` and `Driver::transmit` on the way out; the
