@@ -127,6 +127,23 @@ fn upgrade(s: &mut TcpStream, path: &str) -> std::io::Result<()> {
     }
 }
 
+/// Attacker `i`'s socket, upgraded on `path`: from 127.0.<group>.(2 + i
+/// mod `sources`), with a receive buffer of `rcvbuf` bytes when given.
+/// None if the controller refused it.
+fn attacker(
+    ctx: &Ctx,
+    group: u8,
+    sources: usize,
+    i: usize,
+    rcvbuf: Option<usize>,
+    path: &str,
+) -> Option<TcpStream> {
+    let source = IpAddr::from([127, 0, group, 2 + (i % sources) as u8]);
+    let mut s = tcp(ctx.addr, Some(source), rcvbuf).ok()?;
+    upgrade(&mut s, path).ok()?;
+    Some(s)
+}
+
 fn frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     ws::encode_fragment(&mut out, opcode, fin, payload, Some([7, 1, 3, 9]));
@@ -272,16 +289,9 @@ fn slow_lookups(ctx: &Ctx, until: Instant) -> (usize, String) {
         for i in 0..n {
             let closed = &closed;
             scope.spawn(move || {
-                let Ok(mut s) = tcp(
-                    ctx.addr,
-                    Some(IpAddr::from([127, 0, 10, 2 + (i % 4) as u8])),
-                    Some(4096),
-                ) else {
+                let Some(mut s) = attacker(ctx, 10, 4, i, Some(4096), "/ws/discovery") else {
                     return;
                 };
-                if upgrade(&mut s, "/ws/discovery").is_err() {
-                    return;
-                }
                 let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
                 let mut id = 0;
                 while Instant::now() < until {
@@ -325,16 +335,9 @@ fn unregistered_partial(ctx: &Ctx, until: Instant) -> (usize, String) {
     let n = 150;
     let mut held = Vec::new();
     for i in 0..n {
-        let Ok(mut s) = tcp(
-            ctx.addr,
-            Some(IpAddr::from([127, 0, 11, 2 + (i % 8) as u8])),
-            None,
-        ) else {
+        let Some(mut s) = attacker(ctx, 11, 8, i, None, "/ws/microservice") else {
             continue;
         };
-        if upgrade(&mut s, "/ws/microservice").is_err() {
-            continue;
-        }
         // A text frame header announcing 2 MiB, then 60 KiB of it.
         let mut head = vec![0x81, 0x80 | 127];
         head.extend_from_slice(&(2u64 << 20).to_be_bytes());
@@ -358,16 +361,9 @@ fn fragment_hold(ctx: &Ctx, until: Instant) -> (usize, String) {
     let n = 100;
     let mut held = Vec::new();
     for i in 0..n {
-        let Ok(mut s) = tcp(
-            ctx.addr,
-            Some(IpAddr::from([127, 0, 12, 2 + (i % 8) as u8])),
-            None,
-        ) else {
+        let Some(mut s) = attacker(ctx, 12, 8, i, None, "/ws/discovery") else {
             continue;
         };
-        if upgrade(&mut s, "/ws/discovery").is_err() {
-            continue;
-        }
         let _ = s.write_all(&frame(OpCode::Text, false, &vec![b'{'; 32 << 10]));
         held.push(s);
     }
@@ -390,16 +386,9 @@ fn subscription_flood(ctx: &Ctx, until: Instant) -> (usize, String) {
     let n = 400;
     let mut subscribers = Vec::new();
     for i in 0..n {
-        let Ok(mut s) = tcp(
-            ctx.addr,
-            Some(IpAddr::from([127, 0, 13, 2 + (i % 8) as u8])),
-            None,
-        ) else {
+        let Some(mut s) = attacker(ctx, 13, 8, i, None, "/ws/discovery") else {
             continue;
         };
-        if upgrade(&mut s, "/ws/discovery").is_err() {
-            continue;
-        }
         for k in 0..64 {
             let sub = json!({"jsonrpc": "2.0", "id": k, "method": "discovery/subscribe",
                              "params": {"serviceId": "hot", "envTag": format!("e{k}")}});
@@ -423,12 +412,10 @@ fn subscription_flood(ctx: &Ctx, until: Instant) -> (usize, String) {
         }
         let updates = &updates;
         scope.spawn(move || {
-            let Ok(mut s) = tcp(ctx.addr, Some(IpAddr::from([127, 0, 13, 20])), None) else {
+            // From 127.0.13.20, beside the subscribers.
+            let Some(mut s) = attacker(ctx, 13, 19, 18, None, "/ws/microservice") else {
                 return;
             };
-            if upgrade(&mut s, "/ws/microservice").is_err() {
-                return;
-            }
             let reg = json!({"jsonrpc": "2.0", "id": 0, "method": "service/register", "params": {
                 "serviceId": "hot", "version": "1", "protocol": "https", "address": "10.98.0.1",
                 "port": 1, "envTag": "e0"}});
@@ -470,12 +457,10 @@ fn half_open(ctx: &Ctx, until: Instant) -> (usize, String) {
     }
     let mut registered = 0;
     for i in 0..20 {
-        let Ok(mut s) = tcp(ctx.addr, Some(IpAddr::from([127, 0, 14, 3])), None) else {
+        // From 127.0.14.3: not the half-open sockets' address.
+        let Some(mut s) = attacker(ctx, 14, 2, 1, None, "/ws/microservice") else {
             continue;
         };
-        if upgrade(&mut s, "/ws/microservice").is_err() {
-            continue;
-        }
         let reg = json!({"jsonrpc": "2.0", "id": 1, "method": "service/register", "params": {
             "serviceId": "late", "version": "1", "protocol": "https",
             "address": format!("10.97.0.{i}"), "port": 1}});

@@ -116,7 +116,8 @@ impl Sources {
         }
     }
 
-    /// Sources counted now (tests, and the debug invariants).
+    /// Sources counted now.
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.stripes
             .iter()
