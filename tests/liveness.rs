@@ -108,6 +108,57 @@ fn any_frame_counts_as_life() {
 }
 
 #[test]
+fn crafted_pongs_do_not_skew_the_round_trip_times() {
+    let ctl = fast_pings(1);
+    let (mut c, _) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);
+    let rtt = |ctl: &tether::controller::Controller| {
+        (
+            metrics::total(ctl.stats(), |s| &s.rtt_count),
+            metrics::total(ctl.stats(), |s| &s.rtt_sum_us),
+        )
+    };
+    // Unsolicited pongs: our old 8-byte stamp form at a time near the
+    // shard's clock and at 0, a 16-byte one with a made-up tag, empty.
+    let near = 1_000_000u64.to_be_bytes();
+    for payload in [&near[..], &[0u8; 8][..], &[7u8; 16][..], &[][..]] {
+        for _ in 0..50 {
+            c.send_frame(OpCode::Pong, payload);
+        }
+    }
+    // Then the real ping, answered.
+    let until = Instant::now() + INTERVAL * 3;
+    let mut echoed = None;
+    while echoed.is_none() && Instant::now() < until {
+        if let Some(common::Frame::Ping(p)) = c.next_frame(Duration::from_millis(50)) {
+            c.send_frame(OpCode::Pong, &p);
+            echoed = Some(p);
+        }
+    }
+    let echoed = echoed.expect("a ping within three intervals");
+    eventually("the echo is timed", || rtt(&ctl).0 == 1);
+    // The same echo replayed once it is older than the pong timeout.
+    std::thread::sleep(PONG_TIMEOUT + TICK * 3);
+    c.send_frame(OpCode::Pong, &echoed);
+    // A frame that is answered proves the replay was read before it.
+    c.send_frame(OpCode::Ping, b"after");
+    loop {
+        match c.next_frame(WAIT) {
+            Some(common::Frame::Pong(p)) if p == b"after" => break,
+            // Later pings stay unanswered: their echoes would be timed.
+            Some(_) => {}
+            None => panic!("no pong for our ping"),
+        }
+    }
+    let (count, sum_us) = rtt(&ctl);
+    assert_eq!(count, 1, "only the real echo is timed");
+    assert!(
+        sum_us < 500_000,
+        "a loopback round trip, not a crafted one: {sum_us} µs"
+    );
+    assert!(metrics::total(ctl.stats(), |s| &s.pongs_received) >= 202);
+}
+
+#[test]
 fn pings_from_services_are_answered_at_once() {
     let ctl = fast_pings(1);
     let (mut c, _) = registered(ctl.local_addr(), "user", "10.0.0.1", 1);

@@ -93,6 +93,9 @@ pub struct ShardHandler {
     /// Services named by verified upgrade bearer tokens, until register
     /// (by connection key, with its generation). Empty when auth is off.
     bearer: HashMap<u32, (u32, Box<str>)>,
+    /// The instance each connection deregistered, while its close is on
+    /// the way (a repeat is answered only for that very id).
+    deregistered: HashMap<u32, (u32, Uuid)>,
     commands: Commands,
     /// The answer to a path that is neither endpoint (it names them).
     wrong_path: &'static str,
@@ -119,6 +122,7 @@ impl ShardHandler {
             touched: Vec::new(),
             supersede_retry: Vec::new(),
             bearer: HashMap::new(),
+            deregistered: HashMap::new(),
             commands: Commands::default(),
             wrong_path,
         }
@@ -310,7 +314,7 @@ impl ShardHandler {
         }
         if state.endpoint == Endpoint::Microservice && !state.registered {
             // A connection that deregistered may still repeat its deregister.
-            let repeat = method == Method::Deregister && state.slot != NO_SLOT;
+            let repeat = method == Method::Deregister && self.deregistered.contains_key(&conn.key);
             if method != Method::Register && !repeat {
                 return Err(RpcError::not_registered(NOT_REGISTERED));
             }
@@ -485,7 +489,7 @@ impl ShardHandler {
                 .deregister(&instance, owner_of(conn), reason, cx.wall_ms())
         } else {
             // Idempotent: this connection already deregistered this one.
-            slot_of(&instance) == state.slot
+            self.deregistered.get(&conn.key) == Some(&(conn.generation, instance))
         };
         if !done {
             return Err(RpcError::invalid_params(format!(
@@ -495,6 +499,8 @@ impl ShardHandler {
         if let Some(s) = self.state(conn) {
             s.registered = false;
         }
+        self.deregistered
+            .insert(conn.key, (conn.generation, instance));
         let result = serde_json::json!({"runtimeInstanceId": instance, "status": "deregistered"});
         self.reply_result(cx, conn, id, &result);
         // The ack goes out first, then the close (light-fabric's graceful
@@ -741,6 +747,9 @@ impl Handler for ShardHandler {
     fn on_closed(&mut self, cx: &mut Cx<'_>, conn: ConnRef, cause: CloseCause) {
         if !self.bearer.is_empty() {
             self.bearer.remove(&conn.key);
+        }
+        if !self.deregistered.is_empty() {
+            self.deregistered.remove(&conn.key);
         }
         let Some(state) = self.state(conn).copied() else {
             return;

@@ -359,6 +359,17 @@ fn deregister_is_idempotent_and_guarded_by_the_connection() {
     // "not registered".
     let (answer, _) = h.call(conn, "service/deregister", params);
     assert_eq!(answer["result"]["status"], "deregistered", "{answer}");
+    // Only for that very id: another one that shares its slot bytes (the
+    // last four) is not this connection's.
+    let mut lookalike = *id.as_bytes();
+    lookalike[0] ^= 0xff;
+    let lookalike = uuid::Uuid::from_bytes(lookalike);
+    let (answer, _) = h.call(
+        conn,
+        "service/deregister",
+        json!({"runtimeInstanceId": lookalike, "reason": "terminate"}),
+    );
+    assert_eq!(error_code(&answer), -32602, "{answer}");
     let (answer, _) = h.call(conn, "discovery/lookup", json!({"serviceId": "billing"}));
     assert_eq!(error_code(&answer), -32001);
 }

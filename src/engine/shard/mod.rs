@@ -133,15 +133,56 @@ pub(super) fn first_ping_offset(key: u32, generation: u32, interval: Tick) -> Ti
     (h >> 7) % interval.max(1) + 1
 }
 
-/// Our pings carry the shard clock's nanoseconds at sending; a pong that
-/// echoes them (any other payload is the peer's own) times the round trip.
-fn record_rtt(stats: &ShardStats, payload: &[u8], now: Duration) {
-    let Ok(sent) = <[u8; 8]>::try_from(payload) else {
-        return;
-    };
-    let rtt = (now.as_nanos() as u64).checked_sub(u64::from_be_bytes(sent));
-    if let Some(ns) = rtt.filter(|ns| *ns < 3_600_000_000_000) {
-        stats.rtt(ns / 1000);
+/// What a ping carries, so that only its own echo times a round trip: the
+/// shard clock's nanoseconds at sending, and a tag keyed by a secret of the
+/// shard over those nanoseconds and the connection. A pong with any other
+/// payload (the peer's own pings' answers, or one crafted to skew the RTT
+/// histogram) is counted but not timed; one older than the pong timeout
+/// (a replay of an earlier echo) neither.
+pub(super) struct PingStamp {
+    secret: std::hash::RandomState,
+}
+
+/// Bytes of a ping's payload: nanoseconds, then the tag.
+pub(super) const PING_PAYLOAD: usize = 16;
+
+impl PingStamp {
+    pub(super) fn new() -> PingStamp {
+        PingStamp {
+            secret: std::hash::RandomState::new(),
+        }
+    }
+
+    fn tag(&self, sent_ns: u64, key: u32, generation: u32) -> u64 {
+        use std::hash::BuildHasher;
+        self.secret.hash_one((sent_ns, key, generation))
+    }
+
+    pub(super) fn payload(&self, sent_ns: u64, key: u32, generation: u32) -> [u8; PING_PAYLOAD] {
+        let mut p = [0u8; PING_PAYLOAD];
+        p[..8].copy_from_slice(&sent_ns.to_be_bytes());
+        p[8..].copy_from_slice(&self.tag(sent_ns, key, generation).to_be_bytes());
+        p
+    }
+
+    /// The round trip a pong's payload times, if it is the echo of a ping
+    /// this shard sent to this connection within `max`.
+    pub(super) fn round_trip(
+        &self,
+        payload: &[u8],
+        key: u32,
+        generation: u32,
+        now: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        let p = <[u8; PING_PAYLOAD]>::try_from(payload).ok()?;
+        let sent_ns = u64::from_be_bytes(p[..8].try_into().expect("8 bytes"));
+        let tag = u64::from_be_bytes(p[8..].try_into().expect("8 bytes"));
+        if tag != self.tag(sent_ns, key, generation) {
+            return None;
+        }
+        let rtt = Duration::from_nanos((now.as_nanos() as u64).checked_sub(sent_ns)?);
+        (rtt <= max).then_some(rtt)
     }
 }
 
@@ -199,6 +240,7 @@ struct Shard<H: Handler, D: Driver> {
     /// At the connection bound or out of fds: accept again when room frees.
     accept_paused: bool,
     last_accept_warning: Option<Instant>,
+    stamp: PingStamp,
 }
 
 impl<H: Handler, D: Driver> Shard<H, D> {
@@ -237,6 +279,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             next_generation: 1,
             accept_paused: false,
             last_accept_warning: None,
+            stamp: PingStamp::new(),
             config: setup.config,
         }
     }
@@ -542,6 +585,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             all_stats,
             driver,
             peers,
+            stamp,
             ..
         } = self;
         let stats = &all_stats[id.0 as usize];
@@ -602,7 +646,11 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 }
                 Event::Pong(payload) => {
                     metrics::inc(&stats.pongs_received);
-                    record_rtt(stats, payload, clock.duration_since(*epoch));
+                    let max = config.pong_timeout + config.tick;
+                    let now = clock.duration_since(*epoch);
+                    if let Some(rtt) = stamp.round_trip(payload, key, cref.generation, now, max) {
+                        stats.rtt(rtt.as_micros() as u64);
+                    }
                 }
             }
             admitted |= cx.admit_current;
@@ -1029,10 +1077,11 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             }
             Due::SendPing => {
                 let sent_ns = self.clock.duration_since(self.epoch).as_nanos() as u64;
-                let mut frame = [0u8; 10];
+                let generation = self.conns[key as usize].generation;
+                let mut frame = [0u8; 2 + PING_PAYLOAD];
                 frame[0] = 0x80 | ws::OpCode::Ping as u8;
-                frame[1] = 8;
-                frame[2..].copy_from_slice(&sent_ns.to_be_bytes());
+                frame[1] = PING_PAYLOAD as u8;
+                frame[2..].copy_from_slice(&self.stamp.payload(sent_ns, key, generation));
                 if self.write(key, &frame) {
                     metrics::inc(&self.stats().pings_sent);
                 }
@@ -1106,7 +1155,38 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_ping_offset;
+    use super::{PING_PAYLOAD, PingStamp, first_ping_offset};
+    use std::time::Duration;
+
+    #[test]
+    fn only_a_ping_s_own_echo_times_a_round_trip() {
+        let stamp = PingStamp::new();
+        let sent = Duration::from_secs(100);
+        let max = Duration::from_secs(10);
+        let payload = stamp.payload(sent.as_nanos() as u64, 7, 3);
+        let now = sent + Duration::from_millis(4);
+        assert_eq!(
+            stamp.round_trip(&payload, 7, 3, now, max),
+            Some(Duration::from_millis(4))
+        );
+        // Another connection (or another use of the slot) did not get it.
+        assert_eq!(stamp.round_trip(&payload, 8, 3, now, max), None);
+        assert_eq!(stamp.round_trip(&payload, 7, 4, now, max), None);
+        // A crafted timestamp fails the tag.
+        let mut forged = payload;
+        forged[7] ^= 1;
+        assert_eq!(stamp.round_trip(&forged, 7, 3, now, max), None);
+        // The old 8-byte form, empty, or any other length: not ours.
+        assert_eq!(stamp.round_trip(&payload[..8], 7, 3, now, max), None);
+        assert_eq!(stamp.round_trip(&[], 7, 3, now, max), None);
+        // Another shard's secret.
+        assert_eq!(PingStamp::new().round_trip(&payload, 7, 3, now, max), None);
+        // A replayed echo from longer ago than the pong timeout, or one
+        // from the future.
+        assert_eq!(stamp.round_trip(&payload, 7, 3, sent + max * 2, max), None);
+        assert_eq!(stamp.round_trip(&payload, 7, 3, sent / 2, max), None);
+        assert_eq!(payload.len(), PING_PAYLOAD);
+    }
 
     #[test]
     fn first_pings_spread_evenly_over_the_interval() {
