@@ -299,6 +299,7 @@ fn events_arrive_in_order_without_gaps_and_resume_with_since() {
     let hello = ws_json(&mut stream);
     assert_eq!(hello["type"], "hello");
     let start = hello["seq"].as_u64().unwrap();
+    let epoch = hello["epoch"].as_str().unwrap().to_string();
 
     // A zombie: registers, never answers pings, goes down, expires.
     let (zombie, zombie_id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
@@ -313,11 +314,12 @@ fn events_arrive_in_order_without_gaps_and_resume_with_since() {
     assert_eq!(kinds, vec!["registered", "down", "deregistered"]);
     let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![start + 1, start + 2, start + 3], "no gaps");
+    assert!(got.iter().all(|e| e["epoch"] == json!(epoch)), "{got:?}");
     assert_eq!(got[2]["reason"], "down record expired");
     drop(zombie);
 
     // Resume after the first one: the rest are replayed.
-    let mut resumed = plane.ws(&format!("/events?since={}", start + 1), &[]);
+    let mut resumed = plane.ws(&format!("/events?since={}&epoch={epoch}", start + 1), &[]);
     assert_eq!(ws_json(&mut resumed)["type"], "hello");
     assert_eq!(ws_json(&mut resumed)["seq"], start + 2);
     assert_eq!(ws_json(&mut resumed)["seq"], start + 3);
@@ -325,7 +327,7 @@ fn events_arrive_in_order_without_gaps_and_resume_with_since() {
     // SSE for curl users, resuming from Last-Event-ID.
     let mut sse = agent()
         .get(&plane.url("/events"))
-        .header("last-event-id", &start.to_string())
+        .header("last-event-id", &format!("{epoch}:{start}"))
         .call()
         .unwrap();
     let mut reader = std::io::BufReader::new(sse.body_mut().as_reader());
@@ -337,10 +339,12 @@ fn events_arrive_in_order_without_gaps_and_resume_with_since() {
         .lines()
         .filter_map(|l| l.strip_prefix("id: "))
         .collect();
-    let expected: Vec<String> = (start + 1..=start + 3).map(|s| s.to_string()).collect();
+    let expected: Vec<String> = (start + 1..=start + 3)
+        .map(|s| format!("{epoch}:{s}"))
+        .collect();
     assert_eq!(
         ids, expected,
-        "hello has no id; each event's id is its seq:\n{text}"
+        "hello has no id; each event's id is its epoch:seq:\n{text}"
     );
     assert!(text.starts_with("event: hello"), "{text}");
 }
@@ -357,8 +361,69 @@ fn a_since_older_than_the_ring_gets_410() {
     eventually("events published", || {
         plane.ctl.counts().last_event_seq >= 20
     });
-    let (status, body) = get(&plane.url("/events?since=1"));
+    let epoch = plane.ctl.events_epoch();
+    let (status, body) = get(&plane.url(&format!("/events?since=1&epoch={epoch}")));
     assert_eq!((status, body["error"].as_str()), (410, Some("gone")));
+}
+
+/// Publishes `n` events (a register and a deregister each two) and waits
+/// until the log holds at least `n`.
+fn churn(plane: &Plane, n: u64) {
+    let from = plane.ctl.counts().last_event_seq;
+    for port in 1..=(n as u16).div_ceil(2) {
+        let (c, _) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", port);
+        drop(c);
+    }
+    eventually("events published", || {
+        plane.ctl.counts().last_event_seq >= from + n
+    });
+}
+
+#[test]
+fn after_a_restart_a_resume_point_of_the_old_run_gets_410_not_other_events() {
+    let before = Plane::start(1, |_| {});
+    churn(&before, 20);
+    let (_, summary) = get(&before.url("/summary"));
+    let old_epoch = summary["eventEpoch"].as_str().unwrap().to_string();
+    let left_at = summary["lastEventSeq"].as_u64().unwrap();
+    drop(before);
+
+    // The controller restarts and goes further than the old resume point.
+    let after = Plane::start(1, |_| {});
+    churn(&after, left_at + 10);
+    let (status, body) = get(&after.url(&format!("/events?since={left_at}&epoch={old_epoch}")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (410, Some("gone")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("restarted"),
+        "{body}"
+    );
+    // The same through an EventSource's Last-Event-ID.
+    let refused = agent()
+        .get(&after.url("/events"))
+        .header("last-event-id", &format!("{old_epoch}:{left_at}"))
+        .call()
+        .unwrap();
+    assert_eq!(refused.status(), 410);
+    // A since without its epoch cannot tell runs apart: refused.
+    let (status, body) = get(&after.url(&format!("/events?since={left_at}")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_resume_point"))
+    );
+    // The client takes a snapshot and resumes in the new epoch.
+    let (_, summary) = get(&after.url("/summary"));
+    let epoch = summary["eventEpoch"].as_str().unwrap();
+    assert_ne!(epoch, old_epoch);
+    let mut stream = after.ws(&format!("/events?since={left_at}&epoch={epoch}"), &[]);
+    let hello = ws_json(&mut stream);
+    assert_eq!(hello["epoch"], epoch);
+    let first = ws_json(&mut stream);
+    assert_eq!(first["seq"], left_at + 1);
+    assert_eq!(first["epoch"], epoch);
 }
 
 #[test]
@@ -498,10 +563,11 @@ fn a_since_ahead_of_the_log_gets_410_and_browsers_need_an_allowed_origin() {
     let plane = Plane::start(1, |c| {
         c.allowed_origins = vec!["https://portal.example".into()]
     });
+    let epoch = plane.ctl.events_epoch();
     assert_eq!(
-        get(&plane.url("/events?since=5000")).0,
+        get(&plane.url(&format!("/events?since=5000&epoch={epoch}"))).0,
         410,
-        "a restarted controller's log is behind the client"
+        "a log behind the client"
     );
     let stream = std::net::TcpStream::connect(plane.admin.local_addr()).unwrap();
     let refused = tungstenite::client(

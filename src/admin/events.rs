@@ -1,11 +1,13 @@
 //! `GET /events`: the event stream, as a WebSocket (when the request
 //! upgrades) or as server-sent events (for curl).
 //!
-//! First a `hello` carrying the last sequence number before live events
-//! (the snapshot point), then every event with its `seq`, in order and
-//! without gaps. `?since=SEQ` (or SSE's `Last-Event-ID`) replays the kept
-//! events after SEQ first, or answers 410 when they are no longer kept: the
-//! client then takes a fresh snapshot. A subscriber that falls behind its
+//! First a `hello` carrying the log's `epoch` and the last sequence number
+//! before live events (the snapshot point), then every event with its
+//! `epoch` and `seq`, in order and without gaps. `?since=SEQ&epoch=E` (or
+//! SSE's `Last-Event-ID`, which is `E:SEQ`) replays the kept events after
+//! SEQ first, or answers 410 when they are no longer kept or E is not this
+//! start's epoch: the client then takes a fresh snapshot. A `since` without
+//! its epoch is refused (400): after a restart it would name other events. A subscriber that falls behind its
 //! bounded queue is cut (WebSocket close 1008, or a final `cut` SSE event)
 //! and must resubscribe with `since`; it never makes the controller hold
 //! more memory.
@@ -31,7 +33,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::{AppState, Reply, fail, respond};
-use crate::registry::events::{Event, ReplayError, Subscription};
+use crate::registry::events::{Epoch, Event, ReplayError, Resume, Subscription};
 use std::sync::Arc;
 
 /// Events between the pump and one stream's task.
@@ -107,6 +109,36 @@ impl Pump {
 #[derive(Deserialize)]
 pub(crate) struct EventParams {
     since: Option<u64>,
+    epoch: Option<String>,
+}
+
+/// Where to resume, from the query or from `Last-Event-ID` (`E:SEQ`).
+fn resume_point(p: &EventParams, last_event_id: Option<&str>) -> Result<Option<Resume>, Reply> {
+    let bad = |why: String| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            "bad_resume_point",
+            format!("{why}: resume with ?since=SEQ&epoch=E as hello and every event carry them"),
+        )
+    };
+    let (since, epoch) = match (p.since, p.epoch.as_deref(), last_event_id) {
+        (None, None, None) => return Ok(None),
+        (Some(seq), epoch, _) => (seq, epoch),
+        (None, Some(_), _) => return Err(bad("epoch without since".into())),
+        (None, None, Some(id)) => match id.split_once(':') {
+            Some((epoch, seq)) => (
+                seq.parse()
+                    .map_err(|_| bad(format!("Last-Event-ID {id:?} is not EPOCH:SEQ")))?,
+                Some(epoch),
+            ),
+            None => return Err(bad(format!("Last-Event-ID {id:?} is not EPOCH:SEQ"))),
+        },
+    };
+    let Some(epoch) = epoch else {
+        return Err(bad(format!("since={since} without its epoch")));
+    };
+    let epoch = epoch.parse::<Epoch>().map_err(bad)?;
+    Ok(Some(Resume { epoch, seq: since }))
 }
 
 /// Subscribes, and bridges the subscription's std channel into the
@@ -114,12 +146,15 @@ pub(crate) struct EventParams {
 /// which must never touch the runtime's wakers (they signal through file
 /// descriptors the shards' fd tables do not share); the bridge thread
 /// lives in the process's own fd table.
-fn subscribe(state: &AppState, since: Option<u64>) -> Result<(u64, mpsc::Receiver<Event>), Reply> {
+fn subscribe(
+    state: &AppState,
+    since: Option<Resume>,
+) -> Result<(u64, mpsc::Receiver<Event>), Reply> {
     let (seq, events) = state.api.subscribe_events(since).map_err(|e| match e {
-        ReplayError::Gone { .. } | ReplayError::Ahead { .. } => fail(
+        ReplayError::Gone { .. } | ReplayError::Ahead { .. } | ReplayError::OtherEpoch { .. } => fail(
             StatusCode::GONE,
             "gone",
-            format!("{e}: GET /services, then /events?since=<lastEventSeq of /summary>"),
+            format!("{e}: GET /services, then /events?since=<lastEventSeq>&epoch=<eventEpoch> of /summary"),
         ),
         ReplayError::TooManySubscribers(_) => fail(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -132,9 +167,10 @@ fn subscribe(state: &AppState, since: Option<u64>) -> Result<(u64, mpsc::Receive
     Ok((seq, rx))
 }
 
-fn event_json(e: &Event) -> serde_json::Value {
+fn event_json(epoch: Epoch, e: &Event) -> serde_json::Value {
     let mut v = serde_json::to_value(e).expect("events serialize");
     v["type"] = json!("event");
+    v["epoch"] = json!(epoch);
     v["at"] = json!(crate::controller::rpc::Rfc3339(e.at_ms).to_string());
     v
 }
@@ -150,11 +186,11 @@ pub(crate) async fn events(
     {
         return respond(refused);
     }
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
-    let since = p.since.or(last_event_id);
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let since = match resume_point(&p, last_event_id) {
+        Ok(since) => since,
+        Err(reply) => return respond(reply),
+    };
     // Held by the stream until its task ends, however it ends.
     let Ok(permit) = state.streams.clone().try_acquire_owned() else {
         return respond(fail(
@@ -172,26 +208,28 @@ pub(crate) async fn events(
     };
     let stop = state.stopping.subscribe();
     let send_timeout = state.config.stream_send_timeout;
+    let epoch = state.api.events_epoch();
     match ws {
         Ok(upgrade) => upgrade
             .on_upgrade(move |socket| async move {
-                stream_ws(socket, seq, rx, stop, send_timeout).await;
+                stream_ws(socket, epoch, seq, rx, stop, send_timeout).await;
                 drop(permit);
             })
             .into_response(),
-        Err(_) => stream_sse(seq, rx, stop, permit).into_response(),
+        Err(_) => stream_sse(epoch, seq, rx, stop, permit).into_response(),
     }
 }
 
 async fn stream_ws(
     socket: WebSocket,
+    epoch: Epoch,
     seq: u64,
     mut rx: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
     send_timeout: Duration,
 ) {
     let (mut tx, mut inbound) = socket.split();
-    let hello = json!({"type": "hello", "seq": seq}).to_string();
+    let hello = json!({"type": "hello", "epoch": epoch, "seq": seq}).to_string();
     if tx.send(Message::Text(hello.into())).await.is_err() {
         return;
     }
@@ -201,7 +239,7 @@ async fn stream_ws(
             event = rx.recv() => match event {
                 Some(e) => {
                     last = e.seq;
-                    let text = event_json(&e).to_string();
+                    let text = event_json(epoch, &e).to_string();
                     match tokio::time::timeout(send_timeout, tx.send(Message::Text(text.into()))).await {
                         Ok(Ok(())) => {}
                         _ => return,
@@ -209,14 +247,14 @@ async fn stream_ws(
                 }
                 None => {
                     // Cut for falling behind: say where to resume.
-                    let reason = format!("too slow; resubscribe with since={last}");
+                    let reason = format!("too slow; resubscribe with since={last}&epoch={epoch}");
                     let frame = CloseFrame { code: 1008, reason: reason.into() };
                     let _ = tx.send(Message::Close(Some(frame))).await;
                     return;
                 }
             },
             _ = stop.changed() => {
-                let reason = format!("controller stopping; resubscribe with since={last}");
+                let reason = format!("controller stopping; resubscribe with since={last}&epoch={epoch}");
                 let _ = tx.send(Message::Close(Some(CloseFrame { code: 1001, reason: reason.into() }))).await;
                 return;
             }
@@ -229,6 +267,7 @@ async fn stream_ws(
 }
 
 fn stream_sse(
+    epoch: Epoch,
     seq: u64,
     rx: mpsc::Receiver<Event>,
     stop: watch::Receiver<bool>,
@@ -239,12 +278,12 @@ fn stream_sse(
     // skipped.
     let hello = SseEvent::default()
         .event("hello")
-        .data(json!({"type": "hello", "seq": seq}).to_string());
+        .data(json!({"type": "hello", "epoch": epoch, "seq": seq}).to_string());
     // The permit lives in the stream's state: it is released when hyper
     // drops the body (the client left, or the kernel gave up on it).
     let live = futures_util::stream::unfold(
         (rx, stop, seq, false, permit),
-        |(mut rx, mut stop, last, done, permit)| async move {
+        move |(mut rx, mut stop, last, done, permit)| async move {
             if done {
                 return None;
             }
@@ -256,12 +295,13 @@ fn stream_sse(
                 Ok(e) => {
                     let sse = SseEvent::default()
                         .event(e.kind.label())
-                        .id(e.seq.to_string())
-                        .data(event_json(&e).to_string());
+                        .id(format!("{epoch}:{}", e.seq))
+                        .data(event_json(epoch, &e).to_string());
                     (Ok(sse), (rx, stop, e.seq, false, permit))
                 }
                 Err(why) => {
-                    let data = json!({"type": why, "resumeSince": last}).to_string();
+                    let data =
+                        json!({"type": why, "resumeSince": last, "epoch": epoch}).to_string();
                     (
                         Ok(SseEvent::default().event(why).data(data)),
                         (rx, stop, last, true, permit),

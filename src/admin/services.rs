@@ -171,6 +171,7 @@ pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
         "commandsInFlight": api.commands_in_flight(),
         "eventSubscribers": counts.event_subscribers,
         "lastEventSeq": counts.last_event_seq,
+        "eventEpoch": api.events_epoch(),
     });
     (StatusCode::OK, body)
 }

@@ -30,7 +30,7 @@ use uuid::Uuid;
 use crate::engine::mailbox::Mailbox;
 use crate::engine::{ConnRef, Engine, EngineConfig, StartError};
 use crate::metrics::ShardStats;
-use crate::registry::events::{ReplayError, Subscription};
+use crate::registry::events::{Epoch, ReplayError, Resume, Subscription};
 use crate::registry::{Filter, Registry, RegistryConfig, Snapshot, Status};
 pub use commands::{CommandOutcome, Reply};
 use commands::{CommandRequest, Permit};
@@ -536,8 +536,17 @@ impl Api {
     }
 
     /// Events after `since` (kept ones first), then live ones.
-    pub fn subscribe_events(&self, since: Option<u64>) -> Result<(u64, Subscription), ReplayError> {
+    pub fn subscribe_events(
+        &self,
+        since: Option<Resume>,
+    ) -> Result<(u64, Subscription), ReplayError> {
         self.shared.registry().events.subscribe(since)
+    }
+
+    /// The event log's epoch: this start's (sequence numbers mean
+    /// something only within it).
+    pub fn events_epoch(&self) -> Epoch {
+        self.shared.registry().events.epoch()
     }
 
     /// Relays the `notifications/*` an instance sends, while the watch lives.

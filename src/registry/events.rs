@@ -1,5 +1,7 @@
 //! The event log: every state change of an instance, numbered by a
-//! sequence that only grows. Kept in a bounded replay ring and fanned out
+//! sequence that only grows within an epoch. The epoch is drawn at random
+//! when the log is made (once per controller start): a resume point from
+//! another epoch names other events, so it is refused, never replayed. Kept in a bounded replay ring and fanned out
 //! to subscribers through bounded sinks; a subscriber whose sink is full is
 //! cut (its sink is dropped, so its receiver sees the end) and must resync
 //! from a snapshot and a sequence number. Nothing here grows without a bound.
@@ -51,6 +53,49 @@ impl EventKind {
     }
 }
 
+/// One run of the event log: sequence numbers mean something only within
+/// it. Shown as 16 hex digits (a string in JSON: JavaScript numbers do not
+/// hold 64 bits).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Epoch(u64);
+
+impl Epoch {
+    /// A fresh epoch, never 0.
+    pub fn random() -> Epoch {
+        Epoch(fastrand::u64(1..))
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for Epoch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Epoch, String> {
+        if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("an epoch is 16 hex digits, not {s:?}"));
+        }
+        Ok(Epoch(u64::from_str_radix(s, 16).expect("16 hex digits")))
+    }
+}
+
+impl serde::Serialize for Epoch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a subscriber left off: the last event it saw, of which epoch.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Resume {
+    pub epoch: Epoch,
+    pub seq: u64,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
@@ -66,6 +111,7 @@ pub struct Event {
 }
 
 pub struct EventLog {
+    epoch: Epoch,
     next_seq: u64,
     ring: VecDeque<Event>,
     ring_capacity: usize,
@@ -89,6 +135,10 @@ pub enum ReplayError {
         "seq {since} is ahead of this log (last is {last}): the controller restarted; take a snapshot"
     )]
     Ahead { since: u64, last: u64 },
+    #[error(
+        "epoch {asked} is not this log's ({current}): the controller restarted, and its sequence numbers name other events; take a snapshot"
+    )]
+    OtherEpoch { asked: Epoch, current: Epoch },
     #[error("{0} event subscribers already; the limit is reached")]
     TooManySubscribers(usize),
 }
@@ -100,6 +150,7 @@ impl EventLog {
         max_subscribers: usize,
     ) -> EventLog {
         EventLog {
+            epoch: Epoch::random(),
             next_seq: 1,
             ring: VecDeque::with_capacity(ring_capacity.min(4096)),
             ring_capacity: ring_capacity.max(1),
@@ -109,6 +160,10 @@ impl EventLog {
             cut: 0,
             counts: [0; EventKind::ALL.len()],
         }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     /// The sequence number the last event received (0 before any).
@@ -164,7 +219,16 @@ impl EventLog {
     /// Subscribes from `since` (exclusive): the kept events after it are
     /// queued first, then live ones. `None` starts at the next event.
     /// Returns the last sequence number before live events, and the queue.
-    pub fn subscribe(&mut self, since: Option<u64>) -> Result<(u64, Subscription), ReplayError> {
+    pub fn subscribe(&mut self, since: Option<Resume>) -> Result<(u64, Subscription), ReplayError> {
+        if let Some(Resume { epoch, .. }) = since
+            && epoch != self.epoch
+        {
+            return Err(ReplayError::OtherEpoch {
+                asked: epoch,
+                current: self.epoch,
+            });
+        }
+        let since = since.map(|r| r.seq);
         self.subscribers
             .retain(|(_, alive)| alive.strong_count() > 0);
         if self.subscribers.len() >= self.max_subscribers {
@@ -217,6 +281,13 @@ impl std::ops::Deref for Subscription {
 mod tests {
     use super::*;
 
+    fn at(log: &EventLog, seq: u64) -> Option<Resume> {
+        Some(Resume {
+            epoch: log.epoch(),
+            seq,
+        })
+    }
+
     fn publish(log: &mut EventLog, n: usize) {
         for _ in 0..n {
             log.publish(0, EventKind::Registered, Uuid::nil(), Arc::from("s"), None);
@@ -227,7 +298,7 @@ mod tests {
     fn sequence_grows_and_replay_resumes_without_gaps() {
         let mut log = EventLog::new(10, 100, 4);
         publish(&mut log, 5);
-        let (at, rx) = log.subscribe(Some(2)).unwrap();
+        let (at, rx) = log.subscribe(at(&log, 2)).unwrap();
         assert_eq!(at, 5);
         publish(&mut log, 2);
         let seqs: Vec<u64> = rx.try_iter().map(|e| e.seq).collect();
@@ -254,20 +325,46 @@ mod tests {
         let mut log = EventLog::new(10, 10, 4);
         publish(&mut log, 3);
         assert_eq!(
-            log.subscribe(Some(5000)).unwrap_err(),
+            log.subscribe(at(&log, 5000)).unwrap_err(),
             ReplayError::Ahead {
                 since: 5000,
                 last: 3
             }
         );
         assert_eq!(
-            log.subscribe(Some(u64::MAX)).unwrap_err(),
+            log.subscribe(at(&log, u64::MAX)).unwrap_err(),
             ReplayError::Ahead {
                 since: u64::MAX,
                 last: 3
             }
         );
-        assert!(log.subscribe(Some(3)).is_ok());
+        assert!(log.subscribe(at(&log, 3)).is_ok());
+    }
+
+    #[test]
+    fn a_resume_point_from_another_epoch_is_refused_whatever_its_seq() {
+        let mut before = EventLog::new(100, 100, 4);
+        publish(&mut before, 60);
+        let left_at = at(&before, 60).unwrap();
+        // The controller restarts: a new log, further along than 60.
+        let mut after = EventLog::new(100, 100, 4);
+        publish(&mut after, 80);
+        assert_ne!(before.epoch(), after.epoch());
+        assert_eq!(
+            after.subscribe(Some(left_at)).unwrap_err(),
+            ReplayError::OtherEpoch {
+                asked: before.epoch(),
+                current: after.epoch()
+            }
+        );
+        assert!(after.subscribe(at(&after, 60)).is_ok());
+        // Shown and read back as 16 hex digits.
+        let text = after.epoch().to_string();
+        assert_eq!(text.len(), 16);
+        assert_eq!(text.parse::<Epoch>(), Ok(after.epoch()));
+        assert!("12".parse::<Epoch>().is_err());
+        assert!("+00000000000000f".parse::<Epoch>().is_err());
+        assert!("zzzzzzzzzzzzzzzz".parse::<Epoch>().is_err());
     }
 
     #[test]
@@ -275,13 +372,13 @@ mod tests {
         let mut log = EventLog::new(3, 100, 4);
         publish(&mut log, 10);
         assert_eq!(
-            log.subscribe(Some(2)).unwrap_err(),
+            log.subscribe(at(&log, 2)).unwrap_err(),
             ReplayError::Gone {
                 since: 2,
                 oldest: 8
             }
         );
-        assert!(log.subscribe(Some(7)).is_ok());
+        assert!(log.subscribe(at(&log, 7)).is_ok());
     }
 
     #[test]

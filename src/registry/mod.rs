@@ -341,7 +341,11 @@ mod tests {
         assert!(r.lookup(&filter("user")).nodes.is_empty());
         assert_eq!(r.interned(), 0, "every string was released");
         let kinds: Vec<EventKind> = {
-            let (_, rx) = r.events.subscribe(Some(0)).unwrap();
+            let epoch = r.events.epoch();
+            let (_, rx) = r
+                .events
+                .subscribe(Some(events::Resume { epoch, seq: 0 }))
+                .unwrap();
             rx.try_iter().map(|e| e.kind).collect()
         };
         assert_eq!(

@@ -547,7 +547,11 @@ fn register_without_address_takes_the_peers_or_says_why_not() {
         ("10.9.8.7", true)
     );
     let mut registry = h.shared.registry();
-    let (_, events) = registry.events.subscribe(Some(0)).unwrap();
+    let epoch = registry.events.epoch();
+    let (_, events) = registry
+        .events
+        .subscribe(Some(crate::registry::events::Resume { epoch, seq: 0 }))
+        .unwrap();
     drop(registry);
     let event = events.try_recv().expect("the registered event");
     assert_eq!(event.runtime_instance_id, id);
