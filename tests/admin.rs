@@ -213,6 +213,28 @@ fn list_filter_and_page_over_2000_swarm_services() {
     assert_eq!(get(&plane.url("/readyz")).0, 200);
 }
 
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Each audit line's (phase, tool, outcome or "-").
+fn phases(lines: &[Value]) -> Vec<(&str, &str, &str)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l["phase"].as_str().unwrap(),
+                l["tool"].as_str().unwrap(),
+                l["outcome"].as_str().unwrap_or("-"),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn commands_need_the_write_scope_to_mutate_and_are_audited() {
     let dir = std::env::temp_dir().join(format!("tether-admin-audit-{}", std::process::id()));
@@ -262,29 +284,126 @@ fn commands_need_the_write_scope_to_mutate_and_are_audited() {
     drop(svc);
     // Every command, the refused one too, is in the audit file.
     drop(plane);
-    let lines: Vec<Value> = std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let outcomes: Vec<(&str, &str)> = lines
-        .iter()
-        .map(|l| (l["tool"].as_str().unwrap(), l["outcome"].as_str().unwrap()))
-        .collect();
+    let lines = audit_lines(&path);
+    let phases = phases(&lines);
     assert_eq!(
-        outcomes,
+        phases,
         vec![
-            ("get_service_info", "ok"),
-            ("shutdown", "forbidden"),
-            ("shutdown", "failed"),
-            ("check", "not_found")
+            ("sent", "get_service_info", "-"),
+            ("result", "get_service_info", "ok"),
+            ("result", "shutdown", "forbidden"),
+            ("sent", "shutdown", "-"),
+            ("result", "shutdown", "failed"),
+            ("sent", "check", "-"),
+            ("result", "check", "not_found")
         ]
     );
+    // Each command's two lines share its id.
+    for pair in [(0, 1), (3, 4), (5, 6)] {
+        assert_eq!(lines[pair.0]["id"], lines[pair.1]["id"]);
+    }
+    assert_ne!(lines[0]["id"], lines[3]["id"]);
     assert!(
         lines
             .iter()
             .all(|l| l["who"] == "alice" && l["time"].as_str().unwrap().ends_with('Z'))
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A mutating command leaves only once its `sent` line is on disk; while
+/// the file cannot be written, mutating commands are refused, /readyz
+/// fails, and the held lines are written once it can be.
+#[test]
+fn audit_lines_reach_the_disk_before_the_command_and_a_failing_file_stops_mutations() {
+    let dir = std::env::temp_dir().join(format!("tether-audit-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let real = dir.join("audit.real");
+    let path = dir.join("audit.jsonl");
+    // The audit path is a link to /dev/full: every write fails (ENOSPC).
+    std::os::unix::fs::symlink("/dev/full", &path).unwrap();
+    let audit_path = path.clone();
+    let plane = Plane::start(1, move |c| c.audit = Some(AuditConfig::new(audit_path)));
+    let (mut svc, id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
+    let url = plane.url(&format!("/services/{id}/commands"));
+    let writer = Some("portal.r portal.w");
+    // A read is audited too (its lines wait), but it is not held back.
+    let server = std::thread::spawn(move || {
+        let req = svc.recv_json();
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": req["id"], "result": {"ok": true}}));
+        svc
+    });
+    assert_eq!(
+        post(&url, &json!({"name": "get_service_info"}), writer).0,
+        200
+    );
+    let mut svc = server.join().unwrap();
+    eventually("the write failed", || get(&plane.url("/readyz")).0 == 503);
+    let (status, body) = post(&url, &json!({"name": "shutdown"}), writer);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("audit_unavailable")),
+        "{body}"
+    );
+    let (status, _) = post(
+        &plane.url("/commands"),
+        &json!({"name": "shutdown", "serviceId": "user"}),
+        writer,
+    );
+    assert_eq!(status, 503);
+    assert!(
+        svc.next_frame(Duration::from_millis(300)).is_none(),
+        "nothing was sent"
+    );
+    let (_, metrics) = get(&plane.url("/metrics"));
+    let metrics = metrics.as_str().unwrap();
+    assert!(metrics.contains("tether_audit_failing 1"), "{metrics}");
+    assert!(
+        !metrics.contains("tether_audit_write_errors_total 0"),
+        "{metrics}"
+    );
+
+    // The disk is back: the held lines are written, and mutations resume.
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&real, &path).unwrap();
+    eventually("readyz passes again", || {
+        get(&plane.url("/readyz")).0 == 200
+    });
+    let audit_file = real.clone();
+    let server = std::thread::spawn(move || {
+        let req = svc.recv_json();
+        assert_eq!(req["params"]["name"], "shutdown");
+        // The sent line is on disk by the time the command arrives.
+        let text = std::fs::read_to_string(&audit_file).unwrap();
+        let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (last["phase"].as_str(), last["tool"].as_str()),
+            (Some("sent"), Some("shutdown"))
+        );
+        svc.send_json(&json!({"jsonrpc": "2.0", "id": req["id"], "result": {}}));
+        (svc, last["id"].clone())
+    });
+    assert_eq!(post(&url, &json!({"name": "shutdown"}), writer).0, 200);
+    let (_svc, shutdown_id) = server.join().unwrap();
+    drop(plane);
+    let lines = audit_lines(&real);
+    let seen = phases(&lines);
+    // Nothing held was lost: the read's pair and the refused shutdowns'
+    // lines came through the outage.
+    assert!(
+        seen.starts_with(&[
+            ("sent", "get_service_info", "-"),
+            ("result", "get_service_info", "ok")
+        ]),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&("result", "shutdown", "not_sent")),
+        "{seen:?}"
+    );
+    let done: Vec<&Value> = lines.iter().filter(|l| l["id"] == shutdown_id).collect();
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert_eq!(done[1]["outcome"], "ok");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

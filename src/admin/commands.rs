@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::audit::AuditEntry;
+use super::audit::{AuditEntry, Phase};
 use super::services::{instance_id, parse_status};
 use super::{AppState, Caller, Reply, WRITE_SCOPE, error, fail, now_rfc3339, respond};
 use crate::controller::{CommandOutcome, tool_call_params};
@@ -172,26 +172,91 @@ fn clip(text: &str) -> &str {
     &text[..end]
 }
 
-fn audit(
-    state: &AppState,
-    caller: &Caller,
-    action: &str,
-    target: &str,
-    tool: &str,
-    outcome: &str,
+/// How long a mutating command waits for its `sent` line to be on disk.
+const AUDIT_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One command's pair of audit lines: `sent`, then `result`.
+struct Audited<'a> {
+    state: &'a AppState,
+    caller: &'a Caller,
+    id: Uuid,
+    action: &'static str,
+    target: String,
+    tool: &'a str,
     started: Instant,
-) {
-    state.audit.record(&AuditEntry {
-        time: now_rfc3339(),
-        who: clip(&caller.who),
-        scopes: clip(&caller.scopes),
-        action,
-        target: clip(target).to_string(),
-        tool: clip(tool),
-        outcome: outcome.to_string(),
-        duration_ms: started.elapsed().as_millis() as u64,
-    });
 }
+
+impl<'a> Audited<'a> {
+    fn new(
+        state: &'a AppState,
+        caller: &'a Caller,
+        action: &'static str,
+        target: String,
+        tool: &'a str,
+    ) -> Audited<'a> {
+        Audited {
+            state,
+            caller,
+            id: Uuid::now_v7(),
+            action,
+            target,
+            tool,
+            started: Instant::now(),
+        }
+    }
+
+    fn entry(&self, phase: Phase, outcome: Option<&'a str>) -> AuditEntry<'_> {
+        AuditEntry {
+            time: now_rfc3339(),
+            id: self.id,
+            phase,
+            who: clip(&self.caller.who),
+            scopes: clip(&self.caller.scopes),
+            action: self.action,
+            target: clip(&self.target),
+            tool: clip(self.tool),
+            outcome,
+            duration_ms: (phase == Phase::Result)
+                .then(|| self.started.elapsed().as_millis() as u64),
+        }
+    }
+
+    /// The `sent` line: on disk before a mutating command leaves, queued
+    /// for any other. `Err` (the reply) when it cannot be written: the
+    /// command is not sent, and says so in its result line.
+    async fn sent(&self) -> Result<(), Reply> {
+        let entry = self.entry(Phase::Sent, None);
+        if !is_mutating(self.tool) {
+            self.state.audit.record(&entry);
+            return Ok(());
+        }
+        match self
+            .state
+            .audit
+            .record_durably(&entry, AUDIT_SYNC_TIMEOUT)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                self.result(NOT_SENT);
+                Err(fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    why.to_string(),
+                ))
+            }
+        }
+    }
+
+    fn result(&self, outcome: &str) {
+        self.state
+            .audit
+            .record(&self.entry(Phase::Result, Some(outcome)));
+    }
+}
+
+/// The outcome of a command held back because it could not be audited.
+const NOT_SENT: &str = "not_sent";
 
 fn forbidden(tool: &str) -> Reply {
     fail(
@@ -223,38 +288,30 @@ pub(crate) async fn command_reply(
         return reply;
     }
     if is_mutating(&body.name) && !caller.can_write() {
-        audit(
-            state,
-            &caller,
-            "command",
-            &id.to_string(),
-            &body.name,
-            "forbidden",
-            Instant::now(),
-        );
+        Audited::new(state, &caller, "command", id.to_string(), &body.name).result("forbidden");
         return forbidden(&body.name);
     }
     let timeout = timeout_of(state, body.timeout_ms);
     let state = state.clone();
     let work = tokio::spawn(async move {
-        let started = Instant::now();
+        let audited = Audited::new(&state, &caller, "command", id.to_string(), &body.name);
+        audited.sent().await?;
         let arguments = body.arguments.unwrap_or_else(|| json!({}));
         let outcome = call(&state, id, &body.name, &arguments, timeout).await;
-        audit(
-            &state,
-            &caller,
-            "command",
-            &id.to_string(),
-            &body.name,
-            outcome.label(),
-            started,
-        );
+        audited.result(outcome.label());
         let mut v = outcome_json(id, &outcome, usize::MAX);
         v["name"] = json!(body.name);
-        (status_of(&outcome), v)
+        Ok((status_of(&outcome), v))
     });
     work.await
-        .unwrap_or_else(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+        .unwrap_or_else(|e| {
+            Err(fail(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+            ))
+        })
+        .unwrap_or_else(|refused| refused)
 }
 
 /// `tools/list` to one instance: the tools (and, from light-runtime, the
@@ -272,18 +329,10 @@ pub(crate) async fn tools_reply(
     let timeout = timeout_of(state, timeout_ms);
     let state = state.clone();
     let work = tokio::spawn(async move {
-        let started = Instant::now();
+        let audited = Audited::new(&state, &caller, "tools", id.to_string(), "tools/list");
+        audited.sent().await.expect("tools/list is not mutating");
         let outcome = send(&state, id, "tools/list", None, timeout).await;
-        let target = id.to_string();
-        audit(
-            &state,
-            &caller,
-            "tools",
-            &target,
-            "tools/list",
-            outcome.label(),
-            started,
-        );
+        audited.result(outcome.label());
         let mut v = outcome_json(id, &outcome, usize::MAX);
         v["name"] = json!("tools/list");
         (status_of(&outcome), v)
@@ -369,16 +418,15 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
             "serviceId={:?} envTag={:?} q={:?}",
             body.service_id, body.env_tag, body.q
         );
-        audit(
-            state,
-            &caller,
-            "fanout",
-            &target,
-            &body.name,
-            "forbidden",
-            Instant::now(),
-        );
+        Audited::new(state, &caller, "fanout", target, &body.name).result("forbidden");
         return forbidden(&body.name);
+    }
+    if is_mutating(&body.name) && state.audit.failing() {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit log cannot be written; mutating commands are refused until it can: check the disk and the path's permissions",
+        );
     }
     let Ok(running) = state.fanouts.clone().try_acquire_owned() else {
         return fail(
@@ -448,17 +496,13 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
             );
             tokio::spawn(async move {
                 let _permit = semaphore.acquire_owned().await.expect("never closed");
-                let started = Instant::now();
+                let audited = Audited::new(&state, &caller, "fanout", id.to_string(), &name);
+                if let Err((_, why)) = audited.sent().await {
+                    let v = json!({"runtimeInstanceId": id, "outcome": NOT_SENT, "message": why["message"]});
+                    return (v, NOT_SENT);
+                }
                 let outcome = call(&state, id, &name, &arguments, timeout).await;
-                audit(
-                    &state,
-                    &caller,
-                    "fanout",
-                    &id.to_string(),
-                    &name,
-                    outcome.label(),
-                    started,
-                );
+                audited.result(outcome.label());
                 let json = outcome_json_within(id, &outcome, max_result, Some(&left));
                 (json, outcome.label())
             })

@@ -374,6 +374,22 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         "result=\"dropped\"",
         state.audit.dropped(),
     );
+    o.family(
+        "tether_audit_write_errors_total",
+        "counter",
+        "Writes or fsyncs of the audit file that failed (the lines are kept and retried).",
+    );
+    o.sample(
+        "tether_audit_write_errors_total",
+        "",
+        state.audit.write_errors(),
+    );
+    o.family(
+        "tether_audit_failing",
+        "gauge",
+        "1 while the audit file cannot be written (readyz fails, mutating commands are refused).",
+    );
+    o.sample("tether_audit_failing", "", u64::from(state.audit.failing()));
     text.push_str(&o.0);
     (
         [(

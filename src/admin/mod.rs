@@ -309,12 +309,19 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Ready when not stopping and the admin plane can serve: a request that
-/// needs a blocking thread and the registry (as `GET /services` does) is
-/// answered within a second.
+/// Ready when not stopping, the audit log can be written, and the admin
+/// plane can serve: a request that needs a blocking thread and the
+/// registry (as `GET /services` does) is answered within a second.
 async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     if !state.api.ready() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    if state.audit.failing() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit log cannot be written: mutating commands are refused until it can\n",
+        )
+            .into_response();
     }
     let api = state.api.clone();
     let probe = tokio::task::spawn_blocking(move || api.counts().up);
