@@ -11,7 +11,7 @@ use tether::admin::audit::AuditConfig;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::swarm::{Swarm, SwarmConfig};
 use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_source_ips};
-use tether::controller::auth::Auth;
+use tether::controller::auth::{Auth, AuthPolicy};
 use tether::controller::{Controller, ControllerConfig, default_host_id};
 use tether::engine::{EngineConfig, IoChoice, sys};
 use tether::relay::{Relay, RelayConfig};
@@ -152,11 +152,26 @@ struct ControllerArgs {
     #[arg(long, env = "TETHER_BASE_PATH", default_value = "", value_parser = tether::controller::valid_base_path)]
     base_path: String,
     /// Verify service JWTs with this HS256 shared key (file), for development.
-    #[arg(long, conflicts_with = "auth_jwks")]
+    #[arg(long, conflicts_with_all = ["auth_jwks", "auth_jwks_url"])]
     auth_shared_key_file: Option<std::path::PathBuf>,
     /// Verify service JWTs (RS256/ES256) with the keys of this JWKS file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "auth_jwks_url")]
     auth_jwks: Option<std::path::PathBuf>,
+    /// Verify service JWTs (RS256/ES256) with the keys of the JWKS at this
+    /// URL: fetched at start, again every 10 minutes, and when a token
+    /// names an unknown kid (at most once per 10 s).
+    #[arg(long)]
+    auth_jwks_url: Option<String>,
+    /// With auth on: tokens must carry this `iss`.
+    #[arg(long)]
+    auth_issuer: Option<String>,
+    /// With auth on: tokens' `aud` must hold this.
+    #[arg(long)]
+    auth_audience: Option<String>,
+    /// With auth on: the scope `service/register` needs (`none`: no scope).
+    /// Discovery always needs `portal.r`.
+    #[arg(long, default_value = tether::controller::auth::REGISTER_SCOPE)]
+    auth_register_scope: String,
     /// Most nodes in one discovery snapshot.
     #[arg(long, default_value_t = 10_000)]
     max_snapshot_nodes: usize,
@@ -463,17 +478,31 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let config_base_path = config.base_path.clone();
     config.registry.max_snapshot_nodes = args.max_snapshot_nodes;
     config.command_timeout = args.command_timeout;
-    let auth = match (&args.auth_shared_key_file, &args.auth_jwks) {
-        (Some(path), _) => {
+    let policy = AuthPolicy {
+        host_id: config.host_id.clone(),
+        issuer: args.auth_issuer,
+        audience: args.auth_audience,
+        register_scope: Some(args.auth_register_scope).filter(|s| s != "none" && !s.is_empty()),
+    };
+    let auth = match (
+        &args.auth_shared_key_file,
+        &args.auth_jwks,
+        &args.auth_jwks_url,
+    ) {
+        (Some(path), _, _) => {
             let key =
                 std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            Some(Auth::shared_secret(trim_ascii(&key), &config.host_id))
+            Some(Auth::shared_secret(trim_ascii(&key), policy))
         }
-        (_, Some(path)) => {
+        (_, Some(path), _) => {
             let json = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            Some(Auth::from_jwks(&json, &config.host_id).map_err(anyhow::Error::msg)?)
+            Some(Auth::from_jwks(&json, policy).map_err(anyhow::Error::msg)?)
         }
+        (_, _, Some(url)) => Some(
+            Auth::from_jwks_url(url, policy, tether::controller::auth::MIN_REFRESH)
+                .map_err(anyhow::Error::msg)?,
+        ),
         _ => None,
     };
     let auth_mode = if auth.is_some() { "on" } else { "off" };

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use super::auth::Verified;
 use super::commands::{CommandOutcome, CommandRequest, Commands, outcome_of};
 use super::rpc::{self, Method, RegisterRequest, Request, UpdateRequest};
 use super::{ShardMsg, Shared};
@@ -43,6 +44,9 @@ struct ConnState {
     slot: u32,
     endpoint: Endpoint,
     registered: bool,
+    /// Its registration's token allows discovery on this socket (light-4j
+    /// ≥ 2.3.7 sends discovery there): `portal.r`, or auth is off.
+    may_discover: bool,
     inflight: u16,
     /// The request bucket (`ControllerConfig::request_burst`): tokens
     /// left, and when it was last refilled, in deciseconds of the
@@ -92,7 +96,7 @@ pub struct ShardHandler {
     supersede_retry: Vec<ConnRef>,
     /// Services named by verified upgrade bearer tokens, until register
     /// (by connection key, with its generation). Empty when auth is off.
-    bearer: HashMap<u32, (u32, Box<str>)>,
+    bearer: HashMap<u32, (u32, Verified)>,
     /// The instance each connection deregistered, while its close is on
     /// the way (a repeat is answered only for that very id).
     deregistered: HashMap<u32, (u32, Uuid)>,
@@ -283,13 +287,16 @@ impl ShardHandler {
     }
 
     /// The one place an error is answered: counted, written, and for an
-    /// unauthorized peer followed by close 1008 (PROTOCOL.md).
+    /// unauthorized peer followed by close 1008 (PROTOCOL.md). A registered
+    /// service refused one request for its token's scope stays connected:
+    /// its liveness does not hang on what it may look up.
     fn fail(&mut self, cx: &mut Cx<'_>, conn: ConnRef, id: Option<&RawValue>, error: &RpcError) {
         self.count(error);
         self.buf.clear();
         error.write(&mut self.buf, id);
         cx.send_text(conn, &self.buf);
-        if error.code == Code::Unauthorized {
+        let registered = self.state(conn).is_some_and(|s| s.registered);
+        if error.code == Code::Unauthorized && !registered {
             cx.close(conn, 1008, "unauthorized");
         }
     }
@@ -311,6 +318,19 @@ impl ShardHandler {
             return Err(RpcError::method_not_found(format!(
                 "{name} is not served on {DISCOVERY_PATH}: only discovery/* methods are"
             )));
+        }
+        if state.endpoint == Endpoint::Microservice
+            && state.registered
+            && method.is_discovery()
+            && !state.may_discover
+        {
+            return Err(RpcError::new(
+                Code::Unauthorized,
+                format!(
+                    "unauthorized: this connection's registration token lacks the scope {} that discovery needs",
+                    super::auth::READ_SCOPE
+                ),
+            ));
         }
         if state.endpoint == Endpoint::Microservice && !state.registered {
             // A connection that deregistered may still repeat its deregister.
@@ -378,18 +398,20 @@ impl ShardHandler {
             .bearer
             .remove(&conn.key)
             .filter(|(generation, _)| *generation == conn.generation);
-        if let Some(auth) = &self.shared.auth
-            && let Err(why) = match (request.jwt.as_deref(), upgrade_bearer) {
-                // The Authorization header of the upgrade stands in for `jwt`.
-                (None, Some((_, named))) => super::auth::check_named(&named, &request.service_id),
-                (jwt, _) => auth.check_service(jwt, &request.service_id),
+        let may_discover = match &self.shared.auth {
+            None => true,
+            Some(auth) => {
+                match (request.jwt.as_deref(), upgrade_bearer) {
+                    // The Authorization header of the upgrade stands in for `jwt`.
+                    (None, Some((_, verified))) => auth
+                        .check_registrant(&verified, &request.service_id)
+                        .map(|()| verified),
+                    (jwt, _) => auth.check_service(jwt, &request.service_id),
+                }
+                .map_err(|why| RpcError::new(Code::Unauthorized, format!("unauthorized: {why}")))?
+                .may_discover
             }
-        {
-            return Err(RpcError::new(
-                Code::Unauthorized,
-                format!("unauthorized: {why}"),
-            ));
-        }
+        };
         // The peer's address: the address itself when the service names
         // none (light-4j leaves it to the controller), else asked only if
         // the registration would supersede (a conflict names the peers).
@@ -442,6 +464,7 @@ impl ShardHandler {
         if let Some(s) = self.state(conn) {
             s.slot = slot_of(&registered.id);
             s.registered = true;
+            s.may_discover = may_discover;
         }
         if let Some(old) = registered.superseded {
             self.supersede(cx, conn_of(old));
@@ -647,18 +670,17 @@ impl Handler for ShardHandler {
         };
         if let Some(auth) = &self.shared.auth {
             match (endpoint, req.authorization) {
-                (Endpoint::Discovery, header) if auth.check_bearer(header).is_err() => {
+                (Endpoint::Discovery, header) if auth.check_discovery(header).is_err() => {
                     return Err(Refusal {
                         status: 401,
                         message: "a valid Authorization: Bearer token is required on /ws/discovery",
                         kind: Some(BadInput::Unauthorized),
                     });
                 }
-                (Endpoint::Microservice, Some(header)) => match auth.service_of(header) {
+                (Endpoint::Microservice, Some(header)) => match auth.verify(header) {
                     // Kept (the service it names) until service/register.
-                    Ok(named) => {
-                        self.bearer
-                            .insert(conn.key, (conn.generation, named.into_boxed_str()));
+                    Ok(verified) => {
+                        self.bearer.insert(conn.key, (conn.generation, verified));
                     }
                     Err(_) => {
                         return Err(Refusal {
@@ -680,6 +702,7 @@ impl Handler for ShardHandler {
             slot: NO_SLOT,
             endpoint,
             registered: false,
+            may_discover: false,
             inflight: 0,
             tokens: self.shared.config.request_burst,
             refilled_ds: 0,
