@@ -1,16 +1,38 @@
 //! `tether status` and `tether services`: the admin API as tables.
 
+use std::path::Path;
+
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-fn get(base: &str, path_and_query: &str) -> anyhow::Result<Value> {
-    let url = format!("{}{path_and_query}", base.trim_end_matches('/'));
+use tether::admin::access::AdminKey;
+
+/// An admin API and the key to call it with.
+pub struct AdminClient {
+    base: String,
+    key: AdminKey,
+}
+
+impl AdminClient {
+    /// The key comes from `key_file`, else from the controller's default
+    /// file for the URL's port.
+    pub fn new(base: &str, key_file: Option<&Path>) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            key: AdminKey::for_url(base, key_file).map_err(anyhow::Error::msg)?,
+        })
+    }
+}
+
+fn get(admin: &AdminClient, path_and_query: &str) -> anyhow::Result<Value> {
+    let url = format!("{}{path_and_query}", admin.base);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
     let mut response = agent
         .get(&url)
+        .header("authorization", &admin.key.bearer())
         .call()
         .with_context(|| format!("cannot reach the admin API at {url}"))?;
     let status = response.status();
@@ -89,7 +111,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out + &rule
 }
 
-pub fn status(admin: &str, json: bool) -> anyhow::Result<()> {
+pub fn status(admin: &AdminClient, json: bool) -> anyhow::Result<()> {
     let s = get(admin, "/summary?top=20")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
@@ -138,7 +160,7 @@ pub struct ServicesQuery {
     pub cursor: Option<String>,
 }
 
-pub fn services(admin: &str, query: &ServicesQuery, json: bool) -> anyhow::Result<()> {
+pub fn services(admin: &AdminClient, query: &ServicesQuery, json: bool) -> anyhow::Result<()> {
     let mut path = format!("/services?limit={}", query.limit);
     for (key, value) in [
         ("serviceId", &query.service_id),

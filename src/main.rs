@@ -178,16 +178,30 @@ struct ControllerArgs {
     /// Default timeout of commands sent to services.
     #[arg(long, value_parser = duration, default_value = "10s")]
     command_timeout: Duration,
-    /// The admin API (REST, /events, /metrics, /ctrl/mcp). Keep it internal:
-    /// it trusts the X-Tether-User and X-Tether-Scopes headers.
+    /// The admin API (REST, /events, /metrics, /ctrl/mcp). Callers need the
+    /// admin key; only they may say who they act for (X-Tether-User,
+    /// X-Tether-Scopes).
     #[arg(long, env = "TETHER_ADMIN_ADDR", default_value = "127.0.0.1:8439")]
     admin: SocketAddr,
+    /// The admin key's file (created, mode 0600, with a random key if it
+    /// does not exist). Default: $XDG_RUNTIME_DIR/tether/admin-PORT.key,
+    /// else /tmp/tether-UID/admin-PORT.key; `tether status` reads the same.
+    #[arg(long, env = "TETHER_ADMIN_KEY_FILE")]
+    admin_key_file: Option<std::path::PathBuf>,
+    /// A Host name the admin API answers to, besides localhost's and the
+    /// --admin address (repeatable; e.g. the Service's DNS name).
+    #[arg(long = "admin-allow-host")]
+    admin_allow_hosts: Vec<String>,
+    /// Serve the open probes (/healthz, /readyz, /metrics) on this address
+    /// too, e.g. for a kubelet or Prometheus that must not hold the key.
+    #[arg(long)]
+    admin_health: Option<SocketAddr>,
     /// Run without the admin API.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
-    /// A browser origin allowed to open the admin WebSockets (/events,
-    /// /ctrl/mcp); repeat for several. Browsers always send Origin; without
-    /// this flag none may connect directly (use the gateway).
+    /// A browser origin allowed to call the admin API (repeatable). Browsers
+    /// send Origin on WebSockets and cross-origin requests; without this
+    /// flag none may call it directly (use the gateway).
     #[arg(long = "admin-allow-origin")]
     admin_allow_origins: Vec<String>,
     /// Append every admin command to this JSON-lines file (fsync'd in
@@ -226,6 +240,12 @@ struct GatewayArgs {
     threads: Option<usize>,
 }
 
+impl AdminClientArgs {
+    fn connect(&self) -> anyhow::Result<cli::AdminClient> {
+        cli::AdminClient::new(&self.admin, self.admin_key_file.as_deref())
+    }
+}
+
 #[derive(Args)]
 struct AdminClientArgs {
     /// The controller's admin API.
@@ -235,6 +255,10 @@ struct AdminClientArgs {
         default_value = "http://127.0.0.1:8439"
     )]
     admin: String,
+    /// The admin key's file (default: the controller's default for the
+    /// --admin URL's port).
+    #[arg(long, env = "TETHER_ADMIN_KEY_FILE")]
+    admin_key_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -354,7 +378,7 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(args) => controller(args),
         Command::Agent(args) => agent(args),
         Command::Gateway(args) => gateway(args),
-        Command::Status(args) => cli::status(&args.client.admin, args.client.json),
+        Command::Status(args) => cli::status(&args.client.connect()?, args.client.json),
         Command::Services(args) => {
             let query = cli::ServicesQuery {
                 service_id: args.service_id,
@@ -364,7 +388,7 @@ fn main() -> anyhow::Result<()> {
                 limit: args.limit,
                 cursor: args.cursor,
             };
-            cli::services(&args.client.admin, &query, args.client.json)
+            cli::services(&args.client.connect()?, &query, args.client.json)
         }
         Command::Plan(args) => {
             let plan = make_plan(
@@ -513,11 +537,34 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         let mut admin = AdminConfig::new(args.admin);
         admin.audit = args.audit_log.map(AuditConfig::new);
         admin.allowed_origins = args.admin_allow_origins;
-        Some(AdminServer::start(controller.api(), admin).context("the admin API could not start")?)
+        admin.allowed_hosts.extend(args.admin_allow_hosts);
+        admin.health_listen = args.admin_health;
+        if args.admin.port() == 0 && args.admin_key_file.is_none() {
+            anyhow::bail!(
+                "--admin with port 0 needs --admin-key-file (the default file is named by the port)"
+            );
+        }
+        let key_file = args
+            .admin_key_file
+            .unwrap_or_else(|| tether::admin::access::default_key_path(args.admin.port()));
+        admin.key = tether::admin::access::AdminKey::load_or_create(&key_file)
+            .map_err(anyhow::Error::msg)?;
+        let server =
+            AdminServer::start(controller.api(), admin).context("the admin API could not start")?;
+        Some((server, key_file))
     };
-    let admin_line = admin.as_ref().map_or("admin off".to_string(), |a| {
-        format!("admin on {}", a.local_addr())
-    });
+    let admin_line = admin
+        .as_ref()
+        .map_or("admin off".to_string(), |(a, key_file)| {
+            let health = a
+                .health_addr()
+                .map_or(String::new(), |h| format!(", probes on {h}"));
+            format!(
+                "admin on {} (key in {}{health})",
+                a.local_addr(),
+                key_file.display()
+            )
+        });
     println!(
         "tether controller ready: listening on {} ({} shards, {}, up to {} connections per shard, auth {}, {})",
         controller.local_addr(),
@@ -557,7 +604,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     // Not ready first (load balancers stop sending, no new commands), then
     // the admin API (bounded: live streams are ended), then the shards.
     controller.api().set_stopping();
-    if let Some(admin) = admin {
+    if let Some((admin, _)) = admin {
         admin.shutdown();
     }
     controller.shutdown();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
+use tether::admin::access::AdminKey;
 use tether::admin::audit::AuditConfig;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::parse_source_ips;
@@ -29,6 +30,7 @@ impl Plane {
     ) -> Plane {
         let ctl = start(ctl_config);
         let mut config = AdminConfig::new("127.0.0.1:0".parse().unwrap());
+        config.key = AdminKey::new(KEY.as_bytes());
         tweak(&mut config);
         let admin = AdminServer::start(ctl.api(), config).unwrap();
         Plane { ctl, admin }
@@ -43,6 +45,9 @@ impl Plane {
         let mut request = format!("ws://{}{path}", self.admin.local_addr())
             .into_client_request()
             .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", BEARER.parse().unwrap());
         for (k, v) in headers {
             request.headers_mut().insert(*k, v.parse().unwrap());
         }
@@ -70,9 +75,22 @@ impl Plane {
     }
 }
 
+/// The admin key these tests' planes are given.
+const KEY: &str = "a test admin key, 32 bytes long.";
+const BEARER: &str = "Bearer a test admin key, 32 bytes long.";
+
+/// Every request carries the admin key.
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .middleware(
+            |mut req: ureq::http::Request<ureq::SendBody>,
+             next: ureq::middleware::MiddlewareNext| {
+                req.headers_mut()
+                    .insert("authorization", BEARER.parse().unwrap());
+                next.handle(req)
+            },
+        )
         .build()
         .into()
 }
@@ -309,6 +327,107 @@ fn commands_need_the_write_scope_to_mutate_and_are_audited() {
             .all(|l| l["who"] == "alice" && l["time"].as_str().unwrap().ends_with('Z'))
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// No key, no access: the identity headers of a caller without the admin
+/// key are never read; a foreign Host (DNS rebinding) or Origin is refused
+/// even with the key; the probes stay open, on their own port too.
+#[test]
+fn the_admin_plane_trusts_no_one_without_its_key_host_and_origin() {
+    let plane = Plane::start(1, |c| {
+        c.health_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.allowed_origins = vec!["https://portal.example".into()];
+    });
+    let bare: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let status = |req: ureq::RequestBuilder<ureq::typestate::WithoutBody>| {
+        let mut r = req.call().unwrap();
+        let www = r
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = r.body_mut().read_to_string().unwrap();
+        (r.status().as_u16(), www, body)
+    };
+    let services = plane.url("/services");
+    // No key: the identity headers claim an admin with every scope.
+    let (code, www, body) = status(
+        bare.get(&services)
+            .header("x-tether-user", "mallory")
+            .header("x-tether-scopes", "portal.r portal.w"),
+    );
+    assert_eq!((code, www.as_deref()), (401, Some("Bearer")), "{body}");
+    let (code, _, _) = status(
+        bare.get(&services)
+            .header("authorization", "Bearer not-the-key"),
+    );
+    assert_eq!(code, 401);
+    // A mutating command without the key never reaches a service.
+    let (mut svc, id) = registered(plane.ctl.local_addr(), "user", "10.0.0.1", 1);
+    let mut r = bare
+        .post(&plane.url(&format!("/services/{id}/commands")))
+        .header("x-tether-scopes", "portal.w")
+        .header("content-type", "application/json")
+        .send(json!({"name": "shutdown"}).to_string())
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
+    assert!(
+        svc.next_frame(Duration::from_millis(200)).is_none(),
+        "nothing was sent"
+    );
+    // DNS rebinding: the page's own host name, key or not.
+    for with_key in [false, true] {
+        let mut req = bare.get(&services).header(
+            "host",
+            &format!("evil.example:{}", plane.admin.local_addr().port()),
+        );
+        if with_key {
+            req = req.header("authorization", BEARER);
+        }
+        let (code, _, body) = status(req);
+        assert_eq!(code, 421, "{body}");
+        assert!(body.contains("host_not_allowed"), "{body}");
+    }
+    // A foreign Origin, with the right Host and the key: refused, for
+    // plain requests as for WebSockets; an allowed one passes.
+    let (code, _, body) = status(
+        bare.get(&services)
+            .header("authorization", BEARER)
+            .header("origin", "https://evil.example"),
+    );
+    assert_eq!(code, 403, "{body}");
+    let (code, _, _) = status(
+        bare.get(&services)
+            .header("authorization", BEARER)
+            .header("origin", "https://portal.example"),
+    );
+    assert_eq!(code, 200);
+    // With the key and a localhost Host, the headers are trusted.
+    assert_eq!(get(&services).0, 200);
+    // The probes need nothing, on the admin port and on their own.
+    let probes = plane.admin.health_addr().unwrap();
+    for base in [
+        format!("http://{}", plane.admin.local_addr()),
+        format!("http://{probes}"),
+    ] {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let (code, _, body) = status(bare.get(&format!("{base}{path}")));
+            assert_eq!(code, 200, "{base}{path}: {body}");
+        }
+    }
+    // The probes' port serves nothing else, key or not.
+    let (code, _, _) = status(
+        bare.get(&format!("http://{probes}/services"))
+            .header("authorization", BEARER),
+    );
+    assert_eq!(code, 404);
 }
 
 /// A mutating command leaves only once its `sent` line is on disk; while
@@ -557,7 +676,13 @@ fn a_stalled_subscriber_is_cut_while_others_continue() {
         socket.set_recv_buffer_size(4096).unwrap();
         socket.connect(&plane.admin.local_addr().into()).unwrap();
         let stream: std::net::TcpStream = socket.into();
-        let request = format!("ws://{}/events", plane.admin.local_addr());
+        use tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{}/events", plane.admin.local_addr())
+            .into_client_request()
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("authorization", BEARER.parse().unwrap());
         tungstenite::client(request, stream).unwrap().0
     };
     let mut live = plane.ws("/events", &[]);
@@ -693,6 +818,7 @@ fn a_since_ahead_of_the_log_gets_410_and_browsers_need_an_allowed_origin() {
         tungstenite::http::Request::builder()
             .uri(format!("ws://{}/events", plane.admin.local_addr()))
             .header("origin", "https://evil.example")
+            .header("authorization", BEARER)
             .header("host", "localhost")
             .header("connection", "Upgrade")
             .header("upgrade", "websocket")
@@ -758,6 +884,7 @@ fn fanouts_are_bounded_names_are_checked_and_a_dropped_request_is_still_audited(
         .into();
     let sent = impatient
         .post(&one)
+        .header("authorization", BEARER)
         .header("content-type", "application/json")
         .send(json!({"name": "get_loggers", "timeoutMs": 600}).to_string());
     assert!(sent.is_err(), "the client timed out");
@@ -874,8 +1001,13 @@ fn stalled_event_streams_are_bounded_and_dropped() {
             s.set_recv_buffer_size(4096).unwrap();
             s.connect(&admin.into()).unwrap();
             let mut s: std::net::TcpStream = s.into();
-            s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                .unwrap();
+            s.write_all(
+                format!(
+                    "GET /events HTTP/1.1\r\nHost: localhost\r\nAuthorization: {BEARER}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .unwrap();
             s
         })
         .collect();
@@ -884,8 +1016,11 @@ fn stalled_event_streams_are_bounded_and_dropped() {
     let events_status = || {
         let mut s = std::net::TcpStream::connect(admin).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-        s.write_all(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
-            .unwrap();
+        s.write_all(
+            format!("GET /events HTTP/1.1\r\nHost: localhost\r\nAuthorization: {BEARER}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
         let mut head = [0u8; 12];
         std::io::Read::read_exact(&mut s, &mut head)
             .ok()

@@ -20,12 +20,23 @@ impl Drop for Running {
 
 /// Starts a controller and returns it with the address from its ready line.
 fn controller(extra: &[&str]) -> (Running, String) {
-    let (running, addr, _) = controller_with_admin(extra);
+    let (running, addr, _, _) = controller_with_admin(extra);
     (running, addr)
 }
 
-/// Also returns the admin API's address from the ready line.
-fn controller_with_admin(extra: &[&str]) -> (Running, String, String) {
+/// A fresh admin key file name for one controller (the controller makes it).
+fn key_file() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("tether-cli-{}-{n}.key", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    path.to_string_lossy().into_owned()
+}
+
+/// Also returns the admin API's address from the ready line, and its key
+/// file.
+fn controller_with_admin(extra: &[&str]) -> (Running, String, String, String) {
+    let keys = key_file();
     let mut child = tether()
         .args([
             "controller",
@@ -33,6 +44,8 @@ fn controller_with_admin(extra: &[&str]) -> (Running, String, String) {
             "127.0.0.1:0",
             "--admin",
             "127.0.0.1:0",
+            "--admin-key-file",
+            &keys,
             "--shards",
             "2",
         ])
@@ -54,9 +67,12 @@ fn controller_with_admin(extra: &[&str]) -> (Running, String, String) {
         .rsplit("admin on ")
         .next()
         .unwrap()
-        .trim_end_matches([')', '\n'])
+        .split(' ')
+        .next()
+        .unwrap()
         .to_string();
-    (Running(child), addr, admin)
+    assert!(line.contains(&format!("(key in {keys}")), "{line}");
+    (Running(child), addr, admin, keys)
 }
 
 #[test]
@@ -198,7 +214,7 @@ fn a_single_agent_registers_and_deregisters_on_sigint() {
 
 #[test]
 fn status_and_services_read_the_admin_api() {
-    let (_running, addr, admin) = controller_with_admin(&[]);
+    let (_running, addr, admin, keys) = controller_with_admin(&[]);
     let swarm = tether()
         .args([
             "agent",
@@ -226,7 +242,7 @@ fn status_and_services_read_the_admin_api() {
     let admin_url = format!("http://{admin}");
 
     let out = tether()
-        .args(["status", "--admin", &admin_url])
+        .args(["status", "--admin", &admin_url, "--admin-key-file", &keys])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -258,6 +274,8 @@ fn status_and_services_read_the_admin_api() {
             "services",
             "--admin",
             &admin_url,
+            "--admin-key-file",
+            &keys,
             "--service-id",
             "cli-1",
             "--limit",
@@ -278,13 +296,20 @@ fn status_and_services_read_the_admin_api() {
 
     let out = tether()
         .args(["services", "--admin", &admin_url, "--json", "--limit", "1"])
+        .env("TETHER_ADMIN_KEY_FILE", &keys)
         .output()
         .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["total"], 120);
 
     let out = tether()
-        .args(["status", "--admin", "http://127.0.0.1:1"])
+        .args([
+            "status",
+            "--admin",
+            "http://127.0.0.1:1",
+            "--admin-key-file",
+            &keys,
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -293,11 +318,15 @@ fn status_and_services_read_the_admin_api() {
 
 #[test]
 fn sigterm_with_an_open_event_stream_exits_promptly() {
-    let (mut running, _, admin) = controller_with_admin(&[]);
+    let (mut running, _, admin, keys) = controller_with_admin(&[]);
     let url = format!("http://{admin}/events");
+    let bearer = format!("Bearer {}", std::fs::read_to_string(&keys).unwrap().trim());
     // An SSE stream stays open until the controller ends it.
     let reader = std::thread::spawn(move || {
-        let mut response = ureq::get(&url).call().unwrap();
+        let mut response = ureq::get(&url)
+            .header("authorization", &bearer)
+            .call()
+            .unwrap();
         let mut text = String::new();
         let _ = std::io::Read::read_to_string(&mut response.body_mut().as_reader(), &mut text);
         text

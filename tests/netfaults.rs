@@ -241,7 +241,13 @@ impl Net {
             .timeout_global(Some(Duration::from_secs(5)))
             .build()
             .into();
-        let mut resp = agent.get(&url).call().ok()?;
+        // The key the controller wrote to its default file for the port.
+        let key = tether::admin::access::AdminKey::for_url(&url, None).ok()?;
+        let mut resp = agent
+            .get(&url)
+            .header("authorization", &key.bearer())
+            .call()
+            .ok()?;
         serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()
     }
 

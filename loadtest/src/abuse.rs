@@ -489,21 +489,20 @@ fn stalled_sse(ctx: &Ctx, until: Instant) -> (usize, String) {
         .trim_start_matches("http://")
         .parse()
         .expect("admin address");
+    let bearer = observe::admin_bearer(&ctx.admin).expect("the controller wrote its admin key");
     let mut held = Vec::new();
     for _ in 0..n {
         let Ok(mut s) = tcp(admin, None, Some(4096)) else {
             continue;
         };
         let _ = s.write_all(
-            b"GET /events HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n",
+            format!("GET /events HTTP/1.1\r\nHost: localhost\r\nAuthorization: {bearer}\r\nAccept: text/event-stream\r\n\r\n")
+                .as_bytes(),
         );
         held.push(s);
     }
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(5)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = observe::admin_agent(&ctx.admin, Some(Duration::from_secs(5)))
+        .expect("the controller wrote its admin key");
     let (mut worst, mut failed) = (Duration::ZERO, 0);
     while Instant::now() < until {
         let started = Instant::now();

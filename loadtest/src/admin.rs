@@ -86,7 +86,7 @@ pub fn run(args: AdminArgs) -> anyhow::Result<AdminReport> {
         args.services, controller.admin
     );
     std::thread::sleep(Duration::from_secs(2));
-    let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+    let agent = crate::observe::admin_agent(&controller.admin, None)?;
     let base = controller.admin.clone();
     // The cursors of successive pages, to measure pages deep in the list.
     let mut cursors = Vec::new();

@@ -32,8 +32,12 @@ impl Watcher {
         let stream =
             std::net::TcpStream::connect(&host).with_context(|| format!("connect {host}"))?;
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let (mut ws, _) =
-            tungstenite::client(url.as_str(), stream).context("event stream handshake")?;
+        let mut request =
+            tungstenite::client::IntoClientRequest::into_client_request(url.as_str())?;
+        request
+            .headers_mut()
+            .insert("authorization", admin_bearer(admin)?.parse()?);
+        let (mut ws, _) = tungstenite::client(request, stream).context("event stream handshake")?;
         loop {
             match ws.read() {
                 Ok(tungstenite::Message::Text(t)) if t.contains("\"hello\"") => break,
@@ -87,6 +91,32 @@ impl Drop for Watcher {
             let _ = t.join();
         }
     }
+}
+
+/// `Authorization` for the admin API at `admin` (http://host:port): the
+/// key its controller wrote to its default file for that port.
+pub fn admin_bearer(admin: &str) -> anyhow::Result<String> {
+    Ok(tether::admin::access::AdminKey::for_url(admin, None)
+        .map_err(anyhow::Error::msg)?
+        .bearer())
+}
+
+/// An agent for the admin API at `admin` whose requests carry its key
+/// (an error status is an error).
+pub fn admin_agent(admin: &str, timeout: Option<Duration>) -> anyhow::Result<ureq::Agent> {
+    let bearer = admin_bearer(admin)?;
+    Ok(ureq::Agent::config_builder()
+        .timeout_global(timeout)
+        .middleware(
+            move |mut req: ureq::http::Request<ureq::SendBody>,
+                  next: ureq::middleware::MiddlewareNext| {
+                req.headers_mut()
+                    .insert("authorization", bearer.parse().expect("ASCII"));
+                next.handle(req)
+            },
+        )
+        .build()
+        .into())
 }
 
 pub fn scrape(admin: &str) -> anyhow::Result<String> {

@@ -181,11 +181,6 @@ pub(crate) async fn events(
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    if ws.is_ok()
-        && let Err(refused) = super::check_origin(&state, &headers)
-    {
-        return respond(refused);
-    }
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let since = match resume_point(&p, last_event_id) {
         Ok(since) => since,

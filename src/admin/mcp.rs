@@ -29,9 +29,6 @@ pub(crate) async fn mcp(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    if let Err(refused) = super::check_origin(&state, &headers) {
-        return super::respond(refused);
-    }
     let caller = Arc::new(Caller::from_headers(&headers, peer));
     ws.max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| session(socket, state, caller))

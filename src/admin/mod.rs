@@ -4,11 +4,15 @@
 //! never blocks a shard (commands travel through shard mailboxes, listings
 //! hold the registry lock briefly).
 //!
-//! Trust: requests on this listener are trusted to say who they act for
+//! Trust (`access`): every request but the probes must name an allowed
+//! Host, come from no browser Origin or an allowed one, and carry the
+//! admin key. Only a caller with the key is trusted to say who it acts for
 //! (`X-Tether-User`) and with which scopes (`X-Tether-Scopes`, e.g.
 //! `portal.r portal.w`); the gateway sets both. Mutating tools need
-//! `portal.w`. Keep this listener on an internal address.
+//! `portal.w`. `/healthz`, `/readyz` and `/metrics` are open and
+//! read-only, and may have a listener of their own (`health_listen`).
 
+pub mod access;
 pub mod audit;
 mod commands;
 mod events;
@@ -68,6 +72,14 @@ pub struct AdminConfig {
     /// Result bytes one fan-out keeps in all; past them results are
     /// replaced by a note of their size.
     pub max_fanout_bytes: usize,
+    /// What callers present as `Authorization: Bearer` (`access`).
+    pub key: access::AdminKey,
+    /// Host names (matched without case, with or without a port) the API
+    /// answers to; others get 421, DNS rebinding included.
+    pub allowed_hosts: Vec<String>,
+    /// A second listener that serves only the open probes (`/healthz`,
+    /// `/readyz`, `/metrics`).
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl AdminConfig {
@@ -87,6 +99,9 @@ impl AdminConfig {
             max_event_streams: 64,
             stream_send_timeout: Duration::from_secs(10),
             max_fanout_bytes: 16 << 20,
+            key: access::AdminKey::random().expect("/dev/urandom gives random bytes"),
+            allowed_hosts: access::default_hosts(listen),
+            health_listen: None,
         }
     }
 }
@@ -106,7 +121,7 @@ pub(crate) struct State {
 
 type AppState = Arc<State>;
 
-/// Who asks, as the trusted headers say.
+/// Who asks, as the headers of a caller holding the admin key say.
 pub(crate) struct Caller {
     who: String,
     scopes: String,
@@ -177,6 +192,7 @@ pub enum AdminError {
 /// The running admin server.
 pub struct AdminServer {
     local_addr: SocketAddr,
+    health_addr: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -185,16 +201,9 @@ impl AdminServer {
     /// Binds `config.listen` now (so a port in use is reported at once) and
     /// serves on threads of its own.
     pub fn start(api: Arc<Api>, config: AdminConfig) -> Result<AdminServer, AdminError> {
-        let listener = std::net::TcpListener::bind(config.listen).map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => AdminError::InUse(config.listen),
-            _ => AdminError::Listen(config.listen, e),
-        })?;
-        let local_addr = listener
-            .local_addr()
-            .map_err(|e| AdminError::Listen(config.listen, e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| AdminError::Listen(config.listen, e))?;
+        let (listener, local_addr) = bind(config.listen)?;
+        let health = config.health_listen.map(bind).transpose()?;
+        let health_addr = health.as_ref().map(|(_, addr)| *addr);
         let audit = match &config.audit {
             Some(c) => Audit::to_file(c.clone()).map_err(AdminError::Audit)?,
             None => Audit::to_log(),
@@ -228,6 +237,15 @@ impl AdminServer {
                         Ok(l) => l,
                         Err(e) => return tracing::error!("admin listener: {e}"),
                     };
+                    if let Some((health, _)) = health {
+                        match tokio::net::TcpListener::from_std(health) {
+                            Ok(l) => {
+                                let probes = probes(state.clone());
+                                tokio::spawn(async move { axum::serve(l, probes).await });
+                            }
+                            Err(e) => return tracing::error!("admin health listener: {e}"),
+                        }
+                    }
                     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
                     // A client that stops reading (a stalled event stream)
                     // holds at most this much kernel memory before
@@ -264,6 +282,7 @@ impl AdminServer {
             .map_err(AdminError::Runtime)?;
         Ok(AdminServer {
             local_addr,
+            health_addr,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -271,6 +290,11 @@ impl AdminServer {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The probes' own listener, if one was asked for.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     pub fn shutdown(mut self) {
@@ -293,7 +317,31 @@ impl Drop for AdminServer {
     }
 }
 
+fn bind(addr: SocketAddr) -> Result<(std::net::TcpListener, SocketAddr), AdminError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => AdminError::InUse(addr),
+        _ => AdminError::Listen(addr, e),
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| AdminError::Listen(addr, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| AdminError::Listen(addr, e))?;
+    Ok((listener, local))
+}
+
+/// The open, read-only probes.
+fn probes(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::metrics))
+        .with_state(state)
+}
+
 fn router(state: AppState) -> Router {
+    let guard = axum::middleware::from_fn_with_state(state.clone(), access::guard);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -306,6 +354,7 @@ fn router(state: AppState) -> Router {
         .route("/events", get(events::events))
         .route("/metrics", get(metrics::metrics))
         .route("/ctrl/mcp", get(mcp::mcp))
+        .layer(guard)
         .with_state(state)
 }
 
@@ -335,9 +384,9 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     }
 }
 
-/// Browsers send Origin on every WebSocket (others do not): only allowed
-/// origins may open one, so a page in a browser on an allowed host cannot
-/// read the registry or run tools through it.
+/// Browsers send Origin on cross-origin requests and every WebSocket
+/// (other clients do not): only allowed origins may call, so a page in a
+/// browser cannot read the registry or run tools through it.
 pub(crate) fn check_origin(state: &State, headers: &HeaderMap) -> Result<(), Reply> {
     let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
         return Ok(());
@@ -349,7 +398,9 @@ pub(crate) fn check_origin(state: &State, headers: &HeaderMap) -> Result<(), Rep
     Err(fail(
         StatusCode::FORBIDDEN,
         "origin_not_allowed",
-        format!("WebSockets from origin {origin:?} are not allowed"),
+        format!(
+            "requests from origin {origin:?} are not allowed; add it with --admin-allow-origin"
+        ),
     ))
 }
 
