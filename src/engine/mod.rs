@@ -29,6 +29,7 @@ pub mod listen;
 pub mod mailbox;
 mod shard;
 pub mod sys;
+pub mod tls;
 pub mod uring;
 pub mod wheel;
 pub mod ws;
