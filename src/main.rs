@@ -35,7 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller: services connect to ws://ADDR/ws/microservice.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Run one service's agent, or a swarm of simulated services.
     Agent(AgentArgs),
     /// The gateway. Only --chained exists yet: the anti-pattern relay the
@@ -208,6 +208,17 @@ struct ControllerArgs {
     /// batches, rotated at 64 MiB, 5 kept). Without it, to the log.
     #[arg(long)]
     audit_log: Option<std::path::PathBuf>,
+    /// Serve wss:// with this certificate chain (PEM); with --tls-key.
+    /// Reloaded on SIGHUP (new handshakes only; open connections stay).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM, PKCS#8, SEC1 or PKCS#1) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// With TLS: services must present a client certificate this CA (PEM)
+    /// signed (mTLS).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// The memory this controller may use (e.g. 8GiB). Buffered bytes (input
     /// being reassembled, output queued or in flight) may take half of it,
     /// split evenly over the shards. Default: the cgroup's limit, else RAM.
@@ -375,7 +386,7 @@ fn main() -> anyhow::Result<()> {
         raise_nofile();
     }
     match cli.command {
-        Command::Controller(args) => controller(args),
+        Command::Controller(args) => controller(*args),
         Command::Agent(args) => agent(args),
         Command::Gateway(args) => gateway(args),
         Command::Status(args) => cli::status(&args.client.connect()?, args.client.json),
@@ -495,6 +506,20 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         tether::plan::show_size(engine.buffer_budget as u64),
         tether::plan::show_size((engine.buffer_budget / shards.max(1)) as u64),
     );
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = tether::engine::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: args.tls_client_ca,
+            };
+            Some(std::sync::Arc::new(
+                tether::engine::tls::TlsAcceptor::new(files).map_err(anyhow::Error::msg)?,
+            ))
+        }
+        _ => None,
+    };
+    engine.tls = tls.clone();
     let max_conns = engine.max_conns_per_shard;
     let mut config = ControllerConfig::new(engine);
     config.host_id = args.host_id.unwrap_or_else(default_host_id);
@@ -566,8 +591,9 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             )
         });
     println!(
-        "tether controller ready: listening on {} ({} shards, {}, up to {} connections per shard, auth {}, {})",
+        "tether controller ready: listening on {} ({}{} shards, {}, up to {} connections per shard, auth {}, {})",
         controller.local_addr(),
+        if tls.is_some() { "TLS, " } else { "" },
         controller.shards(),
         controller.io(),
         max_conns,
@@ -581,8 +607,23 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             "services connect to {config_base_path}/ws/microservice and {config_base_path}/ws/discovery"
         );
     }
+    // SIGHUP reloads the certificate; a bad file leaves the old one.
+    let reload = || match &tls {
+        None => tracing::info!("SIGHUP: no TLS to reload"),
+        Some(tls) => match tls.reload() {
+            Ok(()) => tracing::info!(
+                "SIGHUP: reloaded {} for new TLS handshakes",
+                tls.files().cert.display()
+            ),
+            Err(e) => tracing::error!("SIGHUP: {e}; the certificate in use stays"),
+        },
+    };
     loop {
         if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
+            if sig == libc::SIGHUP {
+                reload();
+                continue;
+            }
             tracing::info!(
                 signal = sig,
                 "stopping: draining over {} (a second signal exits at once)",
@@ -597,6 +638,10 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let until = Instant::now() + args.drain_period + Duration::from_secs(2);
     while api.drain_left() > 0 && Instant::now() < until {
         if let Some(sig) = sys::wait_for_signal(Duration::from_millis(100))? {
+            if sig == libc::SIGHUP {
+                reload();
+                continue;
+            }
             tracing::info!(signal = sig, "second signal: exiting now");
             break;
         }

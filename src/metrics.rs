@@ -38,10 +38,12 @@ pub enum BadInput {
     Unauthorized,
     /// A frame or fragmented message not whole within the message timeout.
     MessageTimeout,
+    /// A TLS handshake that failed, or a record that would not open.
+    Tls,
 }
 
 impl BadInput {
-    pub const ALL: [BadInput; 26] = [
+    pub const ALL: [BadInput; 27] = [
         BadInput::UpgradeTooLarge,
         BadInput::NotAnUpgrade,
         BadInput::BadWebsocketKey,
@@ -68,6 +70,7 @@ impl BadInput {
         BadInput::RegisterTimeout,
         BadInput::Unauthorized,
         BadInput::MessageTimeout,
+        BadInput::Tls,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +101,7 @@ impl BadInput {
             BadInput::RegisterTimeout => "register_timeout",
             BadInput::Unauthorized => "unauthorized",
             BadInput::MessageTimeout => "message_timeout",
+            BadInput::Tls => "tls",
         }
     }
 

@@ -124,6 +124,8 @@ impl IoChoice {
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     pub listen: SocketAddr,
+    /// TLS on the listener (`wss://`): every connection's handshake first.
+    pub tls: Option<Arc<tls::TlsAcceptor>>,
     pub io: IoChoice,
     pub shards: usize,
     pub max_conns_per_shard: usize,
@@ -184,6 +186,7 @@ impl EngineConfig {
     pub fn new(listen: SocketAddr, shards: usize) -> EngineConfig {
         EngineConfig {
             listen,
+            tls: None,
             io: IoChoice::from_env(),
             shards,
             max_conns_per_shard: default_max_conns_per_shard(shards),

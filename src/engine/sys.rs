@@ -158,8 +158,9 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
-/// spawns afterwards) so one thread can wait for them with `wait_for_signal`.
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads
+/// it spawns afterwards) so one thread can wait for them with
+/// `wait_for_signal`.
 pub fn block_termination_signals() -> io::Result<()> {
     // SAFETY: builds a signal set on the stack and changes this thread's mask.
     unsafe {
@@ -167,6 +168,7 @@ pub fn block_termination_signals() -> io::Result<()> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let ret = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if ret != 0 {
             return Err(io::Error::from_raw_os_error(ret));
@@ -175,8 +177,9 @@ pub fn block_termination_signals() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits up to `timeout` for SIGINT or SIGTERM (blocked beforehand with
-/// `block_termination_signals`); returns the signal, or `None` on timeout.
+/// Waits up to `timeout` for SIGINT, SIGTERM or SIGHUP (blocked beforehand
+/// with `block_termination_signals`); returns the signal, or `None` on
+/// timeout.
 pub fn wait_for_signal(timeout: std::time::Duration) -> io::Result<Option<i32>> {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
@@ -189,6 +192,7 @@ pub fn wait_for_signal(timeout: std::time::Duration) -> io::Result<Option<i32>> 
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
         if sig < 0 {
             let err = io::Error::last_os_error();

@@ -15,9 +15,11 @@
 //! kept armed into direct descriptors, each telling its peer; multishot
 //! recv from provided buffers; sends in flight one per connection).
 //!
-//! Where a TLS layer goes: between a driver's bytes and `deliver` on the
-//! way in, and between `write` and `Driver::transmit` on the way out; the
-//! connection machine and the handler never see ciphertext.
+//! TLS (`super::tls`, when the listener has it) sits between a driver's
+//! bytes and `deliver` on the way in (`feed`), and between `write` and
+//! `Driver::transmit` on the way out; the connection machine and the
+//! handler never see ciphertext. A connection's session lives beside it
+//! (`sessions`, by key): its handshake, then only its keys.
 //!
 //! Never does: block, allocate per idle connection, or read more than a
 //! bounded amount from one connection before serving the others.
@@ -241,6 +243,15 @@ struct Shard<H: Handler, D: Driver> {
     accept_paused: bool,
     last_accept_warning: Option<Instant>,
     stamp: PingStamp,
+    tls: Option<Arc<super::tls::TlsAcceptor>>,
+    /// Each connection's TLS session, by key (empty without TLS).
+    sessions: Vec<Option<super::tls::Session>>,
+    /// Partial TLS input the sessions hold (in `held`).
+    held_tls: usize,
+    /// Scratch: plaintext opened from records, records to send.
+    tls_plain: Vec<u8>,
+    tls_wire: Vec<u8>,
+    tls_sealed: Vec<u8>,
 }
 
 impl<H: Handler, D: Driver> Shard<H, D> {
@@ -280,6 +291,12 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             accept_paused: false,
             last_accept_warning: None,
             stamp: PingStamp::new(),
+            tls: setup.config.tls.clone(),
+            sessions: Vec::new(),
+            held_tls: 0,
+            tls_plain: Vec::new(),
+            tls_wire: Vec::new(),
+            tls_sealed: Vec::new(),
             config: setup.config,
         }
     }
@@ -528,6 +545,16 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if let Some(peer) = peer {
             self.peers.insert(key, peer);
         }
+        if let Some(acceptor) = &self.tls {
+            let slot = key as usize;
+            if self.sessions.len() <= slot {
+                self.sessions.resize_with(slot + 1, || None);
+            }
+            match acceptor.session() {
+                Ok(session) => self.sessions[slot] = Some(session),
+                Err(e) => tracing::warn!("cannot start a TLS session: {e}"),
+            }
+        }
         self.relink(key);
         if !over_cap {
             self.unadmitted.push_back((key, generation, self.now));
@@ -549,8 +576,65 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
     // -- input ---------------------------------------------------------------
 
-    /// Feeds received bytes to connection `key` and acts on the outcome.
+    /// Feeds received bytes to connection `key` (through its TLS session,
+    /// if the listener has TLS) and acts on the outcome.
     fn feed(&mut self, key: u32, data: &mut [u8]) {
+        if self.tls.is_some() {
+            return self.feed_tls(key, data);
+        }
+        self.feed_plain(key, data);
+    }
+
+    /// Opens TLS records: the handshake's answers go out as they are, the
+    /// plaintext to `feed_plain`.
+    fn feed_tls(&mut self, key: u32, data: &mut [u8]) {
+        let Some(mut session) = self.sessions.get_mut(key as usize).and_then(Option::take) else {
+            return self.drop_quietly(key);
+        };
+        let generation = self.conns[key as usize].generation;
+        let before = session.held();
+        let (mut plain, mut wire) = (
+            std::mem::take(&mut self.tls_plain),
+            std::mem::take(&mut self.tls_wire),
+        );
+        plain.clear();
+        wire.clear();
+        let read = session.read(data, &mut plain, &mut wire);
+        self.held_tls = self.held_tls - before + session.held();
+        self.sessions[key as usize] = Some(session);
+        match read {
+            Err(e) => {
+                tracing::debug!(shard = self.id.0, "TLS: {e}");
+                self.stats().bad(BadInput::Tls);
+                // Before the upgrade the handler knows nothing of it.
+                self.notify_closed(key, CloseCause::PeerGone);
+                self.drop_conn(key);
+            }
+            Ok(read) => {
+                let alive = wire.is_empty() || self.write_wire(key, &wire);
+                if alive && !plain.is_empty() {
+                    self.feed_plain(key, &mut plain);
+                }
+                if read.peer_closed && self.live(key, generation) {
+                    self.lost(key);
+                }
+            }
+        }
+        if plain.capacity() > 1 << 20 {
+            plain = Vec::new();
+        }
+        self.tls_plain = plain;
+        self.tls_wire = wire;
+    }
+
+    /// Drops a connection that never reached the handler.
+    fn drop_quietly(&mut self, key: u32) {
+        self.notify_closed(key, CloseCause::PeerGone);
+        self.drop_conn(key);
+    }
+
+    /// Feeds plaintext to connection `key` and acts on the outcome.
+    fn feed_plain(&mut self, key: u32, data: &mut [u8]) {
         let before = self.conns[key as usize].buffered();
         let fed = self.deliver(key, data);
         self.recount(key, before);
@@ -741,9 +825,33 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             .transmit(&mut self.conns[key as usize], key, bytes, stats)
     }
 
-    /// Sends `bytes` or keeps what the driver will not take. Returns false
-    /// if the connection is gone (it was dropped here).
+    /// Sends `bytes` (sealed into TLS records first, on a TLS listener) or
+    /// keeps what the driver will not take. Returns false if the
+    /// connection is gone (it was dropped here).
     fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
+        if self.tls.is_none() {
+            return self.write_wire(key, bytes);
+        }
+        // The scratch is taken, not borrowed: a write this one causes (a
+        // cut's handler) gets a fresh one.
+        let mut sealed = std::mem::take(&mut self.tls_sealed);
+        sealed.clear();
+        let session = self.sessions.get_mut(key as usize).and_then(Option::as_mut);
+        let alive = if session.is_some_and(|s| s.seal(bytes, &mut sealed).is_ok()) {
+            self.write_wire(key, &sealed)
+        } else {
+            // Nothing may go out before the handshake is done.
+            self.drop_quietly(key);
+            false
+        };
+        if sealed.capacity() <= 1 << 20 {
+            self.tls_sealed = sealed;
+        }
+        alive
+    }
+
+    /// Sends bytes as they are (TLS records, or plaintext without TLS).
+    fn write_wire(&mut self, key: u32, bytes: &[u8]) -> bool {
         if self.conns[key as usize].pending_out() > 0 {
             return self.keep_unsent(key, bytes);
         }
@@ -786,7 +894,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
 
     /// Everything this shard holds for its connections, in flight included.
     fn held(&self) -> usize {
-        self.held_in + self.held_out + self.driver.in_flight()
+        self.held_in + self.held_out + self.held_tls + self.driver.in_flight()
     }
 
     /// What one connection holds (its send in flight at its bound).
@@ -875,6 +983,15 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     }
 
     fn shutdown_write(&mut self, key: u32) {
+        // TLS peers expect close_notify before the FIN (best effort).
+        if let Some(session) = self.sessions.get_mut(key as usize).and_then(Option::as_mut)
+            && session.is_open()
+        {
+            let mut alert = Vec::with_capacity(32);
+            session.close_notify(&mut alert);
+            self.driver
+                .send_last(&self.conns[key as usize], key, &alert);
+        }
         let handle = self.conns[key as usize].handle;
         self.driver.shutdown_write(handle);
     }
@@ -886,7 +1003,16 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if conn.pending_out() > 0 || conn.is_sending() {
             return;
         }
-        self.driver.send_last(conn, key, bytes);
+        if self.tls.is_none() {
+            return self.driver.send_last(conn, key, bytes);
+        }
+        let mut sealed = Vec::with_capacity(bytes.len() + 64);
+        if let Some(session) = self.sessions.get_mut(key as usize).and_then(Option::as_mut)
+            && session.seal(bytes, &mut sealed).is_ok()
+        {
+            self.driver
+                .send_last(&self.conns[key as usize], key, &sealed);
+        }
     }
 
     fn cut_slow(&mut self, key: u32) -> bool {
@@ -965,6 +1091,9 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             && let Some(sources) = &self.sources
         {
             sources.closed(admission::source_key(peer), !conn.was_admitted());
+        }
+        if let Some(session) = self.sessions.get_mut(key as usize).and_then(Option::take) {
+            self.held_tls -= session.held();
         }
         self.driver.close(conn.handle);
         let stats = &self.all_stats[self.id.0 as usize];

@@ -1,0 +1,320 @@
+//! wss://: the service listener with TLS, driven by a real rustls client
+//! over real sockets, in process and as the `tether` binary (SIGHUP).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use tether::engine::tls::{TlsAcceptor, TlsFiles};
+use tether::metrics::{self, BadInput};
+use tungstenite::Message;
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+fn keys() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/keys")
+}
+
+fn client_config() -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(keys().join("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A WebSocket over TLS to `path`, upgraded.
+fn wss(addr: SocketAddr, path: &str) -> tungstenite::WebSocket<Tls> {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(client_config(), "localhost".try_into().unwrap()).unwrap();
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    tungstenite::client(url, rustls::StreamOwned::new(conn, tcp))
+        .unwrap()
+        .0
+}
+
+/// The next text message (pings are answered by tungstenite as it reads).
+fn next_json(ws: &mut tungstenite::WebSocket<Tls>) -> Value {
+    loop {
+        match ws.read().unwrap() {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+fn call(ws: &mut tungstenite::WebSocket<Tls>, id: u64, method: &str, params: Value) -> Value {
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+    ws.send(Message::Text(request.to_string().into())).unwrap();
+    next_json(ws)
+}
+
+/// The subject of the certificate the server showed.
+fn shown_certificate(ws: &tungstenite::WebSocket<Tls>) -> String {
+    let cert = &ws.get_ref().conn.peer_certificates().unwrap()[0];
+    String::from_utf8_lossy(cert.as_ref()).into_owned()
+}
+
+#[test]
+fn wss_registers_answers_pings_discovers_and_closes_cleanly() {
+    let mut config = config(2);
+    config.engine.ping_interval = Duration::from_millis(300);
+    config.engine.pong_timeout = Duration::from_millis(1000);
+    config.engine.tick = Duration::from_millis(50);
+    config.engine.tls = Some(Arc::new(
+        TlsAcceptor::new(TlsFiles {
+            cert: keys().join("server.pem"),
+            key: keys().join("server.key"),
+            client_ca: None,
+        })
+        .unwrap(),
+    ));
+    let ctl = start(config);
+    let addr = ctl.local_addr();
+    let mut ws = wss(addr, "/ws/microservice");
+    let reply = call(
+        &mut ws,
+        1,
+        "service/register",
+        register_params("billing", "10.0.0.1", 8443),
+    );
+    assert_eq!(reply["result"]["status"], "registered", "{reply}");
+    let id = reply["result"]["runtimeInstanceId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Pinged over TLS and answered (tungstenite pongs as it reads): the
+    // round trip is timed, and the service stays up.
+    let until = Instant::now() + Duration::from_secs(5);
+    ws.get_ref()
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    while metrics::total(ctl.stats(), |s| &s.rtt_count) < 3 && Instant::now() < until {
+        match ws.read() {
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                let _ = ws.flush();
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        metrics::total(ctl.stats(), |s| &s.rtt_count) >= 3,
+        "pongs timed"
+    );
+    assert_eq!(metrics::total(ctl.stats(), |s| &s.pongs_missed), 0);
+    ws.get_ref().sock.set_read_timeout(Some(WAIT)).unwrap();
+    // Discovery over TLS, on its own endpoint.
+    let mut watcher = wss(addr, "/ws/discovery");
+    let snapshot = call(
+        &mut watcher,
+        1,
+        "discovery/lookup",
+        json!({"serviceId": "billing"}),
+    );
+    assert_eq!(
+        snapshot["result"]["nodes"][0]["runtimeInstanceId"],
+        json!(id)
+    );
+    // A big message each way: a 200 KB tag set is refused or answered
+    // whole, through records of at most 16 KiB.
+    let big = "x".repeat(200_000);
+    let reply = call(
+        &mut watcher,
+        2,
+        "discovery/lookup",
+        json!({"serviceId": big}),
+    );
+    assert!(
+        reply.get("error").is_some() || reply.get("result").is_some(),
+        "{reply}"
+    );
+    // Deregister: the ack, close 1000, then close_notify and EOF (a
+    // rustls client reports an EOF without close_notify as an error).
+    let reply = call(
+        &mut ws,
+        2,
+        "service/deregister",
+        json!({"runtimeInstanceId": id, "reason": "terminate"}),
+    );
+    assert_eq!(reply["result"]["status"], "deregistered");
+    loop {
+        match ws.read() {
+            Ok(Message::Close(frame)) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1000));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("expected a clean close, got {e}"),
+        }
+    }
+    // Plain HTTP on the TLS port: refused, and counted.
+    let mut plain = Client::tcp(addr);
+    plain.send_raw(b"GET /ws/microservice HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(plain.sees_eof(WAIT));
+    assert!(bad_count(ctl.stats(), BadInput::Tls) >= 1);
+}
+
+/// Reads every connection in turn for `at_least` (once at least), so
+/// tungstenite answers their pings; a connection that breaks fails.
+fn keep_answering(conns: &mut [tungstenite::WebSocket<Tls>], at_least: Duration) {
+    let until = Instant::now() + at_least;
+    loop {
+        for ws in conns.iter_mut() {
+            ws.get_ref()
+                .sock
+                .set_read_timeout(Some(Duration::from_millis(2)))
+                .unwrap();
+            match ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(_)) => {
+                    let _ = ws.flush();
+                }
+                Err(e) => panic!("a service connection broke: {e}"),
+            }
+            ws.get_ref().sock.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        if Instant::now() >= until {
+            return;
+        }
+    }
+}
+
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn sighup_reloads_the_certificate_while_connected_services_stay() {
+    let dir = std::env::temp_dir().join(format!("tether-tls-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::copy(keys().join("server.pem"), &cert).unwrap();
+    std::fs::copy(keys().join("server.key"), &key).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-admin",
+            "--shards",
+            "2",
+        ])
+        .args(["--ping-interval", "500ms", "--pong-timeout", "1s"])
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let running = Running(child);
+    assert!(line.contains("(TLS, 2 shards"), "{line}");
+    let addr: SocketAddr = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+
+    let mut before = Vec::new();
+    for i in 0..20 {
+        let mut ws = wss(addr, "/ws/microservice");
+        let reply = call(
+            &mut ws,
+            1,
+            "service/register",
+            register_params("billing", "10.0.0.1", 1000 + i),
+        );
+        assert_eq!(reply["result"]["status"], "registered", "{reply}");
+        before.push(ws);
+        keep_answering(&mut before, Duration::ZERO);
+    }
+    assert!(!shown_certificate(&before[0]).contains("reloaded"));
+
+    std::fs::copy(keys().join("server2.pem"), &cert).unwrap();
+    std::fs::copy(keys().join("server2.key"), &key).unwrap();
+    let pid = running.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // New handshakes get the new certificate (once the signal is seen).
+    let until = Instant::now() + WAIT;
+    while !shown_certificate(&wss(addr, "/ws/discovery")).contains("reloaded") {
+        assert!(Instant::now() < until, "the reload was not seen");
+        keep_answering(&mut before, Duration::from_millis(50));
+    }
+    // Meanwhile the 20 kept answering pings; after three ping intervals
+    // they are all still registered, each still able to talk.
+    keep_answering(&mut before, Duration::from_millis(1600));
+    let mut after = wss(addr, "/ws/discovery");
+    assert!(shown_certificate(&after).contains("reloaded"));
+    let snapshot = call(
+        &mut after,
+        1,
+        "discovery/lookup",
+        json!({"serviceId": "billing"}),
+    );
+    assert_eq!(
+        snapshot["result"]["nodes"].as_array().unwrap().len(),
+        20,
+        "{snapshot}"
+    );
+    let snapshot = call(
+        &mut before[7],
+        2,
+        "discovery/lookup",
+        json!({"serviceId": "billing"}),
+    );
+    assert_eq!(snapshot["result"]["nodes"].as_array().unwrap().len(), 20);
+
+    // A broken certificate file on the next SIGHUP: the one in use stays.
+    std::fs::write(&key, "not a key").unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let ws = wss(addr, "/ws/discovery");
+    assert!(shown_certificate(&ws).contains("reloaded"));
+    drop(running);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
