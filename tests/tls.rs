@@ -206,6 +206,11 @@ fn keep_answering(conns: &mut [tungstenite::WebSocket<Tls>], at_least: Duration)
     }
 }
 
+fn hangup(pid: &str) {
+    let sent = Command::new("kill").args(["-HUP", pid]).status().unwrap();
+    assert!(sent.success());
+}
+
 struct Running(std::process::Child);
 
 impl Drop for Running {
@@ -266,13 +271,7 @@ fn sighup_reloads_the_certificate_while_connected_services_stay() {
     std::fs::copy(keys().join("server2.pem"), &cert).unwrap();
     std::fs::copy(keys().join("server2.key"), &key).unwrap();
     let pid = running.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    hangup(&pid);
     // New handshakes get the new certificate (once the signal is seen).
     let until = Instant::now() + WAIT;
     while !shown_certificate(&wss(addr, "/ws/discovery")).contains("reloaded") {
@@ -305,13 +304,7 @@ fn sighup_reloads_the_certificate_while_connected_services_stay() {
 
     // A broken certificate file on the next SIGHUP: the one in use stays.
     std::fs::write(&key, "not a key").unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    hangup(&pid);
     std::thread::sleep(Duration::from_millis(300));
     let ws = wss(addr, "/ws/discovery");
     assert!(shown_certificate(&ws).contains("reloaded"));
