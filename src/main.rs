@@ -37,7 +37,7 @@ enum Command {
     /// Run the controller: services connect to ws://ADDR/ws/microservice.
     Controller(Box<ControllerArgs>),
     /// Run one service's agent, or a swarm of simulated services.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// The gateway. Only --chained exists yet: the anti-pattern relay the
     /// load test measures (services must connect to the controller directly).
     Gateway(GatewayArgs),
@@ -304,9 +304,12 @@ struct ServicesArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The controller's service endpoint.
+    /// The controller's service endpoint (ws:// or wss://).
     #[arg(long, default_value = "ws://127.0.0.1:8438/ws/microservice")]
     controller: ControllerUrl,
+    /// For wss://: trust this CA (PEM) instead of the web's root CAs.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     #[arg(long)]
     service_id: String,
     /// Simulate N services in this process instead of one.
@@ -387,7 +390,7 @@ fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Controller(args) => controller(*args),
-        Command::Agent(args) => agent(args),
+        Command::Agent(args) => agent(*args),
         Command::Gateway(args) => gateway(args),
         Command::Status(args) => cli::status(&args.client.connect()?, args.client.json),
         Command::Services(args) => {
@@ -716,7 +719,14 @@ fn trim_ascii(bytes: &[u8]) -> &[u8] {
     bytes.trim_ascii()
 }
 
-fn agent(args: AgentArgs) -> anyhow::Result<()> {
+fn agent(mut args: AgentArgs) -> anyhow::Result<()> {
+    if let Some(ca) = &args.tls_ca {
+        args.controller = args
+            .controller
+            .clone()
+            .trusting(ca)
+            .map_err(anyhow::Error::msg)?;
+    }
     let backoff = Backoff {
         jitter: !args.no_jitter,
         ..Backoff::default()

@@ -211,6 +211,63 @@ fn hangup(pid: &str) {
     assert!(sent.success());
 }
 
+/// The `tether` binary serving wss:// with a copy of the test certificate
+/// (which a test may replace before a SIGHUP).
+struct TlsController {
+    running: Running,
+    addr: SocketAddr,
+    line: String,
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl TlsController {
+    fn start(name: &str, extra: &[&str]) -> TlsController {
+        let dir = std::env::temp_dir().join(format!("tether-tls-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::copy(keys().join("server.pem"), &cert).unwrap();
+        std::fs::copy(keys().join("server.key"), &key).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(["controller", "--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(extra)
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+        TlsController {
+            running: Running(child),
+            addr,
+            line,
+            dir,
+            cert,
+            key,
+        }
+    }
+
+    /// The served certificate and key become the second test pair.
+    fn replace_certificate(&self) {
+        std::fs::copy(keys().join("server2.pem"), &self.cert).unwrap();
+        std::fs::copy(keys().join("server2.key"), &self.key).unwrap();
+    }
+}
+
+impl Drop for TlsController {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 struct Running(std::process::Child);
 
 impl Drop for Running {
@@ -222,36 +279,18 @@ impl Drop for Running {
 
 #[test]
 fn sighup_reloads_the_certificate_while_connected_services_stay() {
-    let dir = std::env::temp_dir().join(format!("tether-tls-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::copy(keys().join("server.pem"), &cert).unwrap();
-    std::fs::copy(keys().join("server.key"), &key).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "controller",
-            "--listen",
-            "127.0.0.1:0",
+    let tls = TlsController::start(
+        "reload",
+        &[
             "--no-admin",
-            "--shards",
-            "2",
-        ])
-        .args(["--ping-interval", "500ms", "--pong-timeout", "1s"])
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let running = Running(child);
-    assert!(line.contains("(TLS, 2 shards"), "{line}");
-    let addr: SocketAddr = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+            "--ping-interval",
+            "500ms",
+            "--pong-timeout",
+            "1s",
+        ],
+    );
+    let addr = tls.addr;
+    assert!(tls.line.contains("(TLS, 2 shards"), "{}", tls.line);
 
     let mut before = Vec::new();
     for i in 0..20 {
@@ -268,9 +307,8 @@ fn sighup_reloads_the_certificate_while_connected_services_stay() {
     }
     assert!(!shown_certificate(&before[0]).contains("reloaded"));
 
-    std::fs::copy(keys().join("server2.pem"), &cert).unwrap();
-    std::fs::copy(keys().join("server2.key"), &key).unwrap();
-    let pid = running.0.id().to_string();
+    tls.replace_certificate();
+    let pid = tls.running.0.id().to_string();
     hangup(&pid);
     // New handshakes get the new certificate (once the signal is seen).
     let until = Instant::now() + WAIT;
@@ -303,11 +341,107 @@ fn sighup_reloads_the_certificate_while_connected_services_stay() {
     assert_eq!(snapshot["result"]["nodes"].as_array().unwrap().len(), 20);
 
     // A broken certificate file on the next SIGHUP: the one in use stays.
-    std::fs::write(&key, "not a key").unwrap();
+    std::fs::write(&tls.key, "not a key").unwrap();
     hangup(&pid);
     std::thread::sleep(Duration::from_millis(300));
     let ws = wss(addr, "/ws/discovery");
     assert!(shown_certificate(&ws).contains("reloaded"));
-    drop(running);
-    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The swarm speaks wss too: 5,000 services register over TLS, a SIGHUP
+/// reloads the certificate, and none of them is dropped or reconnects.
+#[test]
+fn a_wss_swarm_of_5000_stays_connected_through_a_certificate_reload() {
+    let admin_key =
+        std::env::temp_dir().join(format!("tether-tls-swarm-{}.key", std::process::id()));
+    let _ = std::fs::remove_file(&admin_key);
+    let admin_key_arg = admin_key.to_string_lossy().into_owned();
+    let tls = TlsController::start(
+        "swarm",
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--admin-key-file",
+            &admin_key_arg,
+            "--ping-interval",
+            "1s",
+            "--pong-timeout",
+            "2s",
+        ],
+    );
+    let addr = tls.addr;
+    let admin = tls
+        .line
+        .rsplit("admin on ")
+        .next()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let summary = || {
+        let key =
+            tether::admin::access::AdminKey::for_url(&format!("http://{admin}"), Some(&admin_key))
+                .unwrap();
+        let mut r = ureq::get(&format!("http://{admin}/summary"))
+            .header("authorization", &key.bearer())
+            .call()
+            .unwrap();
+        serde_json::from_str::<Value>(&r.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let swarm = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "agent",
+            "--controller",
+            &format!("wss://localhost:{}/ws/microservice", addr.port()),
+        ])
+        .arg("--tls-ca")
+        .arg(keys().join("ca.pem"))
+        .args([
+            "--service-id",
+            "tls",
+            "--swarm",
+            "5000",
+            "--distinct-ids",
+            "10",
+        ])
+        .args([
+            "--source-ips",
+            "127.0.0.2-127.0.0.3",
+            "--exit-after",
+            "120s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut swarm = Running(swarm);
+    let mut lines = BufReader::new(swarm.0.stdout.take().unwrap()).lines();
+    assert!(
+        lines.any(|l| l.unwrap().contains("all 5000 registered")),
+        "the swarm registered over wss"
+    );
+    // Settled: every service up, and the events so far (a few may have
+    // registered twice during the ramp, after a register timeout).
+    std::thread::sleep(Duration::from_secs(2));
+    let s = summary();
+    assert_eq!(s["byStatus"]["up"], 5000, "{s}");
+    let events_before = s["lastEventSeq"].as_u64().unwrap();
+    tls.replace_certificate();
+    hangup(&tls.running.0.id().to_string());
+    let until = Instant::now() + WAIT;
+    while !shown_certificate(&wss(addr, "/ws/discovery")).contains("reloaded") {
+        assert!(Instant::now() < until, "the reload was not seen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Three ping rounds later: all still up, and no registration was
+    // made again (a dropped connection would have re-registered).
+    std::thread::sleep(Duration::from_secs(3));
+    let s = summary();
+    assert_eq!(s["byStatus"]["up"], 5000, "{s}");
+    assert_eq!(s["byStatus"]["down"], 0, "{s}");
+    let events = s["lastEventSeq"].as_u64().unwrap();
+    assert_eq!(events, events_before, "no event since the reload: {s}");
+    drop(swarm);
+    let _ = std::fs::remove_file(&admin_key);
 }

@@ -13,6 +13,7 @@ pub mod swarm;
 mod worker;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::jsonrpc::RpcError;
@@ -133,22 +134,76 @@ pub fn retry_hint(reason: &str) -> Option<Duration> {
     Some(Duration::from_secs(secs.min(600)))
 }
 
-/// A controller WebSocket URL, `ws://HOST:PORT/PATH`.
+/// A controller WebSocket URL, `ws://HOST:PORT/PATH` or `wss://…`.
 #[derive(Clone, Debug)]
 pub struct ControllerUrl {
     pub addr: SocketAddr,
     /// What goes into the Host header.
     pub host: String,
     pub path: String,
+    /// For `wss://`: how to trust the controller (the web's roots unless
+    /// `trusting` names a CA).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl ControllerUrl {
+    /// For `wss://`: trust the CA certificates in `ca` (PEM) instead.
+    pub fn trusting(mut self, ca: &std::path::Path) -> Result<ControllerUrl, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        if self.tls.is_none() {
+            return Err("a CA is only for wss:// URLs".into());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("cannot read the CA {}: {e}", ca.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("the CA {}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the CA {}: {e}", ca.display()))?;
+        }
+        self.tls = Some(client_config(roots));
+        Ok(self)
+    }
+
+    /// The name the certificate must carry: the host without its port.
+    pub fn server_name(&self) -> Result<rustls::pki_types::ServerName<'static>, String> {
+        let name = match self.host.rsplit_once(':') {
+            Some((name, _)) => name,
+            None => &self.host,
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| format!("{name}: not a TLS server name: {e}"))
+    }
+}
+
+fn client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 impl std::str::FromStr for ControllerUrl {
     type Err = String;
 
     fn from_str(url: &str) -> Result<Self, Self::Err> {
-        let rest = url.strip_prefix("ws://").ok_or_else(|| {
-            format!("{url}: only ws:// URLs are supported (the controller speaks plain WebSocket)")
-        })?;
+        let (rest, tls) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (rest, None),
+            (_, Some(rest)) => {
+                let roots = rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                (rest, Some(client_config(roots)))
+            }
+            _ => return Err(format!("{url}: expected a ws:// or wss:// URL")),
+        };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/ws/microservice"),
@@ -166,11 +221,16 @@ impl std::str::FromStr for ControllerUrl {
             .map_err(|e| format!("{url}: cannot resolve {with_port}: {e}"))?
             .next()
             .ok_or_else(|| format!("{url}: {with_port} resolves to nothing"))?;
-        Ok(ControllerUrl {
+        let url = ControllerUrl {
             addr,
             host: with_port,
             path: path.to_string(),
-        })
+            tls,
+        };
+        if url.tls.is_some() {
+            url.server_name()?;
+        }
+        Ok(url)
     }
 }
 

@@ -140,6 +140,9 @@ struct Slot {
     /// The slot's place in the worker's wheel, at its earliest timer.
     link: Link,
     timers: Timers,
+    /// For wss://: the connection's TLS (rustls' buffered client; a
+    /// client's memory is not what is measured).
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 /// A slot's timers, as ticks of the worker's clock (0: not set). The
@@ -205,6 +208,9 @@ pub struct Worker<O: Observer> {
     last_refill: Instant,
     scratch: Vec<u8>,
     out: Vec<u8>,
+    /// Scratch for wss:// sessions: plaintext opened, records to send.
+    plain: Vec<u8>,
+    wire: Vec<u8>,
     events: Vec<SessionEvent>,
     replies: HashMap<(usize, u64), SyncSender<Result<Value, Value>>>,
     deregistering: HashMap<(usize, u64), SyncSender<bool>>,
@@ -249,6 +255,7 @@ impl<O: Observer> Worker<O> {
                 probing: None,
                 link: Link::default(),
                 timers: Timers::default(),
+                tls: None,
             })
             .collect::<Vec<_>>();
         Ok(Worker {
@@ -269,6 +276,8 @@ impl<O: Observer> Worker<O> {
             read_again: io::ReadAgain::default(),
             scratch: vec![0; 64 << 10],
             out: Vec::new(),
+            plain: Vec::new(),
+            wire: Vec::new(),
             events: Vec::new(),
             replies: HashMap::new(),
             deregistering: HashMap::new(),
@@ -508,6 +517,18 @@ impl<O: Observer> Worker<O> {
             s.opened_at = now;
         }
         inc(&self.stats.open);
+        if let Some(config) = &self.config.controller.tls {
+            let name = self.config.controller.server_name();
+            match name.and_then(|n| {
+                rustls::ClientConnection::new(config.clone(), n).map_err(|e| e.to_string())
+            }) {
+                Ok(conn) => self.slots[slot].tls = Some(Box::new(conn)),
+                Err(e) => {
+                    tracing::warn!("cannot start TLS: {e}");
+                    return self.fail(slot);
+                }
+            }
+        }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
         let url = &self.config.controller;
@@ -547,9 +568,23 @@ impl<O: Observer> Worker<O> {
                     let mut out = std::mem::take(&mut self.out);
                     let mut events = std::mem::take(&mut self.events);
                     out.clear();
+                    let mut plain = std::mem::take(&mut self.plain);
+                    let input = if self.slots[slot].tls.is_some() {
+                        plain.clear();
+                        if self.open_tls(slot, n, &mut plain).is_err() {
+                            self.plain = plain;
+                            self.out = out;
+                            self.events = events;
+                            return self.fail(slot);
+                        }
+                        &plain[..]
+                    } else {
+                        &self.scratch[..n]
+                    };
                     let s = &mut self.slots[slot];
                     s.session
-                        .on_input(&self.scratch[..n], &*self.tools, &mut out, &mut events);
+                        .on_input(input, &*self.tools, &mut out, &mut events);
+                    self.plain = plain;
                     if !out.is_empty() {
                         self.send(slot, &out);
                     }
@@ -708,8 +743,61 @@ impl<O: Observer> Worker<O> {
         }
     }
 
-    /// Sends or keeps what the socket will not take.
+    /// Hands `n` received bytes in `scratch` to the slot's TLS: the
+    /// plaintext into `plain`, and sends what TLS has to send (its
+    /// handshake, and plaintext queued before it completed).
+    fn open_tls(&mut self, slot: usize, n: usize, plain: &mut Vec<u8>) -> Result<(), ()> {
+        let tls = self.slots[slot].tls.as_mut().expect("a TLS slot");
+        let mut input = &self.scratch[..n];
+        while !input.is_empty() {
+            tls.read_tls(&mut input).map_err(drop)?;
+            let state = tls.process_new_packets().map_err(|e| {
+                tracing::debug!("TLS: {e}");
+            })?;
+            let mut chunk = vec![0u8; state.plaintext_bytes_to_read()];
+            std::io::Read::read_exact(&mut tls.reader(), &mut chunk).map_err(drop)?;
+            plain.extend_from_slice(&chunk);
+            if state.peer_has_closed() {
+                break;
+            }
+        }
+        self.send_tls(slot);
+        Ok(())
+    }
+
+    /// Sends the records the slot's TLS has ready.
+    fn send_tls(&mut self, slot: usize) {
+        let Some(tls) = self.slots[slot].tls.as_mut() else {
+            return;
+        };
+        let mut wire = std::mem::take(&mut self.wire);
+        wire.clear();
+        while tls.wants_write() {
+            if tls.write_tls(&mut wire).is_err() {
+                break;
+            }
+        }
+        if !wire.is_empty() {
+            self.send_wire(slot, &wire);
+        }
+        self.wire = wire;
+    }
+
+    /// Sends or keeps what the socket will not take (sealed first for a
+    /// wss:// session).
     fn send(&mut self, slot: usize, bytes: &[u8]) {
+        if let Some(tls) = self.slots[slot].tls.as_mut() {
+            // Before the handshake is done rustls keeps it for later.
+            if std::io::Write::write_all(&mut tls.writer(), bytes).is_err() {
+                return self.fail(slot);
+            }
+            return self.send_tls(slot);
+        }
+        self.send_wire(slot, bytes);
+    }
+
+    /// Sends bytes as they are, or keeps what the socket will not take.
+    fn send_wire(&mut self, slot: usize, bytes: &[u8]) {
         let s = &mut self.slots[slot];
         if s.fd < 0 {
             return;
@@ -753,6 +841,7 @@ impl<O: Observer> Worker<O> {
         }
         s.state = State::Waiting;
         s.unsent = Vec::new();
+        s.tls = None;
         s.timers = Timers {
             reconnect: s.timers.reconnect,
             ..Timers::default()
