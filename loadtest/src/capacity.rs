@@ -33,6 +33,9 @@ pub struct CapacityArgs {
     /// after the CPU figures); 0 skips it.
     #[arg(long, default_value_t = 0)]
     pub syscalls: u64,
+    /// Services connect with wss:// (the repository's test certificate).
+    #[arg(long)]
+    pub tls: bool,
     #[arg(long)]
     pub tether: Option<std::path::PathBuf>,
     #[arg(long)]
@@ -52,6 +55,7 @@ pub struct Syscalls {
 #[derive(Serialize)]
 pub struct CapacityReport {
     pub io: String,
+    pub tls: bool,
     pub services: usize,
     pub shards: usize,
     pub registered: u64,
@@ -84,20 +88,28 @@ fn scrape(admin: &str) -> anyhow::Result<String> {
 
 pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     let tether = procs::tether_binary(args.tether.as_deref())?;
-    let controller = topology::controller_with(&tether, args.shards, &["--io", &args.io])?;
+    let (tls_args, ca) = topology::test_tls();
+    let mut extra = vec!["--io", &args.io];
+    if args.tls {
+        extra.extend(tls_args.iter().map(String::as_str));
+    }
+    let controller = topology::controller_with(&tether, args.shards, &extra)?;
     std::thread::sleep(Duration::from_secs(1));
     let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
     let kernel0 = procs::KernelMemory::now()?;
     eprintln!(
-        "controller ({}, {} shards) pid {pid}: VmRSS {rss_start} kB after start",
-        args.io, args.shards
+        "controller ({}{}, {} shards) pid {pid}: VmRSS {rss_start} kB after start",
+        args.io,
+        if args.tls { ", TLS" } else { "" },
+        args.shards
     );
 
     let (swarms, registration_seconds) = {
         let mut spec = topology::SwarmSpec::new(&controller.listen, args.services);
         spec.per_swarm = args.per_swarm;
         spec.connect_rate = args.connect_rate;
+        spec.tls_ca = args.tls.then_some(ca);
         topology::start_swarms(&tether, &spec)?
     };
     eprintln!(
@@ -140,6 +152,7 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     let n = args.services as f64;
     let sockets = 2.0 * n;
     Ok(CapacityReport {
+        tls: args.tls,
         io: args.io,
         services: args.services,
         shards: args.shards,
@@ -221,7 +234,11 @@ fn count_syscalls(admin: &str, pid: u32, seconds: u64) -> anyhow::Result<Syscall
 }
 
 pub fn print(r: &CapacityReport) {
-    println!("driver                          {}", r.io);
+    println!(
+        "driver                          {}{}",
+        r.io,
+        if r.tls { ", wss:// (TLS 1.3)" } else { "" }
+    );
     println!(
         "services registered             {} of {} ({} shards)",
         r.registered, r.services, r.shards

@@ -33,10 +33,16 @@ pub struct MemoryArgs {
     /// Write the figures as JSON here too.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Measure plain and then wss:// (the repository's test certificate)
+    /// at the same N, and print TLS's cost on top of plain.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Serialize)]
 pub struct MemoryReport {
+    /// Services connected with wss://.
+    pub tls: bool,
     pub services: usize,
     pub shards: usize,
     pub controller_rss_start_kb: u64,
@@ -55,9 +61,23 @@ pub struct MemoryReport {
     pub kernel: String,
 }
 
-pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
+/// One run per transport: plain, and with `--tls` wss:// after it.
+pub fn run(args: MemoryArgs) -> anyhow::Result<Vec<MemoryReport>> {
+    let mut reports = vec![run_once(&args, false)?];
+    if args.tls {
+        reports.push(run_once(&args, true)?);
+    }
+    Ok(reports)
+}
+
+fn run_once(args: &MemoryArgs, tls: bool) -> anyhow::Result<MemoryReport> {
     let tether = procs::tether_binary(args.tether.as_deref())?;
-    let controller = topology::controller_with(&tether, args.shards, &["--io", &args.io])?;
+    let (tls_args, ca) = topology::test_tls();
+    let mut extra = vec!["--io", &args.io];
+    if tls {
+        extra.extend(tls_args.iter().map(String::as_str));
+    }
+    let controller = topology::controller_with(&tether, args.shards, &extra)?;
     std::thread::sleep(Duration::from_secs(1));
     let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
@@ -70,6 +90,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     let (swarms, registration_seconds) = {
         let mut spec = topology::SwarmSpec::new(&controller.listen, args.services);
         spec.per_swarm = args.per_swarm;
+        spec.tls_ca = tls.then_some(ca);
         topology::start_swarms(&tether, &spec)?
     };
     eprintln!(
@@ -85,6 +106,7 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     let n = args.services as f64;
     let sockets = 2.0 * n;
     Ok(MemoryReport {
+        tls,
         services: args.services,
         shards: args.shards,
         controller_rss_start_kb: rss_start,
@@ -105,7 +127,40 @@ pub fn run(args: MemoryArgs) -> anyhow::Result<MemoryReport> {
     })
 }
 
-pub fn print(r: &MemoryReport) {
+pub fn print(reports: &[MemoryReport]) {
+    for r in reports {
+        print_one(r);
+    }
+    if let [plain, tls] = reports {
+        let n = plain.services as f64;
+        println!("--- wss:// against plain, same N, same shards");
+        println!(
+            "TLS idle cost                  {:+.0} bytes per connection ({:.0} vs {:.0})",
+            tls.user_bytes_per_service - plain.user_bytes_per_service,
+            tls.user_bytes_per_service,
+            plain.user_bytes_per_service
+        );
+        let per = |r: &MemoryReport| r.controller_cpu_seconds / n * 1e6;
+        let handshake = per(tls) - per(plain);
+        println!(
+            "controller CPU per registration {:.1} µs wss vs {:.1} µs plain: {:.1} µs more, {:.0} handshakes per second per core",
+            per(tls),
+            per(plain),
+            handshake,
+            1e6 / handshake.max(1e-3)
+        );
+    }
+}
+
+fn print_one(r: &MemoryReport) {
+    println!(
+        "--- {}",
+        if r.tls {
+            "wss:// (TLS 1.3)"
+        } else {
+            "ws:// (plain)"
+        }
+    );
     println!("services registered            {}", r.services);
     println!("controller shards              {}", r.shards);
     println!(

@@ -109,6 +109,8 @@ pub struct SwarmSpec<'a> {
     pub group: u8,
     pub index_base: usize,
     pub extra: Vec<String>,
+    /// Connect with wss://, trusting this CA.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl<'a> SwarmSpec<'a> {
@@ -122,8 +124,26 @@ impl<'a> SwarmSpec<'a> {
             group: 0,
             index_base: 0,
             extra: Vec::new(),
+            tls_ca: None,
         }
     }
+}
+
+/// The test certificate of this repository (tests/keys: for loopback
+/// measurements only): the controller's `--tls-cert`/`--tls-key`
+/// arguments, and the CA its swarms trust.
+pub fn test_tls() -> ([String; 4], PathBuf) {
+    let keys = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/keys");
+    let arg = |name: &str| keys.join(name).to_string_lossy().into_owned();
+    (
+        [
+            "--tls-cert".into(),
+            arg("server.pem"),
+            "--tls-key".into(),
+            arg("server.key"),
+        ],
+        keys.join("ca.pem"),
+    )
 }
 
 /// Starts the group and waits until every service registered; returns the
@@ -136,10 +156,11 @@ pub fn start_swarms(tether: &Path, spec: &SwarmSpec<'_>) -> anyhow::Result<(Vec<
         let n = spec.per_swarm.min(spec.services - offset);
         let mut cmd = Command::new(tether);
         let distinct = if spec.service_id == "svc" { "100" } else { "1" };
+        let scheme = if spec.tls_ca.is_some() { "wss" } else { "ws" };
         cmd.args([
             "agent",
             "--controller",
-            &format!("ws://{}/ws/microservice", spec.target),
+            &format!("{scheme}://{}/ws/microservice", spec.target),
             "--service-id",
             spec.service_id,
         ])
@@ -159,6 +180,9 @@ pub fn start_swarms(tether: &Path, spec: &SwarmSpec<'_>) -> anyhow::Result<(Vec<
             ),
         ])
         .args(&spec.extra);
+        if let Some(ca) = &spec.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
         swarms.push(Proc::spawn_with(
             &format!("swarm-{}@{offset}", spec.service_id),
             cmd,

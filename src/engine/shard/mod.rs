@@ -52,6 +52,8 @@ use uring_loop::UringIo;
 /// memory back to the OS at its next tick (after an attack's cuts, RSS
 /// falls back instead of staying at its peak).
 const COLLECT_AFTER: usize = 1 << 20;
+/// About what one TLS handshake's rustls state held (freed when it ends).
+const HANDSHAKE_STATE: usize = 4 << 10;
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Setup<M: Send + 'static> {
@@ -252,6 +254,9 @@ struct Shard<H: Handler, D: Driver> {
     tls_plain: Vec<u8>,
     tls_wire: Vec<u8>,
     tls_sealed: Vec<u8>,
+    /// TLS handshakes finished since the last collect: each freed its
+    /// rustls state (a few KiB), which a ramp leaves scattered.
+    handshakes_freed: usize,
 }
 
 impl<H: Handler, D: Driver> Shard<H, D> {
@@ -297,6 +302,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             tls_plain: Vec::new(),
             tls_wire: Vec::new(),
             tls_sealed: Vec::new(),
+            handshakes_freed: 0,
             config: setup.config,
         }
     }
@@ -611,6 +617,13 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 self.drop_conn(key);
             }
             Ok(read) => {
+                if read.established {
+                    self.handshakes_freed += 1;
+                    if self.handshakes_freed * HANDSHAKE_STATE >= COLLECT_AFTER {
+                        self.handshakes_freed = 0;
+                        self.collect_freed = true;
+                    }
+                }
                 let alive = wire.is_empty() || self.write_wire(key, &wire);
                 if alive && !plain.is_empty() {
                     self.feed_plain(key, &mut plain);
