@@ -11,26 +11,46 @@ use tether::admin::access::AdminKey;
 pub struct AdminClient {
     base: String,
     key: AdminKey,
+    agent: ureq::Agent,
 }
 
 impl AdminClient {
     /// The key comes from `key_file`, else from the controller's default
-    /// file for the URL's port.
-    pub fn new(base: &str, key_file: Option<&Path>) -> anyhow::Result<AdminClient> {
+    /// file for the URL's port; an https:// API is trusted by `ca`'s
+    /// certificates, else by the web's.
+    pub fn new(
+        base: &str,
+        key_file: Option<&Path>,
+        ca: Option<&Path>,
+    ) -> anyhow::Result<AdminClient> {
+        let mut config = ureq::Agent::config_builder().http_status_as_error(false);
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            let certs = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", ca.display());
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .build(),
+            );
+        }
         Ok(AdminClient {
             base: base.trim_end_matches('/').to_string(),
             key: AdminKey::for_url(base, key_file).map_err(anyhow::Error::msg)?,
+            agent: config.build().into(),
         })
     }
 }
 
 fn get(admin: &AdminClient, path_and_query: &str) -> anyhow::Result<Value> {
     let url = format!("{}{path_and_query}", admin.base);
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    let mut response = agent
+    let mut response = admin
+        .agent
         .get(&url)
         .header("authorization", &admin.key.bearer())
         .call()

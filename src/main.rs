@@ -196,6 +196,16 @@ struct ControllerArgs {
     /// too, e.g. for a kubelet or Prometheus that must not hold the key.
     #[arg(long)]
     admin_health: Option<SocketAddr>,
+    /// Serve the admin API over HTTPS with this certificate chain (PEM);
+    /// with --admin-tls-key. Reloaded on SIGHUP.
+    #[arg(long, requires = "admin_tls_key")]
+    admin_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "admin_tls_cert")]
+    admin_tls_key: Option<std::path::PathBuf>,
+    /// With admin TLS: a client certificate this CA signed (the gateway's)
+    /// authenticates its connection in place of the admin key.
+    #[arg(long, requires = "admin_tls_cert")]
+    admin_tls_client_ca: Option<std::path::PathBuf>,
     /// Run without the admin API.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
@@ -253,7 +263,11 @@ struct GatewayArgs {
 
 impl AdminClientArgs {
     fn connect(&self) -> anyhow::Result<cli::AdminClient> {
-        cli::AdminClient::new(&self.admin, self.admin_key_file.as_deref())
+        cli::AdminClient::new(
+            &self.admin,
+            self.admin_key_file.as_deref(),
+            self.admin_ca.as_deref(),
+        )
     }
 }
 
@@ -270,6 +284,9 @@ struct AdminClientArgs {
     /// --admin URL's port).
     #[arg(long, env = "TETHER_ADMIN_KEY_FILE")]
     admin_key_file: Option<std::path::PathBuf>,
+    /// For an https:// --admin: trust this CA (PEM) instead of the web's.
+    #[arg(long)]
+    admin_ca: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -567,6 +584,17 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin.allowed_origins = args.admin_allow_origins;
         admin.allowed_hosts.extend(args.admin_allow_hosts);
         admin.health_listen = args.admin_health;
+        if let (Some(cert), Some(key)) = (args.admin_tls_cert, args.admin_tls_key) {
+            let files = tether::engine::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: args.admin_tls_client_ca,
+            };
+            admin.tls = Some(std::sync::Arc::new(
+                tether::admin::AdminTls::new(files).map_err(anyhow::Error::msg)?,
+            ));
+        }
+        let admin_tls = admin.tls.clone();
         if args.admin.port() == 0 && args.admin_key_file.is_none() {
             anyhow::bail!(
                 "--admin with port 0 needs --admin-key-file (the default file is named by the port)"
@@ -579,16 +607,17 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         let server =
             AdminServer::start(controller.api(), admin).context("the admin API could not start")?;
-        Some((server, key_file))
+        Some((server, key_file, admin_tls))
     };
     let admin_line = admin
         .as_ref()
-        .map_or("admin off".to_string(), |(a, key_file)| {
+        .map_or("admin off".to_string(), |(a, key_file, admin_tls)| {
             let health = a
                 .health_addr()
                 .map_or(String::new(), |h| format!(", probes on {h}"));
             format!(
-                "admin on {} (key in {}{health})",
+                "admin on {}{} (key in {}{health})",
+                if admin_tls.is_some() { "https://" } else { "" },
                 a.local_addr(),
                 key_file.display()
             )
@@ -610,16 +639,26 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             "services connect to {config_base_path}/ws/microservice and {config_base_path}/ws/discovery"
         );
     }
-    // SIGHUP reloads the certificate; a bad file leaves the old one.
-    let reload = || match &tls {
-        None => tracing::info!("SIGHUP: no TLS to reload"),
-        Some(tls) => match tls.reload() {
-            Ok(()) => tracing::info!(
-                "SIGHUP: reloaded {} for new TLS handshakes",
-                tls.files().cert.display()
-            ),
-            Err(e) => tracing::error!("SIGHUP: {e}; the certificate in use stays"),
-        },
+    // SIGHUP reloads the certificates; a bad file leaves the old one.
+    let admin_tls = admin.as_ref().and_then(|(_, _, t)| t.clone());
+    let reload = || {
+        let reloads = [
+            tls.as_ref().map(|t| (t.files().cert.clone(), t.reload())),
+            admin_tls
+                .as_ref()
+                .map(|t| (t.cert_path().clone(), t.reload())),
+        ];
+        if reloads.iter().all(Option::is_none) {
+            tracing::info!("SIGHUP: no TLS to reload");
+        }
+        for (cert, reloaded) in reloads.into_iter().flatten() {
+            match reloaded {
+                Ok(()) => {
+                    tracing::info!("SIGHUP: reloaded {} for new TLS handshakes", cert.display())
+                }
+                Err(e) => tracing::error!("SIGHUP: {e}; the certificate in use stays"),
+            }
+        }
     };
     loop {
         if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
@@ -652,7 +691,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     // Not ready first (load balancers stop sending, no new commands), then
     // the admin API (bounded: live streams are ended), then the shards.
     controller.api().set_stopping();
-    if let Some((admin, _)) = admin {
+    if let Some((admin, _, _)) = admin {
         admin.shutdown();
     }
     controller.shutdown();

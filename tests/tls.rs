@@ -445,3 +445,82 @@ fn a_wss_swarm_of_5000_stays_connected_through_a_certificate_reload() {
     drop(swarm);
     let _ = std::fs::remove_file(&admin_key);
 }
+
+/// An agent for an https:// admin API: the test CA trusted, and the test
+/// client certificate shown when `with_cert`.
+fn https_agent(with_cert: bool) -> ureq::Agent {
+    let pem = |name: &str| std::fs::read(keys().join(name)).unwrap();
+    let certs = |name: &str| {
+        ureq::tls::parse_pem(&pem(name))
+            .filter_map(|i| match i.unwrap() {
+                ureq::tls::PemItem::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut tls = ureq::tls::TlsConfig::builder()
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&certs("ca.pem")));
+    if with_cert {
+        let key = ureq::tls::PrivateKey::from_pem(&pem("client.key")).unwrap();
+        tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(
+            &certs("client.pem"),
+            key,
+        )));
+    }
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .tls_config(tls.build())
+        .build()
+        .into()
+}
+
+#[test]
+fn the_admin_api_over_https_takes_the_key_or_the_gateway_s_client_certificate() {
+    use tether::admin::{AdminConfig, AdminServer, AdminTls, access::AdminKey};
+    let ctl = start(config(1));
+    let mut admin = AdminConfig::new("127.0.0.1:0".parse().unwrap());
+    admin.key = AdminKey::new(b"an admin key for the https test");
+    admin.health_listen = Some("127.0.0.1:0".parse().unwrap());
+    admin.tls = Some(Arc::new(
+        AdminTls::new(TlsFiles {
+            cert: keys().join("server.pem"),
+            key: keys().join("server.key"),
+            client_ca: Some(keys().join("ca.pem")),
+        })
+        .unwrap(),
+    ));
+    let server = AdminServer::start(ctl.api(), admin).unwrap();
+    let url = format!("https://localhost:{}/summary", server.local_addr().port());
+    let status = |agent: &ureq::Agent, key: Option<&str>| {
+        let mut req = agent.get(&url);
+        if let Some(key) = key {
+            req = req.header("authorization", &format!("Bearer {key}"));
+        }
+        req.call().map(|r| r.status().as_u16())
+    };
+    // The key over TLS.
+    assert_eq!(
+        status(&https_agent(false), Some("an admin key for the https test")).unwrap(),
+        200
+    );
+    // Neither key nor certificate: 401; a wrong key: 401.
+    assert_eq!(status(&https_agent(false), None).unwrap(), 401);
+    assert_eq!(status(&https_agent(false), Some("wrong")).unwrap(), 401);
+    // The gateway's client certificate stands in for the key, and its
+    // identity headers are then read.
+    assert_eq!(status(&https_agent(true), None).unwrap(), 200);
+    // Plain HTTP to the TLS port gets no answer it could read.
+    let plain = format!("http://127.0.0.1:{}/summary", server.local_addr().port());
+    let answered = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3)))
+        .build()
+        .new_agent()
+        .get(&plain)
+        .header("authorization", "Bearer an admin key for the https test")
+        .call()
+        .is_ok_and(|r| r.status() == 200);
+    assert!(!answered);
+    // The probes' own listener stays plain and open.
+    let probes = format!("http://{}/readyz", server.health_addr().unwrap());
+    assert_eq!(ureq::get(&probes).call().unwrap().status(), 200);
+}

@@ -5,10 +5,11 @@
 //!   default), so a page that reaches this port by DNS rebinding is
 //!   refused even before its credentials are asked for;
 //! - come from no browser `Origin`, or an allowed one;
-//! - carry `Authorization: Bearer <admin key>`. Only a caller holding the
-//!   key (the gateway, the CLI, an operator's script) is trusted to say who
-//!   it acts for (`X-Tether-User`, `X-Tether-Scopes`); without it those
-//!   headers are never read.
+//! - carry `Authorization: Bearer <admin key>`, or come over a TLS
+//!   connection whose client certificate the admin client CA verified (the
+//!   gateway's mTLS). Only such a caller (the gateway, the CLI, an
+//!   operator's script) is trusted to say who it acts for (`X-Tether-User`,
+//!   `X-Tether-Scopes`); without it those headers are never read.
 //!
 //! The key lives in a file: given with `--admin-key-file`, or the default
 //! under the user's runtime directory, created (mode 0600) with 32 random
@@ -210,8 +211,14 @@ pub(crate) fn is_probe(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// Why a request is refused, if it is.
-pub(crate) fn check(state: &super::State, headers: &HeaderMap) -> Result<(), super::Reply> {
+/// Why a request is refused, if it is. `client_verified`: its connection
+/// showed a client certificate the admin client CA verified, which stands
+/// in for the key.
+pub(crate) fn check(
+    state: &super::State,
+    headers: &HeaderMap,
+    client_verified: bool,
+) -> Result<(), super::Reply> {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -226,6 +233,9 @@ pub(crate) fn check(state: &super::State, headers: &HeaderMap) -> Result<(), sup
         ));
     }
     super::check_origin(state, headers)?;
+    if client_verified {
+        return Ok(());
+    }
     let offered = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
@@ -249,7 +259,11 @@ pub(crate) async fn guard(State(state): State<AppState>, request: Request, next:
     if is_probe(request.uri().path()) {
         return next.run(request).await;
     }
-    match check(&state, request.headers()) {
+    let client_verified = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<super::AdminPeer>>()
+        .is_some_and(|peer| peer.0.client_verified);
+    match check(&state, request.headers(), client_verified) {
         Ok(()) => next.run(request).await,
         Err(refused) => {
             let unauthorized = refused.0 == StatusCode::UNAUTHORIZED;

@@ -10,7 +10,6 @@
 //! Every command's work runs in a task of its own, so it is audited even
 //! when the HTTP client goes away before the reply.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -349,23 +348,23 @@ pub(crate) struct ToolsParams {
 
 pub(crate) async fn tools(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<super::AdminPeer>,
     headers: HeaderMap,
     Path(id): Path<String>,
     axum::extract::Query(p): axum::extract::Query<ToolsParams>,
 ) -> Response {
-    let caller = Arc::new(Caller::from_headers(&headers, peer));
+    let caller = Arc::new(Caller::from_headers(&headers, peer.addr));
     respond(tools_reply(&state, caller, &id, p.timeout_ms).await)
 }
 
 pub(crate) async fn one(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<super::AdminPeer>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Result<Json<CommandBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let caller = Arc::new(Caller::from_headers(&headers, peer));
+    let caller = Arc::new(Caller::from_headers(&headers, peer.addr));
     match body {
         Ok(Json(body)) => respond(command_reply(&state, caller, &id, body).await),
         Err(e) => error(
@@ -525,11 +524,11 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
 
 pub(crate) async fn fanout(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<super::AdminPeer>,
     headers: HeaderMap,
     body: Result<Json<FanoutBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let caller = Arc::new(Caller::from_headers(&headers, peer));
+    let caller = Arc::new(Caller::from_headers(&headers, peer.addr));
     match body {
         Ok(Json(body)) => respond(fanout_reply(&state, caller, body).await),
         Err(e) => error(

@@ -3,7 +3,6 @@
 //! tools/call), for admin UIs that speak MCP. The caller's identity and
 //! scopes are the headers of the upgrade request.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::jsonrpc::{self, Code, Message as Rpc, ParseError, RpcError};
@@ -25,11 +24,11 @@ const MAX_MESSAGE: usize = 1 << 20;
 
 pub(crate) async fn mcp(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<super::AdminPeer>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let caller = Arc::new(Caller::from_headers(&headers, peer));
+    let caller = Arc::new(Caller::from_headers(&headers, peer.addr));
     ws.max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| session(socket, state, caller))
 }

@@ -18,6 +18,7 @@ mod commands;
 mod events;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+mod listener;
 mod mcp;
 mod metrics;
 mod services;
@@ -37,6 +38,7 @@ use serde_json::json;
 use crate::controller::Api;
 use audit::{Audit, AuditConfig};
 
+pub use listener::{AdminPeer, AdminTls};
 pub use metrics::render as render_metrics;
 
 #[derive(Clone, Debug)]
@@ -80,6 +82,9 @@ pub struct AdminConfig {
     /// A second listener that serves only the open probes (`/healthz`,
     /// `/readyz`, `/metrics`).
     pub health_listen: Option<SocketAddr>,
+    /// HTTPS on `listen` (the probes' own listener stays plain). With a
+    /// client CA, a verified client certificate authenticates like the key.
+    pub tls: Option<Arc<AdminTls>>,
 }
 
 impl AdminConfig {
@@ -102,6 +107,7 @@ impl AdminConfig {
             key: access::AdminKey::random().expect("/dev/urandom gives random bytes"),
             allowed_hosts: access::default_hosts(listen),
             health_listen: None,
+            tls: None,
         }
     }
 }
@@ -218,6 +224,7 @@ impl AdminServer {
         let streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams));
         let pump = events::Pump::start().map_err(AdminError::Runtime)?;
         let user_timeout = config.stream_send_timeout;
+        let tls = config.tls.clone();
         let state = Arc::new(State {
             api,
             audit,
@@ -233,7 +240,19 @@ impl AdminServer {
             .spawn(move || {
                 let stopping = state.stopping.clone();
                 runtime.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                    // A client that stops reading (a stalled event stream)
+                    // holds at most this much kernel memory before
+                    // backpressure reaches its bounded queue and cuts it.
+                    // And one that takes nothing at all (a zero window, SSE
+                    // or not) is dropped by the kernel after the timeout.
+                    let tune = move |tcp: &tokio::net::TcpStream| {
+                        let socket = socket2::SockRef::from(tcp);
+                        let _ = socket.set_send_buffer_size(SEND_BUFFER);
+                        let _ = socket.set_tcp_user_timeout(Some(user_timeout));
+                    };
+                    let listener = match tokio::net::TcpListener::from_std(listener)
+                        .and_then(|tcp| listener::AdminListener::start(tcp, tls, tune))
+                    {
                         Ok(l) => l,
                         Err(e) => return tracing::error!("admin listener: {e}"),
                     };
@@ -246,17 +265,7 @@ impl AdminServer {
                             Err(e) => return tracing::error!("admin health listener: {e}"),
                         }
                     }
-                    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-                    // A client that stops reading (a stalled event stream)
-                    // holds at most this much kernel memory before
-                    // backpressure reaches its bounded queue and cuts it.
-                    // And one that takes nothing at all (a zero window, SSE
-                    // or not) is dropped by the kernel after the timeout.
-                    let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
-                        let socket = socket2::SockRef::from(&*tcp);
-                        let _ = socket.set_send_buffer_size(SEND_BUFFER);
-                        let _ = socket.set_tcp_user_timeout(Some(user_timeout));
-                    });
+                    let app = router(state).into_make_service_with_connect_info::<AdminPeer>();
                     let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
                     let server = axum::serve(listener, app).with_graceful_shutdown(async {
                         let _ = graceful_done.await;

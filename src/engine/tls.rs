@@ -121,8 +121,14 @@ impl TlsAcceptor {
     }
 }
 
-fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
-    let show = |p: &Path| p.display().to_string();
+fn show(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// The certificate chain and key in `files`.
+fn load_chain(
+    files: &TlsFiles,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|i| i.collect())
         .map_err(|e| format!("cannot read the certificates in {}: {e}", show(&files.cert)))?;
@@ -131,41 +137,82 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("cannot read the private key in {}: {e}", show(&files.key)))?;
+    Ok((certs, key))
+}
+
+/// A verifier of client certificates signed by the CA in `ca`; with
+/// `optional`, a client may also present none.
+fn client_verifier(
+    ca: &Path,
+    optional: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("cannot read the client CA {}: {e}", show(ca)))?
+    {
+        let cert = cert.map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| format!("TLS 1.3: {e}"))?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    builder
+        .build()
+        .map_err(|e| format!("the client CA {}: {e}", show(ca)))
+}
+
+fn with_chain(
+    builder: rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>,
+    files: &TlsFiles,
+    optional_client: bool,
+) -> Result<ServerConfig, String> {
+    let (certs, key) = load_chain(files)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(ca)
-                .map_err(|e| format!("cannot read the client CA {}: {e}", show(ca)))?
-            {
-                let cert = cert.map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder.with_client_cert_verifier(client_verifier(ca, optional_client)?),
     };
-    let mut config = builder.with_single_cert(certs, key).map_err(|e| {
+    builder.with_single_cert(certs, key).map_err(|e| {
         format!(
             "the key in {} does not fit the certificate in {}: {e}",
             show(&files.key),
             show(&files.cert)
         )
-    })?;
+    })
+}
+
+/// The service listener's config: TLS 1.3 only, keys extractable, no
+/// tickets; a client certificate required when `client_ca` is set.
+fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| format!("TLS 1.3: {e}"))?;
+    let mut config = with_chain(builder, files, false)?;
     // No tickets: nothing is kept for resumption, and the keys can be
     // taken out as soon as the handshake ends.
     config.send_tls13_tickets = 0;
     config.max_early_data_size = 0;
     config.enable_secret_extraction = true;
     config.key_log = Arc::new(CaptureSecrets);
+    Ok(config)
+}
+
+/// An HTTPS listener's config (the admin plane): TLS 1.2 and 1.3, HTTP/1.1;
+/// with `client_ca`, a client certificate is verified when one is shown
+/// (it then authenticates its connection), and optional otherwise.
+pub fn https_config(files: &TlsFiles) -> Result<ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut config = with_chain(builder, files, true)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 
