@@ -591,7 +591,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
                 client_ca: args.admin_tls_client_ca,
             };
             admin.tls = Some(std::sync::Arc::new(
-                tether::admin::AdminTls::new(files).map_err(anyhow::Error::msg)?,
+                tether::admin::AdminTls::https(files).map_err(anyhow::Error::msg)?,
             ));
         }
         let admin_tls = admin.tls.clone();
@@ -646,7 +646,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             tls.as_ref().map(|t| (t.files().cert.clone(), t.reload())),
             admin_tls
                 .as_ref()
-                .map(|t| (t.cert_path().clone(), t.reload())),
+                .map(|t| (t.files().cert.clone(), t.reload())),
         ];
         if reloads.iter().all(Option::is_none) {
             tracing::info!("SIGHUP: no TLS to reload");

@@ -482,7 +482,7 @@ fn the_admin_api_over_https_takes_the_key_or_the_gateway_s_client_certificate() 
     admin.key = AdminKey::new(b"an admin key for the https test");
     admin.health_listen = Some("127.0.0.1:0".parse().unwrap());
     admin.tls = Some(Arc::new(
-        AdminTls::new(TlsFiles {
+        AdminTls::https(TlsFiles {
             cert: keys().join("server.pem"),
             key: keys().join("server.key"),
             client_ca: Some(keys().join("ca.pem")),

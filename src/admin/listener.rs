@@ -9,65 +9,26 @@
 //! a reload takes effect for the next connection.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::engine::tls::TlsFiles;
+use crate::engine::tls::ReloadableConfig;
 
 const MAX_HANDSHAKES: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the server to take them.
 const BACKLOG: usize = 1024;
 
-/// The admin listener's TLS, reloadable.
-pub struct AdminTls {
-    files: TlsFiles,
-    config: RwLock<Arc<ServerConfig>>,
-}
-
-impl std::fmt::Debug for AdminTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdminTls")
-            .field("files", &self.files)
-            .finish()
-    }
-}
-
-impl AdminTls {
-    pub fn new(files: TlsFiles) -> Result<AdminTls, String> {
-        let config = crate::engine::tls::https_config(&files)?;
-        Ok(AdminTls {
-            files,
-            config: RwLock::new(Arc::new(config)),
-        })
-    }
-
-    /// Reads the files again for new connections; on an error the config
-    /// in use stays.
-    pub fn reload(&self) -> Result<(), String> {
-        let config = crate::engine::tls::https_config(&self.files)?;
-        *self.config.write().unwrap() = Arc::new(config);
-        Ok(())
-    }
-
-    pub fn cert_path(&self) -> &PathBuf {
-        &self.files.cert
-    }
-
-    fn current(&self) -> Arc<ServerConfig> {
-        self.config.read().unwrap().clone()
-    }
-}
+/// The admin listener's TLS, reloadable (`ReloadableConfig::https`).
+pub type AdminTls = ReloadableConfig;
 
 /// Who is on the other end of an admin connection.
 #[derive(Clone, Debug)]

@@ -75,33 +75,44 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
-/// A listener's TLS: its rustls config, swapped whole on a reload (new
-/// handshakes take the new one; open connections keep their keys).
-pub struct TlsAcceptor {
+/// A listener's rustls config and the files it came from, swapped whole
+/// on a reload: new handshakes take the new one, open connections keep
+/// what they have.
+pub struct ReloadableConfig {
     files: TlsFiles,
+    build: fn(&TlsFiles) -> Result<ServerConfig, String>,
     config: RwLock<Arc<ServerConfig>>,
 }
 
-impl std::fmt::Debug for TlsAcceptor {
+impl std::fmt::Debug for ReloadableConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsAcceptor")
+        f.debug_struct("ReloadableConfig")
             .field("files", &self.files)
             .finish()
     }
 }
 
-impl TlsAcceptor {
-    pub fn new(files: TlsFiles) -> Result<TlsAcceptor, String> {
-        let config = server_config(&files)?;
-        Ok(TlsAcceptor {
+impl ReloadableConfig {
+    fn new(
+        files: TlsFiles,
+        build: fn(&TlsFiles) -> Result<ServerConfig, String>,
+    ) -> Result<ReloadableConfig, String> {
+        let config = build(&files)?;
+        Ok(ReloadableConfig {
             files,
+            build,
             config: RwLock::new(Arc::new(config)),
         })
     }
 
+    /// An HTTPS listener's (`https_config`).
+    pub fn https(files: TlsFiles) -> Result<ReloadableConfig, String> {
+        ReloadableConfig::new(files, https_config)
+    }
+
     /// Reads the files again; on an error the config in use stays.
     pub fn reload(&self) -> Result<(), String> {
-        let config = server_config(&self.files)?;
+        let config = (self.build)(&self.files)?;
         *self.config.write().unwrap() = Arc::new(config);
         Ok(())
     }
@@ -110,11 +121,33 @@ impl TlsAcceptor {
         &self.files
     }
 
+    /// The config new handshakes use.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.read().unwrap().clone()
+    }
+}
+
+/// The service listener's TLS: sessions over a reloadable config.
+#[derive(Debug)]
+pub struct TlsAcceptor(ReloadableConfig);
+
+impl std::ops::Deref for TlsAcceptor {
+    type Target = ReloadableConfig;
+
+    fn deref(&self) -> &ReloadableConfig {
+        &self.0
+    }
+}
+
+impl TlsAcceptor {
+    pub fn new(files: TlsFiles) -> Result<TlsAcceptor, String> {
+        ReloadableConfig::new(files, server_config).map(TlsAcceptor)
+    }
+
     /// A new connection's session, in its handshake.
     pub fn session(&self) -> Result<Session, TlsError> {
-        let config = self.config.read().unwrap().clone();
         Ok(Session(State::Handshaking(Box::new(Handshake {
-            conn: UnbufferedServerConnection::new(config)?,
+            conn: UnbufferedServerConnection::new(self.current())?,
             incoming: Vec::new(),
             secrets: Captured::default(),
         }))))
