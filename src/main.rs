@@ -600,10 +600,12 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
                 "--admin with port 0 needs --admin-key-file (the default file is named by the port)"
             );
         }
+        // The default path is in a place others could reach first.
+        let private = args.admin_key_file.is_none();
         let key_file = args
             .admin_key_file
             .unwrap_or_else(|| tether::admin::access::default_key_path(args.admin.port()));
-        admin.key = tether::admin::access::AdminKey::load_or_create(&key_file)
+        admin.key = tether::admin::access::AdminKey::load_or_create(&key_file, private)
             .map_err(anyhow::Error::msg)?;
         let server =
             AdminServer::start(controller.api(), admin).context("the admin API could not start")?;

@@ -70,36 +70,64 @@ impl AdminKey {
     }
 
     /// Reads the key in `path`, or creates the file (0600) with a new
-    /// random key when it does not exist.
-    pub fn load_or_create(path: &Path) -> Result<AdminKey, String> {
+    /// random key when it does not exist. A key file others may write, or
+    /// anyone may read, is refused. `private`: the path is the default one,
+    /// in a directory other users could have made first: the directory and
+    /// the file must be ours and closed to everyone else, and the file no
+    /// symlink.
+    pub fn load_or_create(path: &Path, private: bool) -> Result<AdminKey, String> {
+        use std::io::Read;
         let show = path.display();
-        match std::fs::read(path) {
-            Ok(bytes) => {
+        if private && let Some(dir) = path.parent() {
+            private_dir(dir)?;
+        }
+        let mut open = std::fs::OpenOptions::new();
+        open.read(true);
+        if private {
+            open.custom_flags(libc::O_NOFOLLOW);
+        }
+        match open.open(path) {
+            Ok(mut file) => {
+                let meta = file
+                    .metadata()
+                    .map_err(|e| format!("the admin key file {show}: {e}"))?;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o026 != 0 {
+                    return Err(format!(
+                        "the admin key file {show} may be read or changed by others (mode {mode:o}): chmod 600 it"
+                    ));
+                }
+                if private && (meta.uid() != euid() || mode & 0o077 != 0) {
+                    return Err(format!(
+                        "the admin key file {show} is not ours alone (owner {}, mode {mode:o}): remove it, or pass --admin-key-file",
+                        meta.uid()
+                    ));
+                }
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)
+                    .map_err(|e| format!("cannot read the admin key file {show}: {e}"))?;
                 let key = bytes.trim_ascii();
                 if key.len() < MIN_KEY_LEN {
                     return Err(format!(
                         "the admin key in {show} is shorter than {MIN_KEY_LEN} bytes"
                     ));
                 }
-                if let Ok(meta) = std::fs::metadata(path)
-                    && meta.permissions().mode() & 0o077 != 0
-                {
-                    tracing::warn!(
-                        "the admin key file {show} is readable by others (mode {:o}): chmod 600 it",
-                        meta.permissions().mode() & 0o777
-                    );
-                }
                 Ok(AdminKey::new(key))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    private_dir(dir)?;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 }
                 let key = AdminKey::random().map_err(|e| format!("no random bytes: {e}"))?;
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .open(path)
                     .map_err(|e| format!("cannot create the admin key file {show}: {e}"))?;
                 file.write_all(&key.0)
@@ -110,6 +138,11 @@ impl AdminKey {
             Err(e) => Err(format!("cannot read the admin key file {show}: {e}")),
         }
     }
+}
+
+fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 impl AdminKey {
@@ -144,23 +177,20 @@ fn port_of(url: &str) -> Result<u16, String> {
     }
 }
 
-/// Creates `dir` (0700) or checks that it is ours and private.
+/// Creates `dir` (0700) or checks that it is ours and closed to others.
 fn private_dir(dir: &Path) -> Result<(), String> {
     let show = dir.display();
-    match std::fs::DirBuilder::new()
+    std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-    {
-        Ok(()) => {}
-        Err(e) => return Err(format!("cannot create {show}: {e}")),
-    }
-    let meta = std::fs::metadata(dir).map_err(|e| format!("{show}: {e}"))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if meta.uid() != uid {
+        .map_err(|e| format!("cannot create {show}: {e}"))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{show}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if !meta.is_dir() || meta.uid() != euid() || mode & 0o077 != 0 {
         return Err(format!(
-            "{show} belongs to another user: pass --admin-key-file elsewhere"
+            "{show} is not a directory of ours alone (owner {}, mode {mode:o}): pass --admin-key-file elsewhere",
+            meta.uid()
         ));
     }
     Ok(())
@@ -172,8 +202,7 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 pub fn default_key_path(port: u16) -> PathBuf {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(runtime) => PathBuf::from(runtime).join("tether"),
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        None => PathBuf::from(format!("/tmp/tether-{}", unsafe { libc::geteuid() })),
+        None => PathBuf::from(format!("/tmp/tether-{}", euid())),
     };
     dir.join(format!("admin-{port}.key"))
 }
@@ -324,14 +353,35 @@ mod tests {
         assert!(!key.matches(b"0123456789abcde"));
         let dir = std::env::temp_dir().join(format!("tether-key-{}", std::process::id()));
         let path = dir.join("sub/admin.key");
-        let made = AdminKey::load_or_create(&path).unwrap();
+        let made = AdminKey::load_or_create(&path, true).unwrap();
         assert_eq!(made.0.len(), 64);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let again = AdminKey::load_or_create(&path).unwrap();
+        let again = AdminKey::load_or_create(&path, true).unwrap();
         assert!(again.matches(&made.0), "read back, not made anew");
+        // Someone else's key planted where the default path points: a
+        // readable file, or one behind a symlink, is refused.
+        let planted = dir.join("planted.key");
+        std::fs::write(&planted, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(
+            AdminKey::load_or_create(&planted, false).is_err(),
+            "world-readable"
+        );
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("sub/link.key");
+        std::os::unix::fs::symlink(&planted, &link).unwrap();
+        assert!(AdminKey::load_or_create(&link, true).is_err(), "a symlink");
+        // An operator's file (a Secret mounted 0400, a symlink) is fine.
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(AdminKey::load_or_create(&link, false).is_ok());
+        // A default directory others may enter is refused.
+        let open_dir = dir.join("open");
+        std::fs::create_dir_all(&open_dir).unwrap();
+        std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(AdminKey::load_or_create(&open_dir.join("k"), true).is_err());
         std::fs::write(&path, "short\n").unwrap();
-        assert!(AdminKey::load_or_create(&path).is_err());
+        assert!(AdminKey::load_or_create(&path, true).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,14 +37,24 @@ pub const MAX_PLAINTEXT: usize = 1 << 14;
 const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
 const HEADER: usize = 5;
 const TAG: usize = 16;
-/// Handshake bytes held while waiting for the rest of a flight.
-const MAX_HANDSHAKE_INPUT: usize = 64 << 10;
+/// Handshake bytes held while waiting for the rest of a flight (a flight,
+/// and what a client sends right after its Finished, within one read).
+const MAX_HANDSHAKE_INPUT: usize = 128 << 10;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
 const HANDSHAKE: u8 = 22;
 const KEY_UPDATE: u8 = 24;
 const CLOSE_NOTIFY: u8 = 0;
+/// KeyUpdates accepted between two records of application data (each
+/// costs key derivations on the shard, so a flood of them is refused).
+const MAX_KEY_UPDATES: u8 = 8;
+/// Records sealed under one key before we move to the next (AES-GCM's
+/// limit is 2^24.5, RFC 8446 §5.5); the tests reach it quickly.
+#[cfg(not(test))]
+const TX_KEY_UPDATE_AT: u64 = 1 << 24;
+#[cfg(test)]
+const TX_KEY_UPDATE_AT: u64 = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -415,6 +425,8 @@ struct Keys {
     /// The start of a record not whole yet (empty, and unallocated, when
     /// none is).
     partial: Vec<u8>,
+    /// KeyUpdates received since the last application data.
+    key_updates: u8,
 }
 
 /// What a read found besides plaintext.
@@ -610,6 +622,7 @@ impl Handshake {
             tx: Direction::new(suite, &server, tx_seq),
             rx: Direction::new(suite, &client, rx_seq),
             partial: Vec::new(),
+            key_updates: 0,
         });
         // The secrets the key log gave must be the ones rustls keyed with.
         if !same_key(&tx, &keys.tx, suite) || !same_key(&rx, &keys.rx, suite) {
@@ -632,12 +645,18 @@ fn same_key(extracted: &ConnectionTrafficSecrets, ours: &Direction, suite: Suite
 impl Keys {
     /// Seals `plain` as records of `content_type`.
     fn seal(&mut self, content_type: u8, plain: &[u8], wire: &mut Vec<u8>) {
-        let key = self.tx.aead(self.suite);
-        for chunk in plain.chunks(MAX_PLAINTEXT) {
+        let mut key = self.tx.aead(self.suite);
+        let mut chunks = plain.chunks(MAX_PLAINTEXT);
+        let mut next = chunks.next().or(Some(&[]));
+        while let Some(chunk) = next {
+            if self.tx.seq >= TX_KEY_UPDATE_AT {
+                // Ours, not asking the peer to update back.
+                self.seal_record(&key, HANDSHAKE, &[KEY_UPDATE, 0, 0, 1, 0], wire);
+                self.tx.update(self.suite);
+                key = self.tx.aead(self.suite);
+            }
             self.seal_record(&key, content_type, chunk, wire);
-        }
-        if plain.is_empty() {
-            self.seal_record(&key, content_type, &[], wire);
+            next = chunks.next();
         }
     }
 
@@ -721,9 +740,15 @@ impl Keys {
             let Some(end) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(TlsError::Unexpected("a record with no content type"));
             };
+            if inner.len() > MAX_PLAINTEXT + 1 {
+                return Err(TlsError::RecordTooLong);
+            }
             let (content, content_type) = (&inner[..end], inner[end]);
             match content_type {
-                APPLICATION_DATA => plain.extend_from_slice(content),
+                APPLICATION_DATA => {
+                    self.key_updates = 0;
+                    plain.extend_from_slice(content);
+                }
                 ALERT => match content {
                     [_, CLOSE_NOTIFY] => {
                         return Ok(Opened {
@@ -766,7 +791,15 @@ impl Keys {
             }
             let (body, next) = rest.split_at(len);
             match (*kind, body) {
+                // A KeyUpdate ends its record (RFC 8446 §5.1).
+                (KEY_UPDATE, [_]) if !next.is_empty() => {
+                    return Err(TlsError::Unexpected("data after a KeyUpdate in its record"));
+                }
+                (KEY_UPDATE, [_]) if self.key_updates >= MAX_KEY_UPDATES => {
+                    return Err(TlsError::Unexpected("KeyUpdates with no data between them"));
+                }
                 (KEY_UPDATE, [request]) if *request <= 1 => {
+                    self.key_updates += 1;
                     self.rx.update(self.suite);
                     updated = true;
                     if *request == 1 {
@@ -956,6 +989,39 @@ mod tests {
             // Our answer moved our keys too: the client reads what follows.
             assert_eq!(pair.server_says(b"ours too"), b"ours too", "round {round}");
         }
+    }
+
+    #[test]
+    fn a_flood_of_key_updates_is_refused_and_our_keys_move_on_by_themselves() {
+        let acceptor = TlsAcceptor::new(files("server", false)).unwrap();
+        let mut pair = Pair::new(&acceptor, client(false), 1 << 20);
+        pair.pump().unwrap();
+        for _ in 0..MAX_KEY_UPDATES {
+            pair.client.refresh_traffic_keys().unwrap();
+            pair.pump().unwrap();
+        }
+        // Data in between starts the count again.
+        pair.client.writer().write_all(b"data").unwrap();
+        pair.pump().unwrap();
+        for _ in 0..MAX_KEY_UPDATES {
+            pair.client.refresh_traffic_keys().unwrap();
+            pair.pump().unwrap();
+        }
+        pair.client.refresh_traffic_keys().unwrap();
+        assert!(matches!(pair.pump(), Err(TlsError::Unexpected(_))));
+
+        // At the end of a key's record budget we update ours; the client
+        // follows and reads on, through several generations.
+        let mut pair = Pair::new(&acceptor, client(false), 1 << 20);
+        pair.pump().unwrap();
+        for i in 0..(3 * TX_KEY_UPDATE_AT + 5) {
+            let text = format!("record {i}");
+            assert_eq!(pair.server_says(text.as_bytes()), text.as_bytes());
+        }
+        let State::Open(keys) = &pair.server.0 else {
+            panic!("open")
+        };
+        assert!(keys.tx.seq < TX_KEY_UPDATE_AT, "the keys moved on");
     }
 
     #[test]

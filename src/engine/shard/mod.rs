@@ -888,7 +888,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         let over = if conn.was_admitted() {
             own > self.config.max_pending_out
         } else {
-            own + conn.buffered().0 > self.config.max_held_unadmitted
+            own + conn.buffered().0 + self.tls_held(key) > self.config.max_held_unadmitted
         };
         if over {
             return self.cut_slow(key);
@@ -910,15 +910,24 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         self.held_in + self.held_out + self.held_tls + self.driver.in_flight()
     }
 
-    /// What one connection holds (its send in flight at its bound).
-    fn usage(&self, conn: &Conn) -> usize {
+    /// Received bytes connection `key`'s TLS session holds.
+    fn tls_held(&self, key: u32) -> usize {
+        self.sessions
+            .get(key as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, super::tls::Session::held)
+    }
+
+    /// What one connection holds (its send in flight at its bound, and its
+    /// TLS session's partial input).
+    fn usage(&self, key: u32, conn: &Conn) -> usize {
         let (held_in, held_out) = conn.buffered();
         let in_flight = if conn.is_sending() {
             self.driver.in_flight_bound()
         } else {
             0
         };
-        held_in + held_out + in_flight
+        held_in + held_out + in_flight + self.tls_held(key)
     }
 
     /// Re-counts what `key` holds after a change that began at `before`.
@@ -941,7 +950,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             .conns
             .iter()
             .filter_map(|(key, conn)| {
-                let usage = self.usage(conn);
+                let usage = self.usage(key as u32, conn);
                 (usage > share).then_some((usage, key as u32, conn.generation))
             })
             .collect();
