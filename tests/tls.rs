@@ -524,3 +524,62 @@ fn the_admin_api_over_https_takes_the_key_or_the_gateway_s_client_certificate() 
     let probes = format!("http://{}/readyz", server.health_addr().unwrap());
     assert_eq!(ureq::get(&probes).call().unwrap().status(), 200);
 }
+
+/// mTLS on the service listener, over sockets: a client without a
+/// certificate the CA signed cannot complete the handshake; one with it
+/// registers.
+#[test]
+fn with_a_client_ca_services_must_show_a_certificate_it_signed() {
+    let mut config = config(1);
+    config.engine.tls = Some(Arc::new(
+        TlsAcceptor::new(TlsFiles {
+            cert: keys().join("server.pem"),
+            key: keys().join("server.key"),
+            client_ca: Some(keys().join("ca.pem")),
+        })
+        .unwrap(),
+    ));
+    let ctl = start(config);
+    let addr = ctl.local_addr();
+    let connect = |client: Arc<rustls::ClientConfig>| {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let conn = rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+        let url = format!("wss://localhost:{}/ws/microservice", addr.port());
+        tungstenite::client(url, rustls::StreamOwned::new(conn, tcp))
+            .map(|(ws, _)| ws)
+            .map_err(|e| e.to_string())
+    };
+    assert!(connect(client_config()).is_err(), "no client certificate");
+    let certs = CertificateDer::pem_file_iter(keys().join("client.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(keys().join("client.key")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(keys().join("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let with_cert = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap(),
+    );
+    let mut ws = connect(with_cert).unwrap();
+    let reply = call(
+        &mut ws,
+        1,
+        "service/register",
+        register_params("billing", "10.0.0.1", 1),
+    );
+    assert_eq!(reply["result"]["status"], "registered", "{reply}");
+    assert!(
+        bad_count(ctl.stats(), BadInput::Tls) >= 1,
+        "the refused handshake is counted"
+    );
+}
