@@ -52,6 +52,7 @@ fn conn_machine(c: &mut Criterion) {
         handshake: 50,
         admit: 100,
         ping_interval: 300,
+        ping_grace: 15,
         pong_timeout: 100,
         linger: 20,
         message: 100,

@@ -127,6 +127,8 @@ pub struct ShardStats {
     pub rejected_over_cap: AtomicU64,
     pub slow_consumers_cut: AtomicU64,
     pub pings_sent: AtomicU64,
+    /// Checks that found the peer alive on its own: no ping was sent.
+    pub pings_skipped: AtomicU64,
     pub pongs_received: AtomicU64,
     pub pongs_missed: AtomicU64,
     /// Missed pongs that waited for a command in flight to the instance.

@@ -208,6 +208,7 @@ impl Worker {
                 handshake: 50,
                 admit: u32::MAX / 8,
                 ping_interval: u32::MAX / 8,
+                ping_grace: 0,
                 pong_timeout: 1,
                 linger: 1,
                 message: u32::MAX / 8,

@@ -235,3 +235,66 @@ fn a_service_busy_with_a_command_is_not_marked_down_before_its_deadline() {
         ctl.node(&id).is_some_and(|n| n.status == Status::Down)
     });
 }
+
+/// Passive liveness: services that ping the controller themselves every
+/// interval (as light-fabric does) are not pinged; one that only answers is
+/// pinged every interval; a frozen self-pinging service is down within the
+/// interval, the grace and the pong timeout.
+#[test]
+fn services_that_ping_on_their_own_are_not_pinged_and_still_detected_when_frozen() {
+    use tether::agent::swarm::{Swarm, SwarmConfig};
+    let ctl = fast_pings(2);
+    let addr = ctl.local_addr();
+    let url = format!("ws://{addr}/ws/microservice").parse().unwrap();
+    let mut config = SwarmConfig::new(url, 50);
+    config.client_ping = Some(INTERVAL);
+    config.run_for = Some(Duration::from_secs(20));
+    let swarm = Swarm::start(config).unwrap();
+    eventually("the swarm registered", || ctl.counts().up == 50);
+    let count = |f: fn(&tether::metrics::ShardStats) -> &std::sync::atomic::AtomicU64| {
+        metrics::total(ctl.stats(), f)
+    };
+    // Each is pinged once after it is admitted (it has shown no life of
+    // its own yet); from then on its own pings spare it ours.
+    std::thread::sleep(INTERVAL * 2);
+    let (sent0, skipped0) = (count(|s| &s.pings_sent), count(|s| &s.pings_skipped));
+    std::thread::sleep(INTERVAL * 5);
+    let (sent, skipped) = (
+        count(|s| &s.pings_sent) - sent0,
+        count(|s| &s.pings_skipped) - skipped0,
+    );
+    eprintln!("over 5 intervals: {sent} pings sent, {skipped} skipped");
+    assert!(
+        skipped >= 200,
+        "about one check per service per interval: {skipped}"
+    );
+    assert!(
+        sent * 10 <= sent + skipped,
+        "at least 90% of the checks sent no ping: {sent} sent, {skipped} skipped"
+    );
+    assert_eq!(count(|s| &s.pongs_missed), 0);
+
+    // A service that pings on its own, then freezes (stops sending and
+    // reading): down within interval + grace + pong timeout (+ a tick).
+    let (_, events) = ctl.subscribe_events(None).unwrap();
+    let (mut frozen, frozen_id) = registered(addr, "frozen", "10.0.0.9", 1);
+    let own_ping_at = Instant::now();
+    frozen.send_frame(OpCode::Ping, b"mine");
+    let grace = (INTERVAL / 20).max(TICK * 2);
+    let bound = INTERVAL + grace + PONG_TIMEOUT + TICK;
+    let down_after = loop {
+        if let Ok(e) = events.recv_timeout(bound * 3) {
+            if e.kind == EventKind::Down && e.runtime_instance_id == frozen_id {
+                break own_ping_at.elapsed();
+            }
+        } else {
+            panic!("the frozen service was never marked down");
+        }
+    };
+    eprintln!("frozen service down after {down_after:?} (bound {bound:?})");
+    assert!(
+        down_after <= bound + Duration::from_millis(400),
+        "{down_after:?}"
+    );
+    swarm.stop();
+}

@@ -166,6 +166,13 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     );
     o.per_shard(
         stats,
+        "tether_pings_skipped_total",
+        "counter",
+        "Liveness checks that sent no ping: the peer had shown life of its own within the interval.",
+        |s| r(&s.pings_skipped),
+    );
+    o.per_shard(
+        stats,
         "tether_pongs_received_total",
         "counter",
         "Pongs received.",

@@ -53,6 +53,10 @@ pub struct Timing {
     pub handshake: Tick,
     pub admit: Tick,
     pub ping_interval: Tick,
+    /// How much later than an interval after the peer's own last sign of
+    /// life the check comes, so a peer that pings every interval itself is
+    /// seen before it (its timer and ours drift by ticks and milliseconds).
+    pub ping_grace: Tick,
     pub pong_timeout: Tick,
     pub linger: Tick,
     /// A frame or fragmented message, once begun, must be whole within
@@ -182,8 +186,10 @@ pub enum Due {
     AdmitTimeout,
     /// Time to ping; the pong check is the next deadline.
     SendPing,
-    /// Something arrived since the ping: alive; next ping is scheduled.
-    Alive,
+    /// The peer showed life on its own (its own ping, any frame) within
+    /// the interval: no ping needed; it is alive, and checked again an
+    /// interval after that life.
+    SkipPing,
     /// Nothing arrived since the ping within the pong timeout.
     PongMissed,
     /// We closed and the peer never finished the close handshake.
@@ -193,7 +199,7 @@ pub enum Due {
 }
 
 const FRAGMENTED: u8 = 1;
-const SEEN_SINCE_PING: u8 = 2;
+// Bit 2 is free.
 const AWAITING_PONG: u8 = 4;
 /// The handler has accepted the upgrade and not yet been told of the end.
 const LIVE: u8 = 8;
@@ -259,6 +265,11 @@ pub struct Conn {
     /// awaited it is the ping's tick plus the pong timeout, so the ping's
     /// own tick needs no field.
     due: Tick,
+    /// The last tick a frame arrived while no pong was awaited: the peer's
+    /// own life (its pings, its messages), which spares it our ping. (A
+    /// pong to our ping only ends the wait: counted here, it would put
+    /// every ping off by an interval.) Fits in the padding before `bufs`.
+    last_life: Tick,
     bufs: Option<Box<Bufs>>,
 }
 
@@ -273,6 +284,7 @@ impl Conn {
             phase: Phase::Handshake,
             flags: 0,
             due: now + timing.handshake,
+            last_life: 0,
             bufs: None,
         }
     }
@@ -393,31 +405,52 @@ impl Conn {
             Phase::Handshake => Due::HandshakeTimeout,
             Phase::Upgraded => Due::AdmitTimeout,
             Phase::Closing => Due::LingerOver,
-            Phase::Admitted if self.flags & AWAITING_PONG == 0 => {
-                self.flags = (self.flags | AWAITING_PONG) & !SEEN_SINCE_PING;
+            // Still waiting: the first frame after the ping would have
+            // ended the wait (`answered`).
+            Phase::Admitted if self.flags & AWAITING_PONG != 0 => Due::PongMissed,
+            // Passive liveness: a peer that showed life of its own within
+            // the interval (and grace) needs no ping now.
+            Phase::Admitted if self.last_life != 0 && now < self.life_check(timing) => {
+                self.due = self.life_check(timing);
+                Due::SkipPing
+            }
+            Phase::Admitted => {
+                self.flags |= AWAITING_PONG;
                 self.due = now + pong_timeout;
+                self.last_life = 0;
                 Due::SendPing
             }
-            Phase::Admitted if self.flags & SEEN_SINCE_PING != 0 => {
-                // After a deferral the ping's tick is unknown, and at least
-                // an interval old unless the wait was short: ping again at
-                // once rather than late.
-                let next = if self.flags & DEFERRED != 0 {
-                    now + 1
-                } else {
-                    self.due - pong_timeout + timing.ping_interval
-                };
-                self.flags &= !(AWAITING_PONG | DEFERRED);
-                self.due = next.max(now + 1);
-                Due::Alive
-            }
-            Phase::Admitted => Due::PongMissed,
         }
     }
 
+    /// A frame arrived from an admitted peer. The first after our ping
+    /// answers it: the wait ends there, and the next check comes an
+    /// interval after the ping, whatever the pong timeout (so the ping
+    /// period is the interval, not the longer of the two). Any other frame
+    /// is the peer's own life.
+    fn answered(&mut self, now: Tick, timing: &Timing) {
+        if self.flags & AWAITING_PONG == 0 {
+            self.last_life = now.max(1);
+            return;
+        }
+        // After a deferral `due` no longer tells when the ping went out.
+        let next = if self.flags & DEFERRED != 0 {
+            now + timing.ping_interval
+        } else {
+            self.due - timing.pong_timeout.max(1) + timing.ping_interval
+        };
+        self.flags &= !(AWAITING_PONG | DEFERRED);
+        self.due = next.max(now + 1);
+    }
+
+    /// When the peer's own last sign of life stops sparing it a ping.
+    fn life_check(&self, timing: &Timing) -> Tick {
+        self.last_life + timing.ping_interval + timing.ping_grace
+    }
+
     /// The pong deadline passed but the handler keeps the connection until
-    /// `until`: the check comes again then (a frame meanwhile makes it
-    /// `Alive`). False unless a pong is awaited.
+    /// `until`: the check comes again then (a frame meanwhile ends the
+    /// wait). False unless a pong is awaited.
     pub fn defer_pong(&mut self, until: Tick) -> bool {
         if self.phase != Phase::Admitted || self.flags & AWAITING_PONG == 0 {
             return false;
@@ -500,7 +533,7 @@ impl Conn {
         F: FnMut(Event<'_>, &mut Vec<u8>) -> Flow,
     {
         let before = self.phase;
-        let fed = self.feed_bytes(input, limits, out, sink);
+        let fed = self.feed_bytes(now, timing, input, limits, out, sink);
         if let Fed::PeerClosed(_) = fed {
             self.start_closing(now, timing);
         } else if before == Phase::Handshake && self.phase == Phase::Upgraded {
@@ -520,6 +553,8 @@ impl Conn {
 
     fn feed_bytes<F>(
         &mut self,
+        now: Tick,
+        timing: &Timing,
         input: &mut [u8],
         limits: &Limits,
         out: &mut Vec<u8>,
@@ -536,12 +571,12 @@ impl Conn {
                 b.partial.extend_from_slice(input);
                 std::mem::take(&mut b.partial)
             };
-            let (fed, used) = self.parse(&mut partial, &mut bufs, limits, out, sink);
+            let (fed, used) = self.parse((now, timing), &mut partial, &mut bufs, limits, out, sink);
             partial.drain(..used);
             bufs.as_mut().expect("parse keeps bufs").partial = partial;
             fed
         } else {
-            let (fed, used) = self.parse(input, &mut bufs, limits, out, sink);
+            let (fed, used) = self.parse((now, timing), input, &mut bufs, limits, out, sink);
             if fed == Fed::Open && used < input.len() {
                 bufs.get_or_insert_default()
                     .partial
@@ -561,8 +596,10 @@ impl Conn {
         fed
     }
 
+    /// `at`: the tick of this input, and the deadlines it may move.
     fn parse<F>(
         &mut self,
+        (now, timing): (Tick, &Timing),
         data: &mut [u8],
         bufs: &mut Option<Box<Bufs>>,
         limits: &Limits,
@@ -612,7 +649,9 @@ impl Conn {
             let payload = &mut rest[header.header_len..total];
             ws::apply_mask(payload, header.mask.expect("server role requires a mask"));
             pos += total;
-            self.flags |= SEEN_SINCE_PING;
+            if self.phase == Phase::Admitted {
+                self.answered(now, timing);
+            }
             if self.phase == Phase::Closing && header.opcode != OpCode::Close {
                 continue;
             }
@@ -698,6 +737,7 @@ mod tests {
             handshake: 50,
             admit: 100,
             ping_interval: 300,
+            ping_grace: 15,
             pong_timeout: 100,
             linger: 20,
             message: 40,
@@ -732,6 +772,17 @@ mod tests {
     }
 
     fn feed_at(conn: &mut Conn, now: Tick, bytes: &[u8], log: &mut Log, out: &mut Vec<u8>) -> Fed {
+        feed_timed(conn, now, &timing(), bytes, log, out)
+    }
+
+    fn feed_timed(
+        conn: &mut Conn,
+        now: Tick,
+        timing: &Timing,
+        bytes: &[u8],
+        log: &mut Log,
+        out: &mut Vec<u8>,
+    ) -> Fed {
         let mut input = bytes.to_vec();
         conn.feed(
             now,
@@ -741,7 +792,7 @@ mod tests {
                 max_message_unadmitted: 1000,
                 max_upgrade: 1024,
             },
-            &timing(),
+            timing,
             out,
             |ev, _| {
                 match ev {
@@ -983,38 +1034,80 @@ mod tests {
         assert_eq!(conn.poll_deadline(), 40);
         assert_eq!(conn.on_deadline(40, &t), Due::SendPing);
         assert_eq!(conn.poll_deadline(), 140);
-        // A pong (any frame) arrives before the check: alive, next ping at 40 + 300.
+        // A pong (any frame) ends the wait: the next ping is at 40 + 300.
         let (mut log, mut out) = (Log::default(), Vec::new());
-        feed_at(
-            &mut conn,
-            90,
-            &client_frame(OpCode::Pong, true, b""),
-            &mut log,
-            &mut out,
-        );
+        let pong = client_frame(OpCode::Pong, true, b"");
+        feed_at(&mut conn, 90, &pong, &mut log, &mut out);
         assert_eq!(log.pongs, 1);
-        assert_eq!(
-            conn.poll_deadline(),
-            140,
-            "a frame does not move the pong check"
-        );
-        assert_eq!(conn.on_deadline(140, &t), Due::Alive);
         assert_eq!(conn.poll_deadline(), 340);
-        // A late loop (the check at 445, not 440) keeps the interval.
         assert_eq!(conn.on_deadline(340, &t), Due::SendPing);
-        feed_at(
-            &mut conn,
-            400,
-            &client_frame(OpCode::Pong, true, b""),
-            &mut log,
-            &mut out,
-        );
-        assert_eq!(conn.on_deadline(445, &t), Due::Alive);
-        assert_eq!(conn.poll_deadline(), 640);
-        assert_eq!(conn.on_deadline(640, &t), Due::SendPing);
+        feed_at(&mut conn, 400, &pong, &mut log, &mut out);
+        assert_eq!(conn.poll_deadline(), 640, "an interval after the ping");
+        // A late loop (the check at 645, not 640) pings then.
+        assert_eq!(conn.on_deadline(645, &t), Due::SendPing);
         // Silence until the check: down, and it stays due.
-        assert_eq!(conn.on_deadline(740, &t), Due::PongMissed);
-        assert_eq!(conn.poll_deadline(), 740);
+        assert_eq!(conn.on_deadline(745, &t), Due::PongMissed);
+        assert_eq!(conn.poll_deadline(), 745);
+
+        // The ping period is the interval even when the pong timeout is
+        // longer: one ping is outstanding, but the answer ends it.
+        let t = Timing {
+            ping_interval: 100,
+            pong_timeout: 300,
+            ..timing()
+        };
+        let (mut conn, _, _) = open_conn();
+        assert!(conn.admit(0, 10));
+        for ping_at in [10, 110, 210] {
+            assert_eq!(conn.on_deadline(ping_at, &t), Due::SendPing);
+            assert_eq!(conn.poll_deadline(), ping_at + 300);
+            feed_timed(&mut conn, ping_at + 2, &t, &pong, &mut log, &mut out);
+            assert_eq!(conn.poll_deadline(), ping_at + 100);
+        }
+    }
+
+    #[test]
+    fn a_peer_that_shows_life_of_its_own_is_not_pinged_until_it_stops() {
+        let t = timing(); // interval 300, grace 15, pong timeout 100
+        let (mut conn, _, _) = open_conn();
+        let (mut log, mut out) = (Log::default(), Vec::new());
+        let ping = client_frame(OpCode::Ping, true, b"theirs");
+        let pong = client_frame(OpCode::Pong, true, b"ours");
+        assert!(conn.admit(0, 10));
+        assert_eq!(conn.on_deadline(10, &t), Due::SendPing);
+        // The answer ends the wait and is not life of its own.
+        feed_at(&mut conn, 20, &pong, &mut log, &mut out);
+        assert_eq!(conn.poll_deadline(), 310);
+        // A frame after the answer is.
+        feed_at(&mut conn, 60, &ping, &mut log, &mut out);
+        assert_eq!(conn.on_deadline(310, &t), Due::SkipPing);
+        assert_eq!(conn.poll_deadline(), 60 + 315);
+        // It pings every interval itself, a little late each time: never
+        // pinged by us.
+        for at in [360, 662, 965] {
+            feed_at(&mut conn, at, &ping, &mut log, &mut out);
+            let due = conn.poll_deadline();
+            assert_eq!(conn.on_deadline(due, &t), Due::SkipPing, "at {at}");
+            assert_eq!(conn.poll_deadline(), at + 315);
+        }
+        // Frozen after 965: pinged an interval and the grace later, and
+        // down a pong timeout after that.
+        assert_eq!(conn.on_deadline(965 + 315, &t), Due::SendPing);
+        assert_eq!(conn.on_deadline(965 + 315 + 100, &t), Due::PongMissed);
+        // A peer that only ever answers is pinged every interval, as before.
+        let (mut quiet, _, _) = open_conn();
+        assert!(quiet.admit(0, 10));
+        for round in 0..3 {
+            let ping_at = 10 + 300 * round;
+            assert_eq!(quiet.on_deadline(ping_at, &t), Due::SendPing);
+            feed_at(&mut quiet, ping_at + 5, &pong, &mut log, &mut out);
+            assert_eq!(quiet.poll_deadline(), ping_at + 300);
+        }
+        assert_eq!(
+            std::mem::size_of::<Conn>(),
+            40,
+            "last_life fits the padding"
+        );
     }
 
     #[test]
@@ -1030,7 +1123,8 @@ mod tests {
         // Still silent at the new check: missed again (the handler decides).
         assert_eq!(conn.on_deadline(500, &t), Due::PongMissed);
         assert!(conn.defer_pong(600));
-        // A frame before it: alive.
+        // A frame before it ends the wait; the ping's tick is unknown after
+        // a deferral, so the next comes an interval after the frame.
         let (mut log, mut out) = (Log::default(), Vec::new());
         feed_at(
             &mut conn,
@@ -1039,22 +1133,18 @@ mod tests {
             &mut log,
             &mut out,
         );
-        assert_eq!(conn.on_deadline(600, &t), Due::Alive);
-        // The ping went out at 10, long ago: the next one at once, not at
-        // "600 - pong timeout + interval".
-        assert_eq!(conn.poll_deadline(), 601);
-        assert_eq!(conn.on_deadline(601, &t), Due::SendPing);
+        assert_eq!(conn.poll_deadline(), 850);
+        assert_eq!(conn.on_deadline(850, &t), Due::SendPing);
         feed_at(
             &mut conn,
-            650,
+            900,
             &client_frame(OpCode::Pong, true, b""),
             &mut log,
             &mut out,
         );
-        assert_eq!(conn.on_deadline(701, &t), Due::Alive);
         assert_eq!(
             conn.poll_deadline(),
-            901,
+            1150,
             "back to the interval from its ping"
         );
     }

@@ -221,6 +221,9 @@ impl EngineConfig {
             handshake: self.ticks(self.handshake_timeout),
             admit: self.ticks(self.admit_timeout),
             ping_interval: self.ticks(self.ping_interval),
+            // A twentieth of the interval, at least two ticks: the ticks
+            // of both clocks' rounding and a peer's timer running late.
+            ping_grace: (self.ticks(self.ping_interval) / 20).max(2),
             pong_timeout: self.ticks(self.pong_timeout),
             linger: self.ticks(self.close_linger),
             message: self.ticks(self.message_timeout),
@@ -338,7 +341,8 @@ pub trait Handler: Send + 'static {
     /// The 101 went out; the connection may now be sent to or admitted.
     fn on_open(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
     fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str);
-    /// A liveness check passed (once per ping interval per admitted conn).
+    /// The peer is alive: it answered a ping, or a check found life of its
+    /// own within the interval (at most about once per interval and conn).
     fn on_alive(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
     /// No frame came within the pong timeout. `Some(until)` keeps the
     /// connection until then (the peer is busy on our behalf: clients that

@@ -743,6 +743,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 }
                 Event::Pong(payload) => {
                     metrics::inc(&stats.pongs_received);
+                    handler.on_alive(&mut cx, cref);
                     let max = config.pong_timeout + config.tick;
                     let now = clock.duration_since(*epoch);
                     if let Some(rtt) = stamp.round_trip(payload, key, cref.generation, now, max) {
@@ -1237,7 +1238,8 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                     metrics::inc(&self.stats().pings_sent);
                 }
             }
-            Due::Alive => {
+            Due::SkipPing => {
+                metrics::inc(&self.stats().pings_skipped);
                 let cref = self.cref(key);
                 self.call(|h, cx| h.on_alive(cx, cref));
             }
