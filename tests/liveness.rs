@@ -280,7 +280,7 @@ fn services_that_ping_on_their_own_are_not_pinged_and_still_detected_when_frozen
     let (mut frozen, frozen_id) = registered(addr, "frozen", "10.0.0.9", 1);
     let own_ping_at = Instant::now();
     frozen.send_frame(OpCode::Ping, b"mine");
-    let grace = (INTERVAL / 20).max(TICK * 2);
+    let grace = (INTERVAL / 100).max(TICK * 2);
     let bound = INTERVAL + grace + PONG_TIMEOUT + TICK;
     let down_after = loop {
         if let Ok(e) = events.recv_timeout(bound * 3) {

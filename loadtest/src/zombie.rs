@@ -38,6 +38,10 @@ pub struct ZombieArgs {
     /// How long to wait for detections [default: 2 × (interval + timeout) + 5 s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub wait: Option<Duration>,
+    /// Every simulated service (the zombies too, until frozen) pings the
+    /// controller this often itself, as light-fabric's client does.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub client_ping: Option<Duration>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -59,6 +63,10 @@ pub struct Run {
     /// `down` or `deregistered` events of healthy services meanwhile.
     pub false_downs: usize,
     pub waited_seconds: f64,
+    /// The controller's liveness checks from the freeze to the end: pings
+    /// it sent, and checks that needed none (the peer's own life).
+    pub pings_sent: f64,
+    pub pings_skipped: f64,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
@@ -88,7 +96,14 @@ fn run_one(
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let stack = Stack::start(tether, topology, total, shards, &flags, dir)?;
-    let healthy = args.common.swarm(stack.target(), args.services);
+    let client_ping: Vec<String> = args.client_ping.map_or_else(Vec::new, |d| {
+        vec![
+            "--client-ping".into(),
+            humantime::format_duration(d).to_string(),
+        ]
+    });
+    let mut healthy = args.common.swarm(stack.target(), args.services);
+    healthy.extra.extend(client_ping.iter().cloned());
     let (mut swarms, _) = topology::start_swarms(tether, &healthy)?;
     let mut frozen = SwarmSpec::new(stack.target(), args.zombies);
     frozen.per_swarm = args.zombies;
@@ -96,10 +111,22 @@ fn run_one(
     frozen.group = 3;
     frozen.index_base = args.services;
     frozen.connect_rate = args.common.connect_rate.min(args.zombies as f64 * 10.0);
+    frozen.extra.extend(client_ping);
     let (zombie_procs, _) = topology::start_swarms(tether, &frozen)?;
     anyhow::ensure!(zombie_procs.len() == 1, "the zombies must be one process");
     let watcher = Watcher::start(&stack.controller.admin)?;
 
+    // Settle past the first pings every service gets when it is admitted.
+    std::thread::sleep(args.ping_interval + args.pong_timeout);
+    let pings = || {
+        crate::observe::scrape(&stack.controller.admin).map(|t| {
+            (
+                crate::observe::metric(&t, "tether_pings_sent_total"),
+                crate::observe::metric(&t, "tether_pings_skipped_total"),
+            )
+        })
+    };
+    let pings_before = pings()?;
     let frozen_at = Instant::now();
     zombie_procs[0].signal(libc::SIGSTOP);
     let wait = args
@@ -134,6 +161,7 @@ fn run_one(
         })
         .count();
     drop(watcher);
+    let pings_after = pings()?;
     zombie_procs[0].signal(libc::SIGCONT);
     swarms.extend(zombie_procs);
     stack.stop(swarms);
@@ -154,14 +182,18 @@ fn run_one(
         detection_seconds: times,
         false_downs,
         waited_seconds: waited,
+        pings_sent: pings_after.0 - pings_before.0,
+        pings_skipped: pings_after.1 - pings_before.1,
     };
     eprintln!(
-        "{}: {}/{} detected, p50 {} s, max {} s",
+        "{}: {}/{} detected, p50 {} s, max {} s; controller pings {} sent, {} skipped",
         topology.label(),
         run.detected,
         run.zombies,
         run.detection_p50_seconds.map_or_else(|| "n/a".into(), n),
-        run.detection_max_seconds.map_or_else(|| "n/a".into(), n)
+        run.detection_max_seconds.map_or_else(|| "n/a".into(), n),
+        run.pings_sent,
+        run.pings_skipped
     );
     Ok(run)
 }
@@ -187,6 +219,8 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
             "max s",
             "false downs",
             "waited s",
+            "pings sent",
+            "pings skipped",
         ],
     );
     for r in &runs {
@@ -200,14 +234,20 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
             opt(r.detection_max_seconds),
             r.false_downs.to_string(),
             n(r.waited_seconds),
+            format!("{:.0}", r.pings_sent),
+            format!("{:.0}", r.pings_skipped),
         ]);
     }
     table.note(format!(
-        "Controller pings every {} and gives each {} to answer, so a frozen service is due down between {} and {} after it froze (plus the timer wheel's tick). A terminating relay answers the controller's pings itself: behind it a frozen service stays up.",
+        "Controller pings a service silent for {} and gives it {} to answer, so a frozen service is due down between {} and {} after it froze (plus the timer wheel's tick; a service that pinged on its own gets a hundredth of the interval more, at least two ticks). A terminating relay answers the controller's pings itself: behind it a frozen service stays up.{}",
         humantime::format_duration(args.ping_interval),
         humantime::format_duration(args.pong_timeout),
         humantime::format_duration(args.pong_timeout),
         humantime::format_duration(args.ping_interval + args.pong_timeout),
+        args.client_ping.map_or(String::new(), |d| format!(
+            " Every service pinged the controller every {} itself (--client-ping): its pings are counted from the freeze to the end.",
+            humantime::format_duration(d)
+        )),
     ));
     for why in &skipped {
         table.note(why.clone());

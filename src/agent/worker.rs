@@ -544,7 +544,11 @@ impl<O: Observer> Worker<O> {
             return; // the first send found the peer gone
         }
         let register_by = self.tick_of(now + self.config.register_timeout);
-        let client_ping = self.config.client_ping.map_or(0, |e| self.tick_of(now + e));
+        // The first at a random point of the period: services started
+        // together still ping at phases of their own, as real ones do.
+        let client_ping = self.config.client_ping.map_or(0, |e| {
+            self.tick_of(now + e.mul_f64(fastrand::f64().max(0.01)))
+        });
         let timers = &mut self.slots[slot].timers;
         timers.register_by = register_by;
         timers.client_ping = client_ping;

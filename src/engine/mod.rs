@@ -221,9 +221,9 @@ impl EngineConfig {
             handshake: self.ticks(self.handshake_timeout),
             admit: self.ticks(self.admit_timeout),
             ping_interval: self.ticks(self.ping_interval),
-            // A twentieth of the interval, at least two ticks: the ticks
+            // A hundredth of the interval, at least two ticks: the ticks
             // of both clocks' rounding and a peer's timer running late.
-            ping_grace: (self.ticks(self.ping_interval) / 20).max(2),
+            ping_grace: (self.ticks(self.ping_interval) / 100).max(2),
             pong_timeout: self.ticks(self.pong_timeout),
             linger: self.ticks(self.close_linger),
             message: self.ticks(self.message_timeout),
