@@ -390,8 +390,8 @@ impl Conn {
     }
 
     /// The deadline came: what it means. A terminal one (every `Due` but
-    /// `SendPing` and `Alive`) leaves the deadline where it was, so it comes
-    /// again if the shard does not end the connection.
+    /// `SendPing` and `SkipPing`) leaves the deadline where it was, so it
+    /// comes again if the shard does not end the connection.
     pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Due {
         let pong_timeout = timing.pong_timeout.max(1);
         if self
