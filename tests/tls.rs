@@ -25,10 +25,7 @@ fn keys() -> PathBuf {
 }
 
 fn client_config() -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(keys().join("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    let roots = tether::engine::tls::load_roots(&keys().join("ca.pem")).unwrap();
     Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -556,10 +553,7 @@ fn with_a_client_ca_services_must_show_a_certificate_it_signed() {
         .map(Result::unwrap)
         .collect();
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(keys().join("client.key")).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(keys().join("ca.pem")).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    let roots = tether::engine::tls::load_roots(&keys().join("ca.pem")).unwrap();
     let with_cert = Arc::new(
         rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -153,10 +153,10 @@ impl Audit {
             self.record(entry);
             return Ok(());
         }
-        if self.failing() {
+        if let Some(why) = self.refusal() {
             // Still queued: it is written once the file can be.
             self.record(entry);
-            return Err(Unavailable("the last write failed"));
+            return Err(why);
         }
         let (synced, on_disk) = oneshot::channel();
         self.queue(entry, Some(synced))?;
@@ -200,6 +200,12 @@ impl Audit {
     /// Writes or fsyncs of the file that failed (each retried).
     pub fn write_errors(&self) -> u64 {
         self.counters.write_errors.load(Ordering::Relaxed)
+    }
+
+    /// Why a mutating command would be refused now: the last write failed.
+    pub fn refusal(&self) -> Option<Unavailable> {
+        self.failing()
+            .then_some(Unavailable("the last write failed"))
     }
 
     /// The last write failed and lines wait for a retry.

@@ -420,11 +420,13 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
         Audited::new(state, &caller, "fanout", target, &body.name).result("forbidden");
         return forbidden(&body.name);
     }
-    if is_mutating(&body.name) && state.audit.failing() {
+    if is_mutating(&body.name)
+        && let Some(why) = state.audit.refusal()
+    {
         return fail(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",
-            "the audit log cannot be written; mutating commands are refused until it can: check the disk and the path's permissions",
+            why.to_string(),
         );
     }
     let Ok(running) = state.fanouts.clone().try_acquire_owned() else {

@@ -149,21 +149,10 @@ pub struct ControllerUrl {
 impl ControllerUrl {
     /// For `wss://`: trust the CA certificates in `ca` (PEM) instead.
     pub fn trusting(mut self, ca: &std::path::Path) -> Result<ControllerUrl, String> {
-        use rustls::pki_types::CertificateDer;
-        use rustls::pki_types::pem::PemObject;
         if self.tls.is_none() {
             return Err("a CA is only for wss:// URLs".into());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| format!("cannot read the CA {}: {e}", ca.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("the CA {}: {e}", ca.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("the CA {}: {e}", ca.display()))?;
-        }
-        self.tls = Some(client_config(roots));
+        self.tls = Some(client_config(crate::engine::tls::load_roots(ca)?));
         Ok(self)
     }
 

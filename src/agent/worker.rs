@@ -758,9 +758,9 @@ impl<O: Observer> Worker<O> {
             let state = tls.process_new_packets().map_err(|e| {
                 tracing::debug!("TLS: {e}");
             })?;
-            let mut chunk = vec![0u8; state.plaintext_bytes_to_read()];
-            std::io::Read::read_exact(&mut tls.reader(), &mut chunk).map_err(drop)?;
-            plain.extend_from_slice(&chunk);
+            let start = plain.len();
+            plain.resize(start + state.plaintext_bytes_to_read(), 0);
+            std::io::Read::read_exact(&mut tls.reader(), &mut plain[start..]).map_err(drop)?;
             if state.peer_has_closed() {
                 break;
             }

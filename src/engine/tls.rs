@@ -189,17 +189,8 @@ fn client_verifier(
     ca: &Path,
     optional: bool,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)
-        .map_err(|e| format!("cannot read the client CA {}: {e}", show(ca)))?
-    {
-        let cert = cert.map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("the client CA {}: {e}", show(ca)))?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider);
     let builder = if optional {
         builder.allow_unauthenticated()
     } else {
@@ -208,6 +199,20 @@ fn client_verifier(
     builder
         .build()
         .map_err(|e| format!("the client CA {}: {e}", show(ca)))
+}
+
+/// The CA certificates in the PEM file `ca`, as trust anchors.
+pub fn load_roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca)
+        .map_err(|e| format!("cannot read the CA {}: {e}", show(ca)))?
+    {
+        let cert = cert.map_err(|e| format!("the CA {}: {e}", show(ca)))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("the CA {}: {e}", show(ca)))?;
+    }
+    Ok(roots)
 }
 
 fn with_chain(
@@ -551,13 +556,9 @@ impl Handshake {
                         Ok(n) => n,
                         Err(EncodeError::InsufficientSize(need)) => {
                             wire.resize(start + need.required_size, 0);
-                            encode.encode(&mut wire[start..]).map_err(|e| {
-                                TlsError::Handshake(rustls::Error::General(e.to_string()))
-                            })?
+                            encode.encode(&mut wire[start..]).map_err(encode_failed)?
                         }
-                        Err(e) => {
-                            return Err(TlsError::Handshake(rustls::Error::General(e.to_string())));
-                        }
+                        Err(e) => return Err(encode_failed(e)),
                     };
                     wire.truncate(start + n);
                     None
@@ -630,6 +631,10 @@ impl Handshake {
         }
         Ok((keys, incoming))
     }
+}
+
+fn encode_failed(e: EncodeError) -> TlsError {
+    TlsError::Handshake(rustls::Error::General(e.to_string()))
 }
 
 fn same_key(extracted: &ConnectionTrafficSecrets, ours: &Direction, suite: Suite) -> bool {
@@ -851,10 +856,7 @@ mod tests {
     }
 
     fn client(with_cert: bool) -> rustls::ClientConnection {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(keys_dir().join("ca.pem")).unwrap() {
-            roots.add(cert.unwrap()).unwrap();
-        }
+        let roots = load_roots(&keys_dir().join("ca.pem")).unwrap();
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

@@ -245,8 +245,8 @@ struct Shard<H: Handler, D: Driver> {
     accept_paused: bool,
     last_accept_warning: Option<Instant>,
     stamp: PingStamp,
-    tls: Option<Arc<super::tls::TlsAcceptor>>,
-    /// Each connection's TLS session, by key (empty without TLS).
+    /// Each connection's TLS session, by key (empty without TLS, which is
+    /// `config.tls`).
     sessions: Vec<Option<super::tls::Session>>,
     /// Partial TLS input the sessions hold (in `held`).
     held_tls: usize,
@@ -296,7 +296,6 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             accept_paused: false,
             last_accept_warning: None,
             stamp: PingStamp::new(),
-            tls: setup.config.tls.clone(),
             sessions: Vec::new(),
             held_tls: 0,
             tls_plain: Vec::new(),
@@ -551,7 +550,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if let Some(peer) = peer {
             self.peers.insert(key, peer);
         }
-        if let Some(acceptor) = &self.tls {
+        if let Some(acceptor) = &self.config.tls {
             let slot = key as usize;
             if self.sessions.len() <= slot {
                 self.sessions.resize_with(slot + 1, || None);
@@ -585,7 +584,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// Feeds received bytes to connection `key` (through its TLS session,
     /// if the listener has TLS) and acts on the outcome.
     fn feed(&mut self, key: u32, data: &mut [u8]) {
-        if self.tls.is_some() {
+        if self.config.tls.is_some() {
             return self.feed_tls(key, data);
         }
         self.feed_plain(key, data);
@@ -843,7 +842,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// keeps what the driver will not take. Returns false if the
     /// connection is gone (it was dropped here).
     fn write(&mut self, key: u32, bytes: &[u8]) -> bool {
-        if self.tls.is_none() {
+        if self.config.tls.is_none() {
             return self.write_wire(key, bytes);
         }
         // The scratch is taken, not borrowed: a write this one causes (a
@@ -1026,7 +1025,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if conn.pending_out() > 0 || conn.is_sending() {
             return;
         }
-        if self.tls.is_none() {
+        if self.config.tls.is_none() {
             return self.driver.send_last(conn, key, bytes);
         }
         let mut sealed = Vec::with_capacity(bytes.len() + 64);
