@@ -499,16 +499,6 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     engine.io = args.io;
     engine.ping_interval = args.ping_interval;
     engine.pong_timeout = args.pong_timeout;
-    if args.pong_timeout > args.ping_interval {
-        // One ping is outstanding per connection: the next goes out once
-        // the last is answered and its timeout has run.
-        tracing::warn!(
-            "--pong-timeout ({}) exceeds --ping-interval ({}): each service is pinged every {} instead",
-            humantime::format_duration(args.pong_timeout),
-            humantime::format_duration(args.ping_interval),
-            humantime::format_duration(args.pong_timeout)
-        );
-    }
     engine.admit_timeout = args.register_timeout;
     engine.max_handshakes_per_source = args.max_handshakes_per_source;
     engine.max_conns_per_source = args.max_conns_per_source;

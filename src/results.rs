@@ -147,6 +147,21 @@ pub struct ScalePoint {
     pub cpu_seconds_ramp: f64,
     pub cpu_seconds_hold: f64,
     pub pings_during_hold: f64,
+    /// The floor (`tether-loadtest floor`: accept, 101, one answer per
+    /// registration, pings) on the same sockets in the same run.
+    pub floor: Option<FloorPoint>,
+}
+
+/// The floor server's figures at one N, measured as the controller's are.
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FloorPoint {
+    pub registration_seconds: f64,
+    pub cpu_seconds_ramp: f64,
+    pub cpu_seconds_hold: f64,
+    pub pings_during_hold: f64,
+    pub rss_start_kb: u64,
+    pub rss_kb: u64,
 }
 
 /// y = intercept + slope·x, least squares.

@@ -12,6 +12,7 @@ mod admin;
 mod capacity;
 mod common;
 mod compare;
+mod floor;
 mod herd;
 mod memory;
 mod observe;
@@ -57,6 +58,10 @@ enum Scenario {
     Capacity(capacity::CapacityArgs),
     /// Issue 10's attacks, one after another: controller RSS before, at peak and after, cuts, bystanders served.
     Abuse(abuse::AbuseArgs),
+    /// The floor the controller's CPU is held against: a minimal epoll
+    /// server (accept, 101, one answer per registration, pings); `scale`
+    /// starts it by itself.
+    Floor(floor::FloorArgs),
 }
 
 fn write_json<T: serde::Serialize>(
@@ -95,6 +100,7 @@ fn main() -> anyhow::Result<()> {
             abuse::print(&report);
             return write_json(json, &report);
         }
+        Scenario::Floor(args) => return floor::run(args),
         Scenario::Admin(args) => {
             let json = args.json.clone();
             let report = admin::run(args)?;

@@ -5,12 +5,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::common::{Common, Stack, Topology};
+use crate::floor::Floor;
 use crate::observe::{self, metric};
 use crate::procs;
 use crate::report::{Report, Section, meta, n};
 use crate::topology;
 use crate::{plots, progress};
-use tether::results::{Fit, ScaleFits, ScalePoint as Point, ScaleResults};
+use tether::results::{Fit, FloorPoint, ScaleFits, ScalePoint as Point, ScaleResults};
 
 #[derive(clap::Args, Debug)]
 pub struct ScaleArgs {
@@ -23,6 +24,10 @@ pub struct ScaleArgs {
     /// The controller's ping interval.
     #[arg(long, default_value = "5s")]
     pub ping_interval: String,
+    /// Skip the floor server (run before the controller at each N, on the
+    /// same swarms, with as many threads as the controller has shards).
+    #[arg(long)]
+    pub no_floor: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -59,8 +64,53 @@ pub fn fit(points: &[(f64, f64)]) -> Option<Fit> {
     })
 }
 
+/// The floor at one N: the same swarms, ramp, settle and hold as the
+/// controller gets, and the same ping interval.
+fn run_floor(
+    args: &ScaleArgs,
+    tether: &Path,
+    services: usize,
+    shards: usize,
+) -> anyhow::Result<FloorPoint> {
+    eprintln!("== floor, {services} services ({shards} threads)");
+    let mut floor = Floor::start(shards, &args.ping_interval)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = floor.proc.pid();
+    let (rss0, cpu0) = (procs::status_kb(pid, "VmRSS")?, procs::cpu_seconds(pid)?);
+    let spec = args.common.swarm(&floor.listen, services);
+    let (swarms, registration_seconds) = topology::start_swarms(tether, &spec)?;
+    progress::hold(Duration::from_secs(3), "settling", || {});
+    let rss = procs::status_kb(pid, "VmRSS")?;
+    let cpu1 = procs::cpu_seconds(pid)?;
+    let pings0 = floor.fresh_counter("pings")?;
+    let cpu1b = procs::cpu_seconds(pid)?;
+    progress::hold(args.hold, "holding", || {});
+    let cpu2 = procs::cpu_seconds(pid)?;
+    let pings1 = floor.fresh_counter("pings")?;
+    let cpu2b = procs::cpu_seconds(pid)?;
+    for swarm in swarms {
+        swarm.stop(Duration::from_secs(10));
+    }
+    floor.proc.stop(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    Ok(FloorPoint {
+        registration_seconds,
+        cpu_seconds_ramp: cpu1 - cpu0,
+        // The counters are read between two CPU readings: the mean of the two.
+        cpu_seconds_hold: (cpu2 + cpu2b) / 2.0 - (cpu1 + cpu1b) / 2.0,
+        pings_during_hold: pings1.saturating_sub(pings0) as f64,
+        rss_start_kb: rss0,
+        rss_kb: rss,
+    })
+}
+
 fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyhow::Result<Point> {
     let shards = args.common.shards_for(services);
+    let floor = if args.no_floor {
+        None
+    } else {
+        Some(run_floor(args, tether, services, shards)?)
+    };
     eprintln!("== direct, {services} services ({shards} shards)");
     let stack = Stack::start(
         tether,
@@ -100,6 +150,7 @@ fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyh
         cpu_seconds_hold: cpu2 - cpu1,
         pings_during_hold: metric(&after, "tether_pings_sent_total")
             - metric(&before, "tether_pings_sent_total"),
+        floor,
     })
 }
 
@@ -155,6 +206,55 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
             n(p.pings_during_hold),
         ]);
     }
+    let mut floor_table = Section::new(
+        "Against the floor, same swarms, same run",
+        &[
+            "services",
+            "µs per registration",
+            "floor µs",
+            "× floor",
+            "µs per ping",
+            "floor µs",
+            "× floor",
+        ],
+    );
+    for p in &points {
+        let Some(f) = &p.floor else { continue };
+        let per_reg = |cpu: f64| cpu * 1e6 / p.services as f64;
+        let per_ping = |cpu: f64, pings: f64| {
+            if pings > 0.0 {
+                cpu * 1e6 / pings
+            } else {
+                f64::NAN
+            }
+        };
+        let (reg, freg) = (per_reg(p.cpu_seconds_ramp), per_reg(f.cpu_seconds_ramp));
+        let (ping, fping) = (
+            per_ping(p.cpu_seconds_hold, p.pings_during_hold),
+            per_ping(f.cpu_seconds_hold, f.pings_during_hold),
+        );
+        floor_table.row(vec![
+            p.services.to_string(),
+            n(reg),
+            n(freg),
+            format!("{:.2}", reg / freg),
+            n(ping),
+            n(fping),
+            format!("{:.2}", ping / fping),
+        ]);
+    }
+    floor_table.note(
+        "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against the same swarm processes, connect rate, settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both."
+            .to_string(),
+    );
+    let floor_ramp = fit(&points
+        .iter()
+        .filter_map(|p| {
+            p.floor
+                .as_ref()
+                .map(|f| (p.services as f64, f.cpu_seconds_ramp))
+        })
+        .collect::<Vec<_>>());
     let mut fits = Section::new(
         "Fitted cost per service (least squares over N)",
         &["figure", "per service", "fixed", "r²"],
@@ -183,7 +283,15 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     row(&mut fits, "total memory", total, 1.0, "B", "B");
     row(&mut fits, "CPU while holding", cpu, 1e6, "µcores", "cores");
     row(&mut fits, "CPU to register", ramp, 1e6, "µs", "s");
-    // Pings go out every max(ping interval, pong timeout): say what was measured.
+    row(
+        &mut fits,
+        "floor CPU to register",
+        floor_ramp,
+        1e6,
+        "µs",
+        "s",
+    );
+    // A silent service is pinged once per interval: say what was measured.
     let pings: f64 = points.iter().map(|p| p.pings_during_hold).sum();
     let service_seconds: f64 = points.iter().map(|p| p.services as f64 * hold_s).sum();
     fits.note(format!(
@@ -234,6 +342,28 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
             points: xy(&|p| p.cpu_seconds_hold / hold_s),
         }],
     )?;
+    let per_registration = |f: &dyn Fn(&Point) -> Option<f64>| {
+        points
+            .iter()
+            .filter_map(|p| f(p).map(|cpu| (p.services as f64, cpu * 1e6 / p.services as f64)))
+            .collect::<Vec<_>>()
+    };
+    plots::lines(
+        &out.join("scale-register.svg"),
+        "CPU per registration vs services (direct)",
+        "services",
+        "µs",
+        &[
+            plots::Series {
+                label: "tether controller".into(),
+                points: per_registration(&|p| Some(p.cpu_seconds_ramp)),
+            },
+            plots::Series {
+                label: "floor (minimal epoll server)".into(),
+                points: per_registration(&|p| p.floor.as_ref().map(|f| f.cpu_seconds_ramp)),
+            },
+        ],
+    )?;
     let report = Report {
         scenario: "scale".into(),
         meta: meta(&tether),
@@ -253,10 +383,14 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
                 register_cpu_seconds_per_service: ramp,
             },
         })?,
-        sections: vec![table, fits],
+        sections: vec![table, floor_table, fits],
         plots: vec![
             ("scale-memory.svg".into(), "Memory vs N".into()),
             ("scale-cpu.svg".into(), "CPU vs N".into()),
+            (
+                "scale-register.svg".into(),
+                "CPU per registration vs N, against the floor".into(),
+            ),
         ],
     };
     report.write(&out)?;

@@ -232,9 +232,19 @@ fn a_controller_restart_recovers_with_and_without_jitter() {
 
 #[test]
 fn scale_fits_cost_per_service() {
-    let (json, out) = scenario("scale", &["--services", "100,400", "--hold", "1s"]);
+    let (json, out) = scenario(
+        "scale",
+        &["--services", "100,400", "--hold", "2s", "--ping-interval", "1s"],
+    );
     let points = json["results"]["points"].as_array().unwrap();
     assert_eq!(points.len(), 2);
+    // The floor server registered the same swarms and pinged them.
+    for p in points {
+        let floor = &p["floor"];
+        assert!(floor["registrationSeconds"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(floor["pingsDuringHold"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["pingsDuringHold"].as_f64().unwrap() > 0.0, "{p}");
+    }
     assert!(
         points
             .iter()
@@ -246,6 +256,7 @@ fn scale_fits_cost_per_service() {
         "{json}"
     );
     assert!(out.join("scale-memory.svg").exists() && out.join("scale-cpu.svg").exists());
+    assert!(out.join("scale-register.svg").exists());
 }
 
 /// The abuse scenario at a small N and 1 s per attack: every attack runs,

@@ -45,6 +45,8 @@ const BRIDGE: usize = 256;
 /// shards' fd tables do not share); the pump lives in the process's own.
 pub(crate) struct Pump {
     streams: std::sync::Mutex<Vec<(Subscription, mpsc::Sender<Event>)>>,
+    /// Wakes the pump when a stream is added (with none it sleeps here).
+    added: std::sync::Condvar,
     stop: std::sync::atomic::AtomicBool,
 }
 
@@ -53,6 +55,7 @@ impl Pump {
     pub(crate) fn start() -> std::io::Result<Arc<Pump>> {
         let pump = Arc::new(Pump {
             streams: std::sync::Mutex::new(Vec::new()),
+            added: std::sync::Condvar::new(),
             stop: std::sync::atomic::AtomicBool::new(false),
         });
         let p = pump.clone();
@@ -64,10 +67,12 @@ impl Pump {
 
     pub(crate) fn halt(&self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.added.notify_all();
     }
 
     fn add(&self, events: Subscription, tx: mpsc::Sender<Event>) {
         self.streams.lock().unwrap().push((events, tx));
+        self.added.notify_all();
     }
 
     /// Until halted, or until the server that owns it is gone.
@@ -75,7 +80,14 @@ impl Pump {
         use std::sync::mpsc::TryRecvError;
         while !self.stop.load(std::sync::atomic::Ordering::Relaxed) && Arc::strong_count(self) > 1 {
             let mut moved = false;
-            self.streams.lock().unwrap().retain(|(events, tx)| {
+            let mut streams = self.streams.lock().unwrap();
+            if streams.is_empty() {
+                // Nobody is watching: no polling until a stream is added
+                // (the timeout re-checks whether the server is gone).
+                let _ = self.added.wait_timeout(streams, Duration::from_secs(1));
+                continue;
+            }
+            streams.retain(|(events, tx)| {
                 loop {
                     // Room in the stream's queue first: a slow reader's
                     // events wait in its bounded queue in the log, which
@@ -99,6 +111,7 @@ impl Pump {
                     }
                 }
             });
+            drop(streams);
             if !moved {
                 std::thread::sleep(Duration::from_millis(5));
             }
