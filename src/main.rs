@@ -239,6 +239,15 @@ struct ControllerArgs {
     /// once. A second signal exits at once. 0s closes all at once.
     #[arg(long, value_parser = duration, default_value = "30s")]
     drain_period: Duration,
+    /// Registrations per second this node (or the one replacing it) can
+    /// take in a reconnect wave. A drain's `session/draining` asks
+    /// tether's agents to spread their first reconnect over services /
+    /// rate (1 s to 10 min). A 2-core node took ~34,000/s plain in the
+    /// herd runs; with TLS each core takes ~4,000 handshakes/s, so set
+    /// about 3,000 × cores there.
+    #[arg(long, default_value_t = tether::controller::DEFAULT_RECONNECT_RATE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    reconnect_rate: u32,
 }
 
 #[derive(Args)]
@@ -365,6 +374,12 @@ struct AgentArgs {
     /// Reconnect after exactly min(60s, 1s·2^n): no jitter (herd experiments).
     #[arg(long)]
     no_jitter: bool,
+    /// Spread the first reconnect after a connection that lived over this
+    /// window (a node's services do not all come back in the same second
+    /// after it crashes). A controller's `session/draining` may ask for
+    /// another. Default: 1s, the first backoff.
+    #[arg(long, value_parser = duration)]
+    reconnect_window: Option<Duration>,
     /// Send a WebSocket ping this often (light-fabric clients use 30s).
     #[arg(long, value_parser = duration)]
     client_ping: Option<Duration>,
@@ -505,6 +520,11 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     if let Some(max) = args.max_conns_per_shard {
         engine.max_conns_per_shard = max;
     }
+    if let Some(warning) =
+        tether::plan::listen_queue_warning(shards as u64, engine.max_conns_per_shard as u64)
+    {
+        tracing::warn!("{warning}");
+    }
     let (budget, budget_source) = match args.memory_budget {
         Some(bytes) => (bytes, "--memory-budget"),
         None => tether::plan::memory_limit(),
@@ -537,6 +557,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     let config_base_path = config.base_path.clone();
     config.registry.max_snapshot_nodes = args.max_snapshot_nodes;
     config.command_timeout = args.command_timeout;
+    config.reconnect_rate = args.reconnect_rate;
     let policy = AuthPolicy {
         host_id: config.host_id.clone(),
         issuer: args.auth_issuer,
@@ -760,6 +781,7 @@ fn agent(mut args: AgentArgs) -> anyhow::Result<()> {
     }
     let backoff = Backoff {
         jitter: !args.no_jitter,
+        first_window: args.reconnect_window,
         ..Backoff::default()
     };
     let deadline = args.exit_after.map(|d| Instant::now() + d);

@@ -560,6 +560,30 @@ fn kernel_at_least(major: u64, minor: u64) -> Option<(bool, String)> {
     Some(((a, b) >= (major, minor), release.trim().to_string()))
 }
 
+/// The listen queue each of `shards` SO_REUSEPORT listeners needs to hold
+/// its share of `services` reconnecting at once (the kernel caps a queue
+/// at 65535).
+pub fn listen_queue_want(services: u64, shards: u64) -> u64 {
+    services.div_ceil(shards.max(1)).clamp(128, 65_535)
+}
+
+/// A warning for the controller's start when net.core.somaxconn caps its
+/// listen queues below what its shards can hold (`None` when it does not,
+/// or cannot be read).
+pub fn listen_queue_warning(shards: u64, conns_per_shard: u64) -> Option<String> {
+    let somaxconn = sysctl("net.core.somaxconn")?;
+    listen_queue_shortfall(somaxconn, shards, conns_per_shard)
+}
+
+fn listen_queue_shortfall(somaxconn: u64, shards: u64, conns_per_shard: u64) -> Option<String> {
+    let want = listen_queue_want(shards * conns_per_shard, shards);
+    (somaxconn < want).then(|| {
+        format!(
+            "net.core.somaxconn is {somaxconn}: each of the {shards} listen queues holds that many of the {conns_per_shard} connections its shard takes, so a reconnect wave after a restart overflows them and waits on SYN retries (seconds each); raise it to {want} (tuning/sysctl.d-99-tether.conf, or `tether tune check`)"
+        )
+    })
+}
+
 /// What this host lacks to hold `plan.services` directly with a controller
 /// of `shards` shards (its `--shards`; one per core by default), listening
 /// on `listen_port`. Run it as and where the controller runs: it reads the
@@ -610,15 +634,20 @@ pub fn check_host(plan: &Plan, shards: u64, listen_port: u16) -> Vec<Check> {
     );
     for name in ["net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog"] {
         let v = sysctl(name).unwrap_or(0);
-        // After a controller restart every agent reconnects within its first
-        // backoff (0-1 s), faster than the controller accepts: the queue
-        // should hold all of them, up to the kernel's 65535 ceiling.
-        let want = plan.services.clamp(128, 65_535);
+        // After a controller restart every agent reconnects within its
+        // first backoff (0-1 s), faster than the controller accepts. Each
+        // shard listens on its own SO_REUSEPORT socket with its own queue,
+        // so each should hold its share of the wave, up to the kernel's
+        // 65535 ceiling.
+        let want = listen_queue_want(plan.services, shards);
         add(
             name,
             v >= want,
             v.to_string(),
-            format!("≥ {want} (reconnect waves after a restart): sysctl -w {name}=65535"),
+            format!(
+                "≥ {want}, each of {shards} listeners' share of a reconnect wave: sysctl -w {name}={}",
+                want.max(4096)
+            ),
         );
     }
     // Connections through a Service VIP or a stateful firewall each hold a
@@ -692,6 +721,17 @@ pub fn render_checks(checks: &[Check]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listen_queues_are_sized_per_shard() {
+        use super::{listen_queue_shortfall, listen_queue_want};
+        assert_eq!(listen_queue_want(300_000, 20), 15_000);
+        assert_eq!(listen_queue_want(10, 2), 128);
+        assert_eq!(listen_queue_want(1_000_000, 4), 65_535);
+        let warned = listen_queue_shortfall(4096, 20, 15_000).expect("4096 < 15000");
+        assert!(warned.contains("raise it to 15000"), "{warned}");
+        assert!(listen_queue_shortfall(65_535, 20, 15_000).is_none());
+    }
+
     use super::*;
 
     #[test]

@@ -429,6 +429,8 @@ fn a_drain_tells_services_then_spreads_the_closes() {
                 let told = c.recv_json();
                 assert_eq!(told["method"], "session/draining", "{told}");
                 assert_eq!(told["params"]["deadlineMs"], 1000);
+                // 20 services at the default rate: the 1 s floor.
+                assert_eq!(told["params"]["reconnectWindowMs"], 1000);
                 assert_eq!(c.expect_close(), Some(1001));
                 started.elapsed()
             })

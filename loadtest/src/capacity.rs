@@ -64,12 +64,19 @@ pub struct CapacityReport {
     pub connect_rate: f64,
     pub controller_rss_start_kb: u64,
     pub controller_rss_loaded_kb: u64,
+    /// After the hold: what the pings' buffers and timers left behind.
+    pub controller_rss_after_hold_kb: u64,
     pub user_bytes_per_service: f64,
+    pub user_bytes_per_service_after_hold: f64,
+    /// Controller utime+stime over the ramp, per registration.
+    pub controller_cpu_us_per_registration: f64,
     pub kernel_slab_bytes_per_socket: f64,
     pub kernel_sunreclaim_bytes_per_socket: f64,
     pub sockstat_tcp_mem_delta_pages: i64,
     pub hold_seconds: u64,
     pub pings_during_hold: u64,
+    /// Checks that found life of the service's own and sent no ping.
+    pub pings_skipped_during_hold: u64,
     pub controller_cpu_seconds_during_hold: f64,
     pub cpu_seconds_per_10k_pings: f64,
     pub downs_during_hold: u64,
@@ -98,6 +105,7 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     let pid = controller.proc.pid();
     let rss_start = procs::status_kb(pid, "VmRSS")?;
     let kernel0 = procs::KernelMemory::now()?;
+    let cpu_start = procs::cpu_seconds(pid)?;
     eprintln!(
         "controller ({}{}, {} shards) pid {pid}: VmRSS {rss_start} kB after start",
         args.io,
@@ -112,6 +120,7 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
         spec.tls_ca = args.tls.then_some(ca);
         topology::start_swarms(&tether, &spec)?
     };
+    let cpu_ramp = procs::cpu_seconds(pid)? - cpu_start;
     eprintln!(
         "{} registered in {registration_seconds:.1} s; settling 5 s",
         args.services
@@ -137,6 +146,9 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
     }
     let cpu = procs::cpu_seconds(pid)? - cpu_before;
     let after = scrape(&controller.admin)?;
+    let rss_after_hold = procs::status_kb(pid, "VmRSS").context("the controller died")?;
+    let skipped = metric(&after, "tether_pings_skipped_total")
+        - metric(&before, "tether_pings_skipped_total");
     let pings =
         metric(&after, "tether_pings_sent_total") - metric(&before, "tether_pings_sent_total");
     let downs = metric(&after, "tether_downs_total") - metric(&before, "tether_downs_total");
@@ -162,12 +174,16 @@ pub fn run(args: CapacityArgs) -> anyhow::Result<CapacityReport> {
         connect_rate: args.connect_rate,
         controller_rss_start_kb: rss_start,
         controller_rss_loaded_kb: rss_loaded,
+        controller_rss_after_hold_kb: rss_after_hold,
         user_bytes_per_service: (rss_loaded as f64 - rss_start as f64) * 1024.0 / n,
+        user_bytes_per_service_after_hold: (rss_after_hold as f64 - rss_start as f64) * 1024.0 / n,
+        controller_cpu_us_per_registration: cpu_ramp * 1e6 / n,
         kernel_slab_bytes_per_socket: slab as f64 * 1024.0 / sockets,
         kernel_sunreclaim_bytes_per_socket: sunr as f64 * 1024.0 / sockets,
         sockstat_tcp_mem_delta_pages: sock,
         hold_seconds: args.hold,
         pings_during_hold: pings,
+        pings_skipped_during_hold: skipped,
         controller_cpu_seconds_during_hold: cpu,
         cpu_seconds_per_10k_pings: if pings > 0 {
             cpu * 10_000.0 / pings as f64
@@ -252,8 +268,12 @@ pub fn print(r: &CapacityReport) {
         r.controller_rss_start_kb, r.controller_rss_loaded_kb
     );
     println!(
-        "user memory per service         {:.0} bytes   (target <= 256)",
-        r.user_bytes_per_service
+        "user memory per service         {:.0} bytes after the ramp, {:.0} after the hold (VmRSS {} kB)",
+        r.user_bytes_per_service, r.user_bytes_per_service_after_hold, r.controller_rss_after_hold_kb
+    );
+    println!(
+        "controller CPU per registration {:.1} µs (utime+stime over the ramp)",
+        r.controller_cpu_us_per_registration
     );
     println!(
         "kernel per socket (both ends)   {:.0} bytes Slab, {:.0} bytes SUnreclaim; sockstat TCP mem {:+} pages",
@@ -262,9 +282,10 @@ pub fn print(r: &CapacityReport) {
         r.sockstat_tcp_mem_delta_pages
     );
     println!(
-        "hold {} s: pings {}, controller CPU {:.2} s = {:.3} s per 10,000 pings",
+        "hold {} s: pings {} sent, {} skipped; controller CPU {:.2} s = {:.3} s per 10,000 pings",
         r.hold_seconds,
         r.pings_during_hold,
+        r.pings_skipped_during_hold,
         r.controller_cpu_seconds_during_hold,
         r.cpu_seconds_per_10k_pings
     );

@@ -27,6 +27,10 @@ pub struct HerdArgs {
     /// over a few seconds at large N).
     #[arg(long, value_enum, default_value = "kill")]
     pub stop: StopMode,
+    /// Also run with the agents' first reconnect spread over this window
+    /// (`tether agent --reconnect-window`), after the two default runs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub reconnect_window: Option<Duration>,
     /// Give up waiting for recovery after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
     pub recovery_limit: Duration,
@@ -45,6 +49,8 @@ pub enum StopMode {
 #[serde(rename_all = "camelCase")]
 pub struct Run {
     pub jitter: bool,
+    /// The agents' first reconnect window, if one was set (else 1 s).
+    pub reconnect_window_seconds: Option<f64>,
     pub services: usize,
     pub shards: usize,
     /// The old controller's graceful stop, and the new one's start.
@@ -61,12 +67,28 @@ pub struct Run {
     pub reconnect_curve: Vec<(f64, f64)>,
 }
 
-fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> {
+/// How a run's agents back off: its table row and plot label.
+fn label(jitter: bool, window: Option<f64>) -> String {
+    match (jitter, window) {
+        (true, None) => "full jitter".into(),
+        (false, None) => "no jitter".into(),
+        (true, Some(w)) => format!("full jitter, first over {w} s"),
+        (false, Some(w)) => format!("no jitter, first after {w} s"),
+    }
+}
+
+fn run_one(
+    args: &HerdArgs,
+    tether: &Path,
+    jitter: bool,
+    window: Option<Duration>,
+) -> anyhow::Result<Run> {
     let services = args.services;
     let shards = args.common.shards_for(services);
+    let window_seconds = window.map(|w| w.as_secs_f64());
     eprintln!(
         "== controller restart under {services} services, {}",
-        if jitter { "full jitter" } else { "no jitter" }
+        label(jitter, window_seconds)
     );
     let controller = topology::controller_with(tether, shards, &[])?;
     let (port, admin_port, admin) = (
@@ -77,6 +99,10 @@ fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> 
     let mut spec = args.common.swarm(&controller.listen, services);
     if !jitter {
         spec.extra.push("--no-jitter".into());
+    }
+    if let Some(w) = window {
+        spec.extra.push("--reconnect-window".into());
+        spec.extra.push(format!("{}ms", w.as_millis()));
     }
     let (swarms, _) = topology::start_swarms(tether, &spec)?;
     let poller = Poller::start(&admin, Duration::from_millis(100));
@@ -138,6 +164,7 @@ fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> 
     curve.extend(rate_curve(&after, began, registrations));
     let run = Run {
         jitter,
+        reconnect_window_seconds: window_seconds,
         services,
         shards,
         stop_seconds,
@@ -151,7 +178,7 @@ fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> 
     };
     eprintln!(
         "{}: recovered in {} s, peak {} registrations/s, {} listen overflows",
-        if jitter { "jitter" } else { "no jitter" },
+        label(jitter, window_seconds),
         run.recovery_seconds.map_or_else(|| "n/a".into(), n),
         n(run.reconnect_peak_per_second),
         run.listen_overflows
@@ -162,9 +189,13 @@ fn run_one(args: &HerdArgs, tether: &Path, jitter: bool) -> anyhow::Result<Run> 
 pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
     let tether = args.common.tether()?;
     let out = crate::report::out_dir(&args.common.out, "herd");
-    let runs = [true, false]
+    let mut variants = vec![(true, None), (false, None)];
+    if let Some(w) = args.reconnect_window {
+        variants.push((true, Some(w)));
+    }
+    let runs = variants
         .iter()
-        .map(|j| run_one(&args, &tether, *j))
+        .map(|(j, w)| run_one(&args, &tether, *j, *w))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut table = Section::new(
         "Controller restarted under load",
@@ -182,7 +213,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
     );
     for r in &runs {
         table.row(vec![
-            if r.jitter { "full jitter" } else { "no jitter" }.into(),
+            label(r.jitter, r.reconnect_window_seconds),
             r.services.to_string(),
             r.recovery_seconds.map_or(
                 format!(
@@ -211,7 +242,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
     let series: Vec<plots::Series> = runs
         .iter()
         .map(|r| plots::Series {
-            label: if r.jitter { "full jitter" } else { "no jitter" }.into(),
+            label: label(r.jitter, r.reconnect_window_seconds),
             points: r.reconnect_curve.clone(),
         })
         .collect();
@@ -229,6 +260,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             "services": args.services,
             "beforeSeconds": args.before.as_secs_f64(),
             "stop": args.stop,
+            "reconnectWindowSeconds": args.reconnect_window.map(|w| w.as_secs_f64()),
             "common": args.common.config(),
         }),
         results: serde_json::json!({ "runs": runs }),

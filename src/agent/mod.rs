@@ -5,7 +5,11 @@
 //!
 //! Reconnects use exponential backoff with full jitter (PROTOCOL.md):
 //! `sleep = random(0, min(cap, base·2^n))`, n reset after a connection
-//! that lived longer than 10 s.
+//! that lived longer than 10 s. The first reconnect after such a
+//! connection is spread over the reconnect window instead (1 s unless
+//! configured), or over the window a controller's `session/draining`
+//! asked for (`reconnectWindowMs`, tether's addition): a node with many
+//! services is not hit by all of them in the same second.
 
 mod sdk;
 pub mod session;
@@ -85,7 +89,13 @@ pub struct Backoff {
     /// Full jitter (the default). Without it every client waits exactly
     /// `min(cap, base·2^n)`: what the herd scenario compares against.
     pub jitter: bool,
+    /// The first attempt after a connection that lived (attempt 0) waits
+    /// up to this long; `base` unless set.
+    pub first_window: Option<Duration>,
 }
+
+/// The longest reconnect window a controller may ask for.
+pub const MAX_RECONNECT_WINDOW: Duration = Duration::from_secs(600);
 
 impl Default for Backoff {
     fn default() -> Self {
@@ -93,6 +103,7 @@ impl Default for Backoff {
             base: Duration::from_secs(1),
             cap: Duration::from_secs(60),
             jitter: true,
+            first_window: None,
         }
     }
 }
@@ -100,10 +111,19 @@ impl Default for Backoff {
 impl Backoff {
     /// The delay before reconnect attempt `attempt` (0-based).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << attempt.min(20))
-            .min(self.cap);
+        self.delay_within(attempt, None)
+    }
+
+    /// The same, with the first attempt spread over `window` if one was
+    /// asked for (a controller's drain hint), else over `first_window`.
+    pub fn delay_within(&self, attempt: u32, window: Option<Duration>) -> Duration {
+        let ceiling = match (attempt, window.or(self.first_window)) {
+            (0, Some(window)) => window.min(MAX_RECONNECT_WINDOW),
+            _ => self
+                .base
+                .saturating_mul(1u32 << attempt.min(20))
+                .min(self.cap),
+        };
         if self.jitter {
             ceiling.mul_f64(fastrand::f64())
         } else {
@@ -294,6 +314,27 @@ mod tests {
             samples.iter().any(|d| *d != samples[0]),
             "full jitter varies"
         );
+    }
+
+    #[test]
+    fn the_first_reconnect_spreads_over_its_window() {
+        let w = Duration::from_secs(20);
+        let b = Backoff {
+            first_window: Some(w),
+            ..Backoff::default()
+        };
+        let firsts: Vec<Duration> = (0..400).map(|_| b.delay(0)).collect();
+        assert!(firsts.iter().all(|d| *d <= w));
+        // Spread over the window, not bunched in its first second.
+        let late = firsts.iter().filter(|d| **d > Duration::from_secs(10)).count();
+        assert!((100..=300).contains(&late), "{late} of 400 past half the window");
+        // Later attempts back off as before.
+        assert!(b.delay(1) <= Duration::from_secs(2));
+        // A controller's hint wins over the configured window, bounded.
+        let hinted = Backoff { jitter: false, ..b };
+        assert_eq!(hinted.delay_within(0, Some(Duration::from_secs(5))), Duration::from_secs(5));
+        assert_eq!(hinted.delay_within(0, Some(Duration::from_secs(9999))), MAX_RECONNECT_WINDOW);
+        assert_eq!(hinted.delay_within(2, Some(Duration::from_secs(5))), Duration::from_secs(4));
     }
 
     #[test]

@@ -137,6 +137,9 @@ struct Slot {
     deregistered: bool,
     /// The probe in flight: its request id and when it left.
     probing: Option<(u64, Instant)>,
+    /// The reconnect window a `session/draining` asked for, in ms (0:
+    /// none): the next first reconnect is spread over it.
+    drain_window_ms: u32,
     /// The slot's place in the worker's wheel, at its earliest timer.
     link: Link,
     timers: Timers,
@@ -253,6 +256,7 @@ impl<O: Observer> Worker<O> {
                 registered: false,
                 deregistered: false,
                 probing: None,
+                drain_window_ms: 0,
                 link: Link::default(),
                 timers: Timers::default(),
                 tls: None,
@@ -681,7 +685,14 @@ impl<O: Observer> Worker<O> {
                     }
                 }
             }
-            SessionEvent::Notification { .. } => {}
+            SessionEvent::Notification { method, params } => {
+                if method == "session/draining"
+                    && let Some(ms) = params.get("reconnectWindowMs").and_then(Value::as_u64)
+                {
+                    let max = super::MAX_RECONNECT_WINDOW.as_millis() as u64;
+                    self.slots[slot].drain_window_ms = ms.min(max) as u32;
+                }
+            }
         }
     }
 
@@ -894,7 +905,13 @@ impl<O: Observer> Worker<O> {
         if now.duration_since(s.opened_at) > STABLE_AFTER {
             s.attempts = 0;
         }
-        let delay = self.config.backoff.delay(s.attempts);
+        let hint = std::mem::take(&mut s.drain_window_ms);
+        let hint = (hint > 0).then(|| Duration::from_millis(hint.into()));
+        if hint.is_some() {
+            // A planned close: the first reconnect, however young the connection.
+            s.attempts = 0;
+        }
+        let delay = self.config.backoff.delay_within(s.attempts, hint);
         s.attempts = s.attempts.saturating_add(1);
         s.state = State::Waiting;
         self.slots[slot].timers.reconnect = self.tick_of(now + delay).max(earliest);
@@ -1042,6 +1059,45 @@ mod tests {
             "reconnected after {again:?}"
         );
         assert_eq!(stats.closed_by_controller.load(Relaxed), 1);
+    }
+
+    /// A drain's `reconnectWindowMs` spreads the first reconnect over that
+    /// window (exactly the window here: the test's backoff has no jitter),
+    /// though the backoff alone would retry after 50 ms.
+    #[test]
+    fn a_drain_s_reconnect_window_holds_the_first_reconnect_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (thread, _stats, stop) = start(listener.local_addr().unwrap(), |_| {});
+        let (socket, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(socket).expect("the agent's upgrade");
+        let _ = ws.read().expect("a register");
+        ws.send(tungstenite::Message::text(
+            r#"{"jsonrpc":"2.0","method":"session/draining","params":{"deadlineMs":0,"reason":"test","reconnectWindowMs":1500}}"#,
+        ))
+        .unwrap();
+        ws.close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Away,
+            reason: "draining".into(),
+        }))
+        .unwrap();
+        let closed = Instant::now();
+        let _ = ws.flush();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = closed + Duration::from_secs(10);
+        let again = loop {
+            match listener.accept() {
+                Ok(_) => break Some(closed.elapsed()),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => break None,
+            }
+        };
+        stop.store(true, Relaxed);
+        thread.join().unwrap();
+        let again = again.expect("it reconnects after the window");
+        assert!(
+            (Duration::from_millis(1400)..Duration::from_secs(5)).contains(&again),
+            "reconnected after {again:?}"
+        );
     }
 
     /// Records the size of every notification a session hears.

@@ -149,8 +149,11 @@ impl ShardHandler {
     }
 
     /// Begins this shard's share of a drain: `session/draining` to every
-    /// registered service now, the closes spread over `period`.
-    fn start_drain(&mut self, cx: &mut Cx<'_>, period: Duration) {
+    /// registered service now, the closes spread over `period`. Besides
+    /// light-portal's `deadlineMs` and `reason` it carries
+    /// `reconnectWindowMs`: tether's agents spread their first reconnect
+    /// over it (others ignore it).
+    fn start_drain(&mut self, cx: &mut Cx<'_>, period: Duration, reconnect_window: Duration) {
         let shard = self.shard;
         let conns: Vec<ConnRef> = self
             .conns
@@ -170,6 +173,7 @@ impl ShardHandler {
             &serde_json::json!({
                 "deadlineMs": period.as_millis() as u64,
                 "reason": "controller shutting down; reconnect (to another node if there is one)",
+                "reconnectWindowMs": reconnect_window.as_millis() as u64,
             }),
         );
         let services = conns.iter().copied().filter(|c| {
@@ -814,7 +818,10 @@ impl Handler for ShardHandler {
                 cx.close(old, 4000, "superseded");
             }
             ShardMsg::Command(request, permit) => self.command(cx, *request, permit),
-            ShardMsg::Drain { period } => self.start_drain(cx, period),
+            ShardMsg::Drain {
+                period,
+                reconnect_window,
+            } => self.start_drain(cx, period, reconnect_window),
         }
     }
 

@@ -58,6 +58,23 @@ pub struct ControllerConfig {
     /// start and updates now and then, never gets there).
     pub request_burst: u8,
     pub requests_per_second: u16,
+    /// Registrations per second this node (or its successor) takes after
+    /// a restart: a drain asks services to spread their first reconnect
+    /// over services / rate (`reconnectWindowMs` in `session/draining`).
+    pub reconnect_rate: u32,
+}
+
+/// What `--reconnect-rate` defaults to: well under what one node took
+/// in the herd runs on 2 cores (~34,000/s plain, README).
+pub const DEFAULT_RECONNECT_RATE: u32 = 20_000;
+
+/// The window a drain asks services to spread their first reconnect
+/// over: `services / rate`, at least 1 s (the agents' own first backoff)
+/// and at most the agents' ceiling.
+pub fn reconnect_window(services: usize, rate: u32) -> Duration {
+    let secs = services as f64 / f64::from(rate.max(1));
+    Duration::from_secs_f64(secs)
+        .clamp(Duration::from_secs(1), crate::agent::MAX_RECONNECT_WINDOW)
 }
 
 impl ControllerConfig {
@@ -73,6 +90,7 @@ impl ControllerConfig {
             max_watchers: 4096,
             request_burst: 64,
             requests_per_second: 20,
+            reconnect_rate: DEFAULT_RECONNECT_RATE,
             engine,
         }
     }
@@ -119,9 +137,13 @@ pub enum ShardMsg {
     Supersede(ConnRef),
     /// Send a command to an instance on this shard.
     Command(Box<CommandRequest>, Permit),
-    /// Drain: tell every service `session/draining`, then close every
-    /// connection with 1001, spread evenly over `period`.
-    Drain { period: Duration },
+    /// Drain: tell every service `session/draining` (with the window to
+    /// spread its reconnect over), then close every connection with 1001,
+    /// spread evenly over `period`.
+    Drain {
+        period: Duration,
+        reconnect_window: Duration,
+    },
 }
 
 /// Service notifications (`notifications/*`) relayed to whoever watches
@@ -479,8 +501,13 @@ impl Api {
         self.shared
             .drain_left
             .fetch_add(self.mailboxes.len(), Ordering::SeqCst);
+        let services = self.shared.registry().len_up();
+        let reconnect_window = reconnect_window(services, self.shared.config.reconnect_rate);
         for mailbox in self.mailboxes.iter() {
-            let mut msg = ShardMsg::Drain { period };
+            let mut msg = ShardMsg::Drain {
+                period,
+                reconnect_window,
+            };
             // Bounded: a full mailbox drains within ticks.
             for _ in 0..100 {
                 match mailbox.post(msg) {
@@ -658,6 +685,17 @@ pub fn tool_call_params(name: &str, arguments: &serde_json::Value) -> Box<RawVal
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_drain_s_reconnect_window_is_services_over_rate_bounded() {
+        use std::time::Duration;
+        let w = super::reconnect_window;
+        assert_eq!(w(300_000, 20_000), Duration::from_secs(15));
+        assert_eq!(w(10, 20_000), Duration::from_secs(1));
+        assert_eq!(w(1_000_000_000, 20_000), crate::agent::MAX_RECONNECT_WINDOW);
+        // A rate of 0 counts as 1 per second.
+        assert_eq!(w(5_000, 0), crate::agent::MAX_RECONNECT_WINDOW);
+    }
+
     use super::valid_base_path;
 
     #[test]

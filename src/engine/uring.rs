@@ -28,6 +28,14 @@ pub const RECV_BUFFER_SIZE: usize = 2048;
 const SEND_POOL: usize = 256;
 /// A pooled send buffer's capacity; larger sends get their own.
 const SEND_BUFFER_SIZE: usize = 4096;
+/// Sends up to this size (pings and pongs, plain or sealed; close frames)
+/// take a small buffer of their own class. A tick pings hundreds of
+/// connections at once: at 4 KiB each, that burst left megabytes of freed
+/// buffers in the allocator's pages (480 B more RSS per service with 1 s
+/// pings at 50,000 services).
+const SMALL_SEND: usize = 128;
+/// Small buffers kept for reuse (a tick's burst of pings reuses them).
+const SMALL_POOL: usize = 1024;
 /// The most one send takes in flight: the rest of a connection's output
 /// waits, counted, in its own queue (so a slow reader holds at most this
 /// much outside the shard's accounting of queued bytes).
@@ -343,6 +351,8 @@ pub struct Uring {
     buffers: BufRing,
     sends: slab::Slab<Sending>,
     pool: Vec<Vec<u8>>,
+    /// Buffers of `SMALL_SEND` bytes.
+    small: Vec<Vec<u8>>,
     recycled: bool,
     /// Completions reaped while making room in a full queue.
     deferred: Vec<Completion>,
@@ -372,6 +382,7 @@ impl Uring {
             buffers,
             sends: slab::Slab::with_capacity(1024),
             pool: Vec::new(),
+            small: Vec::new(),
             recycled: false,
             deferred: Vec::new(),
             in_flight: 0,
@@ -532,13 +543,19 @@ impl Uring {
 
     /// Starts sending `bytes` on `slot`; the connection is (key, generation).
     pub fn send(&mut self, slot: u32, key: u32, generation: u32, bytes: &[u8]) {
-        let mut buf = match self.pool.pop() {
-            Some(b) if bytes.len() <= b.capacity() => b,
-            other => {
-                if let Some(b) = other {
-                    self.pool.push(b);
+        let mut buf = if bytes.len() <= SMALL_SEND {
+            self.small
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(SMALL_SEND))
+        } else {
+            match self.pool.pop() {
+                Some(b) if bytes.len() <= b.capacity() => b,
+                other => {
+                    if let Some(b) = other {
+                        self.pool.push(b);
+                    }
+                    Vec::with_capacity(bytes.len().max(SEND_BUFFER_SIZE))
                 }
-                Vec::with_capacity(bytes.len().max(SEND_BUFFER_SIZE))
             }
         };
         buf.clear();
@@ -584,7 +601,12 @@ impl Uring {
     pub fn abandon(&mut self, index: u32) {
         let done = self.sends.remove(index as usize);
         self.in_flight -= done.buf.capacity();
-        if self.pool.len() < SEND_POOL && done.buf.capacity() <= SEND_BUFFER_SIZE {
+        let cap = done.buf.capacity();
+        if cap == SMALL_SEND {
+            if self.small.len() < SMALL_POOL {
+                self.small.push(done.buf);
+            }
+        } else if self.pool.len() < SEND_POOL && cap <= SEND_BUFFER_SIZE {
             self.pool.push(done.buf);
         }
     }
