@@ -3,10 +3,11 @@
 //! check` (what this host lacks for N).
 //!
 //! The per-service costs come from a load test's `results.json` (`--from`),
-//! or else from the one built into the binary: `loadtest/results/compare/
-//! results.json`, the run the README shows (2 cores, Linux 6.18, io_uring,
-//! 10,000 to 100,000 services). Costs scale with the kernel and the
-//! machine; measure yours.
+//! or else from the runs built into the binary, the ones the README shows
+//! (2 cores, Linux 6.18, io_uring): `loadtest/results/scale/results.json`
+//! for the direct costs (fitted up to 1,000,000 services), and
+//! `loadtest/results/compare/results.json` for the chained gateways'.
+//! Costs scale with the kernel and the machine; measure yours.
 
 use std::path::Path;
 
@@ -19,9 +20,12 @@ use crate::results::{CompareResults, CompareRun, Fit, ResultsFile, ScaleResults,
 /// The most shards one controller runs (`--shards`).
 pub const MAX_SHARDS: u64 = 1024;
 
-/// The committed `compare` run the built-in costs are read from.
+/// The committed `compare` run the built-in gateway costs are read from.
 const BUILT_IN: &str = include_str!("../loadtest/results/compare/results.json");
 const BUILT_IN_PATH: &str = "loadtest/results/compare/results.json";
+/// The committed `scale` run the built-in direct costs are read from.
+const BUILT_IN_SCALE: &str = include_str!("../loadtest/results/scale/results.json");
+const BUILT_IN_SCALE_PATH: &str = "loadtest/results/scale/results.json";
 
 /// What one service costs, as the load test measures it.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -49,7 +53,8 @@ pub struct Costs {
 }
 
 impl Costs {
-    /// The costs of the committed `compare` run (see the module comment).
+    /// The costs of the committed runs (see the module comment): the
+    /// `scale` run's direct figures over the `compare` run's.
     pub fn built_in() -> Costs {
         let file: ResultsFile<CompareResults> =
             serde_json::from_str(BUILT_IN).expect("the built-in results are a compare run");
@@ -57,8 +62,25 @@ impl Costs {
             "built in: {BUILT_IN_PATH} ({}, {} cores, Linux {})",
             file.meta.started, file.meta.cores, file.meta.kernel
         );
-        Costs::from_compare(&file.results, source, &Costs::default())
-            .expect("the built-in results have a direct run")
+        let compare = Costs::from_compare(&file.results, source, &Costs::default())
+            .expect("the built-in results have a direct run");
+        let scale: ResultsFile<ScaleResults> =
+            serde_json::from_str(BUILT_IN_SCALE).expect("the built-in scale results parse");
+        let largest = scale
+            .results
+            .points
+            .iter()
+            .map(|p| p.services)
+            .max()
+            .unwrap_or(0);
+        let source = format!(
+            "built in: {BUILT_IN_SCALE_PATH} (direct, up to {largest} services; {}, {} cores, Linux {}), gateways from {BUILT_IN_PATH}",
+            scale.meta.started, scale.meta.cores, scale.meta.kernel
+        );
+        let mut costs = Costs::from_scale(&scale.results, source, &compare);
+        // Filled from the compare run is not "defaulted" for the built-in.
+        costs.defaulted.clear();
+        costs
     }
 
     /// Costs from a load-test `results.json` (`compare` or `scale`); what

@@ -499,6 +499,7 @@ fn a_refused_agent_reconnects_once_per_refusal() {
         base: Duration::from_millis(20),
         cap: Duration::from_millis(80),
         jitter: true,
+        first_window: None,
     };
     config.run_for = Some(Duration::from_secs(2));
     let swarm = Swarm::start(config).unwrap();

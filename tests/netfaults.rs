@@ -301,6 +301,7 @@ fn swarm_to(net: &Net, services: usize, sources: Vec<IpAddr>, run_for: Duration)
         base: Duration::from_millis(500),
         cap: Duration::from_secs(4),
         jitter: true,
+        first_window: None,
     };
     Swarm::start(config).expect("the swarm starts")
 }

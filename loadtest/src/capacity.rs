@@ -269,7 +269,9 @@ pub fn print(r: &CapacityReport) {
     );
     println!(
         "user memory per service         {:.0} bytes after the ramp, {:.0} after the hold (VmRSS {} kB)",
-        r.user_bytes_per_service, r.user_bytes_per_service_after_hold, r.controller_rss_after_hold_kb
+        r.user_bytes_per_service,
+        r.user_bytes_per_service_after_hold,
+        r.controller_rss_after_hold_kb
     );
     println!(
         "controller CPU per registration {:.1} µs (utime+stime over the ramp)",

@@ -234,7 +234,14 @@ fn a_controller_restart_recovers_with_and_without_jitter() {
 fn scale_fits_cost_per_service() {
     let (json, out) = scenario(
         "scale",
-        &["--services", "100,400", "--hold", "2s", "--ping-interval", "1s"],
+        &[
+            "--services",
+            "100,400",
+            "--hold",
+            "2s",
+            "--ping-interval",
+            "1s",
+        ],
     );
     let points = json["results"]["points"].as_array().unwrap();
     assert_eq!(points.len(), 2);

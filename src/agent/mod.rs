@@ -326,15 +326,30 @@ mod tests {
         let firsts: Vec<Duration> = (0..400).map(|_| b.delay(0)).collect();
         assert!(firsts.iter().all(|d| *d <= w));
         // Spread over the window, not bunched in its first second.
-        let late = firsts.iter().filter(|d| **d > Duration::from_secs(10)).count();
-        assert!((100..=300).contains(&late), "{late} of 400 past half the window");
+        let late = firsts
+            .iter()
+            .filter(|d| **d > Duration::from_secs(10))
+            .count();
+        assert!(
+            (100..=300).contains(&late),
+            "{late} of 400 past half the window"
+        );
         // Later attempts back off as before.
         assert!(b.delay(1) <= Duration::from_secs(2));
         // A controller's hint wins over the configured window, bounded.
         let hinted = Backoff { jitter: false, ..b };
-        assert_eq!(hinted.delay_within(0, Some(Duration::from_secs(5))), Duration::from_secs(5));
-        assert_eq!(hinted.delay_within(0, Some(Duration::from_secs(9999))), MAX_RECONNECT_WINDOW);
-        assert_eq!(hinted.delay_within(2, Some(Duration::from_secs(5))), Duration::from_secs(4));
+        assert_eq!(
+            hinted.delay_within(0, Some(Duration::from_secs(5))),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            hinted.delay_within(0, Some(Duration::from_secs(9999))),
+            MAX_RECONNECT_WINDOW
+        );
+        assert_eq!(
+            hinted.delay_within(2, Some(Duration::from_secs(5))),
+            Duration::from_secs(4)
+        );
     }
 
     #[test]

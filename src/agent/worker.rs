@@ -949,6 +949,7 @@ mod tests {
                 base: Duration::from_millis(50),
                 cap: Duration::from_millis(100),
                 jitter: false,
+                first_window: None,
             },
             connect_rate: 100.0,
             register_timeout: Duration::from_secs(10),

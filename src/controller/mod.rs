@@ -73,8 +73,7 @@ pub const DEFAULT_RECONNECT_RATE: u32 = 20_000;
 /// and at most the agents' ceiling.
 pub fn reconnect_window(services: usize, rate: u32) -> Duration {
     let secs = services as f64 / f64::from(rate.max(1));
-    Duration::from_secs_f64(secs)
-        .clamp(Duration::from_secs(1), crate::agent::MAX_RECONNECT_WINDOW)
+    Duration::from_secs_f64(secs).clamp(Duration::from_secs(1), crate::agent::MAX_RECONNECT_WINDOW)
 }
 
 impl ControllerConfig {
