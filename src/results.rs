@@ -147,6 +147,8 @@ pub struct ScalePoint {
     pub cpu_seconds_ramp: f64,
     pub cpu_seconds_hold: f64,
     pub pings_during_hold: f64,
+    /// Pings sent while the swarms were still registering.
+    pub pings_during_ramp: f64,
     /// The floor (`tether-loadtest floor`: accept, 101, one answer per
     /// registration, pings) on the same sockets in the same run.
     pub floor: Option<FloorPoint>,
@@ -160,6 +162,7 @@ pub struct FloorPoint {
     pub cpu_seconds_ramp: f64,
     pub cpu_seconds_hold: f64,
     pub pings_during_hold: f64,
+    pub pings_during_ramp: f64,
     pub rss_start_kb: u64,
     pub rss_kb: u64,
 }

@@ -99,6 +99,8 @@ fn run_floor(
         // The counters are read between two CPU readings: the mean of the two.
         cpu_seconds_hold: (cpu2 + cpu2b) / 2.0 - (cpu1 + cpu1b) / 2.0,
         pings_during_hold: pings1.saturating_sub(pings0) as f64,
+        // Read up to a second after the ramp's CPU: close enough.
+        pings_during_ramp: pings0 as f64,
         rss_start_kb: rss0,
         rss_kb: rss,
     })
@@ -132,6 +134,8 @@ fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyh
     let grown = procs::KernelMemory::since(kernel0)?;
     let (slab, sunr) = (grown.slab_kb as f64, grown.sunreclaim_kb as f64);
     let before = observe::scrape(&stack.controller.admin)?;
+    // The controller started with none sent.
+    let pings_during_ramp = metric(&before, "tether_pings_sent_total");
     progress::hold(args.hold, "holding", || {});
     let cpu2 = procs::cpu_seconds(pid)?;
     let after = observe::scrape(&stack.controller.admin)?;
@@ -150,6 +154,7 @@ fn run_one(args: &ScaleArgs, tether: &Path, services: usize, dir: &Path) -> anyh
         cpu_seconds_hold: cpu2 - cpu1,
         pings_during_hold: metric(&after, "tether_pings_sent_total")
             - metric(&before, "tether_pings_sent_total"),
+        pings_during_ramp,
         floor,
     })
 }
@@ -213,6 +218,9 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
             "µs per registration",
             "floor µs",
             "× floor",
+            "net of pings µs",
+            "floor µs",
+            "× floor",
             "µs per ping",
             "floor µs",
             "× floor",
@@ -220,7 +228,6 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     );
     for p in &points {
         let Some(f) = &p.floor else { continue };
-        let per_reg = |cpu: f64| cpu * 1e6 / p.services as f64;
         let per_ping = |cpu: f64, pings: f64| {
             if pings > 0.0 {
                 cpu * 1e6 / pings
@@ -228,23 +235,35 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
                 f64::NAN
             }
         };
-        let (reg, freg) = (per_reg(p.cpu_seconds_ramp), per_reg(f.cpu_seconds_ramp));
         let (ping, fping) = (
             per_ping(p.cpu_seconds_hold, p.pings_during_hold),
             per_ping(f.cpu_seconds_hold, f.pings_during_hold),
+        );
+        let per_reg = |cpu: f64| cpu * 1e6 / p.services as f64;
+        let (reg, freg) = (per_reg(p.cpu_seconds_ramp), per_reg(f.cpu_seconds_ramp));
+        // The ramp's CPU less its pings at the hold's cost per ping.
+        let net = |cpu: f64, pings: f64, per_ping_us: f64| {
+            per_reg(cpu) - pings * per_ping_us.max(0.0) / p.services as f64
+        };
+        let (nreg, nfreg) = (
+            net(p.cpu_seconds_ramp, p.pings_during_ramp, ping),
+            net(f.cpu_seconds_ramp, f.pings_during_ramp, fping),
         );
         floor_table.row(vec![
             p.services.to_string(),
             n(reg),
             n(freg),
             format!("{:.2}", reg / freg),
+            n(nreg),
+            n(nfreg),
+            format!("{:.2}", nreg / nfreg),
             n(ping),
             n(fping),
             format!("{:.2}", ping / fping),
         ]);
     }
     floor_table.note(
-        "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against the same swarm processes, connect rate, settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both."
+        "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against the same swarm processes, connect rate, settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both. A ramp longer than the ping interval pings the services registered first: \"net of pings\" takes those pings out at the hold's cost per ping."
             .to_string(),
     );
     let floor_ramp = fit(&points

@@ -67,6 +67,9 @@ pub struct Run {
     /// it sent, and checks that needed none (the peer's own life).
     pub pings_sent: f64,
     pub pings_skipped: f64,
+    /// Each second from the freeze: (seconds, pings sent per second,
+    /// checks skipped per second).
+    pub ping_curve: Vec<(f64, f64, f64)>,
 }
 
 fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
@@ -134,7 +137,19 @@ fn run_one(
         .unwrap_or(2 * (args.ping_interval + args.pong_timeout) + Duration::from_secs(5));
     let bar = progress::bar(args.zombies as u64, "zombies detected");
     let mut first_down: HashMap<String, f64> = HashMap::new();
+    let mut ping_curve = Vec::new();
+    let (mut last_at, mut last) = (frozen_at, pings_before);
     while frozen_at.elapsed() < wait {
+        if last_at.elapsed() >= Duration::from_secs(1) {
+            let (now, count) = (Instant::now(), pings()?);
+            let dt = now.duration_since(last_at).as_secs_f64();
+            ping_curve.push((
+                now.duration_since(frozen_at).as_secs_f64(),
+                (count.0 - last.0) / dt,
+                (count.1 - last.1) / dt,
+            ));
+            (last_at, last) = (now, count);
+        }
         for e in watcher.events() {
             if e.service.starts_with("zombie")
                 && (e.kind == "down" || e.kind == "deregistered")
@@ -184,6 +199,7 @@ fn run_one(
         waited_seconds: waited,
         pings_sent: pings_after.0 - pings_before.0,
         pings_skipped: pings_after.1 - pings_before.1,
+        ping_curve,
     };
     eprintln!(
         "{}: {}/{} detected, p50 {} s, max {} s; controller pings {} sent, {} skipped",
@@ -263,6 +279,36 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
         "seconds after SIGSTOP",
         &samples,
     )?;
+    let curve = |r: &Run, pick: fn(&(f64, f64, f64)) -> f64| {
+        r.ping_curve.iter().map(|p| (p.0, pick(p))).collect::<Vec<_>>()
+    };
+    let series: Vec<plots::Series> = runs
+        .iter()
+        .filter(|r| r.topology == Topology::Direct)
+        .flat_map(|r| {
+            [
+                plots::Series {
+                    label: "pings sent".into(),
+                    points: curve(r, |p| p.1),
+                },
+                plots::Series {
+                    label: "checks skipped (the service's own life)".into(),
+                    points: curve(r, |p| p.2),
+                },
+            ]
+        })
+        .collect();
+    let mut plotted = vec![("detection-cdf.svg".into(), "Detection-time CDF".into())];
+    if series.iter().any(|s| !s.points.is_empty()) {
+        plots::lines(
+            &out.join("pings.svg"),
+            "Controller liveness checks per second, direct",
+            "seconds after SIGSTOP",
+            "per second",
+            &series,
+        )?;
+        plotted.push(("pings.svg".into(), "Pings sent vs skipped".into()));
+    }
     let report = Report {
         scenario: "zombie".into(),
         meta: meta(&tether),
@@ -277,7 +323,7 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
         }),
         results: serde_json::json!({ "runs": runs }),
         sections: vec![table],
-        plots: vec![("detection-cdf.svg".into(), "Detection-time CDF".into())],
+        plots: plotted,
     };
     report.write(&out)?;
     Ok(report)
