@@ -280,7 +280,10 @@ pub fn run(args: ZombieArgs) -> anyhow::Result<Report> {
         &samples,
     )?;
     let curve = |r: &Run, pick: fn(&(f64, f64, f64)) -> f64| {
-        r.ping_curve.iter().map(|p| (p.0, pick(p))).collect::<Vec<_>>()
+        r.ping_curve
+            .iter()
+            .map(|p| (p.0, pick(p)))
+            .collect::<Vec<_>>()
     };
     let series: Vec<plots::Series> = runs
         .iter()
