@@ -377,7 +377,7 @@ struct AgentArgs {
     /// Spread the first reconnect after a connection that lived over this
     /// window (a node's services do not all come back in the same second
     /// after it crashes). A controller's `session/draining` may ask for
-    /// another. Default: 1s, the first backoff.
+    /// a longer one. Default: 1s, the first backoff.
     #[arg(long, value_parser = duration)]
     reconnect_window: Option<Duration>,
     /// Send a WebSocket ping this often (light-fabric clients use 30s).

@@ -78,6 +78,12 @@ impl Costs {
             scale.meta.started, scale.meta.cores, scale.meta.kernel
         );
         let mut costs = Costs::from_scale(&scale.results, source, &compare);
+        // The scale run's largest point started 67 shards (126 MiB of
+        // buffer rings and tables) and ramped at what its swarms offered:
+        // the compare run's small controller is the fairer fixed cost, and
+        // its rate the one the planner has always quoted.
+        costs.controller_fixed_bytes = compare.controller_fixed_bytes;
+        costs.registrations_per_second = compare.registrations_per_second;
         // Filled from the compare run is not "defaulted" for the built-in.
         costs.defaulted.clear();
         costs
@@ -598,7 +604,7 @@ pub fn listen_queue_warning(shards: u64, conns_per_shard: u64) -> Option<String>
 }
 
 fn listen_queue_shortfall(somaxconn: u64, shards: u64, conns_per_shard: u64) -> Option<String> {
-    let want = listen_queue_want(shards * conns_per_shard, shards);
+    let want = listen_queue_want(shards.saturating_mul(conns_per_shard), shards);
     (somaxconn < want).then(|| {
         format!(
             "net.core.somaxconn is {somaxconn}: each of the {shards} listen queues holds that many of the {conns_per_shard} connections its shard takes, so a reconnect wave after a restart overflows them and waits on SYN retries (seconds each); raise it to {want} (tuning/sysctl.d-99-tether.conf, or `tether tune check`)"

@@ -150,7 +150,8 @@ pub struct ScalePoint {
     /// Pings sent while the swarms were still registering.
     pub pings_during_ramp: f64,
     /// The floor (`tether-loadtest floor`: accept, 101, one answer per
-    /// registration, pings) on the same sockets in the same run.
+    /// registration, pings) in the same run, against swarms started the
+    /// same way.
     pub floor: Option<FloorPoint>,
 }
 

@@ -274,7 +274,7 @@ pub fn print(r: &CapacityReport) {
         r.controller_rss_after_hold_kb
     );
     println!(
-        "controller CPU per registration {:.1} µs (utime+stime over the ramp)",
+        "controller CPU per registration {:.1} µs (utime+stime over the ramp, its pings included)",
         r.controller_cpu_us_per_registration
     );
     println!(

@@ -41,6 +41,11 @@ static ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static ANSWERED: AtomicU64 = AtomicU64::new(0);
 static PINGS: AtomicU64 = AtomicU64::new(0);
 static PONGS: AtomicU64 = AtomicU64::new(0);
+/// Failed accepts other than "none left" (EMFILE…). Level-triggered, the
+/// listener then stays ready and the thread spins: sized like the
+/// controller (≤ 15,000 per thread) it never should, and the status line
+/// shows it if it does.
+static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
 
 const TICK: Duration = Duration::from_millis(100);
 const LISTENER: u64 = u64::MAX;
@@ -82,11 +87,12 @@ pub fn run(args: FloorArgs) -> anyhow::Result<()> {
 
 pub fn status_line() -> String {
     format!(
-        "floor: accepted={} answered={} pings={} pongs={}",
+        "floor: accepted={} answered={} pings={} pongs={} accept_errors={}",
         ACCEPTED.load(Relaxed),
         ANSWERED.load(Relaxed),
         PINGS.load(Relaxed),
-        PONGS.load(Relaxed)
+        PONGS.load(Relaxed),
+        ACCEPT_ERRORS.load(Relaxed)
     )
 }
 
@@ -184,7 +190,11 @@ impl Thread {
                     ACCEPTED.fetch_add(1, Relaxed);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return, // drained, or out of fds: the backlog keeps them
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    ACCEPT_ERRORS.fetch_add(1, Relaxed);
+                    return;
+                }
             }
         }
     }

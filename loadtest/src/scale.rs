@@ -88,6 +88,11 @@ fn run_floor(
     let cpu2 = procs::cpu_seconds(pid)?;
     let pings1 = floor.fresh_counter("pings")?;
     let cpu2b = procs::cpu_seconds(pid)?;
+    let accept_errors = floor.fresh_counter("accept_errors")?;
+    anyhow::ensure!(
+        accept_errors == 0,
+        "the floor failed {accept_errors} accepts (out of fds?): its CPU is not a floor"
+    );
     for swarm in swarms {
         swarm.stop(Duration::from_secs(10));
     }
@@ -263,7 +268,7 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
         ]);
     }
     floor_table.note(
-        "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against the same swarm processes, connect rate, settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both. A ramp longer than the ping interval pings the services registered first: \"net of pings\" takes those pings out at the hold's cost per ping."
+        "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against swarm processes started the same way (same count, sources, connect rate), with the same settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both. A ramp longer than the ping interval pings the services registered first: \"net of pings\" takes those pings out at the hold's cost per ping."
             .to_string(),
     );
     let floor_ramp = fit(&points

@@ -66,6 +66,9 @@ impl Pump {
     }
 
     pub(crate) fn halt(&self) {
+        // Under the lock: the pump checks `stop` and waits holding it, so
+        // this notify cannot fall between the two.
+        let _streams = self.streams.lock().unwrap();
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.added.notify_all();
     }
@@ -81,6 +84,9 @@ impl Pump {
         while !self.stop.load(std::sync::atomic::Ordering::Relaxed) && Arc::strong_count(self) > 1 {
             let mut moved = false;
             let mut streams = self.streams.lock().unwrap();
+            if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
             if streams.is_empty() {
                 // Nobody is watching: no polling until a stream is added
                 // (the timeout re-checks whether the server is gone).

@@ -109,15 +109,15 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    /// The delay before reconnect attempt `attempt` (0-based).
+    /// The delay before reconnect attempt `attempt` (0-based), attempt 0
+    /// being the first after a connection that lived.
     pub fn delay(&self, attempt: u32) -> Duration {
-        self.delay_within(attempt, None)
+        self.delay_within(attempt, self.first_window)
     }
 
-    /// The same, with the first attempt spread over `window` if one was
-    /// asked for (a controller's drain hint), else over `first_window`.
+    /// The same, with attempt 0 spread over `window` (None: `base`).
     pub fn delay_within(&self, attempt: u32, window: Option<Duration>) -> Duration {
-        let ceiling = match (attempt, window.or(self.first_window)) {
+        let ceiling = match (attempt, window) {
             (0, Some(window)) => window.min(MAX_RECONNECT_WINDOW),
             _ => self
                 .base
@@ -336,7 +336,8 @@ mod tests {
         );
         // Later attempts back off as before.
         assert!(b.delay(1) <= Duration::from_secs(2));
-        // A controller's hint wins over the configured window, bounded.
+        // An explicit window (the worker passes a controller's hint),
+        // bounded.
         let hinted = Backoff { jitter: false, ..b };
         assert_eq!(
             hinted.delay_within(0, Some(Duration::from_secs(5))),

@@ -902,7 +902,8 @@ impl<O: Observer> Worker<O> {
             return;
         }
         let s = &mut self.slots[slot];
-        if now.duration_since(s.opened_at) > STABLE_AFTER {
+        let lived = now.duration_since(s.opened_at) > STABLE_AFTER;
+        if lived {
             s.attempts = 0;
         }
         let hint = std::mem::take(&mut s.drain_window_ms);
@@ -911,7 +912,15 @@ impl<O: Observer> Worker<O> {
             // A planned close: the first reconnect, however young the connection.
             s.attempts = 0;
         }
-        let delay = self.config.backoff.delay_within(s.attempts, hint);
+        // The configured window spreads only the first reconnect after a
+        // connection that lived (not a new service's first failures); a
+        // controller's hint may lengthen it, never shorten it.
+        let configured = self.config.backoff.first_window.filter(|_| lived);
+        let window = match (hint, configured) {
+            (Some(h), Some(c)) => Some(h.max(c)),
+            (h, c) => h.or(c),
+        };
+        let delay = self.config.backoff.delay_within(s.attempts, window);
         s.attempts = s.attempts.saturating_add(1);
         s.state = State::Waiting;
         self.slots[slot].timers.reconnect = self.tick_of(now + delay).max(earliest);
