@@ -1033,6 +1033,32 @@ mod tests {
         assert!((3..=30).contains(&pings), "{pings} client pings in 1.5 s");
     }
 
+    /// Closes `ws` with `code`, then waits (up to 10 s) for the agent's
+    /// next connection on `listener`: how long after the close it came.
+    fn close_then_time_reconnect(
+        listener: &TcpListener,
+        ws: &mut tungstenite::WebSocket<std::net::TcpStream>,
+        code: u16,
+        reason: &str,
+    ) -> Option<Duration> {
+        ws.close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::from(code),
+            reason: reason.to_string().into(),
+        }))
+        .unwrap();
+        let closed = Instant::now();
+        let _ = ws.flush();
+        listener.set_nonblocking(true).unwrap();
+        let deadline = closed + Duration::from_secs(10);
+        loop {
+            match listener.accept() {
+                Ok(_) => return Some(closed.elapsed()),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// A 1013 whose reason names a wait ("retry after 1s", as the
     /// controller's identity-conflict refusal says) holds the reconnect
     /// back at least that long, though the backoff alone would retry at
@@ -1045,22 +1071,12 @@ mod tests {
         let mut ws = tungstenite::accept(socket).expect("the agent's upgrade");
         // Its register, then the refusal's close.
         let _ = ws.read().expect("a register");
-        ws.close(Some(tungstenite::protocol::CloseFrame {
-            code: tungstenite::protocol::frame::coding::CloseCode::from(1013),
-            reason: "identity conflict; retry after 1s".into(),
-        }))
-        .unwrap();
-        let closed = Instant::now();
-        let _ = ws.flush();
-        listener.set_nonblocking(true).unwrap();
-        let deadline = closed + Duration::from_secs(10);
-        let again = loop {
-            match listener.accept() {
-                Ok(_) => break Some(closed.elapsed()),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break None,
-            }
-        };
+        let again = close_then_time_reconnect(
+            &listener,
+            &mut ws,
+            1013,
+            "identity conflict; retry after 1s",
+        );
         stop.store(true, Relaxed);
         thread.join().unwrap();
         let again = again.expect("it reconnects after the wait");
@@ -1085,22 +1101,7 @@ mod tests {
             r#"{"jsonrpc":"2.0","method":"session/draining","params":{"deadlineMs":0,"reason":"test","reconnectWindowMs":1500}}"#,
         ))
         .unwrap();
-        ws.close(Some(tungstenite::protocol::CloseFrame {
-            code: tungstenite::protocol::frame::coding::CloseCode::Away,
-            reason: "draining".into(),
-        }))
-        .unwrap();
-        let closed = Instant::now();
-        let _ = ws.flush();
-        listener.set_nonblocking(true).unwrap();
-        let deadline = closed + Duration::from_secs(10);
-        let again = loop {
-            match listener.accept() {
-                Ok(_) => break Some(closed.elapsed()),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => break None,
-            }
-        };
+        let again = close_then_time_reconnect(&listener, &mut ws, 1001, "draining");
         stop.store(true, Relaxed);
         thread.join().unwrap();
         let again = again.expect("it reconnects after the window");
