@@ -13,7 +13,9 @@ pub mod engine;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gateway;
 pub mod jsonrpc;
+pub mod jwt;
 pub mod metrics;
 pub mod plan;
 pub mod registry;

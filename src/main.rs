@@ -38,9 +38,11 @@ enum Command {
     Controller(Box<ControllerArgs>),
     /// Run one service's agent, or a swarm of simulated services.
     Agent(Box<AgentArgs>),
-    /// The gateway. Only --chained exists yet: the anti-pattern relay the
-    /// load test measures (services must connect to the controller directly).
-    Gateway(GatewayArgs),
+    /// The gateway in front of human admins: login (OIDC, or --dev), bearer
+    /// JWTs, the admin API proxied, the Admin UI. Services never use it.
+    Gateway(Box<GatewayArgs>),
+    /// Mint a token for a --dev gateway (`--scope portal.w` to send commands).
+    Token(TokenArgs),
     /// A controller's summary, from its admin API.
     Status(StatusArgs),
     /// List a controller's registered services, from its admin API.
@@ -252,22 +254,115 @@ struct ControllerArgs {
 
 #[derive(Args)]
 struct GatewayArgs {
-    /// Relay /ws/microservice: terminate each service's WebSocket and open
-    /// one to the controller, answering pings locally (as terminating
-    /// proxies do). For measurement only.
+    /// Relay /ws/microservice instead: terminate each service's WebSocket
+    /// and open one to the controller, answering pings locally (as
+    /// terminating proxies do). For the load test's measurements only.
     #[arg(long)]
     chained: bool,
-    #[arg(long, default_value = "[::]:8440")]
-    listen: SocketAddr,
-    /// The controller's service endpoint.
-    #[arg(long, default_value = "127.0.0.1:8438")]
-    upstream: SocketAddr,
-    /// Source addresses for the relay's own connections to the controller.
+    /// Default 127.0.0.1:8440 ([::]:8440 with --chained).
+    #[arg(long, env = "TETHER_GATEWAY_ADDR")]
+    listen: Option<SocketAddr>,
+    /// The controller's admin API (http:// or https://). With --chained:
+    /// its service endpoint, host:port (default 127.0.0.1:8438).
+    #[arg(long, env = "TETHER_ADMIN_URL")]
+    upstream: Option<String>,
+    /// The admin key's file (default: the controller's default for the
+    /// upstream's port).
+    #[arg(long, env = "TETHER_ADMIN_KEY_FILE")]
+    upstream_key_file: Option<std::path::PathBuf>,
+    /// For an https:// upstream: the CA (PEM) that signed its certificate.
+    #[arg(long)]
+    upstream_ca: Option<std::path::PathBuf>,
+    /// For an https:// upstream: the gateway's client certificate (PEM),
+    /// which the admin plane's --admin-tls-client-ca trusts in place of
+    /// the key; with --upstream-key.
+    #[arg(long, requires = "upstream_key")]
+    upstream_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "upstream_cert")]
+    upstream_key: Option<std::path::PathBuf>,
+    /// The URL browsers use to reach this gateway (its origin is allowed;
+    /// the OIDC redirect is PUBLIC_URL/auth/callback). Default: from
+    /// --listen.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Another browser origin allowed to call (repeatable).
+    #[arg(long = "allow-origin")]
+    allow_origins: Vec<String>,
+    /// Development: a built-in login page and a signing key of its own
+    /// (`tether token` mints tokens for it); no identity provider. Only on
+    /// a loopback address.
+    #[arg(long, conflicts_with_all = ["oidc_issuer", "jwks", "jwks_url"])]
+    dev: bool,
+    /// --dev's HS256 key file (created 0600 when missing).
+    #[arg(long)]
+    dev_key_file: Option<std::path::PathBuf>,
+    /// Verify API clients' bearer JWTs (RS256/ES256) with this JWKS file.
+    #[arg(long, conflicts_with = "jwks_url")]
+    jwks: Option<std::path::PathBuf>,
+    /// … or with the JWKS at this URL (refreshed every 10 minutes and on an
+    /// unknown kid). Default with --oidc-issuer: the issuer's jwks_uri.
+    #[arg(long)]
+    jwks_url: Option<String>,
+    /// Bearer tokens' `iss` (default: --oidc-issuer).
+    #[arg(long)]
+    issuer: Option<String>,
+    /// Bearer tokens' `aud` must hold this; without it no bearer tokens
+    /// are taken (browser sessions only).
+    #[arg(long)]
+    audience: Option<String>,
+    /// Browser login with this OIDC issuer (authorization code + PKCE).
+    #[arg(long, requires_all = ["oidc_client_id", "oidc_client_secret_file"])]
+    oidc_issuer: Option<String>,
+    #[arg(long)]
+    oidc_client_id: Option<String>,
+    /// The file holding the OIDC client's secret.
+    #[arg(long)]
+    oidc_client_secret_file: Option<std::path::PathBuf>,
+    /// Scopes asked for at login.
+    #[arg(long, default_value = "openid profile portal.r portal.w")]
+    oidc_scopes: String,
+    /// Serve HTTPS with this certificate chain (PEM); with --tls-key.
+    /// Reloaded on SIGHUP.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Requests per second per user, sustained (429 past it).
+    #[arg(long, default_value_t = 20.0)]
+    rate_limit: f64,
+    /// Requests per user that may come at once.
+    #[arg(long, default_value_t = 60.0)]
+    rate_burst: f64,
+    /// Largest request body.
+    #[arg(long, value_parser = tether::plan::parse_size, default_value = "64KiB")]
+    max_body: u64,
+    /// WebSockets one user may hold open.
+    #[arg(long, default_value_t = 8)]
+    max_sockets_per_user: usize,
+    /// The JSON access log (appended); default stdout.
+    #[arg(long)]
+    access_log: Option<std::path::PathBuf>,
+    /// Source addresses for the relay's own connections (--chained).
     #[arg(long)]
     upstream_source_ips: Option<String>,
-    /// Relay threads (each its own fd table, ~9,000 pairs each).
+    /// Relay threads, each its own fd table, ~9,000 pairs each (--chained).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// Scopes the token carries (repeatable): portal.r, portal.w.
+    #[arg(long = "scope", default_value = "portal.r")]
+    scopes: Vec<String>,
+    /// The token's subject.
+    #[arg(long, default_value = "dev")]
+    user: String,
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    ttl: Duration,
+    /// The dev gateway's key file (default: its default).
+    #[arg(long)]
+    dev_key_file: Option<std::path::PathBuf>,
 }
 
 impl AdminClientArgs {
@@ -423,7 +518,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Controller(args) => controller(*args),
         Command::Agent(args) => agent(*args),
-        Command::Gateway(args) => gateway(args),
+        Command::Gateway(args) => gateway(*args),
+        Command::Token(args) => token(args),
         Command::Status(args) => cli::status(&args.client.connect()?, args.client.json),
         Command::Services(args) => {
             let query = cli::ServicesQuery {
@@ -736,12 +832,202 @@ fn make_plan(
 }
 
 fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    if !args.chained {
-        bail!(
-            "the admin BFF gateway is not built yet; `tether gateway --chained` runs the service relay \
-             the load test measures (services should connect to the controller directly)"
-        );
+    if args.chained {
+        return chained_gateway(args);
     }
+    use tether::gateway::identity::{DEV_AUDIENCE, DEV_ISSUER, default_dev_key_path};
+    use tether::gateway::{Gateway, GatewayConfig, oidc};
+    use tether::jwt::{Expect, Verifier};
+    let listen = args
+        .listen
+        .unwrap_or_else(|| "127.0.0.1:8440".parse().expect("an address"));
+    let upstream = args
+        .upstream
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:8439".into());
+    // The admin key: named, or the controller's default file for the
+    // upstream's port; not needed when a client certificate stands in.
+    let key = match (&args.upstream_key_file, &args.upstream_cert) {
+        (None, Some(_)) => None,
+        (file, _) => Some(
+            tether::admin::access::AdminKey::for_url(&upstream, file.as_deref())
+                .map_err(anyhow::Error::msg)?,
+        ),
+    };
+    let mut config = GatewayConfig::new(listen, &upstream, key);
+    let scheme = if args.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    config.public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{listen}"));
+    config.allowed_origins = args.allow_origins.clone();
+    config.upstream.ca = args.upstream_ca.clone();
+    config.upstream.client_cert = args.upstream_cert.clone().zip(args.upstream_key.clone());
+    config.rate = tether::gateway::limits::RateLimit {
+        rate: args.rate_limit,
+        burst: args.rate_burst.max(1.0),
+    };
+    anyhow::ensure!(args.rate_limit > 0.0, "--rate-limit must be above 0");
+    config.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
+    config.max_sockets_per_user = args.max_sockets_per_user;
+    config.access_log = args.access_log.clone();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let files = tether::engine::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: None,
+        };
+        config.tls = Some(Arc::new(
+            tether::admin::AdminTls::https(files).map_err(anyhow::Error::msg)?,
+        ));
+    }
+    let mode;
+    if args.dev {
+        anyhow::ensure!(
+            listen.ip().is_loopback(),
+            "--dev logs anyone in: it listens on a loopback address only, not {listen}"
+        );
+        let (path, private) = match &args.dev_key_file {
+            Some(p) => (p.clone(), false),
+            None => (default_dev_key_path(), true),
+        };
+        let dev_key = tether::admin::access::AdminKey::load_or_create(&path, private)
+            .map_err(anyhow::Error::msg)?;
+        config.bearer = Some(Verifier::shared_secret(
+            dev_key.as_bytes(),
+            Expect {
+                issuer: Some(DEV_ISSUER.into()),
+                audience: Some(DEV_AUDIENCE.into()),
+            },
+        ));
+        config.dev_login = true;
+        mode = format!("dev login; tokens from `tether token` ({})", path.display());
+    } else {
+        if let Some(issuer) = &args.oidc_issuer {
+            let secret_file = args
+                .oidc_client_secret_file
+                .as_ref()
+                .expect("clap requires it");
+            let secret = std::fs::read_to_string(secret_file)
+                .with_context(|| format!("cannot read {}", secret_file.display()))?;
+            let oidc = oidc::Oidc::discover(oidc::OidcConfig {
+                issuer: issuer.clone(),
+                client_id: args.oidc_client_id.clone().expect("clap requires it"),
+                client_secret: secret.trim().to_string(),
+                redirect_uri: format!("{}/auth/callback", config.public_url.trim_end_matches('/')),
+                scopes: args
+                    .oidc_scopes
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .map_err(anyhow::Error::msg)?;
+            config.oidc = Some(oidc);
+        }
+        let issuer = args.issuer.clone().or_else(|| args.oidc_issuer.clone());
+        let jwks_url = args
+            .jwks_url
+            .clone()
+            .or_else(|| config.oidc.as_ref().map(|o| o.jwks_uri.clone()));
+        if let Some(audience) = &args.audience {
+            anyhow::ensure!(
+                issuer.is_some(),
+                "bearer tokens need --issuer (or --oidc-issuer): tokens from any issuer would pass"
+            );
+            let expect = Expect {
+                issuer,
+                audience: Some(audience.clone()),
+            };
+            config.bearer = Some(match (&args.jwks, &jwks_url) {
+                (Some(file), _) => {
+                    let json = std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read {}", file.display()))?;
+                    Verifier::from_jwks(&json, expect).map_err(anyhow::Error::msg)?
+                }
+                (None, Some(url)) => Verifier::from_jwks_url(url, expect, tether::jwt::MIN_REFRESH)
+                    .map_err(anyhow::Error::msg)?,
+                (None, None) => bail!("--audience needs --jwks or --jwks-url (or --oidc-issuer)"),
+            });
+        } else if args.jwks.is_some() || args.jwks_url.is_some() {
+            bail!("--jwks and --jwks-url need --audience: tokens for any audience would pass");
+        }
+        anyhow::ensure!(
+            config.oidc.is_some() || config.bearer.is_some(),
+            "the gateway needs a way to log users in: --oidc-issuer, --jwks/--jwks-url with --audience, or --dev"
+        );
+        mode = [
+            config
+                .oidc
+                .as_ref()
+                .map(|o| format!("OIDC login with {}", o.issuer())),
+            config.bearer.as_ref().map(|_| "bearer JWTs".to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+    }
+    let tls = config.tls.clone();
+    let public = config.public_url.clone();
+    let gateway = Gateway::start(config).map_err(anyhow::Error::msg)?;
+    println!(
+        "tether gateway ready: {public} (listening on {}) to the admin API at {upstream} ({mode})",
+        gateway.local_addr()
+    );
+    loop {
+        if let Some(sig) = sys::wait_for_signal(Duration::from_secs(3600))? {
+            if sig == libc::SIGHUP {
+                match &tls {
+                    Some(tls) => match tls.reload() {
+                        Ok(()) => tracing::info!("SIGHUP: reloaded the gateway's certificate"),
+                        Err(e) => tracing::error!("SIGHUP: {e}; the certificate in use stays"),
+                    },
+                    None => tracing::info!("SIGHUP: no TLS to reload"),
+                }
+                continue;
+            }
+            tracing::info!(signal = sig, "gateway stopping");
+            break;
+        }
+    }
+    gateway.shutdown();
+    Ok(())
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    use tether::gateway::identity::{default_dev_key_path, mint_dev_token};
+    let (path, private) = match &args.dev_key_file {
+        Some(p) => (p.clone(), false),
+        None => (default_dev_key_path(), true),
+    };
+    let key = tether::admin::access::AdminKey::load_or_create(&path, private)
+        .map_err(anyhow::Error::msg)?;
+    let scopes: Vec<&str> = args
+        .scopes
+        .iter()
+        .flat_map(|s| s.split([' ', ',']))
+        .filter(|s| !s.is_empty())
+        .collect();
+    let token = mint_dev_token(key.as_bytes(), &args.user, &scopes, args.ttl)
+        .map_err(anyhow::Error::msg)?;
+    println!("{token}");
+    Ok(())
+}
+
+fn chained_gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    let listen = args
+        .listen
+        .unwrap_or_else(|| "[::]:8440".parse().expect("an address"));
+    let upstream: SocketAddr = args
+        .upstream
+        .as_deref()
+        .unwrap_or("127.0.0.1:8438")
+        .parse()
+        .context("--chained's --upstream is the controller's service endpoint, host:port")?;
     let sources = args
         .upstream_source_ips
         .as_deref()
@@ -750,8 +1036,8 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let threads = args.threads.unwrap_or_else(host_cores);
     let config = RelayConfig {
-        listen: args.listen,
-        upstream: args.upstream,
+        listen,
+        upstream,
         upstream_sources: sources.unwrap_or_default(),
         threads,
     };
@@ -759,7 +1045,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     println!(
         "tether gateway ready: chained relay on {} to {} ({threads} threads, up to {} services each)",
         relay.local_addr(),
-        args.upstream,
+        upstream,
         tether::relay::PAIRS_PER_THREAD
     );
     while sys::wait_for_signal(Duration::from_secs(3600))?.is_none() {}

@@ -59,8 +59,12 @@ impl AdminKey {
         format!("Bearer {}", String::from_utf8_lossy(&self.0))
     }
 
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Compared in time that does not depend on where they differ.
-    fn matches(&self, offered: &[u8]) -> bool {
+    pub fn matches(&self, offered: &[u8]) -> bool {
         offered.len() == self.0.len()
             && offered
                 .iter()
@@ -200,11 +204,17 @@ fn private_dir(dir: &Path) -> Result<(), String> {
 /// named: `$XDG_RUNTIME_DIR/tether/admin-PORT.key`, else
 /// `/tmp/tether-UID/admin-PORT.key`.
 pub fn default_key_path(port: u16) -> PathBuf {
+    runtime_path(&format!("admin-{port}.key"))
+}
+
+/// A file of this user's tether processes: `$XDG_RUNTIME_DIR/tether/NAME`,
+/// else `/tmp/tether-UID/NAME`.
+pub fn runtime_path(name: &str) -> PathBuf {
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(runtime) => PathBuf::from(runtime).join("tether"),
         None => PathBuf::from(format!("/tmp/tether-{}", euid())),
     };
-    dir.join(format!("admin-{port}.key"))
+    dir.join(name)
 }
 
 /// The Host names accepted by default: localhost's, and the listen

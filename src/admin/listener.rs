@@ -38,48 +38,52 @@ pub struct AdminPeer {
     pub client_verified: bool,
 }
 
-/// An admin connection: plain, or TLS.
-pub enum AdminIo {
+/// A TCP connection, plain or under TLS (`T`: a tokio-rustls server or
+/// client stream).
+pub enum TcpOrTls<T> {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<T>),
 }
 
-impl AsyncRead for AdminIo {
+/// An admin connection: plain, or TLS.
+pub type AdminIo = TcpOrTls<tokio_rustls::server::TlsStream<TcpStream>>;
+
+impl<T: AsyncRead + Unpin> AsyncRead for TcpOrTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            AdminIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            AdminIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            TcpOrTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            TcpOrTls::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for AdminIo {
+impl<T: AsyncWrite + Unpin> AsyncWrite for TcpOrTls<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            AdminIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            AdminIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            TcpOrTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            TcpOrTls::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            AdminIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            AdminIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            TcpOrTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            TcpOrTls::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            AdminIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            AdminIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            TcpOrTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            TcpOrTls::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -117,7 +121,7 @@ impl AdminListener {
                         addr,
                         client_verified: false,
                     };
-                    if tx.send((AdminIo::Plain(stream), peer)).await.is_err() {
+                    if tx.send((TcpOrTls::Plain(stream), peer)).await.is_err() {
                         return;
                     }
                     continue;
@@ -136,7 +140,7 @@ impl AdminListener {
                         addr,
                         client_verified,
                     };
-                    let _ = tx.send((AdminIo::Tls(Box::new(stream)), peer)).await;
+                    let _ = tx.send((TcpOrTls::Tls(Box::new(stream)), peer)).await;
                 });
             }
         });

@@ -38,7 +38,9 @@ use serde_json::json;
 use crate::controller::Api;
 use audit::{Audit, AuditConfig};
 
-pub use listener::{AdminPeer, AdminTls};
+pub use commands::is_mutating;
+pub(crate) use listener::AdminListener;
+pub use listener::{AdminPeer, AdminTls, TcpOrTls};
 pub use metrics::render as render_metrics;
 
 #[derive(Clone, Debug)]
@@ -195,12 +197,41 @@ pub enum AdminError {
     Runtime(std::io::Error),
 }
 
+/// A server's thread and how to stop it: told, then joined (on drop too).
+pub(crate) struct Serving {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Serving {
+    pub(crate) fn new(stop: tokio::sync::oneshot::Sender<()>, thread: JoinHandle<()>) -> Serving {
+        Serving {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub(crate) fn halt(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// The running admin server.
 pub struct AdminServer {
     local_addr: SocketAddr,
     health_addr: Option<SocketAddr>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    serving: Serving,
 }
 
 impl AdminServer {
@@ -292,8 +323,7 @@ impl AdminServer {
         Ok(AdminServer {
             local_addr,
             health_addr,
-            stop: Some(stop),
-            thread: Some(thread),
+            serving: Serving::new(stop, thread),
         })
     }
 
@@ -307,22 +337,7 @@ impl AdminServer {
     }
 
     pub fn shutdown(mut self) {
-        self.halt();
-    }
-
-    fn halt(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        self.halt();
+        self.serving.halt();
     }
 }
 
@@ -413,6 +428,6 @@ pub(crate) fn check_origin(state: &State, headers: &HeaderMap) -> Result<(), Rep
     ))
 }
 
-pub(crate) fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     crate::controller::rpc::Rfc3339(crate::controller::now_ms()).to_string()
 }

@@ -1,0 +1,288 @@
+//! The gateway: a backend-for-frontend in front of human admins only.
+//! Services never come through it (`/ws/microservice` is not proxied; the
+//! chained relay the load test measures is `crate::relay`, a separate
+//! mode).
+//!
+//! - Browsers log in with OIDC (`oidc`: authorization code + PKCE, as a
+//!   confidential client) or, under `--dev`, with a built-in login page.
+//!   They hold only a session cookie (`session`); every state-changing
+//!   request and WebSocket upgrade must carry the session's CSRF token
+//!   (`X-Tether-CSRF`, or the `csrf.<token>` WebSocket subprotocol, as a
+//!   browser cannot set headers on a WebSocket) and come from an allowed
+//!   Origin.
+//! - API clients send a bearer JWT (`identity`).
+//! - Either way the user needs `portal.r`, and `portal.w` for mutating
+//!   commands; requests are rate-limited per user (`limits`) and bounded
+//!   in size, and go to the admin plane through `proxy`'s allowlist with
+//!   the gateway's own credentials (`upstream`).
+//! - Every response carries security headers (CSP with
+//!   `frame-ancestors 'none'`, nosniff, no referrer), and every request
+//!   one JSON line in the access log (`access_log`).
+
+pub mod access_log;
+pub mod identity;
+pub mod limits;
+pub mod oidc;
+pub mod proxy;
+pub mod session;
+pub mod upstream;
+mod web;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::admin::AdminTls;
+use crate::admin::access::AdminKey;
+use crate::jwt::Verifier;
+use limits::{Limiter, RateLimit, SocketCounts};
+use oidc::Oidc;
+use session::{SessionLimits, Sessions};
+use upstream::{Upstream, UpstreamConfig};
+
+/// The session cookie (the `__Host-` prefix: Secure, Path=/, no Domain).
+pub const SESSION_COOKIE: &str = "__Host-tether-session";
+/// Binds an OIDC callback to the browser that started the login.
+pub const LOGIN_COOKIE: &str = "__Host-tether-login";
+/// The header that carries the session's CSRF token.
+pub const CSRF_HEADER: &str = "x-tether-csrf";
+/// The WebSocket subprotocol the gateway answers with; the browser offers
+/// it with `csrf.<token>`.
+pub const WS_PROTOCOL: &str = "tether.v1";
+
+/// How long requests in flight may take to finish when the gateway stops.
+const GRACE: Duration = Duration::from_secs(3);
+
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    /// The URL browsers reach the gateway at (scheme://host[:port]): the
+    /// OIDC redirect goes under it, and its origin is allowed.
+    pub public_url: String,
+    /// Origins allowed besides the public URL's.
+    pub allowed_origins: Vec<String>,
+    pub upstream: UpstreamConfig,
+    /// Verifies API clients' bearer tokens; `None`: bearer tokens refused.
+    pub bearer: Option<Verifier>,
+    pub oidc: Option<Oidc>,
+    /// `--dev`: the built-in login page (no identity provider).
+    pub dev_login: bool,
+    pub rate: RateLimit,
+    /// Largest request body, in bytes (413 past it).
+    pub max_body: usize,
+    /// WebSockets one user may hold open at once.
+    pub max_sockets_per_user: usize,
+    pub sessions: SessionLimits,
+    /// `None`: the access log goes to stdout.
+    pub access_log: Option<std::path::PathBuf>,
+    /// HTTPS on `listen`.
+    pub tls: Option<Arc<AdminTls>>,
+    pub workers: usize,
+}
+
+impl GatewayConfig {
+    /// Defaults for a gateway on `listen` in front of the admin plane at
+    /// `upstream` (called with `key`).
+    pub fn new(listen: SocketAddr, upstream: &str, key: Option<AdminKey>) -> GatewayConfig {
+        GatewayConfig {
+            listen,
+            public_url: format!("http://{listen}"),
+            allowed_origins: Vec::new(),
+            upstream: UpstreamConfig {
+                url: upstream.into(),
+                key,
+                ca: None,
+                client_cert: None,
+            },
+            bearer: None,
+            oidc: None,
+            dev_login: false,
+            rate: RateLimit {
+                rate: 20.0,
+                burst: 60.0,
+            },
+            max_body: 64 << 10,
+            max_sockets_per_user: 8,
+            sessions: SessionLimits::default(),
+            access_log: None,
+            tls: None,
+            workers: 2,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the admin plane is unreachable: {0}")]
+    Upstream(String),
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        match self {
+            GatewayError::Upstream(e) => {
+                tracing::warn!("gateway upstream: {e}");
+                fail(StatusCode::BAD_GATEWAY, "upstream_unavailable", e)
+            }
+        }
+    }
+}
+
+/// A JSON error: `{"error": code, "message": text}`.
+pub(crate) fn fail(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
+}
+
+pub(crate) struct State {
+    config: GatewayConfig,
+    upstream: Arc<Upstream>,
+    sessions: Sessions,
+    limiter: Limiter,
+    sockets: SocketCounts,
+    log: access_log::AccessLog,
+    /// Origins allowed (the public URL's first).
+    origins: Vec<String>,
+    /// Cookies get Secure (the public URL is https, or a loopback http
+    /// one, which browsers treat as secure).
+    public_origin: String,
+}
+
+/// The origin (scheme://host[:port]) of a URL.
+pub fn origin_of(url: &str) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("{url:?} is not a URL"))?;
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("{url:?} is not an http:// or https:// URL"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(format!("{scheme}://{}", authority.to_ascii_lowercase()))
+}
+
+/// The running gateway.
+pub struct Gateway {
+    local_addr: SocketAddr,
+    serving: crate::admin::Serving,
+}
+
+impl Gateway {
+    /// Binds `config.listen` now and serves on threads of its own.
+    pub fn start(config: GatewayConfig) -> Result<Gateway, String> {
+        let upstream = Arc::new(Upstream::new(&config.upstream)?);
+        let public_origin = origin_of(&config.public_url)?;
+        let mut origins = vec![public_origin.clone()];
+        for o in &config.allowed_origins {
+            origins.push(origin_of(o)?);
+        }
+        let listener = std::net::TcpListener::bind(config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let log = access_log::AccessLog::open(config.access_log.as_deref())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("tether-gateway")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the gateway runtime: {e}"))?;
+        let tls = config.tls.clone();
+        let state = Arc::new(State {
+            sessions: Sessions::new(config.sessions),
+            limiter: Limiter::new(config.rate),
+            sockets: SocketCounts::new(config.max_sockets_per_user),
+            config,
+            upstream,
+            log,
+            origins,
+            public_origin,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("tether-gateway-main".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let tune = |tcp: &tokio::net::TcpStream| {
+                        let _ = tcp.set_nodelay(true);
+                    };
+                    let listener = match tokio::net::TcpListener::from_std(listener)
+                        .and_then(|tcp| crate::admin::AdminListener::start(tcp, tls, tune))
+                    {
+                        Ok(l) => l,
+                        Err(e) => return tracing::error!("gateway listener: {e}"),
+                    };
+                    let app = web::router(state)
+                        .into_make_service_with_connect_info::<crate::admin::AdminPeer>();
+                    let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
+                    let server = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = graceful_done.await;
+                    });
+                    let serving = tokio::spawn(async move { server.await });
+                    let _ = stopped.await;
+                    // Requests in flight get a bounded time to finish.
+                    let _ = graceful.send(());
+                    if tokio::time::timeout(GRACE, serving).await.is_err() {
+                        tracing::warn!(
+                            "gateway requests still open after {GRACE:?}; dropping them"
+                        );
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })
+            .map_err(|e| format!("cannot start the gateway: {e}"))?;
+        Ok(Gateway {
+            local_addr,
+            serving: crate::admin::Serving::new(stop, thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shutdown(mut self) {
+        self.serving.halt();
+    }
+}
+
+/// The headers every gateway response carries.
+pub(crate) fn security_headers(headers: &mut axum::http::HeaderMap, https: bool) {
+    let set = |h: &mut axum::http::HeaderMap, name: header::HeaderName, value: &'static str| {
+        h.insert(name, HeaderValue::from_static(value));
+    };
+    set(
+        headers,
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+         frame-ancestors 'none'",
+    );
+    set(headers, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
+    set(headers, header::X_FRAME_OPTIONS, "DENY");
+    set(headers, header::REFERRER_POLICY, "no-referrer");
+    set(
+        headers,
+        header::HeaderName::from_static("cross-origin-opener-policy"),
+        "same-origin",
+    );
+    if https {
+        set(
+            headers,
+            header::STRICT_TRANSPORT_SECURITY,
+            "max-age=31536000",
+        );
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        set(headers, header::CACHE_CONTROL, "no-store");
+    }
+}
