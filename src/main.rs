@@ -860,10 +860,12 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    config.public_url = args
+    // Without --public-url: the bound address's (known once bound).
+    let public_url = args
         .public_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{listen}"));
+    config.public_url = args.public_url.clone();
     config.allowed_origins = args.allow_origins.clone();
     config.upstream.ca = args.upstream_ca.clone();
     config.upstream.client_cert = args.upstream_cert.clone().zip(args.upstream_key.clone());
@@ -918,7 +920,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 issuer: issuer.clone(),
                 client_id: args.oidc_client_id.clone().expect("clap requires it"),
                 client_secret: secret.trim().to_string(),
-                redirect_uri: format!("{}/auth/callback", config.public_url.trim_end_matches('/')),
+                redirect_uri: format!("{}/auth/callback", public_url.trim_end_matches('/')),
                 scopes: args
                     .oidc_scopes
                     .split_whitespace()
@@ -972,10 +974,10 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         .join(", ");
     }
     let tls = config.tls.clone();
-    let public = config.public_url.clone();
     let gateway = Gateway::start(config).map_err(anyhow::Error::msg)?;
     println!(
-        "tether gateway ready: {public} (listening on {}) to the admin API at {upstream} ({mode})",
+        "tether gateway ready: {} (listening on {}) to the admin API at {upstream} ({mode})",
+        gateway.public_origin(),
         gateway.local_addr()
     );
     loop {

@@ -231,14 +231,6 @@ fn list_filter_and_page_over_2000_swarm_services() {
     assert_eq!(get(&plane.url("/readyz")).0, 200);
 }
 
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 /// Each audit line's (phase, tool, outcome or "-").
 fn phases(lines: &[Value]) -> Vec<(&str, &str, &str)> {
     lines
@@ -302,7 +294,7 @@ fn commands_need_the_write_scope_to_mutate_and_are_audited() {
     drop(svc);
     // Every command, the refused one too, is in the audit file.
     drop(plane);
-    let lines = audit_lines(&path);
+    let lines = json_lines(&path);
     let phases = phases(&lines);
     assert_eq!(
         phases,
@@ -505,7 +497,7 @@ fn audit_lines_reach_the_disk_before_the_command_and_a_failing_file_stops_mutati
     assert_eq!(post(&url, &json!({"name": "shutdown"}), writer).0, 200);
     let (_svc, shutdown_id) = server.join().unwrap();
     drop(plane);
-    let lines = audit_lines(&real);
+    let lines = json_lines(&real);
     let seen = phases(&lines);
     // Nothing held was lost: the read's pair and the refused shutdowns'
     // lines came through the outage.

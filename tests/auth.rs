@@ -7,6 +7,7 @@ mod common;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use common::keys::rs256_key;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -293,25 +294,8 @@ fn issuer_audience_and_time_are_checked_when_configured() {
 }
 
 /// The RS256 test key (tests/keys, made for these tests only) and its JWK.
-fn rs256_key(kid: &str) -> (EncodingKey, Value) {
-    use rsa::pkcs8::DecodePrivateKey;
-    use rsa::traits::PublicKeyParts;
-    let pem = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/keys/rs256-test.pem"
-    ))
-    .unwrap();
-    let key = rsa::RsaPrivateKey::from_pkcs8_pem(&pem).unwrap();
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let jwk = json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
-                     "n": b64(&key.n().to_bytes_be()), "e": b64(&key.e().to_bytes_be())});
-    (EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(), jwk)
-}
-
 fn rs256(key: &EncodingKey, kid: &str, claims: Value) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(kid.into());
-    encode(&header, &claims, key).unwrap()
+    common::keys::rs256(key, kid, &claims)
 }
 
 /// A JWKS served over HTTP on loopback: the document can be replaced, and

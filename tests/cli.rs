@@ -18,6 +18,15 @@ impl Drop for Running {
     }
 }
 
+/// The first line a child prints (its ready line).
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
 /// Starts a controller and returns it with the address from its ready line.
 fn controller(extra: &[&str]) -> (Running, String) {
     let (running, addr, _, _) = controller_with_admin(extra);
@@ -54,10 +63,7 @@ fn controller_with_admin(extra: &[&str]) -> (Running, String, String, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert!(
         line.starts_with("tether controller ready: listening on 127.0.0.1:"),
         "{line}"
@@ -521,10 +527,7 @@ fn the_controller_raises_its_soft_fd_limit_to_the_hard_one() {
         });
     }
     let mut child = Running(cmd.spawn().unwrap());
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child.0);
     assert!(line.starts_with("tether controller ready"), "{line}");
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id())).unwrap();
     let open_files: Vec<u64> = limits
@@ -535,4 +538,125 @@ fn the_controller_raises_its_soft_fd_limit_to_the_hard_one() {
         .filter_map(|w| w.parse().ok())
         .collect();
     assert_eq!(open_files, [hard.rlim_max, hard.rlim_max], "{limits}");
+}
+
+#[test]
+fn a_dev_gateway_logs_in_with_tether_tokens_and_refuses_unsafe_setups() {
+    let (_ctl, _, admin, keys) = controller_with_admin(&[]);
+    let runtime = std::env::temp_dir().join(format!("tether-cli-gw-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&runtime);
+    std::fs::create_dir_all(&runtime).unwrap();
+    let dev_key = runtime.join("dev.key");
+    let dev_key = dev_key.to_str().unwrap();
+    let upstream = format!("http://{admin}");
+    let gateway = |extra: &[&str]| {
+        let mut c = tether();
+        c.args([
+            "gateway",
+            "--upstream",
+            &upstream,
+            "--upstream-key-file",
+            &keys,
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        c
+    };
+    // No way to log anyone in, or --dev on a public address: refused.
+    for (extra, says) in [
+        (
+            vec!["--listen", "127.0.0.1:0"],
+            "needs a way to log users in",
+        ),
+        (vec!["--dev", "--listen", "0.0.0.0:0"], "loopback"),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--jwks-url",
+                "http://127.0.0.1:9/jwks",
+            ],
+            "--audience",
+        ),
+    ] {
+        let out = gateway(&extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{extra:?}: {err}"
+        );
+    }
+    let mut child = gateway(&[
+        "--dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--dev-key-file",
+        dev_key,
+    ])
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let line = first_line(&mut child);
+    let _gw = Running(child);
+    assert!(
+        line.starts_with("tether gateway ready: http://127.0.0.1:"),
+        "{line}"
+    );
+    let base = line.split_whitespace().nth(3).unwrap().to_string();
+    let mint = |scope: &str| {
+        let out = tether()
+            .args([
+                "token",
+                "--scope",
+                scope,
+                "--user",
+                "ops",
+                "--dev-key-file",
+                dev_key,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let call = |path: &str, token: &str, body: Option<&str>| {
+        let url = format!("{base}{path}");
+        let auth = format!("Bearer {token}");
+        let mut r = match body {
+            Some(b) => agent
+                .post(&url)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .send(b)
+                .unwrap(),
+            None => agent
+                .get(&url)
+                .header("authorization", &auth)
+                .call()
+                .unwrap(),
+        };
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    let (status, body) = call("/api/summary", &mint("portal.r"), None);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"total\":0"), "{body}");
+    let (status, body) = call(
+        "/api/commands",
+        &mint("portal.r"),
+        Some(r#"{"name":"shutdown","serviceId":"none"}"#),
+    );
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = call(
+        "/api/commands",
+        &mint("portal.w"),
+        Some(r#"{"name":"shutdown","serviceId":"none"}"#),
+    );
+    assert_ne!(status, 403, "{body}");
+    assert_eq!(call("/api/summary", "forged", None).0, 401);
+    let _ = std::fs::remove_dir_all(&runtime);
 }

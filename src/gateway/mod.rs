@@ -61,8 +61,9 @@ const GRACE: Duration = Duration::from_secs(3);
 pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// The URL browsers reach the gateway at (scheme://host[:port]): the
-    /// OIDC redirect goes under it, and its origin is allowed.
-    pub public_url: String,
+    /// OIDC redirect goes under it, and its origin is allowed. Default:
+    /// http(s)://the bound address.
+    pub public_url: Option<String>,
     /// Origins allowed besides the public URL's.
     pub allowed_origins: Vec<String>,
     pub upstream: UpstreamConfig,
@@ -90,7 +91,7 @@ impl GatewayConfig {
     pub fn new(listen: SocketAddr, upstream: &str, key: Option<AdminKey>) -> GatewayConfig {
         GatewayConfig {
             listen,
-            public_url: format!("http://{listen}"),
+            public_url: None,
             allowed_origins: Vec::new(),
             upstream: UpstreamConfig {
                 url: upstream.into(),
@@ -173,6 +174,7 @@ pub fn origin_of(url: &str) -> Result<String, String> {
 /// The running gateway.
 pub struct Gateway {
     local_addr: SocketAddr,
+    public_origin: String,
     serving: crate::admin::Serving,
 }
 
@@ -180,14 +182,22 @@ impl Gateway {
     /// Binds `config.listen` now and serves on threads of its own.
     pub fn start(config: GatewayConfig) -> Result<Gateway, String> {
         let upstream = Arc::new(Upstream::new(&config.upstream)?);
-        let public_origin = origin_of(&config.public_url)?;
+        let listener = std::net::TcpListener::bind(config.listen)
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let public_origin = match &config.public_url {
+            Some(url) => origin_of(url)?,
+            None => format!("{scheme}://{local_addr}"),
+        };
         let mut origins = vec![public_origin.clone()];
         for o in &config.allowed_origins {
             origins.push(origin_of(o)?);
         }
-        let listener = std::net::TcpListener::bind(config.listen)
-            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-        let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let log = access_log::AccessLog::open(config.access_log.as_deref())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -197,6 +207,7 @@ impl Gateway {
             .build()
             .map_err(|e| format!("cannot start the gateway runtime: {e}"))?;
         let tls = config.tls.clone();
+        let state_origin = public_origin.clone();
         let state = Arc::new(State {
             sessions: Sessions::new(config.sessions),
             limiter: Limiter::new(config.rate),
@@ -242,12 +253,18 @@ impl Gateway {
             .map_err(|e| format!("cannot start the gateway: {e}"))?;
         Ok(Gateway {
             local_addr,
+            public_origin: state_origin,
             serving: crate::admin::Serving::new(stop, thread),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The origin browsers use (the public URL's, or the bound address's).
+    pub fn public_origin(&self) -> &str {
+        &self.public_origin
     }
 
     pub fn shutdown(mut self) {

@@ -169,10 +169,25 @@ impl Sessions {
     }
 
     /// Takes the pending login of `state` (once: a replayed callback finds
-    /// nothing).
-    pub fn finish_login(&self, state: &str) -> Option<PendingLogin> {
-        let login = self.pending.lock().unwrap().remove(state)?;
-        (login.created.elapsed() <= self.limits.pending_ttl).then_some(login)
+    /// nothing) if `binding` (the login cookie) is the one it was started
+    /// with; a callback from another browser leaves it in place.
+    pub fn finish_login(
+        &self,
+        state: &str,
+        binding: Option<&str>,
+    ) -> Result<PendingLogin, &'static str> {
+        let mut pending = self.pending.lock().unwrap();
+        let login = pending
+            .get(state)
+            .ok_or("this login is unknown, used or expired")?;
+        if !binding.is_some_and(|b| same_secret(b, &login.binding)) {
+            return Err("this login was started in another browser");
+        }
+        let login = pending.remove(state).expect("just found");
+        if login.created.elapsed() > self.limits.pending_ttl {
+            return Err("this login is unknown, used or expired");
+        }
+        Ok(login)
     }
 }
 
@@ -232,8 +247,16 @@ mod tests {
         };
         sessions.start_login("s1".into(), login.clone()).unwrap();
         assert!(sessions.start_login("s2".into(), login).is_err(), "bounded");
-        assert!(sessions.finish_login("s1").is_some());
-        assert!(sessions.finish_login("s1").is_none(), "replayed");
+        assert!(sessions.finish_login("s1", None).is_err(), "no cookie");
+        assert!(
+            sessions.finish_login("s1", Some("x")).is_err(),
+            "another browser"
+        );
+        assert!(
+            sessions.finish_login("s1", Some("b")).is_ok(),
+            "still there"
+        );
+        assert!(sessions.finish_login("s1", Some("b")).is_err(), "replayed");
         assert!(same_secret("abc", "abc") && !same_secret("abc", "abd") && !same_secret("a", "ab"));
     }
 }

@@ -677,21 +677,13 @@ async fn callback(
             "the callback carries no code or state",
         );
     };
-    let Some(pending) = state.sessions.finish_login(&login_state) else {
-        return login_failed(
-            StatusCode::BAD_REQUEST,
-            "this login is unknown, used or expired",
-        );
+    let pending = match state
+        .sessions
+        .finish_login(&login_state, cookie(&headers, LOGIN_COOKIE))
+    {
+        Ok(p) => p,
+        Err(why) => return login_failed(StatusCode::BAD_REQUEST, why),
     };
-    match cookie(&headers, LOGIN_COOKIE) {
-        Some(b) if same_secret(b, &pending.binding) => {}
-        _ => {
-            return login_failed(
-                StatusCode::BAD_REQUEST,
-                "this login was started in another browser",
-            );
-        }
-    }
     let st = state.clone();
     let (verifier, nonce) = (pending.verifier.clone(), pending.nonce.clone());
     let exchanged = tokio::task::spawn_blocking(move || {

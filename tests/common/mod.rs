@@ -2,6 +2,9 @@
 //! blocking raw WebSocket client that can send anything, well formed or not.
 #![allow(dead_code)]
 
+pub mod keys;
+pub mod oidc;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -297,4 +300,13 @@ pub fn registered(addr: SocketAddr, service: &str, address: &str, port: u16) -> 
     let mut c = Client::connect(addr, "/ws/microservice");
     let id = c.register(service, address, port);
     (c, id)
+}
+
+/// The JSON lines of an audit (or access) log file; none if it is missing.
+pub fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
