@@ -16,7 +16,7 @@
 //!   in size, and go to the admin plane through `proxy`'s allowlist with
 //!   the gateway's own credentials (`upstream`).
 //! - Every response carries security headers (CSP with
-//!   `frame-ancestors 'none'`, nosniff, no referrer), and every request
+//!   `frame-ancestors 'none'`, nosniff, no referrer across origins), and every request
 //!   one JSON line in the access log (`access_log`).
 
 pub mod access_log;
@@ -25,6 +25,7 @@ pub mod limits;
 pub mod oidc;
 pub mod proxy;
 pub mod session;
+mod ui;
 pub mod upstream;
 mod web;
 
@@ -286,7 +287,9 @@ pub(crate) fn security_headers(headers: &mut axum::http::HeaderMap, https: bool)
     );
     set(headers, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(headers, header::X_FRAME_OPTIONS, "DENY");
-    set(headers, header::REFERRER_POLICY, "no-referrer");
+    // same-origin, not no-referrer: under no-referrer Chromium sends
+    // `Origin: null` on form posts, and the Origin check needs the real one.
+    set(headers, header::REFERRER_POLICY, "same-origin");
     set(
         headers,
         header::HeaderName::from_static("cross-origin-opener-policy"),

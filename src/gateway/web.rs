@@ -49,8 +49,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/auth/dev-login", post(dev_login))
         .route("/auth/logout", post(logout))
         .route("/api/{*rest}", any(api))
-        .route("/", get(index))
-        .fallback(not_found)
+        .fallback(ui_or_not_found)
         .layer(frame)
         .with_state(state)
 }
@@ -736,17 +735,14 @@ async fn logout(AxState(state): AxState<AppState>, headers: HeaderMap) -> Respon
     with_user(r, &user.name)
 }
 
-/// The Admin UI's page.
-async fn index() -> Response {
-    let mut r = Html(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tether</title></head>\
-         <body><h1>tether gateway</h1><p>The Admin UI is not built into this binary yet. \
-         The admin API is under <code>/api/</code>; <a href=\"/auth/login\">log in</a>.</p></body></html>",
-    )
-    .into_response();
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    r
+/// The Admin UI (`super::ui`) for its GET paths; 404 for the rest.
+async fn ui_or_not_found(method: Method, uri: axum::http::Uri, headers: HeaderMap) -> Response {
+    if (method == Method::GET || method == Method::HEAD)
+        && let Some(r) = super::ui::serve(uri.path(), &headers)
+    {
+        return r;
+    }
+    not_found().await
 }
 
 #[cfg(test)]

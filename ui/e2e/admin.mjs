@@ -1,0 +1,110 @@
+// The Admin UI in headless Debian Chromium, driven by playwright-core.
+// Run by tests/browser.rs, which starts the controller, the gateway (--dev
+// login) and the swarms, and passes:
+//   node e2e/admin.mjs <gateway URL> <artifact dir> <expected services>
+// It prints one JSON line per step; `STOP canary` asks the test to stop the
+// canary's swarm, after which the page must show it down, live.
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+
+const [base, out, expected] = process.argv.slice(2);
+mkdirSync(out, { recursive: true });
+const step = (name, detail = {}) => console.log(JSON.stringify({ step: name, ...detail }));
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+const page = await context.newPage();
+const problems = [];
+page.on("pageerror", (e) => problems.push(String(e)));
+page.on("console", (m) => m.type() === "error" && problems.push(m.text()));
+const shot = (name) => page.screenshot({ path: `${out}/${name}.png`, fullPage: false });
+
+try {
+  // Not logged in: the UI sends the browser to the login page.
+  await page.goto(base + "/instances");
+  await page.waitForURL(/\/auth\/login/);
+  await page.fill("input[name=user]", "e2e-admin");
+  await shot("01-login");
+  await page.click("button[type=submit]");
+  await page.waitForURL(/\/instances$/);
+  step("logged in", { url: page.url() });
+  // What the login page and the redirect to it logged is expected.
+  problems.length = 0;
+
+  // The table: every swarm service, paged from the server.
+  await page.waitForSelector(".vtable[data-loaded]");
+  const count = await page.textContent(".count");
+  const total = Number((count ?? "").replace(/,/g, "").match(/^\d+/)?.[0]);
+  const firstPage = await page.evaluate(() => performance.getEntriesByName("tether:first-page").pop()?.detail);
+  step("table", { count, total, firstPageMs: firstPage?.ms });
+  if (total !== Number(expected)) throw new Error(`the table says ${count}, not ${expected} instances`);
+  await shot("02-instances");
+
+  // Filter by service: the URL carries it, the server pages it.
+  await page.fill("input[name=serviceId]", "svc-3");
+  await page.waitForURL(/serviceId=svc-3/);
+  await page.waitForFunction(() => /^\d[\d,]* instances/.test(document.querySelector(".count")?.textContent ?? "") && document.querySelector(".vtable[data-loaded]"));
+  await page.waitForFunction(() => [...document.querySelectorAll(".viewport .row[data-id]")].every((r) => r.textContent?.startsWith("svc-3")));
+  const filtered = await page.textContent(".count");
+  step("filtered", { count: filtered, url: page.url() });
+  await shot("03-filtered");
+
+  // Open one, with the keyboard: focus its link and press Enter.
+  const first = page.locator(".viewport .row[data-id] a").first();
+  await first.focus();
+  await page.keyboard.press("Enter");
+  await page.waitForURL(/\/instances\/[0-9a-f-]+$/);
+  await page.waitForSelector("dl.meta");
+  step("detail", { url: page.url() });
+
+  // Its tools, from tools/list; get_service_info sent, and its reply.
+  await page.waitForSelector("form[data-tool=get_service_info]");
+  const tools = await page.$$eval("form[data-tool]", (fs) => fs.map((f) => f.getAttribute("data-tool")));
+  step("tools", { tools });
+  await page.click("form[data-tool=get_service_info] button[type=submit]");
+  await page.waitForFunction(() => document.querySelector("form[data-tool=get_service_info] .result")?.getAttribute("data-outcome") === "ok");
+  const reply = await page.textContent("form[data-tool=get_service_info] .result");
+  step("get_service_info", { reply: reply?.slice(0, 200) });
+  if (!reply?.includes('"serviceId": "svc-3"')) throw new Error("the reply does not name the service: " + reply);
+  await shot("04-detail");
+
+  // A service goes down, live: the canary's swarm is stopped.
+  await page.goto(base + "/instances?serviceId=canary");
+  await page.waitForSelector(".viewport .row[data-id] .status.up");
+  await page.waitForFunction(() => document.querySelector("#live")?.getAttribute("data-state") === "up");
+  console.log("STOP canary");
+  await page.waitForSelector(".viewport .row[data-id] .status.gone, .viewport .row[data-id] .status.down", { timeout: 30000 });
+  step("down live", { status: await page.textContent(".viewport .row[data-id] .status") });
+  await shot("05-down-live");
+  // The overview (reached inside the app, so the live feed stays) counts
+  // what is left and lists the canary among the recent downs.
+  await page.click("nav a[href='/']");
+  await page.waitForFunction(() => document.querySelector(".cards .card .value")?.textContent === "1000");
+  await page.waitForSelector(".downs li");
+  const downs = await page.textContent(".downs");
+  if (!downs?.includes("canary")) throw new Error("the overview's recent downs miss the canary: " + downs);
+  await shot("06-overview");
+  await page.emulateMedia({ colorScheme: "dark" });
+  await shot("07-overview-dark");
+  step("overview", { instances: await page.textContent(".cards .card .value"), downs });
+  if (problems.length) throw new Error("page errors: " + problems.join("; "));
+  step("done");
+} catch (e) {
+  await shot("failure").catch(() => {});
+  console.log(JSON.stringify({ step: "failed", error: String(e), problems }));
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
