@@ -24,6 +24,7 @@ mod report;
 mod scale;
 mod sockets;
 mod topology;
+mod ui;
 mod zombie;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,9 @@ enum Scenario {
     /// server (accept, 101, one answer per registration, pings); `scale`
     /// starts it by itself.
     Floor(floor::FloorArgs),
+    /// The gateway's added latency against the admin plane, side by side,
+    /// and the Admin UI's speed in headless Chromium, at N services.
+    Ui(ui::UiArgs),
 }
 
 fn write_json<T: serde::Serialize>(
@@ -101,6 +105,12 @@ fn main() -> anyhow::Result<()> {
             return write_json(json, &report);
         }
         Scenario::Floor(args) => return floor::run(args),
+        Scenario::Ui(args) => {
+            let json = args.json.clone();
+            let report = ui::run(args)?;
+            ui::print(&report);
+            return write_json(json, &report);
+        }
         Scenario::Admin(args) => {
             let json = args.json.clone();
             let report = admin::run(args)?;
