@@ -58,6 +58,8 @@ pub(crate) struct UserClaims {
     scope: Option<Scopes>,
     #[serde(default)]
     scp: Option<Scopes>,
+    #[serde(default)]
+    exp: Option<u64>,
 }
 
 /// Only the portal scopes matter here; `portal.w` implies reading.
@@ -104,7 +106,14 @@ impl UserClaims {
 
 /// Verifies an API client's bearer token.
 pub fn bearer_user(verifier: &Verifier, token: &str) -> Result<User, String> {
-    verifier.decode::<UserClaims>(token)?.user()
+    bearer(verifier, token).map(|(user, _)| user)
+}
+
+/// The user of a bearer token, and when the token expires (Unix seconds).
+pub fn bearer(verifier: &Verifier, token: &str) -> Result<(User, Option<u64>), String> {
+    let claims = verifier.decode::<UserClaims>(token)?;
+    let exp = claims.exp;
+    Ok((claims.user()?, exp))
 }
 
 pub(crate) fn unix_now() -> u64 {

@@ -167,6 +167,36 @@ pub async fn forward_http(
     }
 }
 
+/// When a proxied WebSocket must close: its session ended, or a deadline
+/// (the session's lifetime, the bearer token's expiry) passed.
+pub struct SocketEnd {
+    pub ended: Option<tokio::sync::watch::Receiver<bool>>,
+    pub deadline: Option<std::time::Instant>,
+}
+
+impl SocketEnd {
+    async fn wait(mut self) {
+        let ended = async {
+            match &mut self.ended {
+                Some(rx) => {
+                    let _ = rx.wait_for(|ended| *ended).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let deadline = async {
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = ended => {}
+            () = deadline => {}
+        }
+    }
+}
+
 /// Opens the upstream WebSocket first (so a failure is a 502 to the
 /// caller, not a socket that closes at once), then upgrades the caller's.
 pub async fn forward_socket(
@@ -174,6 +204,7 @@ pub async fn forward_socket(
     upgrade: WebSocketUpgrade,
     slot: SocketSlot,
     protocol: Option<&'static str>,
+    end: SocketEnd,
 ) -> Response {
     let upstream = f.upstream.clone();
     let scheme = if upstream.is_tls() { "wss" } else { "ws" };
@@ -227,7 +258,7 @@ pub async fn forward_socket(
     };
     upgrade
         .max_message_size(1 << 20)
-        .on_upgrade(move |socket| relay(socket, upstream_ws, slot))
+        .on_upgrade(move |socket| relay(socket, upstream_ws, slot, end))
 }
 
 type UpstreamWs = tokio_tungstenite::WebSocketStream<super::upstream::UpstreamIo>;
@@ -267,10 +298,11 @@ fn to_client(m: TgMessage) -> Result<Option<AxMessage>, Option<AxClose>> {
     }))
 }
 
-/// Carries messages both ways until either side closes; then closes the
-/// other with the same code. `_slot` counts the socket against its user
-/// until then.
-async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot) {
+/// Carries messages both ways until either side closes, then closes the
+/// other with the same code; or until `end`, when both are closed (1008
+/// to the caller: its credentials ended). `_slot` counts the socket
+/// against its user until then.
+async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot, end: SocketEnd) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
     let down = async {
@@ -309,9 +341,18 @@ async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot) {
         let _ = up_tx.send(TgMessage::Close(close)).await;
         let _ = up_tx.close().await;
     };
-    tokio::select! {
-        () = down => {}
-        () = up => {}
+    let credentials_ended = tokio::select! {
+        () = down => false,
+        () = up => false,
+        () = end.wait() => true,
+    };
+    if credentials_ended {
+        let close = AxClose {
+            code: 1008,
+            reason: "the session or token ended: log in again".into(),
+        };
+        let _ = client_tx.send(AxMessage::Close(Some(close))).await;
+        let _ = up_tx.send(TgMessage::Close(None)).await;
     }
 }
 

@@ -42,6 +42,20 @@ pub struct Session {
     pub created: Instant,
     pub last_used: Instant,
     pub oidc: Option<OidcTokens>,
+    /// Held while the session's tokens are refreshed, so requests that
+    /// find them expired at once refresh once (a provider that rotates
+    /// refresh tokens would refuse the second).
+    pub refreshing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Becomes true when the session ends (logout, expiry, eviction): the
+    /// WebSockets it opened close then.
+    pub ended: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Session {
+    /// When it ends at the latest (its absolute lifetime).
+    pub fn deadline(&self, limits: &SessionLimits) -> Instant {
+        self.created + limits.absolute
+    }
 }
 
 /// A login on its way through the identity provider.
@@ -109,18 +123,27 @@ impl Sessions {
             created: now,
             last_used: now,
             oidc,
+            refreshing: Default::default(),
+            ended: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
         };
         let mut live = self.live.lock().unwrap();
         if live.len() >= self.limits.max_sessions {
-            live.retain(|_, s| !self.expired(s, now));
+            live.retain(|_, s| {
+                let keep = !self.expired(s, now);
+                if !keep {
+                    s.ended.send_replace(true);
+                }
+                keep
+            });
         }
         if live.len() >= self.limits.max_sessions
             && let Some(oldest) = live
                 .iter()
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(k, _)| k.clone())
+            && let Some(evicted) = live.remove(&oldest)
         {
-            live.remove(&oldest);
+            evicted.ended.send_replace(true);
         }
         live.insert(id.clone(), session.clone());
         (id, session)
@@ -132,7 +155,9 @@ impl Sessions {
         let mut live = self.live.lock().unwrap();
         let session = live.get_mut(id)?;
         if self.expired(session, now) {
-            live.remove(id);
+            if let Some(gone) = live.remove(id) {
+                gone.ended.send_replace(true);
+            }
             return None;
         }
         session.last_used = now;
@@ -147,8 +172,17 @@ impl Sessions {
         }
     }
 
+    /// Ends a session: its WebSockets close.
     pub fn remove(&self, id: &str) -> Option<Session> {
-        self.live.lock().unwrap().remove(id)
+        let gone = self.live.lock().unwrap().remove(id);
+        if let Some(s) = &gone {
+            s.ended.send_replace(true);
+        }
+        gone
+    }
+
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
     }
 
     pub fn count(&self) -> usize {

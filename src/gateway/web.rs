@@ -158,8 +158,36 @@ fn check_origin(state: &State, headers: &HeaderMap) -> Result<bool, Refusal> {
 
 /// How the caller authenticated.
 enum Via {
-    Bearer,
-    Session { id: String, csrf: String },
+    /// With when the token expires (Unix seconds).
+    Bearer(Option<u64>),
+    Session {
+        id: String,
+        csrf: String,
+        ended: tokio::sync::watch::Receiver<bool>,
+        deadline: Instant,
+    },
+}
+
+impl Via {
+    /// When a WebSocket it opens must close: its token's expiry, or its
+    /// session's end (logout, expiry) or lifetime.
+    fn socket_end(&self) -> proxy::SocketEnd {
+        match self {
+            Via::Bearer(exp) => proxy::SocketEnd {
+                ended: None,
+                deadline: exp.map(|exp| {
+                    let left = exp.saturating_sub(identity::unix_now());
+                    Instant::now() + std::time::Duration::from_secs(left) + crate::jwt::LEEWAY
+                }),
+            },
+            Via::Session {
+                ended, deadline, ..
+            } => proxy::SocketEnd {
+                ended: Some(ended.clone()),
+                deadline: Some(*deadline),
+            },
+        }
+    }
 }
 
 fn unauthorized(message: impl Into<String>) -> Response {
@@ -194,10 +222,21 @@ async fn session_user(state: &AppState, headers: &HeaderMap) -> Result<(User, Vi
         .get(id)
         .ok_or("the session has ended: log in again")?;
     let mut user = session.user.clone();
-    if let (Some(tokens), Some(_)) = (&session.oidc, &state.config.oidc)
-        && Instant::now() >= tokens.expires
-    {
-        let (st, tokens) = (state.clone(), tokens.clone());
+    let expired =
+        |s: &super::session::Session| s.oidc.as_ref().is_some_and(|t| Instant::now() >= t.expires);
+    if state.config.oidc.is_some() && expired(&session) {
+        let _one_at_a_time = session.refreshing.lock().await;
+        // Another request may have refreshed them meanwhile.
+        let session = state
+            .sessions
+            .get(id)
+            .ok_or("the session has ended: log in again")?;
+        user = session.user.clone();
+        if !expired(&session) {
+            let via = session_via(state, id, &session);
+            return Ok((user, via));
+        }
+        let (st, tokens) = (state.clone(), session.oidc.clone().expect("expired tokens"));
         let refreshed = tokio::task::spawn_blocking(move || {
             let oidc = st.config.oidc.as_ref().expect("checked above");
             oidc.refresh(&tokens, st.config.bearer.as_ref())
@@ -217,13 +256,17 @@ async fn session_user(state: &AppState, headers: &HeaderMap) -> Result<(User, Vi
             }
         }
     }
-    Ok((
-        user,
-        Via::Session {
-            id: id.to_string(),
-            csrf: session.csrf,
-        },
-    ))
+    let via = session_via(state, id, &session);
+    Ok((user, via))
+}
+
+fn session_via(state: &State, id: &str, session: &super::session::Session) -> Via {
+    Via::Session {
+        id: id.to_string(),
+        csrf: session.csrf.clone(),
+        ended: session.ended.subscribe(),
+        deadline: session.deadline(state.sessions.limits()),
+    }
 }
 
 /// A bearer token (API clients) or a session cookie (browsers).
@@ -237,7 +280,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(User, Vi
         let verifier = state.config.bearer.as_ref().ok_or(
             "this gateway takes no bearer tokens (start it with --jwks, --jwks-url or --dev)",
         )?;
-        return identity::bearer_user(verifier, token.trim()).map(|u| (u, Via::Bearer));
+        return identity::bearer(verifier, token.trim()).map(|(u, exp)| (u, Via::Bearer(exp)));
     }
     session_user(state, headers).await
 }
@@ -425,7 +468,7 @@ async fn api(
             );
         };
         let protocol = matches!(via, Via::Session { .. }).then_some(WS_PROTOCOL);
-        proxy::forward_socket(forward, ws, slot, protocol).await
+        proxy::forward_socket(forward, ws, slot, protocol, via.socket_end()).await
     } else {
         proxy::forward_http(forward, parts.method.clone(), &parts.headers, body).await
     };
@@ -481,7 +524,7 @@ async fn session_info(AxState(state): AxState<AppState>, headers: HeaderMap) -> 
             .into_response(),
             &user.name,
         ),
-        Ok((_, Via::Bearer)) => unreachable!("sessions come from cookies"),
+        Ok((_, Via::Bearer(_))) => unreachable!("sessions come from cookies"),
         Err(why) => fail(StatusCode::UNAUTHORIZED, "unauthorized", why),
     }
 }
@@ -717,7 +760,7 @@ async fn logout(AxState(state): AxState<AppState>, headers: HeaderMap) -> Respon
         Ok(found) => found,
         Err(why) => return unauthorized(why),
     };
-    let Via::Session { id, csrf } = via else {
+    let Via::Session { id, csrf, .. } = via else {
         unreachable!("sessions come from cookies")
     };
     if let Err(r) = check_csrf(&headers, &csrf, origin_seen) {
