@@ -952,3 +952,61 @@ fn an_oidc_session_refreshes_its_tokens_on_the_server() {
         "alice"
     );
 }
+
+#[test]
+fn the_gateway_reaches_an_https_admin_plane_with_its_client_certificate() {
+    use std::sync::Arc;
+    use tether::admin::AdminTls;
+    use tether::engine::tls::TlsFiles;
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    let ctl = controller(1);
+    let mut admin = AdminConfig::new("127.0.0.1:0".parse().unwrap());
+    admin.key = AdminKey::new(KEY.as_bytes());
+    admin.tls = Some(Arc::new(
+        AdminTls::https(TlsFiles {
+            cert: keys.join("server.pem"),
+            key: keys.join("server.key"),
+            client_ca: Some(keys.join("ca.pem")),
+        })
+        .unwrap(),
+    ));
+    let admin = AdminServer::start(ctl.api(), admin).unwrap();
+    let upstream = format!("https://localhost:{}", admin.local_addr().port());
+    let gateway = |key: Option<AdminKey>, cert: bool| {
+        let mut config = GatewayConfig::new("127.0.0.1:0".parse().unwrap(), &upstream, key);
+        config.upstream.ca = Some(keys.join("ca.pem"));
+        if cert {
+            config.upstream.client_cert = Some((keys.join("client.pem"), keys.join("client.key")));
+        }
+        config.bearer = Some(rs256_verifier());
+        config.access_log = Some("/dev/null".into());
+        Gateway::start(config)
+    };
+    let t = bearer(&token(&claims("ana", "portal.r")));
+    // The client certificate alone authenticates the gateway.
+    let gw = gateway(None, true).unwrap();
+    let url = format!("http://{}/api/summary", gw.local_addr());
+    let a = get(&url, &[("authorization", &t)]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(
+        get(&format!("http://{}/readyz", gw.local_addr()), &[]).status,
+        200
+    );
+    // Neither a certificate nor a key: refused at start.
+    assert!(gateway(None, false).is_err());
+    // A wrong key and no certificate: the admin plane refuses the gateway,
+    // which says so with a 502 (a 401 would send a browser to log in again).
+    let wrong = gateway(
+        Some(AdminKey::new(b"not the admin key, 32 bytes long")),
+        false,
+    )
+    .unwrap();
+    let a = get(
+        &format!("http://{}/api/summary", wrong.local_addr()),
+        &[("authorization", &t)],
+    );
+    assert_eq!(
+        (a.status, a.json()["error"].as_str()),
+        (502, Some("upstream_refused_gateway"))
+    );
+}

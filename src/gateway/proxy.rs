@@ -152,6 +152,7 @@ pub async fn forward_http(
         Err(e) => return fail(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
     };
     match f.upstream.send(request).await {
+        Ok(response) if response.status() == StatusCode::UNAUTHORIZED => refused_gateway(),
         Ok(response) => {
             let (parts, body) = response.into_parts();
             let mut out = Response::new(Body::new(body));
@@ -165,6 +166,21 @@ pub async fn forward_http(
         }
         Err(e) => GatewayError::Upstream(e).into_response(),
     }
+}
+
+/// The admin plane refused the gateway's own credentials (a wrong admin
+/// key or client certificate): that is the gateway's fault, not the
+/// user's, so not a 401 (a browser would be sent to log in again, in a
+/// loop).
+fn refused_gateway() -> Response {
+    tracing::error!(
+        "the admin plane refused the gateway's credentials: check --upstream-key-file or the client certificate"
+    );
+    fail(
+        StatusCode::BAD_GATEWAY,
+        "upstream_refused_gateway",
+        "the admin plane refused the gateway's own credentials; the operator must fix the gateway's admin key or certificate",
+    )
 }
 
 /// When a proxied WebSocket must close: its session ended, or a deadline
@@ -229,6 +245,11 @@ pub async fn forward_socket(
     .await;
     let upstream_ws = match opened {
         Ok(Ok((ws, _))) => ws,
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+            if response.status() == StatusCode::UNAUTHORIZED =>
+        {
+            return refused_gateway();
+        }
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             // The admin plane refused (a bad `since`, too many streams):
             // its status and body go back as they are.

@@ -45,8 +45,10 @@ async function answer<T>(r: Response): Promise<T> {
   } catch {
     body = { message: text };
   }
-  if (!r.ok && r.status !== 502 && r.status !== 504) {
-    const b = (body ?? {}) as { error?: string; message?: string };
+  // A command's 502 (the service's error) and 504 (timeout) carry its
+  // outcome: they are answers. Any other failure is an error.
+  const b = (body ?? {}) as { error?: string; message?: string; outcome?: string };
+  if (!r.ok && !((r.status === 502 || r.status === 504) && b.outcome)) {
     throw new ApiError(r.status, b.error ?? "error", b.message ?? `HTTP ${r.status}`);
   }
   return body as T;
