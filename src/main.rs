@@ -321,6 +321,16 @@ struct GatewayArgs {
     /// Scopes asked for at login.
     #[arg(long, default_value = "openid profile portal.r portal.w")]
     oidc_scopes: String,
+    /// The ID token claim listing the user's groups or roles.
+    #[arg(long, default_value = "groups")]
+    oidc_groups_claim: String,
+    /// Only members of this group (in --oidc-groups-claim) may read.
+    #[arg(long)]
+    oidc_read_group: Option<String>,
+    /// Only members of this group may send mutating commands (portal.w).
+    /// Without it, the scopes the provider grants decide.
+    #[arg(long)]
+    oidc_write_group: Option<String>,
     /// Serve HTTPS with this certificate chain (PEM); with --tls-key.
     /// Reloaded on SIGHUP.
     #[arg(long, requires = "tls_key")]
@@ -926,8 +936,16 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                     .split_whitespace()
                     .map(str::to_owned)
                     .collect(),
+                groups_claim: args.oidc_groups_claim.clone(),
+                read_group: args.oidc_read_group.clone(),
+                write_group: args.oidc_write_group.clone(),
             })
             .map_err(anyhow::Error::msg)?;
+            if args.oidc_write_group.is_none() {
+                tracing::warn!(
+                    "without --oidc-write-group, portal.w comes from the scopes {issuer} grants: make sure it grants portal.w only to those who may send commands"
+                );
+            }
             config.oidc = Some(oidc);
         }
         let issuer = args.issuer.clone().or_else(|| args.oidc_issuer.clone());

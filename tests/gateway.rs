@@ -743,6 +743,10 @@ struct OidcStack {
 }
 
 fn oidc_stack() -> OidcStack {
+    oidc_stack_with(None)
+}
+
+fn oidc_stack_with(write_group: Option<String>) -> OidcStack {
     let port = free_port();
     let public = format!("http://127.0.0.1:{port}");
     let idp = Provider::start(&format!("{public}/auth/callback"));
@@ -757,6 +761,9 @@ fn oidc_stack() -> OidcStack {
                 client_secret: oidc::CLIENT_SECRET.into(),
                 redirect_uri: format!("{public}/auth/callback"),
                 scopes: vec!["portal.r".into(), "portal.w".into()],
+                groups_claim: "groups".into(),
+                read_group: None,
+                write_group: write_group.clone(),
             })
             .unwrap(),
         );
@@ -1009,4 +1016,29 @@ fn the_gateway_reaches_an_https_admin_plane_with_its_client_certificate() {
         (a.status, a.json()["error"].as_str()),
         (502, Some("upstream_refused_gateway"))
     );
+}
+
+#[test]
+fn with_a_write_group_only_its_members_may_send_commands() {
+    let s = oidc_stack_with(Some("tether-admins".into()));
+    let login = |user: &str, groups: &[&str]| {
+        // Both are granted portal.w: the group decides.
+        s.idp.login_as(user, "openid portal.r portal.w");
+        s.idp.groups(groups);
+        let (url, binding) = start_login(&s, "/");
+        let done = callback(&authorize(&url), Some(&binding));
+        let cookie = format!(
+            "__Host-tether-session={}",
+            done.set_cookie("__Host-tether-session").unwrap().0
+        );
+        get(&s.stack.url("/auth/session"), &[("cookie", &cookie)]).json()
+    };
+    let admin = login("alice", &["tether-admins", "staff"]);
+    assert_eq!(
+        (admin["user"].as_str(), admin["canWrite"].as_bool()),
+        (Some("alice"), Some(true))
+    );
+    let other = login("mallory", &["staff"]);
+    assert_eq!(other["canWrite"], false, "{other}");
+    assert_eq!(other["scopes"], json!(["portal.r"]), "{other}");
 }

@@ -16,7 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 
-use super::identity::{User, UserClaims, check_name, portal_scopes};
+use super::identity::{self, User, UserClaims, check_name, portal_scopes};
 use super::session::OidcTokens;
 use crate::jwt::{Expect, Verifier};
 
@@ -34,6 +34,15 @@ pub struct OidcConfig {
     pub redirect_uri: String,
     /// Asked for at login (`openid` is always added).
     pub scopes: Vec<String>,
+    /// The ID token claim that lists the user's groups (or roles).
+    pub groups_claim: String,
+    /// When set, `portal.r` needs this group in `groups_claim` (else the
+    /// granted scopes decide).
+    pub read_group: Option<String>,
+    /// When set, `portal.w` needs this group (else the granted scopes
+    /// decide, so the provider must grant `portal.w` only to those who may
+    /// send commands).
+    pub write_group: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +87,22 @@ struct IdClaims {
     sub: String,
     #[serde(default)]
     nonce: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Map<String, serde_json::Value>,
+}
+
+impl IdClaims {
+    /// The groups (or roles) the claim `name` lists: a list, or one string.
+    fn groups(&self, name: &str) -> Vec<String> {
+        match self.rest.get(name) {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
+            Some(serde_json::Value::String(s)) => s.split([' ', ',']).map(str::to_owned).collect(),
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// RFC 3986 percent-encoding of everything but the unreserved characters.
@@ -214,31 +239,40 @@ impl Oidc {
         Ok(tokens)
     }
 
-    /// The user and tokens of a token response; `nonce` is checked when
-    /// given (at login; a refresh's ID token need not carry it).
+    /// The user and tokens of a token response. At login the ID token is
+    /// required and its `nonce` checked; a refresh may come without one
+    /// (OIDC Core 12.2): the session's user stays, and a new one must name
+    /// the same subject.
     fn session_of(
         &self,
         tokens: TokenResponse,
         nonce: Option<&str>,
         access_tokens: Option<&Verifier>,
-        previous: Option<&OidcTokens>,
+        previous: Option<(&OidcTokens, &User)>,
     ) -> Result<(User, OidcTokens), String> {
-        let id_token = tokens
-            .id_token
-            .clone()
-            .or_else(|| previous.and_then(|p| p.id_token.clone()))
-            .ok_or("the token endpoint gave no ID token")?;
-        let claims: IdClaims = self
-            .id_tokens
-            .decode(&id_token)
-            .map_err(|e| format!("the ID token: {e}"))?;
-        if let Some(nonce) = nonce
-            && claims.nonce.as_deref() != Some(nonce)
-        {
-            return Err("the ID token's nonce is not this login's".into());
+        let claims: Option<IdClaims> = match &tokens.id_token {
+            Some(id) => Some(
+                self.id_tokens
+                    .decode(id)
+                    .map_err(|e| format!("the ID token: {e}"))?,
+            ),
+            None if previous.is_some() => None,
+            None => return Err("the token endpoint gave no ID token".into()),
+        };
+        if let Some(c) = &claims {
+            if let Some(nonce) = nonce
+                && c.nonce.as_deref() != Some(nonce)
+            {
+                return Err("the ID token's nonce is not this login's".into());
+            }
+            if let Some((_, user)) = previous
+                && c.sub != user.name
+            {
+                return Err("the refreshed ID token names another user".into());
+            }
+            check_name(&c.sub)?;
         }
-        check_name(&claims.sub)?;
-        let scopes = match &tokens.scope {
+        let granted = match &tokens.scope {
             Some(granted) => portal_scopes(granted.split(' ')),
             None => access_tokens
                 .and_then(|v| v.decode::<UserClaims>(&tokens.access_token).ok())
@@ -246,19 +280,50 @@ impl Oidc {
                 .map(|u| u.scopes)
                 .unwrap_or_default(),
         };
-        let user = User {
-            name: claims.sub,
-            scopes,
+        let name = match (&claims, previous) {
+            (Some(c), _) => c.sub.clone(),
+            (None, Some((_, user))) => user.name.clone(),
+            (None, None) => unreachable!("refused above"),
         };
+        let scopes = match &claims {
+            Some(c) => self.scopes_of(&granted, &c.groups(&self.config.groups_claim)),
+            // No new ID token: groups as they were at login.
+            None if self.config.read_group.is_some() || self.config.write_group.is_some() => {
+                previous.map(|(_, u)| u.scopes.clone()).unwrap_or_default()
+            }
+            None => granted,
+        };
+        let user = User { name, scopes };
+        let lifetime = Duration::from_secs(tokens.expires_in.unwrap_or(300).min(86_400));
         let oidc = OidcTokens {
             access_token: tokens.access_token,
             refresh_token: tokens
                 .refresh_token
-                .or_else(|| previous.and_then(|p| p.refresh_token.clone())),
-            expires: Instant::now() + Duration::from_secs(tokens.expires_in.unwrap_or(300)),
-            id_token: Some(id_token),
+                .or_else(|| previous.and_then(|(p, _)| p.refresh_token.clone())),
+            expires: Instant::now() + lifetime,
+            id_token: tokens
+                .id_token
+                .or_else(|| previous.and_then(|(p, _)| p.id_token.clone())),
         };
         Ok((user, oidc))
+    }
+
+    /// The portal scopes of a user: the granted ones, or, where a group is
+    /// configured, membership of it (`portal.w` implies reading).
+    fn scopes_of(&self, granted: &[String], groups: &[String]) -> Vec<String> {
+        let has = |s: &str| granted.iter().any(|g| g == s);
+        let member = |g: &Option<String>| g.as_ref().map(|g| groups.iter().any(|x| x == g));
+        let write = member(&self.config.write_group).unwrap_or_else(|| has(identity::WRITE_SCOPE));
+        let read =
+            write || member(&self.config.read_group).unwrap_or_else(|| has(identity::READ_SCOPE));
+        let mut scopes = Vec::new();
+        if read {
+            scopes.push(identity::READ_SCOPE.to_string());
+        }
+        if write {
+            scopes.push(identity::WRITE_SCOPE.to_string());
+        }
+        scopes
     }
 
     /// Exchanges a callback's code (blocking).
@@ -282,6 +347,7 @@ impl Oidc {
     pub fn refresh(
         &self,
         previous: &OidcTokens,
+        user: &User,
         access_tokens: Option<&Verifier>,
     ) -> Result<(User, OidcTokens), String> {
         let refresh = previous
@@ -290,18 +356,19 @@ impl Oidc {
             .ok_or("the session's access token expired and there is no refresh token")?;
         let tokens =
             self.token_request(&[("grant_type", "refresh_token"), ("refresh_token", refresh)])?;
-        self.session_of(tokens, None, access_tokens, Some(previous))
+        self.session_of(tokens, None, access_tokens, Some((previous, user)))
     }
 
-    /// Where the browser may go to end its session at the provider.
-    pub fn logout_url(&self, tokens: Option<&OidcTokens>, after: &str) -> Option<String> {
+    /// Where the browser may go to end its session at the provider (with
+    /// `client_id`, not the ID token: no token goes to the browser).
+    pub fn logout_url(&self, after: &str) -> Option<String> {
         let end = self.end_session_endpoint.as_ref()?;
         let sep = if end.contains('?') { '&' } else { '?' };
-        let mut url = format!("{end}{sep}post_logout_redirect_uri={}", encode(after));
-        if let Some(id) = tokens.and_then(|t| t.id_token.as_deref()) {
-            url.push_str(&format!("&id_token_hint={}", encode(id)));
-        }
-        Some(url)
+        Some(format!(
+            "{end}{sep}client_id={}&post_logout_redirect_uri={}",
+            encode(&self.config.client_id),
+            encode(after)
+        ))
     }
 }
 

@@ -236,10 +236,14 @@ async fn session_user(state: &AppState, headers: &HeaderMap) -> Result<(User, Vi
             let via = session_via(state, id, &session);
             return Ok((user, via));
         }
-        let (st, tokens) = (state.clone(), session.oidc.clone().expect("expired tokens"));
+        let (st, tokens, was) = (
+            state.clone(),
+            session.oidc.clone().expect("expired tokens"),
+            session.user.clone(),
+        );
         let refreshed = tokio::task::spawn_blocking(move || {
             let oidc = st.config.oidc.as_ref().expect("checked above");
-            oidc.refresh(&tokens, st.config.bearer.as_ref())
+            oidc.refresh(&tokens, &was, st.config.bearer.as_ref())
         })
         .await
         .map_err(|e| e.to_string())
@@ -766,13 +770,12 @@ async fn logout(AxState(state): AxState<AppState>, headers: HeaderMap) -> Respon
     if let Err(r) = check_csrf(&headers, &csrf, origin_seen) {
         return with_user(r.into_response(), &user.name);
     }
-    let ended = state.sessions.remove(&id);
-    let provider = state.config.oidc.as_ref().and_then(|o| {
-        o.logout_url(
-            ended.as_ref().and_then(|s| s.oidc.as_ref()),
-            &format!("{}/", state.public_origin),
-        )
-    });
+    state.sessions.remove(&id);
+    let provider = state
+        .config
+        .oidc
+        .as_ref()
+        .and_then(|o| o.logout_url(&format!("{}/", state.public_origin)));
     let mut r = axum::Json(json!({"loggedOut": true, "providerLogout": provider})).into_response();
     set_cookie(&mut r, cleared(SESSION_COOKIE, "Strict"));
     with_user(r, &user.name)

@@ -33,6 +33,7 @@ struct Grant {
     nonce: Option<String>,
     user: String,
     scope: String,
+    groups: Vec<String>,
 }
 
 #[derive(Default)]
@@ -45,6 +46,8 @@ pub struct Seen {
     pub last_challenge_method: Option<String>,
 }
 
+type Refreshable = (String, String, Vec<String>);
+
 struct Inner {
     issuer: String,
     key: EncodingKey,
@@ -52,9 +55,12 @@ struct Inner {
     redirect_uri: Mutex<String>,
     /// Who the next login is, and the scopes granted.
     login: Mutex<(String, String)>,
+    /// The `groups` claim of the next login's ID token.
+    groups: Mutex<Vec<String>>,
     expires_in: Mutex<u64>,
     codes: Mutex<HashMap<String, Grant>>,
-    refresh: Mutex<HashMap<String, (String, String)>>,
+    /// A refresh token's user, scope and groups.
+    refresh: Mutex<HashMap<String, Refreshable>>,
     seen: Mutex<Seen>,
 }
 
@@ -83,6 +89,7 @@ impl Provider {
             jwk,
             redirect_uri: Mutex::new(redirect_uri.into()),
             login: Mutex::new(("alice".into(), "openid portal.r portal.w".into())),
+            groups: Mutex::default(),
             expires_in: Mutex::new(300),
             codes: Mutex::default(),
             refresh: Mutex::default(),
@@ -124,6 +131,11 @@ impl Provider {
     /// Who logs in next, with which granted scopes (space-separated).
     pub fn login_as(&self, user: &str, scope: &str) {
         *self.inner.login.lock().unwrap() = (user.into(), scope.into());
+    }
+
+    /// The groups the next login's ID token lists.
+    pub fn groups(&self, groups: &[&str]) {
+        *self.inner.groups.lock().unwrap() = groups.iter().map(|g| g.to_string()).collect();
     }
 
     /// Lifetime of the access tokens it issues from now on.
@@ -195,6 +207,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<AuthorizeQue
         return (StatusCode::BAD_REQUEST, "no code_challenge").into_response();
     };
     let (user, scope) = inner.login.lock().unwrap().clone();
+    let groups = inner.groups.lock().unwrap().clone();
     let code = random();
     inner.codes.lock().unwrap().insert(
         code.clone(),
@@ -204,6 +217,7 @@ async fn authorize(State(inner): State<Arc<Inner>>, Query(q): Query<AuthorizeQue
             nonce: q.nonce,
             user,
             scope,
+            groups,
         },
     );
     Redirect::to(&format!("{}?code={code}&state={}", q.redirect_uri, q.state)).into_response()
@@ -273,20 +287,25 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn tokens(inner: &Inner, user: &str, scope: &str, nonce: Option<&str>) -> Json<Value> {
+fn tokens(
+    inner: &Inner,
+    user: &str,
+    scope: &str,
+    groups: &[String],
+    nonce: Option<&str>,
+) -> Json<Value> {
     let now = unix_now();
     let expires_in = *inner.expires_in.lock().unwrap();
     let mut id = json!({"iss": inner.issuer, "aud": CLIENT_ID, "sub": user,
-                        "iat": now, "exp": now + 300});
+                        "iat": now, "exp": now + 300, "groups": groups});
     if let Some(n) = nonce {
         id["nonce"] = json!(n);
     }
     let refresh = random();
-    inner
-        .refresh
-        .lock()
-        .unwrap()
-        .insert(refresh.clone(), (user.into(), scope.into()));
+    inner.refresh.lock().unwrap().insert(
+        refresh.clone(),
+        (user.into(), scope.into(), groups.to_vec()),
+    );
     Json(json!({
         "access_token": access_token(inner, user, scope),
         "token_type": "Bearer",
@@ -344,10 +363,17 @@ async fn token(
                 );
             }
             inner.seen.lock().unwrap().code_grants += 1;
-            tokens(&inner, &grant.user, &grant.scope, grant.nonce.as_deref()).into_response()
+            tokens(
+                &inner,
+                &grant.user,
+                &grant.scope,
+                &grant.groups,
+                grant.nonce.as_deref(),
+            )
+            .into_response()
         }
         "refresh_token" => {
-            let Some((user, scope)) = form
+            let Some((user, scope, groups)) = form
                 .refresh_token
                 .as_deref()
                 .and_then(|r| inner.refresh.lock().unwrap().remove(r))
@@ -360,7 +386,7 @@ async fn token(
                 );
             };
             inner.seen.lock().unwrap().refresh_grants += 1;
-            tokens(&inner, &user, &scope, None).into_response()
+            tokens(&inner, &user, &scope, &groups, None).into_response()
         }
         other => refuse(
             &inner,
