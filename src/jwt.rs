@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::de::DeserializeOwned;
 
@@ -75,17 +74,39 @@ impl Scopes {
     }
 }
 
+/// The signing keys of a JWKS. Keys for encryption (`use: enc`) and keys
+/// this library cannot use are skipped (and logged), so one odd key in a
+/// provider's set does not stop the others from verifying.
 fn parse_jwks(json: &str) -> Result<KeySet, String> {
-    let set: JwkSet =
+    let doc: serde_json::Value =
         serde_json::from_str(json).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let entries = doc
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("not a JWKS document: no keys list")?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let key =
-            DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key in the JWKS: {e}"))?;
-        keys.push((jwk.common.key_id.clone(), key));
+    for entry in entries {
+        if entry.get("use").and_then(|u| u.as_str()) == Some("enc") {
+            continue;
+        }
+        let parsed: Result<jsonwebtoken::jwk::Jwk, _> = serde_json::from_value(entry.clone());
+        match parsed.map_err(|e| e.to_string()).and_then(|jwk| {
+            DecodingKey::from_jwk(&jwk)
+                .map(|k| (jwk.common.key_id.clone(), k))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok(key) => keys.push(key),
+            Err(e) => tracing::warn!(
+                "JWKS: skipping a key ({}): {e}",
+                entry
+                    .get("kid")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or("no kid")
+            ),
+        }
     }
     if keys.is_empty() {
-        return Err("the JWKS holds no keys".into());
+        return Err("the JWKS holds no usable signing keys".into());
     }
     Ok(keys)
 }
@@ -181,10 +202,18 @@ impl Verifier {
             Keys::Shared(key) => check(key, &[Algorithm::HS256]),
             Keys::Jwks(keys) => {
                 let keys = keys.read().unwrap().clone();
-                let Some((_, key)) = keys
-                    .iter()
-                    .find(|(kid, _)| header.kid.is_none() || *kid == header.kid)
-                else {
+                // A token without a kid is tried against every key.
+                if header.kid.is_none() {
+                    let mut last = Err("the JWKS holds no keys".to_string());
+                    for (_, key) in keys.iter() {
+                        last = check(key, &[Algorithm::RS256, Algorithm::ES256]);
+                        if last.is_ok() {
+                            break;
+                        }
+                    }
+                    return last;
+                }
+                let Some((_, key)) = keys.iter().find(|(kid, _)| *kid == header.kid) else {
                     if let Some(r) = &self.refresh {
                         r.ask();
                         return Err(

@@ -457,6 +457,18 @@ fn browser_sessions_need_the_csrf_token_and_an_allowed_origin() {
         .unwrap()
         .to_string();
     let commands = stack.url(&format!("/api/services/{iid}/commands"));
+    // Listing tools sends the service tools/list: a GET, but CSRF-checked.
+    let tools = stack.url(&format!("/api/services/{iid}/tools"));
+    assert_eq!(get(&tools, &[("cookie", &cookie)]).status, 403);
+    let csrf_header = me["csrf"].as_str().unwrap().to_string();
+    assert_eq!(
+        get(
+            &tools,
+            &[("cookie", &cookie), ("x-tether-csrf", &csrf_header)]
+        )
+        .status,
+        200
+    );
     let origin = stack.origin();
     let body = r#"{"name":"get_service_info"}"#;
     // A state-changing request without the token, with a wrong one, or
@@ -557,6 +569,25 @@ fn browser_sessions_need_the_csrf_token_and_an_allowed_origin() {
     };
     assert!(down["seq"].is_u64(), "{down}");
 
+    // An SSE event stream of the session, read on a thread of its own
+    // until it ends.
+    let sse = {
+        let (url, cookie) = (stack.url("/api/events"), cookie.clone());
+        std::thread::spawn(move || {
+            let mut r = agent()
+                .get(&url)
+                .header("cookie", &cookie)
+                .header("accept", "text/event-stream")
+                .call()
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            let mut body = String::new();
+            let _ = std::io::Read::read_to_string(&mut r.body_mut().as_reader(), &mut body);
+            (body, std::time::Instant::now())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+
     // Logout needs the token too, then the session is gone.
     let a = post(
         &stack.url("/auth/logout"),
@@ -574,6 +605,7 @@ fn browser_sessions_need_the_csrf_token_and_an_allowed_origin() {
         "",
     );
     assert_eq!(a.status, 200, "{}", a.body);
+    let logged_out = std::time::Instant::now();
     assert!(
         a.set_cookie("__Host-tether-session")
             .unwrap()
@@ -589,6 +621,14 @@ fn browser_sessions_need_the_csrf_token_and_an_allowed_origin() {
         }
     };
     assert_eq!(closed.map(|f| u16::from(f.code)), Some(1008));
+    // The SSE stream ended with it too (not at the client's 20 s timeout).
+    let (seen, ended) = sse.join().unwrap();
+    assert!(seen.contains("hello"), "{seen}");
+    assert!(
+        ended.duration_since(logged_out) < Duration::from_secs(5),
+        "the stream outlived the logout by {:?}",
+        ended.duration_since(logged_out)
+    );
     assert_eq!(
         get(&stack.url("/auth/session"), &[("cookie", &cookie)]).status,
         401
@@ -660,12 +700,6 @@ fn requests_past_the_rate_limit_or_the_size_limit_are_refused() {
     );
     // Per user: another one is not held back.
     assert_eq!(get(&summary, &[("authorization", &bo)]).status, 200);
-    // Failed attempts are limited per address: after the burst, 429
-    // instead of 401.
-    let statuses: Vec<u16> = (0..5)
-        .map(|_| get(&summary, &[("authorization", "Bearer nope")]).status)
-        .collect();
-    assert_eq!(statuses, vec![401, 401, 401, 429, 429]);
     // Bodies past the limit: 413, before anything goes upstream.
     let big = format!(
         r#"{{"name":"check","arguments":{{"x":"{}"}}}}"#,
@@ -673,6 +707,15 @@ fn requests_past_the_rate_limit_or_the_size_limit_are_refused() {
     );
     let a = post(&stack.url("/api/commands"), &[("authorization", &bo)], &big);
     assert_eq!(a.status, 413, "{}", a.body);
+    // Failed attempts are limited per address: after the burst, 429
+    // instead of 401.
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| get(&summary, &[("authorization", "Bearer nope")]).status)
+        .collect();
+    assert_eq!(statuses, vec![401, 401, 401, 429, 429]);
+    // And the address waits before any more tokens are even checked, a
+    // good one included.
+    assert_eq!(get(&summary, &[("authorization", &bo)]).status, 429);
 }
 
 #[test]

@@ -63,6 +63,18 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// How long `key` must wait before its next request, if it has used
+    /// its burst up (takes nothing).
+    pub fn exhausted(&self, key: &str) -> Option<Duration> {
+        let RateLimit { rate, burst } = self.limit;
+        let buckets = self.buckets.lock().unwrap();
+        let b = buckets.get(key)?;
+        let tokens = (b.tokens + b.at.elapsed().as_secs_f64() * rate).min(burst);
+        (tokens < 1.0).then(|| Duration::from_secs_f64((1.0 - tokens) / rate))
+    }
+}
+
 /// WebSockets open per user, at most `max` each.
 pub struct SocketCounts {
     max: usize,

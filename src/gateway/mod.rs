@@ -224,8 +224,17 @@ impl Gateway {
             .name("tether-gateway-main".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    // A peer that takes nothing for a minute, or vanished
+                    // without a FIN, is dropped by the kernel.
                     let tune = |tcp: &tokio::net::TcpStream| {
                         let _ = tcp.set_nodelay(true);
+                        let socket = socket2::SockRef::from(tcp);
+                        let _ = socket.set_tcp_user_timeout(Some(Duration::from_secs(60)));
+                        let _ = socket.set_tcp_keepalive(
+                            &socket2::TcpKeepalive::new()
+                                .with_time(Duration::from_secs(60))
+                                .with_interval(Duration::from_secs(10)),
+                        );
                     };
                     let listener = match tokio::net::TcpListener::from_std(listener)
                         .and_then(|tcp| crate::admin::AdminListener::start(tcp, tls, tune))

@@ -7,6 +7,7 @@
 //! authenticated user.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::CloseFrame as AxClose;
@@ -45,6 +46,9 @@ pub struct Target {
     /// A command body: the gateway checks its tool against the user's
     /// scopes before it goes.
     pub command: bool,
+    /// It sends the service something (a command, `tools/list`): a
+    /// browser session must show its CSRF token, even on a GET.
+    pub sends: bool,
 }
 
 /// An instance id or service id in a path: letters, digits, `-`, `_`,
@@ -64,6 +68,7 @@ pub fn route(method: &Method, path: &str) -> Option<Target> {
     let parts: Vec<&str> = rest.split('/').collect();
     let target = |path: String, carry, command| {
         Some(Target {
+            sends: command || path.ends_with("/tools"),
             path,
             carry,
             command,
@@ -129,11 +134,15 @@ impl Forward<'_> {
 }
 
 /// Forwards one HTTP request (its body already read and bounded).
+/// A stream's (SSE's) guard: its slot and when it must end.
+pub type StreamGuard = (SocketSlot, SocketEnd);
+
 pub async fn forward_http(
     f: Forward<'_>,
     method: Method,
     incoming: &HeaderMap,
     body: Bytes,
+    stream: Option<StreamGuard>,
 ) -> Response {
     let mut builder = hyper::Request::builder()
         .method(method)
@@ -155,7 +164,17 @@ pub async fn forward_http(
         Ok(response) if response.status() == StatusCode::UNAUTHORIZED => refused_gateway(),
         Ok(response) => {
             let (parts, body) = response.into_parts();
-            let mut out = Response::new(Body::new(body));
+            let body = match stream {
+                // An event stream counts against its user's sockets, and
+                // ends with its session or token, as a WebSocket does.
+                Some((slot, end)) => Body::new(Ending {
+                    inner: body,
+                    end: Box::pin(end.wait()),
+                    _slot: slot,
+                }),
+                None => Body::new(body),
+            };
+            let mut out = Response::new(body);
             *out.status_mut() = parts.status;
             for name in PASS_BACK {
                 if let Some(v) = parts.headers.get(&name) {
@@ -165,6 +184,28 @@ pub async fn forward_http(
             out
         }
         Err(e) => GatewayError::Upstream(e).into_response(),
+    }
+}
+
+/// A streamed body that ends early when its credentials end.
+struct Ending<B> {
+    inner: B,
+    end: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    _slot: SocketSlot,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Ending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        if self.end.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(None);
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
     }
 }
 
@@ -188,7 +229,13 @@ fn refused_gateway() -> Response {
 pub struct SocketEnd {
     pub ended: Option<tokio::sync::watch::Receiver<bool>>,
     pub deadline: Option<std::time::Instant>,
+    /// Asked every `REVALIDATE`: false ends the socket (its session idled
+    /// out, or its user's scopes changed since it opened).
+    pub still_valid: Option<Box<dyn Fn() -> bool + Send + Sync>>,
 }
+
+/// How often an open socket's session is checked again.
+const REVALIDATE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl SocketEnd {
     async fn wait(mut self) {
@@ -206,12 +253,40 @@ impl SocketEnd {
                 None => std::future::pending().await,
             }
         };
+        let still_valid = async {
+            match &self.still_valid {
+                Some(valid) => loop {
+                    tokio::time::sleep(REVALIDATE).await;
+                    if !valid() {
+                        return;
+                    }
+                },
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = ended => {}
             () = deadline => {}
+            () = still_valid => {}
         }
     }
 }
+
+/// What bounds a proxied WebSocket's caller.
+pub struct SocketLimits {
+    /// Largest message from the caller (the HTTP body limit).
+    pub max_message: usize,
+    /// Takes one of the user's requests per message from the caller; an
+    /// `Err` says how long to wait (the socket then reads no more until
+    /// then: backpressure, not an error).
+    pub throttle: Box<dyn Fn() -> Result<(), std::time::Duration> + Send + Sync>,
+}
+
+/// How long a message to the caller may take to go out before the caller
+/// is taken for gone.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The caller is pinged this often (idle NATs and dead peers).
+const PING_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Opens the upstream WebSocket first (so a failure is a 502 to the
 /// caller, not a socket that closes at once), then upgrades the caller's.
@@ -221,6 +296,7 @@ pub async fn forward_socket(
     slot: SocketSlot,
     protocol: Option<&'static str>,
     end: SocketEnd,
+    limits: SocketLimits,
 ) -> Response {
     let upstream = f.upstream.clone();
     let scheme = if upstream.is_tls() { "wss" } else { "ws" };
@@ -278,8 +354,9 @@ pub async fn forward_socket(
         None => upgrade,
     };
     upgrade
-        .max_message_size(1 << 20)
-        .on_upgrade(move |socket| relay(socket, upstream_ws, slot, end))
+        .max_message_size(limits.max_message)
+        .max_frame_size(limits.max_message)
+        .on_upgrade(move |socket| relay(socket, upstream_ws, slot, end, limits))
 }
 
 type UpstreamWs = tokio_tungstenite::WebSocketStream<super::upstream::UpstreamIo>;
@@ -321,17 +398,43 @@ fn to_client(m: TgMessage) -> Result<Option<AxMessage>, Option<AxClose>> {
 
 /// Carries messages both ways until either side closes, then closes the
 /// other with the same code; or until `end`, when both are closed (1008
-/// to the caller: its credentials ended). `_slot` counts the socket
-/// against its user until then.
-async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot, end: SocketEnd) {
+/// to the caller: its credentials ended). Messages from the caller are
+/// rate-limited like requests; the caller is pinged every `PING_EVERY`,
+/// and one that takes nothing for `SEND_TIMEOUT` is dropped. `_slot`
+/// counts the socket against its user until then.
+async fn relay(
+    client: WebSocket,
+    upstream: UpstreamWs,
+    _slot: SocketSlot,
+    end: SocketEnd,
+    limits: SocketLimits,
+) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = upstream.split();
+    let (outgoing, mut outbox) = tokio::sync::mpsc::channel::<AxMessage>(64);
+    // One writer to the caller: relayed messages, pongs and our pings.
+    let writer = async {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            let m = tokio::select! {
+                m = outbox.recv() => m,
+                _ = ping.tick() => Some(AxMessage::Ping(Bytes::new())),
+            };
+            let Some(m) = m else { return };
+            let closing = matches!(m, AxMessage::Close(_));
+            match tokio::time::timeout(SEND_TIMEOUT, client_tx.send(m)).await {
+                Ok(Ok(())) if !closing => {}
+                _ => return,
+            }
+        }
+    };
     let down = async {
         let mut close = None;
         while let Some(Ok(m)) = up_rx.next().await {
             match to_client(m) {
                 Ok(Some(m)) => {
-                    if client_tx.send(m).await.is_err() {
+                    if outgoing.send(m).await.is_err() {
                         return;
                     }
                 }
@@ -342,11 +445,17 @@ async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot, end: 
                 }
             }
         }
-        let _ = client_tx.send(AxMessage::Close(close)).await;
+        let _ = outgoing.send(AxMessage::Close(close)).await;
+        std::future::pending::<()>().await;
     };
     let up = async {
         let mut close = None;
         while let Some(Ok(m)) = client_rx.next().await {
+            if matches!(m, AxMessage::Text(_) | AxMessage::Binary(_))
+                && let Err(wait) = (limits.throttle)()
+            {
+                tokio::time::sleep(wait).await;
+            }
             match to_upstream(m) {
                 Ok(m) => {
                     if up_tx.send(m).await.is_err() {
@@ -363,6 +472,7 @@ async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot, end: 
         let _ = up_tx.close().await;
     };
     let credentials_ended = tokio::select! {
+        () = writer => false,
         () = down => false,
         () = up => false,
         () = end.wait() => true,
@@ -372,8 +482,13 @@ async fn relay(client: WebSocket, upstream: UpstreamWs, _slot: SocketSlot, end: 
             code: 1008,
             reason: "the session or token ended: log in again".into(),
         };
-        let _ = client_tx.send(AxMessage::Close(Some(close))).await;
+        let _ =
+            tokio::time::timeout(SEND_TIMEOUT, client_tx.send(AxMessage::Close(Some(close)))).await;
         let _ = up_tx.send(TgMessage::Close(None)).await;
+    } else {
+        // Answer a close the caller began (tungstenite queues the reply
+        // until the next write or flush).
+        let _ = tokio::time::timeout(Duration::from_secs(1), client_tx.flush()).await;
     }
 }
 

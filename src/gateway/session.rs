@@ -172,6 +172,13 @@ impl Sessions {
         }
     }
 
+    /// The live session `id`, not touched (for open sockets' checks).
+    pub fn alive(&self, id: &str) -> Option<Session> {
+        let live = self.live.lock().unwrap();
+        let session = live.get(id)?;
+        (!self.expired(session, Instant::now())).then(|| session.clone())
+    }
+
     /// Ends a session: its WebSockets close.
     pub fn remove(&self, id: &str) -> Option<Session> {
         let gone = self.live.lock().unwrap().remove(id);
@@ -189,17 +196,22 @@ impl Sessions {
         self.live.lock().unwrap().len()
     }
 
-    /// Keeps a pending login under its `state`; refused when too many are
-    /// pending (each lives `pending_ttl` at most).
-    pub fn start_login(&self, state: String, login: PendingLogin) -> Result<(), String> {
+    /// Keeps a pending login under its `state` (each lives `pending_ttl`
+    /// at most); when too many are pending the oldest goes, so a flood of
+    /// started logins cannot lock everyone out.
+    pub fn start_login(&self, state: String, login: PendingLogin) {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap();
         pending.retain(|_, p| now.duration_since(p.created) <= self.limits.pending_ttl);
-        if pending.len() >= self.limits.max_pending {
-            return Err("too many logins in progress; try again in a few minutes".into());
+        if pending.len() >= self.limits.max_pending
+            && let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, p)| p.created)
+                .map(|(k, _)| k.clone())
+        {
+            pending.remove(&oldest);
         }
         pending.insert(state, login);
-        Ok(())
     }
 
     /// Takes the pending login of `state` (once: a replayed callback finds
@@ -279,8 +291,15 @@ mod tests {
             binding: "b".into(),
             created: Instant::now(),
         };
-        sessions.start_login("s1".into(), login.clone()).unwrap();
-        assert!(sessions.start_login("s2".into(), login).is_err(), "bounded");
+        sessions.start_login("s0".into(), login.clone());
+        std::thread::sleep(Duration::from_millis(2));
+        let mut newer = login.clone();
+        newer.created = Instant::now();
+        sessions.start_login("s1".into(), newer);
+        assert!(
+            sessions.finish_login("s0", Some("b")).is_err(),
+            "the oldest went"
+        );
         assert!(sessions.finish_login("s1", None).is_err(), "no cookie");
         assert!(
             sessions.finish_login("s1", Some("x")).is_err(),

@@ -26,6 +26,9 @@ const MAX_IDLE: usize = 32;
 /// A connection that is still busy this long after its response began
 /// (a stream) is not taken back into the pool.
 const RETURN_WAIT: Duration = Duration::from_secs(30);
+/// The longest the admin plane may take to start answering: its longest
+/// command timeout (5 minutes) and some.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(310);
 
 /// Where the admin plane is, and how the gateway proves who it is.
 pub struct UpstreamConfig {
@@ -213,9 +216,14 @@ impl Upstream {
         request: hyper::Request<Full<Bytes>>,
     ) -> Result<hyper::Response<Incoming>, String> {
         let mut sender = self.sender().await?;
-        let response = sender
-            .send_request(request)
+        let response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(request))
             .await
+            .map_err(|_| {
+                format!(
+                    "the admin plane at {} did not answer within {RESPONSE_TIMEOUT:?}",
+                    self.authority
+                )
+            })?
             .map_err(|e| format!("the admin plane at {}: {e}", self.authority))?;
         let this = self.clone();
         tokio::spawn(async move {

@@ -169,23 +169,37 @@ enum Via {
 }
 
 impl Via {
-    /// When a WebSocket it opens must close: its token's expiry, or its
-    /// session's end (logout, expiry) or lifetime.
-    fn socket_end(&self) -> proxy::SocketEnd {
+    /// When a stream it opens must end: its token's expiry; or its
+    /// session's end (logout, expiry, eviction), lifetime, idling out, or
+    /// a change of its user's scopes.
+    fn socket_end(&self, state: &AppState, user: &User) -> proxy::SocketEnd {
         match self {
             Via::Bearer(exp) => proxy::SocketEnd {
                 ended: None,
-                deadline: exp.map(|exp| {
+                deadline: exp.and_then(|exp| {
                     let left = exp.saturating_sub(identity::unix_now());
-                    Instant::now() + std::time::Duration::from_secs(left) + crate::jwt::LEEWAY
+                    Instant::now()
+                        .checked_add(std::time::Duration::from_secs(left) + crate::jwt::LEEWAY)
                 }),
+                still_valid: None,
             },
             Via::Session {
-                ended, deadline, ..
-            } => proxy::SocketEnd {
-                ended: Some(ended.clone()),
-                deadline: Some(*deadline),
-            },
+                id,
+                ended,
+                deadline,
+                ..
+            } => {
+                let (st, id, scopes) = (state.clone(), id.clone(), user.scopes.clone());
+                proxy::SocketEnd {
+                    ended: Some(ended.clone()),
+                    deadline: Some(*deadline),
+                    still_valid: Some(Box::new(move || {
+                        st.sessions
+                            .alive(&id)
+                            .is_some_and(|s| s.user.scopes == scopes)
+                    })),
+                }
+            }
         }
     }
 }
@@ -275,12 +289,15 @@ fn session_via(state: &State, id: &str, session: &super::session::Session) -> Vi
 
 /// A bearer token (API clients) or a session cookie (browsers).
 async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<(User, Via), String> {
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        let token = auth
-            .to_str()
-            .ok()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .ok_or("Authorization must be a Bearer token")?;
+    // A Bearer token (the scheme in any case) wins; another scheme (a
+    // proxy's Basic, say) is not ours, and the session cookie is used.
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|a| a.to_str().ok())
+        .and_then(|a| a.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
+    if let Some(token) = bearer {
         let verifier = state.config.bearer.as_ref().ok_or(
             "this gateway takes no bearer tokens (start it with --jwks, --jwks-url or --dev)",
         )?;
@@ -372,21 +389,33 @@ async fn api(
             format!("the query string is longer than {MAX_QUERY} bytes"),
         );
     }
+    // An address that used up its failed attempts waits before any more
+    // tokens are checked.
+    let ip_key = format!("ip:{}", peer.addr.ip());
+    if let Some(wait) = state.limiter.exhausted(&ip_key) {
+        return too_many(wait, "too many failed attempts from this address");
+    }
     let (user, via) = match authenticate(&state, &parts.headers).await {
         Ok(found) => found,
         Err(why) => {
             // Failed attempts are limited per address.
-            let key = format!("ip:{}", peer.addr.ip());
-            if let Err(wait) = state.limiter.take(&key) {
+            if let Err(wait) = state.limiter.take(&ip_key) {
                 return too_many(wait, "too many failed attempts from this address");
             }
             return unauthorized(why);
         }
     };
     let upgrade = is_upgrade(&parts.headers);
+    // `tools` is a GET that sends the service a command: CSRF-checked too.
     if let Via::Session { csrf, .. } = &via
-        && (parts.method != Method::GET || upgrade)
-        && let Err(r) = check_csrf(&parts.headers, csrf, origin_seen)
+        && (parts.method != Method::GET || upgrade || target.sends)
+        // Browsers send no Origin on a same-origin GET: there the token
+        // alone (which only the gateway's own pages can read) is asked.
+        && let Err(r) = check_csrf(
+            &parts.headers,
+            csrf,
+            origin_seen || (parts.method == Method::GET && !upgrade),
+        )
     {
         return with_user(r.into_response(), &user.name);
     }
@@ -462,21 +491,45 @@ async fn api(
             Ok(ws) => ws,
             Err(e) => return with_user(e.into_response(), &user.name),
         };
-        let Some(slot) = state.sockets.open(&user.name) else {
-            return with_user(
-                too_many(
-                    std::time::Duration::from_secs(5),
-                    "too many WebSockets open for this user",
-                ),
-                &user.name,
-            );
+        let slot = match socket_slot(&state, &user) {
+            Ok(slot) => slot,
+            Err(r) => return *r,
         };
         let protocol = matches!(via, Via::Session { .. }).then_some(WS_PROTOCOL);
-        proxy::forward_socket(forward, ws, slot, protocol, via.socket_end()).await
+        let (st, key) = (state.clone(), format!("user:{}", user.name));
+        let limits = proxy::SocketLimits {
+            max_message: state.config.max_body,
+            throttle: Box::new(move || st.limiter.take(&key)),
+        };
+        let end = via.socket_end(&state, &user);
+        proxy::forward_socket(forward, ws, slot, protocol, end, limits).await
     } else {
-        proxy::forward_http(forward, parts.method.clone(), &parts.headers, body).await
+        // An event stream over SSE is bounded like a WebSocket.
+        let stream = if target.carry == Carry::Stream {
+            let slot = match socket_slot(&state, &user) {
+                Ok(slot) => slot,
+                Err(r) => return *r,
+            };
+            Some((slot, via.socket_end(&state, &user)))
+        } else {
+            None
+        };
+        proxy::forward_http(forward, parts.method.clone(), &parts.headers, body, stream).await
     };
     with_user(response, &user.name)
+}
+
+/// One of the user's WebSocket / event-stream slots, or the 429.
+fn socket_slot(state: &State, user: &User) -> Result<super::limits::SocketSlot, Box<Response>> {
+    state.sockets.open(&user.name).ok_or_else(|| {
+        Box::new(with_user(
+            too_many(
+                std::time::Duration::from_secs(5),
+                "too many WebSockets and event streams open for this user",
+            ),
+            &user.name,
+        ))
+    })
 }
 
 fn body_too_large(max: usize) -> Response {
@@ -495,14 +548,27 @@ async fn readyz(AxState(state): AxState<AppState>) -> Response {
     let Ok(request) = request else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "bad probe\n").into_response();
     };
-    match state.upstream.send(request).await {
-        Ok(r) if r.status().is_success() => "ready\n".into_response(),
-        Ok(r) => (
+    // The body is read to its end, so the connection goes back to the
+    // pool; what went wrong is logged, not told to whoever asks.
+    let ready = match state.upstream.send(request).await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+            ok
+        }
+        Err(e) => {
+            tracing::warn!("gateway /readyz: {e}");
+            false
+        }
+    };
+    if ready {
+        "ready\n".into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the admin plane is not ready ({})\n", r.status()),
+            "the admin plane is not ready or not reachable\n",
         )
-            .into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
+            .into_response()
     }
 }
 
@@ -556,8 +622,24 @@ fn safe_return(path: Option<&str>) -> String {
     }
 }
 
+/// Logins are limited per address like failed attempts.
+fn login_limited(state: &State, peer: &AdminPeer) -> Option<Response> {
+    let wait = state
+        .limiter
+        .take(&format!("ip:{}", peer.addr.ip()))
+        .err()?;
+    Some(too_many(wait, "too many logins from this address"))
+}
+
 /// `GET /auth/login`: off to the identity provider, or the dev login page.
-async fn login(AxState(state): AxState<AppState>, Query(q): Query<LoginQuery>) -> Response {
+async fn login(
+    AxState(state): AxState<AppState>,
+    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    Query(q): Query<LoginQuery>,
+) -> Response {
+    if let Some(r) = login_limited(&state, &peer) {
+        return r;
+    }
     let return_to = safe_return(q.return_to.as_deref());
     if let Some(oidc) = &state.config.oidc {
         let (login_state, verifier, nonce, binding) = (
@@ -574,9 +656,7 @@ async fn login(AxState(state): AxState<AppState>, Query(q): Query<LoginQuery>) -
             binding: binding.clone(),
             created: Instant::now(),
         };
-        if let Err(e) = state.sessions.start_login(login_state, pending) {
-            return fail(StatusCode::SERVICE_UNAVAILABLE, "busy", e);
-        }
+        state.sessions.start_login(login_state, pending);
         let mut r = Redirect::to(&url).into_response();
         set_cookie(
             &mut r,
@@ -643,11 +723,15 @@ struct DevLogin {
 /// `POST /auth/dev-login` (`--dev` only): a session for any name.
 async fn dev_login(
     AxState(state): AxState<AppState>,
+    ConnectInfo(peer): ConnectInfo<AdminPeer>,
     headers: HeaderMap,
     axum::Form(form): axum::Form<DevLogin>,
 ) -> Response {
     if !state.config.dev_login {
         return not_found().await;
+    }
+    if let Some(r) = login_limited(&state, &peer) {
+        return r;
     }
     match check_origin(&state, &headers) {
         Ok(true) => {}
@@ -704,11 +788,15 @@ fn login_failed(status: StatusCode, why: &str) -> Response {
 /// with a code; it is exchanged on the server.
 async fn callback(
     AxState(state): AxState<AppState>,
+    ConnectInfo(peer): ConnectInfo<AdminPeer>,
     headers: HeaderMap,
     Query(q): Query<Callback>,
 ) -> Response {
     if state.config.oidc.is_none() {
         return not_found().await;
+    }
+    if let Some(r) = login_limited(&state, &peer) {
+        return r;
     }
     if let Some(error) = q.error {
         let why = format!(

@@ -55,9 +55,11 @@ async function answer<T>(r: Response): Promise<T> {
 }
 
 export async function get<T>(path: string): Promise<T> {
+  // The CSRF token goes on reads too: some (a service's tools) make the
+  // gateway send the service something.
   const r = await fetch("/api" + path, {
     credentials: "same-origin",
-    headers: { accept: "application/json" },
+    headers: { accept: "application/json", "x-tether-csrf": session?.csrf ?? "" },
   });
   return answer<T>(r);
 }
@@ -160,10 +162,16 @@ export class Live {
         this.listeners.forEach((f) => f(v as RegistryEvent));
       }
     };
-    ws.onclose = () => {
+    ws.onclose = (ev) => {
+      // 1008: the session ended (logout elsewhere, expiry): log in again.
+      if (ev.code === 1008) void loadSession().catch(() => {});
       this.connected = false;
       this.onState(false);
-      if (!opened) this.failures++;
+      if (!opened) {
+        this.failures++;
+        // A refused upgrade may be an ended session: a 401 here logs in.
+        void loadSession().catch(() => {});
+      }
       // A refused resume (a restart's new epoch, events no longer kept)
       // looks like a failed open: after two, start afresh.
       if (this.failures >= 2) {
