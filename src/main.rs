@@ -870,6 +870,17 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     } else {
         "http"
     };
+    anyhow::ensure!(
+        !args.dev || listen.ip().is_loopback(),
+        "--dev logs anyone in: it listens on a loopback address only, not {listen}"
+    );
+    anyhow::ensure!(
+        args.public_url.is_some() || !listen.ip().is_unspecified(),
+        "listening on {listen}, the gateway cannot tell its own URL: pass --public-url (the URL browsers use)"
+    );
+    if let Some(url) = &args.public_url {
+        tether::gateway::check_public_url(url).map_err(anyhow::Error::msg)?;
+    }
     // Without --public-url: the bound address's (known once bound).
     let public_url = args
         .public_url
@@ -899,10 +910,6 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     }
     let mode;
     if args.dev {
-        anyhow::ensure!(
-            listen.ip().is_loopback(),
-            "--dev logs anyone in: it listens on a loopback address only, not {listen}"
-        );
         let (path, private) = match &args.dev_key_file {
             Some(p) => (p.clone(), false),
             None => (default_dev_key_path(), true),

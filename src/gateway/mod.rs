@@ -169,7 +169,39 @@ pub fn origin_of(url: &str) -> Result<String, String> {
     if authority.is_empty() || authority.contains('@') {
         return Err(format!("{url:?} has no host"));
     }
-    Ok(format!("{scheme}://{}", authority.to_ascii_lowercase()))
+    let authority = authority.to_ascii_lowercase();
+    // Browsers leave the scheme's default port out of Origin.
+    let default = if scheme == "https" { ":443" } else { ":80" };
+    let authority = authority.strip_suffix(default).unwrap_or(&authority);
+    Ok(format!("{scheme}://{authority}"))
+}
+
+/// A public URL browsers can keep the gateway's cookies for: https, or
+/// http on a loopback name (which browsers treat as secure). No path: the
+/// cookies are for `/`.
+pub fn check_public_url(url: &str) -> Result<(), String> {
+    let origin = origin_of(url)?;
+    let rest = url
+        .split_once("://")
+        .map_or("", |(_, r)| r)
+        .trim_end_matches('/');
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!(
+            "the public URL {url:?} must have no path (the gateway serves /)"
+        ));
+    }
+    let host = origin.split_once("://").map_or("", |(_, h)| h);
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => host,
+    };
+    let loopback = host == "localhost" || host == "[::1]" || host.starts_with("127.");
+    if origin.starts_with("http://") && !loopback {
+        return Err(format!(
+            "the public URL {url:?} is plain http on a non-loopback host: browsers would drop the gateway's Secure cookies; serve https (--tls-cert, or a TLS proxy in front and --public-url https://…)"
+        ));
+    }
+    Ok(())
 }
 
 /// The running gateway.
@@ -313,5 +345,34 @@ pub(crate) fn security_headers(headers: &mut axum::http::HeaderMap, https: bool)
     }
     if !headers.contains_key(header::CACHE_CONTROL) {
         set(headers, header::CACHE_CONTROL, "no-store");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_urls_are_origins_browsers_keep_cookies_for() {
+        assert_eq!(
+            origin_of("https://Admin.Example.com:443/").unwrap(),
+            "https://admin.example.com"
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:8440").unwrap(),
+            "http://127.0.0.1:8440"
+        );
+        assert!(check_public_url("https://admin.example.com").is_ok());
+        assert!(check_public_url("http://127.0.0.1:8440/").is_ok());
+        assert!(check_public_url("http://localhost:8440").is_ok());
+        assert!(
+            check_public_url("http://admin.example.com").is_err(),
+            "plain http"
+        );
+        assert!(
+            check_public_url("https://admin.example.com/tether").is_err(),
+            "a path"
+        );
+        assert!(check_public_url("ftp://x").is_err());
     }
 }
