@@ -24,6 +24,7 @@ pub mod identity;
 pub mod limits;
 pub mod oidc;
 pub mod proxy;
+mod serve;
 pub mod session;
 mod ui;
 pub mod upstream;
@@ -84,6 +85,9 @@ pub struct GatewayConfig {
     /// HTTPS on `listen`.
     pub tls: Option<Arc<AdminTls>>,
     pub workers: usize,
+    /// A request's headers must all arrive within this (slow-header
+    /// clients are cut).
+    pub header_timeout: Duration,
 }
 
 impl GatewayConfig {
@@ -113,6 +117,7 @@ impl GatewayConfig {
             access_log: None,
             tls: None,
             workers: 2,
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -240,6 +245,7 @@ impl Gateway {
             .build()
             .map_err(|e| format!("cannot start the gateway runtime: {e}"))?;
         let tls = config.tls.clone();
+        let header_timeout = config.header_timeout;
         let state_origin = public_origin.clone();
         let state = Arc::new(State {
             sessions: Sessions::new(config.sessions),
@@ -274,21 +280,11 @@ impl Gateway {
                         Ok(l) => l,
                         Err(e) => return tracing::error!("gateway listener: {e}"),
                     };
-                    let app = web::router(state)
-                        .into_make_service_with_connect_info::<crate::admin::AdminPeer>();
-                    let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
-                    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = graceful_done.await;
-                    });
-                    let serving = tokio::spawn(async move { server.await });
-                    let _ = stopped.await;
-                    // Requests in flight get a bounded time to finish.
-                    let _ = graceful.send(());
-                    if tokio::time::timeout(GRACE, serving).await.is_err() {
-                        tracing::warn!(
-                            "gateway requests still open after {GRACE:?}; dropping them"
-                        );
-                    }
+                    let app = web::router(state);
+                    let stop = async {
+                        let _ = stopped.await;
+                    };
+                    serve::serve(listener, app, stop, GRACE, header_timeout).await;
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })
