@@ -45,6 +45,7 @@ try {
 
   // The table: every swarm service, paged from the server.
   await page.waitForSelector(".vtable[data-loaded]");
+  await page.waitForFunction(() => /^\d[\d,]* instances/.test(document.querySelector(".count")?.textContent ?? ""));
   const count = await page.textContent(".count");
   const total = Number((count ?? "").replace(/,/g, "").match(/^\d+/)?.[0]);
   const firstPage = await page.evaluate(() => performance.getEntriesByName("tether:first-page").pop()?.detail);

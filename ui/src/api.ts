@@ -114,6 +114,8 @@ export class Live {
   private listeners: Listener[] = [];
   private resets: (() => void)[] = [];
   private failures = 0;
+  /** The next stream starts afresh rather than resuming. */
+  private restart = false;
   private stamps: number[] = [];
   connected = false;
   onState: (connected: boolean) => void = () => {};
@@ -138,12 +140,13 @@ export class Live {
   connect(): void {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     let url = `${scheme}//${location.host}/api/events`;
-    const resuming = this.epoch !== null && this.seq !== null && this.failures < 2;
+    const resuming = this.epoch !== null && this.seq !== null && !this.restart;
     if (resuming) url += `?since=${this.seq}&epoch=${encodeURIComponent(this.epoch!)}`;
     const ws = new WebSocket(url, ["tether.v1", "csrf." + (session?.csrf ?? "")]);
     let opened = false;
     ws.onopen = () => {
       opened = true;
+      this.restart = false;
       this.failures = 0;
       this.connected = true;
       this.onState(true);
@@ -151,7 +154,10 @@ export class Live {
     ws.onmessage = (m) => {
       const v = JSON.parse(String(m.data));
       if (v.type === "hello") {
-        const fresh = !resuming || v.epoch !== this.epoch;
+        // A fresh start after an earlier stream (a refused resume, a
+        // restart's new epoch): views reload. Not the first stream: the
+        // views have just loaded.
+        const fresh = this.epoch !== null && (!resuming || v.epoch !== this.epoch);
         this.epoch = v.epoch;
         this.seq = v.seq;
         if (fresh) this.resets.forEach((f) => f());
@@ -175,8 +181,9 @@ export class Live {
       // A refused resume (a restart's new epoch, events no longer kept)
       // looks like a failed open: after two, start afresh.
       if (this.failures >= 2) {
-        this.epoch = null;
+        // Start afresh (the next hello resets the views).
         this.seq = null;
+        this.restart = true;
       }
       const wait = Math.min(10_000, 500 * 2 ** Math.min(this.failures, 5));
       setTimeout(() => this.connect(), wait);
