@@ -65,12 +65,7 @@ impl AdminKey {
 
     /// Compared in time that does not depend on where they differ.
     pub fn matches(&self, offered: &[u8]) -> bool {
-        offered.len() == self.0.len()
-            && offered
-                .iter()
-                .zip(self.0.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        same_bytes(offered, &self.0)
     }
 
     /// Reads the key in `path`, or creates the file (0600) with a new
@@ -142,6 +137,11 @@ impl AdminKey {
             Err(e) => Err(format!("cannot read the admin key file {show}: {e}")),
         }
     }
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn euid() -> u32 {
