@@ -178,6 +178,7 @@ pub struct ServicesQuery {
     pub q: Option<String>,
     pub limit: usize,
     pub cursor: Option<String>,
+    pub sort: Option<String>,
 }
 
 pub fn services(admin: &AdminClient, query: &ServicesQuery, json: bool) -> anyhow::Result<()> {
@@ -188,6 +189,7 @@ pub fn services(admin: &AdminClient, query: &ServicesQuery, json: bool) -> anyho
         ("status", &query.status),
         ("q", &query.q),
         ("cursor", &query.cursor),
+        ("sort", &query.sort),
     ] {
         if let Some(v) = value {
             path.push_str(&format!("&{key}={}", encode(v)));
@@ -210,6 +212,10 @@ pub fn services(admin: &AdminClient, query: &ServicesQuery, json: bool) -> anyho
                 cell(&i["status"]),
                 format!("{}:{}", cell(&i["address"]), cell(&i["port"])),
                 cell(&i["shard"]),
+                match i["rttMs"].as_f64() {
+                    Some(ms) => format!("{ms:.2} ms"),
+                    None => "-".into(),
+                },
             ]
         })
         .collect();
@@ -220,13 +226,18 @@ pub fn services(admin: &AdminClient, query: &ServicesQuery, json: bool) -> anyho
         "STATUS",
         "ADDRESS",
         "SHARD",
+        "RTT",
     ];
     print!("{}", table(&header, &rows));
     let shown = page["items"].as_array().map_or(0, Vec::len);
     match page["nextCursor"].as_str() {
         Some(next) => println!(
-            "\n{shown} of {} shown; next page: --cursor {next}",
-            page["total"]
+            "\n{shown} of {} shown; next page: --cursor {next}{}",
+            page["total"],
+            match &query.sort {
+                Some(sort) => format!(" --sort={sort}"),
+                None => String::new(),
+            }
         ),
         None => println!("\n{shown} of {} shown", page["total"]),
     }

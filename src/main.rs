@@ -428,9 +428,14 @@ struct ServicesArgs {
     q: Option<String>,
     #[arg(long, default_value_t = 50)]
     limit: usize,
-    /// The nextCursor of a previous page.
+    /// The nextCursor of a previous page (of the same query and sort).
     #[arg(long)]
     cursor: Option<String>,
+    /// Order by serviceId, status, address, version, envTag, shard,
+    /// connectedAt, lastSeenAt or rttMs; a leading - for descending
+    /// (`--sort=-lastSeenAt`).
+    #[arg(long, allow_hyphen_values = true)]
+    sort: Option<String>,
 }
 
 #[derive(Args)]
@@ -539,6 +544,7 @@ fn main() -> anyhow::Result<()> {
                 q: args.q,
                 limit: args.limit,
                 cursor: args.cursor,
+                sort: args.sort,
             };
             cli::services(&args.client.connect()?, &query, args.client.json)
         }

@@ -202,6 +202,35 @@ fn list_filter_and_page_over_2000_swarm_services() {
     );
     assert_eq!(get(&plane.url("/services?status=sideways")).0, 400);
     assert_eq!(get(&plane.url("/services?cursor=abc")).0, 400);
+    let (status, bad) = get(&plane.url("/services?sort=color"));
+    assert_eq!((status, &bad["error"]), (400, &json!("bad_sort")), "{bad}");
+
+    // Sorted, descending, over pages: each instance once, in order.
+    let mut sorted = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/services?limit=300&sort=-serviceId&status=up".to_string();
+        if let Some(c) = &cursor {
+            path += &format!("&cursor={c}");
+        }
+        let (status, page) = get(&plane.url(&path));
+        assert_eq!((status, &page["total"]), (200, &json!(2000)), "{page}");
+        for item in page["items"].as_array().unwrap() {
+            sorted.push((
+                item["serviceId"].as_str().unwrap().to_string(),
+                item["runtimeInstanceId"].as_str().unwrap().to_string(),
+            ));
+        }
+        cursor = page["nextCursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(sorted.len(), 2_000);
+    assert!(sorted.windows(2).all(|w| w[0].0 >= w[1].0), "descending");
+    let distinct: std::collections::HashSet<_> = sorted.iter().map(|(_, id)| id).collect();
+    assert_eq!(distinct.len(), 2_000, "no instance twice");
+    assert_eq!(sorted[0].0, "svc-9", "text order: svc-9 > svc-19 > svc-10");
 
     let id = all["items"][0]["runtimeInstanceId"].as_str().unwrap();
     let (status, item) = get(&plane.url(&format!("/services/{id}")));
@@ -229,6 +258,32 @@ fn list_filter_and_page_over_2000_swarm_services() {
     assert_eq!(held, 2000);
     assert_eq!(get(&plane.url("/healthz")).0, 200);
     assert_eq!(get(&plane.url("/readyz")).0, 200);
+}
+
+#[test]
+fn an_instance_shows_its_last_ping_round_trip() {
+    let mut ctl_config = config(1);
+    ctl_config.engine.ping_interval = Duration::from_millis(300);
+    let plane = Plane::with(ctl_config, |_| {});
+    let _swarm = plane.swarm(20, 2);
+    let deadline = std::time::Instant::now() + WAIT;
+    let rtts = loop {
+        let (_, page) = get(&plane.url("/services?limit=100&sort=rttMs"));
+        let rtts: Vec<f64> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["rttMs"].as_f64())
+            .collect();
+        if rtts.len() == 20 || std::time::Instant::now() > deadline {
+            break rtts;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(rtts.len(), 20, "every pinged instance has an RTT: {rtts:?}");
+    // On loopback a round trip is well under the pong timeout.
+    assert!(rtts.iter().all(|&ms| ms > 0.0 && ms < 1000.0), "{rtts:?}");
+    assert!(rtts.windows(2).all(|w| w[0] <= w[1]), "sorted: {rtts:?}");
 }
 
 /// Each audit line's (phase, tool, outcome or "-").

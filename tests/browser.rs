@@ -80,7 +80,10 @@ fn the_admin_ui_works_in_chromium() {
         eprintln!("SKIPPED the browser test: no {what} here (.ci/run installs it)");
         return;
     }
-    let ctl = controller(2);
+    // Pinged every second, so the detail page has a round trip to show.
+    let mut ctl_config = config(2);
+    ctl_config.engine.ping_interval = Duration::from_secs(1);
+    let ctl = start(ctl_config);
     let mut admin = AdminConfig::new("127.0.0.1:0".parse().unwrap());
     admin.key = AdminKey::new(KEY.as_bytes());
     let admin = AdminServer::start(ctl.api(), admin).unwrap();
@@ -143,6 +146,7 @@ fn the_admin_ui_works_in_chromium() {
         [
             "logged in",
             "table",
+            "sorted",
             "filtered",
             "detail",
             "tools",
@@ -167,6 +171,7 @@ fn the_admin_ui_works_in_chromium() {
     for shot in [
         "01-login",
         "02-instances",
+        "02-sorted",
         "03-filtered",
         "04-detail",
         "05-down-live",

@@ -5,7 +5,8 @@
 //!   gateway (`tether gateway --dev`, a bearer token from `tether token`),
 //!   interleaved one by one in the same run, on kept-alive connections.
 //! - The UI's speed, in headless Chromium (ui/e2e/perf.mjs, Performance
-//!   API): time to the table's first page, and to a filtered page.
+//!   API): time to the table's first page, to a filtered page, and to a
+//!   page sorted on the server (from a click on a column header).
 //!
 //! The gateway runs with its rate limit lifted (`--rate-limit 1000000`):
 //! this measures latency, not the limiter.
@@ -166,6 +167,7 @@ fn browser(ui: &Path, gateway: &str, runs: usize) -> anyhow::Result<Vec<Browser>
         "first page",
         "filtered by serviceId",
         "substring search (q)",
+        "sorted by serviceId",
     ] {
         let of: Vec<&serde_json::Value> = lines.iter().filter(|l| l["kind"] == kind).collect();
         let visible = if kind == "first page" {
@@ -256,6 +258,12 @@ pub fn run(args: UiArgs) -> anyhow::Result<UiReport> {
     let by_service: Vec<String> = (0..n)
         .map(|i| format!("/services?limit=100&serviceId=svc-{}", i % 100))
         .collect();
+    let sorted: Vec<String> = (0..n)
+        .map(|i| {
+            let key = ["serviceId", "-lastSeenAt", "address", "rttMs"][i % 4];
+            format!("/services?limit=100&sort={key}")
+        })
+        .collect();
     let summary: Vec<String> = (0..n).map(|_| "/summary?top=20".into()).collect();
     let one: Vec<String> = {
         let mut r = agent
@@ -285,6 +293,13 @@ pub fn run(args: UiArgs) -> anyhow::Result<UiReport> {
             sides.1,
             "GET /services?limit=100&serviceId=…",
             &by_service,
+        )?,
+        side_by_side(
+            &agent,
+            sides.0,
+            sides.1,
+            "GET /services?limit=100&sort=…",
+            &sorted,
         )?,
         side_by_side(&agent, sides.0, sides.1, "GET /services/{id}", &one)?,
         side_by_side(&agent, sides.0, sides.1, "GET /summary?top=20", &summary)?,
@@ -347,7 +362,7 @@ pub fn print(r: &UiReport) {
             );
         }
         println!(
-            "(first page: from navigation start; filters: from the keystroke, the UI's 250 ms debounce included)"
+            "(first page: from navigation start; filters: from the keystroke, the UI's 250 ms debounce included; sorted: from the click on the header)"
         );
     }
 }

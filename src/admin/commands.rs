@@ -449,6 +449,7 @@ pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: Fa
         env_tag: body.env_tag,
         status,
         q: body.q,
+        sort: None,
     };
     let api = state.api.clone();
     let page = tokio::task::spawn_blocking(move || api.page(query, 0, max))

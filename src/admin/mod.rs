@@ -124,8 +124,14 @@ pub(crate) struct State {
     fanouts: Arc<tokio::sync::Semaphore>,
     /// Event streams open.
     streams: Arc<tokio::sync::Semaphore>,
+    /// Sorted listings running at once (`MAX_CONCURRENT_SORTS`).
+    sorts: Arc<tokio::sync::Semaphore>,
     pump: Arc<events::Pump>,
 }
+
+/// Sorted listings computed at once: each holds 32 bytes per matching
+/// record (32 MB at a million) until it answers.
+const MAX_CONCURRENT_SORTS: usize = 2;
 
 type AppState = Arc<State>;
 
@@ -263,6 +269,7 @@ impl AdminServer {
             stopping: tokio::sync::watch::channel(false).0,
             fanouts,
             streams,
+            sorts: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SORTS)),
             pump: pump.clone(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -21,6 +21,7 @@ pub(crate) struct ListParams {
     pub q: Option<String>,
     pub limit: Option<String>,
     pub cursor: Option<String>,
+    pub sort: Option<String>,
 }
 
 /// An empty query parameter means no filter.
@@ -48,6 +49,9 @@ pub(crate) fn item(node: &Node) -> Value {
     let mut v = node_json(node);
     v["status"] = json!(node.status);
     v["shard"] = json!(node.shard);
+    // The last ping's round trip; null when none was measured (a service
+    // that pings the controller itself is spared the controller's pings).
+    v["rttMs"] = json!(node.rtt_us.map(|us| us as f64 / 1000.0));
     // Where the address came from: the registration, or (light-4j's
     // clients name none) the socket's peer.
     v["addressSource"] = json!(if node.address_derived {
@@ -92,11 +96,29 @@ pub(crate) fn list_query(
             ));
         }
     };
+    let sort = match given(p.sort) {
+        None => None,
+        Some(text) => match registry::Sort::parse(&text) {
+            Some(sort) => Some(sort),
+            None => {
+                let names: Vec<&str> = registry::SortKey::NAMES.iter().map(|(n, _)| *n).collect();
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "bad_sort",
+                    format!(
+                        "sort is one of {}, with a leading - for descending; not {text:?}",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
     let query = registry::Query {
         service_id: given(p.service_id),
         env_tag: given(p.env_tag),
         status,
         q: given(p.q),
+        sort,
     };
     Ok((query, cursor, limit))
 }
@@ -105,6 +127,19 @@ pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
     let (query, cursor, limit) = match list_query(p, state.config.max_page) {
         Ok(parsed) => parsed,
         Err(reply) => return reply,
+    };
+    // A sorted listing holds a key per match until it answers: only a
+    // few at once (the others wait their turn).
+    let _permit = match query.sort {
+        Some(_) => Some(
+            state
+                .sorts
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the sort semaphore is never closed"),
+        ),
+        None => None,
     };
     // A listing may visit every record: not on the runtime's threads.
     let api = state.api.clone();

@@ -21,7 +21,7 @@ use crate::engine::mailbox::Mailbox;
 use crate::engine::{CloseCause, ConnRef, Cx, Handler, Refusal, ShardId, UpgradeRequest};
 use crate::jsonrpc::{self, Code, Message, ParseError, RpcError};
 use crate::metrics::{self, BadInput, ShardStats};
-use crate::registry::{Owner, UpdateOutcome, slot_of};
+use crate::registry::{Owner, Rtt, UpdateOutcome, slot_of};
 
 const MICROSERVICE_PATH: &str = "/ws/microservice";
 const DISCOVERY_PATH: &str = "/ws/discovery";
@@ -91,7 +91,7 @@ pub struct ShardHandler {
     /// Reused for every message we write.
     buf: Vec<u8>,
     /// Registered connections seen alive since the last tick.
-    touched: Vec<(u32, Owner)>,
+    touched: Vec<(u32, Owner, Option<Rtt>)>,
     /// Superseded connections on other shards whose mailbox was full.
     supersede_retry: Vec<ConnRef>,
     /// Services named by verified upgrade bearer tokens, until register
@@ -134,7 +134,7 @@ impl ShardHandler {
 
     /// Notes a sign of life, applied to the registry once per tick. Bounded:
     /// past the bound a busy connection's lastSeenAt waits for the next tick.
-    fn touch(&mut self, conn: ConnRef) {
+    fn touch(&mut self, conn: ConnRef, rtt: Option<Rtt>) {
         if self.touched.len() >= MAX_TOUCHED_PER_TICK {
             return;
         }
@@ -144,7 +144,7 @@ impl ShardHandler {
             ..
         }) = self.state(conn)
         {
-            self.touched.push((slot, owner_of(conn)));
+            self.touched.push((slot, owner_of(conn), rtt));
         }
     }
 
@@ -724,7 +724,7 @@ impl Handler for ShardHandler {
     }
 
     fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str) {
-        self.touch(conn);
+        self.touch(conn, None);
         match jsonrpc::parse(text) {
             Ok(Message::Request { id, method, params }) => {
                 if let Err(e) = self.request(cx, conn, id, &method, params) {
@@ -750,8 +750,8 @@ impl Handler for ShardHandler {
         }
     }
 
-    fn on_alive(&mut self, _cx: &mut Cx<'_>, conn: ConnRef) {
-        self.touch(conn);
+    fn on_alive(&mut self, _cx: &mut Cx<'_>, conn: ConnRef, rtt: Option<Duration>) {
+        self.touch(conn, rtt.map(Rtt::new));
     }
 
     /// A command to the instance is still in flight: the service may be
@@ -836,9 +836,9 @@ impl Handler for ShardHandler {
         }
         let notifications = {
             let mut registry = self.shared.registry();
-            for (slot, owner) in self.touched.drain(..) {
+            for (slot, owner, rtt) in self.touched.drain(..) {
                 if let Some(id) = registry.owned_id(slot, owner) {
-                    registry.touch(&id, owner, now);
+                    registry.touch(&id, owner, now, rtt);
                 }
             }
             if self.shard.0 == 0 {

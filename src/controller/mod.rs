@@ -554,6 +554,11 @@ impl Api {
             // Let shards waiting on the registry in.
             std::thread::yield_now();
         }
+        if scan.is_sorted() {
+            // Ordered with the registry let go; taken again for the page.
+            scan.sort();
+            self.shared.registry().fill_sorted(&mut scan);
+        }
         scan.finish()
     }
 

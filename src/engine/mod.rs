@@ -341,9 +341,10 @@ pub trait Handler: Send + 'static {
     /// The 101 went out; the connection may now be sent to or admitted.
     fn on_open(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
     fn on_text(&mut self, cx: &mut Cx<'_>, conn: ConnRef, text: &str);
-    /// The peer is alive: it answered a ping, or a check found life of its
-    /// own within the interval (at most about once per interval and conn).
-    fn on_alive(&mut self, cx: &mut Cx<'_>, conn: ConnRef);
+    /// The peer is alive: it answered a ping (`rtt`: its round trip, when
+    /// the pong carried our stamp), or a check found life of its own within
+    /// the interval (at most about once per interval and conn).
+    fn on_alive(&mut self, cx: &mut Cx<'_>, conn: ConnRef, rtt: Option<Duration>);
     /// No frame came within the pong timeout. `Some(until)` keeps the
     /// connection until then (the peer is busy on our behalf: clients that
     /// run a tool inside their read loop answer no ping meanwhile), and the

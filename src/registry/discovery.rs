@@ -30,6 +30,8 @@ pub struct Node {
     pub status: Status,
     /// The shard holding its socket.
     pub shard: u16,
+    /// The last ping's round trip, in µs, if one was measured.
+    pub rtt_us: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +141,7 @@ impl Registry {
             connected_at_ms: i.connected_at_ms,
             last_seen_ms: i.last_seen_ms,
             status: i.status,
+            rtt_us: i.rtt.micros(),
         }
     }
 

@@ -9,6 +9,18 @@ use std::sync::Arc;
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sym(u32);
 
+impl Sym {
+    /// The number inside, for a key that must hold it as a plain integer
+    /// for a while (a sorted listing's entries).
+    pub(super) fn raw(self) -> u32 {
+        self.0
+    }
+
+    pub(super) fn from_raw(raw: u32) -> Sym {
+        Sym(raw)
+    }
+}
+
 struct Slot {
     text: Arc<str>,
     refs: u32,

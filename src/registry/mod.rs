@@ -40,7 +40,7 @@ pub use discovery::{
     Filter, Node, NodeAddress, Notification, SharedSnapshot, Snapshot, SubscribeError,
 };
 use discovery::{SubKey, Subscriber};
-pub use listing::{Page, PageScan, Query};
+pub use listing::{Page, PageScan, Query, Sort, SortKey};
 pub use records::{MetadataUpdate, Refused, Registered, Registration, UpdateOutcome};
 pub use summary::Summary;
 
@@ -109,6 +109,27 @@ pub struct Instance {
     pub last_seen_ms: u64,
     /// Position in `by_service[service]` while up.
     index_pos: u32,
+    /// The last ping's round trip (`Rtt`); fits in the padding.
+    pub rtt: Rtt,
+}
+
+/// A ping's round trip in 10 µs units, saturating at ~655 ms; 0 when none
+/// was measured (a service that pings us itself is spared our pings).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rtt(u16);
+
+impl Rtt {
+    pub const UNMEASURED: Rtt = Rtt(0);
+
+    pub fn new(rtt: std::time::Duration) -> Rtt {
+        let units = rtt.as_micros().div_ceil(10);
+        Rtt(units.clamp(1, u16::MAX as u128) as u16)
+    }
+
+    /// The round trip in microseconds (to 10 µs), if one was measured.
+    pub fn micros(self) -> Option<u32> {
+        (self.0 != 0).then_some(self.0 as u32 * 10)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -276,6 +297,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn owner(key: u32) -> Owner {
         Owner {
@@ -691,6 +713,103 @@ mod tests {
             (25, 1, 2)
         );
         assert_eq!(summary.services, vec![(Arc::from("user"), 20)]);
+    }
+
+    #[test]
+    fn sorted_pages_follow_the_order_across_cursors() {
+        let mut r = Registry::new(RegistryConfig::default(), 2);
+        let names = ["user", "Billing", "audit", "cart", "billing"];
+        let addresses = [
+            "10.0.0.1",
+            "9.0.0.1",
+            "2001:db8::1",
+            "db.internal",
+            "10.0.0.1",
+        ];
+        let mut ids = Vec::new();
+        for (n, (name, address)) in names.iter().zip(addresses).enumerate() {
+            let id = r
+                .register(
+                    &reg(name, address, 100 - n as u16),
+                    owner(n as u32),
+                    10 * n as u64,
+                    &mut || None,
+                )
+                .unwrap()
+                .id;
+            ids.push(id);
+        }
+        // Two measured round trips; the others never pinged.
+        r.touch(
+            &ids[3],
+            owner(3),
+            100,
+            Some(Rtt::new(Duration::from_micros(900))),
+        );
+        r.touch(
+            &ids[0],
+            owner(0),
+            100,
+            Some(Rtt::new(Duration::from_micros(41))),
+        );
+        let order = |text: &str, limit: usize| {
+            let query = Query {
+                sort: Sort::parse(text),
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            let mut cursor = Some(0);
+            while let Some(c) = cursor {
+                let page = r.page(&query, c, limit);
+                assert_eq!(page.total, 5, "{text}");
+                out.extend(page.items.iter().map(|n| n.runtime_instance_id));
+                cursor = page.next;
+            }
+            out.iter()
+                .map(|id| ids.iter().position(|i| i == id).unwrap())
+                .collect::<Vec<_>>()
+        };
+        // Case-insensitive, then exact; ties keep slot order.
+        assert_eq!(order("serviceId", 2), [2, 1, 4, 3, 0]);
+        assert_eq!(order("serviceId", 100), [2, 1, 4, 3, 0]);
+        assert_eq!(order("-serviceId", 3), [0, 3, 4, 1, 2]);
+        // Addresses by number (9 before 10), then port; names after IPs.
+        assert_eq!(order("address", 1), [1, 4, 0, 2, 3]);
+        assert_eq!(order("-connectedAt", 2), [4, 3, 2, 1, 0]);
+        // Unmeasured round trips come last in both directions.
+        assert_eq!(order("rttMs", 2), [0, 3, 1, 2, 4]);
+        assert_eq!(order("-rttMs", 2), [3, 0, 1, 2, 4]);
+        assert_eq!(Sort::parse("nope"), None);
+        // A record gone between the sort and the page is left out.
+        let query = Query {
+            sort: Sort::parse("serviceId"),
+            ..Default::default()
+        };
+        let mut scan = PageScan::new(query.clone(), 0, 3);
+        while !r.page_step(&mut scan, 2) {}
+        scan.sort();
+        r.remove(slot_of(&ids[2]));
+        r.fill_sorted(&mut scan);
+        let page = scan.finish();
+        assert_eq!((page.total, page.items.len(), page.next), (5, 2, Some(3)));
+        // Chunked or whole, a sorted scan agrees.
+        let mut scan = PageScan::new(query.clone(), 1, 2);
+        while !r.page_step(&mut scan, 1) {}
+        scan.sort();
+        r.fill_sorted(&mut scan);
+        let chunked: Vec<_> = scan
+            .finish()
+            .items
+            .iter()
+            .map(|n| n.runtime_instance_id)
+            .collect();
+        let whole: Vec<_> = r
+            .page(&query, 1, 2)
+            .items
+            .iter()
+            .map(|n| n.runtime_instance_id)
+            .collect();
+        assert_eq!(chunked, whole);
     }
 
     #[test]

@@ -185,6 +185,7 @@ impl Registry {
             connected_at_ms: now_ms,
             last_seen_ms: now_ms,
             index_pos: (list.len() - 1) as u32,
+            rtt: Rtt::UNMEASURED,
         });
         let (instances, hasher) = (&self.instances, &self.hasher);
         self.identity.insert_unique(hash, slot, |&s| {
@@ -348,10 +349,15 @@ impl Registry {
         }
     }
 
-    /// Records a sign of life from the owner.
-    pub fn touch(&mut self, id: &Uuid, owner: Owner, now_ms: u64) {
+    /// Records a sign of life from the owner, with the round trip of the
+    /// ping it answered, if it was one.
+    pub fn touch(&mut self, id: &Uuid, owner: Owner, now_ms: u64, rtt: Option<Rtt>) {
         if let Some(slot) = self.slot_owned(id, owner) {
-            self.instances[slot as usize].last_seen_ms = now_ms;
+            let record = &mut self.instances[slot as usize];
+            record.last_seen_ms = now_ms;
+            if let Some(rtt) = rtt {
+                record.rtt = rtt;
+            }
         }
     }
 

@@ -53,6 +53,22 @@ try {
   if (total !== Number(expected)) throw new Error(`the table says ${count}, not ${expected} instances`);
   await shot("02-instances");
 
+  // Sort by service on the server, from the column header: ascending puts
+  // the canary first, a second press (from the keyboard) turns it around.
+  const firstService = () => page.textContent(".viewport .row[data-id] span:first-child");
+  await page.click("[data-sort=serviceId] button");
+  await page.waitForURL(/sort=serviceId/);
+  await page.waitForFunction(() => document.querySelector("[data-sort=serviceId]")?.getAttribute("aria-sort") === "ascending" && document.querySelector(".vtable[data-loaded]"));
+  const ascending = await firstService();
+  await page.focus("[data-sort=serviceId] button");
+  await page.keyboard.press("Enter");
+  await page.waitForURL(/sort=-serviceId/);
+  await page.waitForFunction(() => document.querySelector(".vtable[data-loaded]") && document.querySelector(".viewport .row[data-id] span")?.textContent?.startsWith("svc-9"));
+  const descending = await firstService();
+  step("sorted", { ascending, descending, url: page.url() });
+  if (ascending !== "canary") throw new Error(`sorted by service, the first row is ${ascending}, not canary`);
+  await shot("02-sorted");
+
   // Filter by service: the URL carries it, the server pages it.
   await page.fill("input[name=serviceId]", "svc-3");
   await page.waitForURL(/serviceId=svc-3/);
@@ -68,7 +84,10 @@ try {
   await page.keyboard.press("Enter");
   await page.waitForURL(/\/instances\/[0-9a-f-]+$/);
   await page.waitForSelector("dl.meta");
-  step("detail", { url: page.url() });
+  // The last ping's round trip (the test pings every second).
+  const rtt = await page.$$eval("dl.meta dt", (dts) => dts.find((dt) => dt.textContent === "RTT")?.nextElementSibling?.textContent);
+  step("detail", { url: page.url(), rtt });
+  if (!/ms \(last ping\)$/.test(rtt ?? "")) throw new Error("the detail shows no round trip: " + rtt);
 
   // Its tools, from tools/list; get_service_info sent, and its reply.
   await page.waitForSelector("form[data-tool=get_service_info]");

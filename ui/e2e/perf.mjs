@@ -1,7 +1,8 @@
 // UI speed, measured in the browser with the Performance API: the time to
 // the instance table's first page (from navigation start, and from the
 // request being made to its rows drawn), and to a filtered page (from the
-// keystroke, the UI's 250 ms debounce included, and from the request).
+// keystroke, the UI's 250 ms debounce included, and from the request), and
+// to a page sorted on the server (from the click on the column header).
 //   node e2e/perf.mjs <gateway URL> <runs> <serviceId to filter by> <q to search>
 // Prints one JSON line per measurement, then {"done": true}.
 import { chromium } from "playwright-core";
@@ -54,6 +55,15 @@ try {
       }, name);
       await page.waitForFunction((n) => performance.getEntriesByName("tether:first-page").length > n + 1, before, { timeout: 120000 });
     }
+    const before = (await lastMark()).n;
+    const t0 = await page.evaluate(() => {
+      const t = performance.now();
+      document.querySelector("[data-sort=serviceId] button").click();
+      return t;
+    });
+    await page.waitForFunction((n) => performance.getEntriesByName("tether:first-page").length > n, before, { timeout: 120000 });
+    const f = await lastMark();
+    emit({ kind: "sorted by serviceId", fromKeystrokeMs: f.at - t0, requestToRowsMs: f.ms, total: f.total });
   }
   emit({ done: true });
 } catch (e) {

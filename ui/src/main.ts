@@ -173,6 +173,12 @@ interface Item {
   shard: number;
   connectedAt: string;
   lastSeenAt: string;
+  /** The last ping's round trip; null when none was measured. */
+  rttMs: number | null;
+}
+
+function rtt(ms: number | null | undefined): string {
+  return ms == null ? "—" : `${ms.toFixed(2)} ms`;
 }
 
 interface Page {
@@ -183,7 +189,19 @@ interface Page {
 
 const ROW = 32;
 const PAGE = 500;
-const FILTERS = ["serviceId", "status", "envTag", "q"] as const;
+const FILTERS = ["serviceId", "status", "envTag", "q", "sort"] as const;
+
+/** The table's columns: their header and the server's sort key. */
+const COLUMNS: [string, string][] = [
+  ["Service", "serviceId"],
+  ["Status", "status"],
+  ["Address", "address"],
+  ["Version", "version"],
+  ["Env", "envTag"],
+  ["Shard", "shard"],
+  ["RTT", "rttMs"],
+  ["Last seen", "lastSeenAt"],
+];
 
 function instances(): () => void {
   document.title = "tether: instances";
@@ -193,14 +211,36 @@ function instances(): () => void {
     h("label", {}, label + " ", h("input", { name, value: params.get(name) ?? "", placeholder, autocomplete: "off" }));
   const status = h("select", { name: "status" }, h("option", { value: "", text: "any" }), h("option", { value: "up", text: "up" }), h("option", { value: "down", text: "down" }));
   status.value = params.get("status") ?? "";
+  // The order is sorted on the server; it lives in the URL with the filters.
+  const sort = h("input", { type: "hidden", name: "sort", value: params.get("sort") ?? "" });
   form.append(
     input("serviceId", "Service", "exact serviceId"),
     h("label", {}, "Status ", status),
     input("envTag", "Env", "envTag"),
     input("q", "Search", "id, address, version…"),
+    sort,
   );
   const count = h("p", { class: "count", role: "status", "aria-live": "polite", text: "Loading…" });
-  const head = h("div", { class: "row head", role: "row" }, ...["Service", "Status", "Address", "Version", "Env", "Shard", "Last seen"].map((t) => h("span", { role: "columnheader", text: t })));
+  const headers = COLUMNS.map(([label, key]) => {
+    const button = h("button", { type: "button", class: "sort", text: label, title: `Sort by ${label.toLowerCase()}` });
+    const cell = h("span", { role: "columnheader", "data-sort": key }, button);
+    button.addEventListener("click", () => {
+      // Ascending first; a second click turns it around.
+      sort.value = sort.value === key ? "-" + key : key;
+      showSort();
+      onInput(0);
+    });
+    return cell;
+  });
+  const showSort = () => {
+    for (const cell of headers) {
+      const key = cell.dataset.sort;
+      const dir = sort.value === key ? "ascending" : sort.value === "-" + key ? "descending" : "none";
+      cell.setAttribute("aria-sort", dir);
+    }
+  };
+  showSort();
+  const head = h("div", { class: "row head", role: "row" }, ...headers);
   const spacer = h("div", { class: "spacer" });
   const viewport = h("div", { class: "viewport", role: "rowgroup", tabindex: "0", "aria-label": "Instances" }, spacer);
   const table = h("div", { class: "vtable", role: "table", "aria-label": "Instances" }, head, viewport);
@@ -239,6 +279,7 @@ function instances(): () => void {
             h("span", { role: "cell", text: r.version }),
             h("span", { role: "cell", text: r.envTag ?? "" }),
             h("span", { role: "cell", class: "num", text: String(r.shard) }),
+            h("span", { role: "cell", class: "num", text: rtt(r.rttMs) }),
             h("span", { role: "cell", text: when(r.lastSeenAt) }),
           )
         : h("div", { class: "row pending", role: "row" }, h("span", { role: "cell", text: "…" }));
@@ -292,7 +333,7 @@ function instances(): () => void {
   };
 
   let debounce = 0;
-  const onInput = () => {
+  const onInput = (wait = 250) => {
     clearTimeout(debounce);
     debounce = window.setTimeout(() => {
       const q = new URLSearchParams();
@@ -300,9 +341,9 @@ function instances(): () => void {
       const s = q.toString();
       history.replaceState(null, "", "/instances" + (s ? "?" + s : ""));
       reload();
-    }, 250);
+    }, wait);
   };
-  form.addEventListener("input", onInput);
+  form.addEventListener("input", () => onInput());
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     onInput();
@@ -397,6 +438,7 @@ function detail(id: string): () => void {
       row("Shard", String(n.shard));
       row("Connected", when(n.connectedAt));
       row("Last seen", when(n.lastSeenAt));
+      row("RTT", n.rttMs == null ? "— (not measured yet, or it shows life on its own and is not pinged)" : `${rtt(n.rttMs)} (last ping)`);
       meta.replaceChildren(dl);
     } catch (e) {
       fail(meta, e);

@@ -742,12 +742,13 @@ impl<H: Handler, D: Driver> Shard<H, D> {
                 }
                 Event::Pong(payload) => {
                     metrics::inc(&stats.pongs_received);
-                    handler.on_alive(&mut cx, cref);
                     let max = config.pong_timeout + config.tick;
                     let now = clock.duration_since(*epoch);
-                    if let Some(rtt) = stamp.round_trip(payload, key, cref.generation, now, max) {
+                    let rtt = stamp.round_trip(payload, key, cref.generation, now, max);
+                    if let Some(rtt) = rtt {
                         stats.rtt(rtt.as_micros() as u64);
                     }
+                    handler.on_alive(&mut cx, cref, rtt);
                 }
             }
             admitted |= cx.admit_current;
@@ -1240,7 +1241,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             Due::SkipPing => {
                 metrics::inc(&self.stats().pings_skipped);
                 let cref = self.cref(key);
-                self.call(|h, cx| h.on_alive(cx, cref));
+                self.call(|h, cx| h.on_alive(cx, cref, None));
             }
             Due::PongMissed if self.pong_deferred(key) => {
                 metrics::inc(&self.stats().pongs_deferred);
