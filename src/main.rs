@@ -352,6 +352,12 @@ struct GatewayArgs {
     /// The JSON access log (appended); default stdout.
     #[arg(long)]
     access_log: Option<std::path::PathBuf>,
+    /// Networks of the proxies in front of the gateway (an ingress, a load
+    /// balancer), comma-separated: from them, X-Forwarded-For names the
+    /// client for per-address limits and the access log. Default: none
+    /// (the header is ignored).
+    #[arg(long, value_name = "CIDR,…")]
+    trusted_proxy: Vec<String>,
     /// Source addresses for the relay's own connections (--chained).
     #[arg(long)]
     upstream_source_ips: Option<String>,
@@ -904,6 +910,9 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     config.max_body = usize::try_from(args.max_body).unwrap_or(usize::MAX);
     config.max_sockets_per_user = args.max_sockets_per_user;
     config.access_log = args.access_log.clone();
+    config.trusted_proxies =
+        tether::gateway::forwarded::TrustedProxies::parse(&args.trusted_proxy.join(","))
+            .map_err(|e| anyhow::anyhow!("--trusted-proxy: {e}"))?;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let files = tether::engine::tls::TlsFiles {
             cert: cert.clone(),

@@ -719,6 +719,174 @@ fn requests_past_the_rate_limit_or_the_size_limit_are_refused() {
 }
 
 #[test]
+fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() {
+    let stack = Stack::start(|c| {
+        c.rate = tether::gateway::limits::RateLimit {
+            rate: 0.5,
+            burst: 3.0,
+        };
+        // The test's own loopback address stands for the ingress.
+        c.trusted_proxies =
+            tether::gateway::forwarded::TrustedProxies::parse("127.0.0.0/8").unwrap();
+    });
+    let summary = stack.url("/api/summary");
+    let failed = |from: &str| {
+        get(
+            &summary,
+            &[("authorization", "Bearer nope"), ("x-forwarded-for", from)],
+        )
+        .status
+    };
+    // One browser behind the proxy uses up its failed attempts...
+    let statuses: Vec<u16> = (0..4).map(|_| failed("198.51.100.1")).collect();
+    assert_eq!(statuses, vec![401, 401, 401, 429]);
+    // ...a spoofed entry left of what the proxy added changes nothing...
+    assert_eq!(failed("6.6.6.6, 198.51.100.1"), 429);
+    // ...while another browser, and the proxy itself, still get answers.
+    assert_eq!(failed("198.51.100.2"), 401);
+    let ana = bearer(&token(&claims("ana", "portal.r")));
+    assert_eq!(get(&summary, &[("authorization", &ana)]).status, 200);
+    // The access log names whom the proxy spoke for.
+    let log = stack._dir.0.join("access.jsonl");
+    eventually("the access log names the forwarded client", || {
+        json_lines(&log)
+            .iter()
+            .any(|l| l["client"] == "198.51.100.2" && l["status"] == 401)
+    });
+
+    // Without --trusted-proxy the header is nobody's word: every request
+    // counts against the peer's own address.
+    let plain = Stack::start(|c| {
+        c.rate = tether::gateway::limits::RateLimit {
+            rate: 0.5,
+            burst: 3.0,
+        };
+    });
+    let summary = plain.url("/api/summary");
+    let statuses: Vec<u16> = ["1.1.1.1", "2.2.2.2", "3.3.3.3", "4.4.4.4"]
+        .iter()
+        .map(|from| {
+            get(
+                &summary,
+                &[("authorization", "Bearer nope"), ("x-forwarded-for", from)],
+            )
+            .status
+        })
+        .collect();
+    assert_eq!(statuses, vec![401, 401, 401, 429]);
+}
+
+/// An HTTP/1.1 server on loopback that answers the first request on each
+/// connection with keep-alive, then closes the connection when the next
+/// request arrives on it: the race of an upstream that closes an idle
+/// connection just as the gateway reuses it. Counts what it read.
+struct ClosingUpstream {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ClosingUpstream {
+    fn start() -> ClosingUpstream {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(16) {
+                let Ok(mut conn) = conn else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    conn.set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    for served in 0.. {
+                        let mut head = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while !head.ends_with(b"\r\n\r\n") {
+                            match conn.read(&mut byte) {
+                                Ok(1) => head.push(byte[0]),
+                                _ => return,
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&head).to_string();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        let mut body = vec![0u8; length];
+                        conn.read_exact(&mut body).unwrap();
+                        seen.lock()
+                            .unwrap()
+                            .push(head.lines().next().unwrap().to_string());
+                        if served == 1 {
+                            return; // closed under the second request
+                        }
+                        let reply = "{\"outcome\":\"ok\"}";
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                    }
+                });
+            }
+        });
+        ClosingUpstream { addr, requests }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_get_is_sent_again_when_a_pooled_upstream_connection_dies_a_command_never() {
+    let upstream = ClosingUpstream::start();
+    let mut config = GatewayConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        &format!("http://{}", upstream.addr),
+        Some(AdminKey::new(KEY.as_bytes())),
+    );
+    config.access_log = Some("/dev/null".into());
+    config.bearer = Some(rs256_verifier());
+    let gw = Gateway::start(config).unwrap();
+    let t = bearer(&token(&claims("ana", "portal.r portal.w")));
+    let url = |p: &str| format!("http://{}{p}", gw.local_addr());
+    // The first GET opens a connection that goes back to the pool.
+    assert_eq!(
+        get(&url("/api/summary"), &[("authorization", &t)]).status,
+        200
+    );
+    // The second finds it closed under it: sent again on a new one.
+    let again = get(&url("/api/summary"), &[("authorization", &t)]);
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(
+        upstream.seen(),
+        ["GET /summary HTTP/1.1"; 3],
+        "one GET, the one that died, and its repeat"
+    );
+    // A command on the pooled connection dies the same way: 502, and it
+    // reached the upstream once, never twice.
+    let id = uuid::Uuid::now_v7();
+    let command = post(
+        &url(&format!("/api/services/{id}/commands")),
+        &[("authorization", &t), ("content-type", "application/json")],
+        r#"{"name":"check"}"#,
+    );
+    assert_eq!(command.status, 502, "{}", command.body);
+    let posts = upstream
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("POST "))
+        .count();
+    assert_eq!(posts, 1);
+}
+
+#[test]
 fn the_gateway_never_proxies_service_sockets() {
     let stack = Stack::start(|_| {});
     let t = bearer(&token(&claims("ana", "portal.r portal.w")));
@@ -901,6 +1069,26 @@ fn the_oidc_code_flow_with_pkce_logs_a_browser_in() {
     // The code is used once.
     assert_eq!(callback(&back, Some(&binding)).status, 400);
     assert_eq!(s.idp.seen(|x| x.code_grants), 1);
+    // Two tabs of one browser log in at once: the second keeps the
+    // browser's binding, and both callbacks finish.
+    let tab = |cookie: &str| {
+        let a = get(
+            &s.stack.url("/auth/login?return_to=/"),
+            &[("cookie", cookie)],
+        );
+        assert_eq!(a.status, 303, "{}", a.body);
+        let (b, _) = a.set_cookie("__Host-tether-login").unwrap();
+        (a.header("location").unwrap().to_string(), b)
+    };
+    let (first_url, first) = start_login(&s, "/");
+    let (second_url, second) = tab(&format!("__Host-tether-login={first}"));
+    assert_eq!(first, second, "one binding per browser");
+    let (first_back, second_back) = (authorize(&first_url), authorize(&second_url));
+    assert_eq!(callback(&second_back, Some(&second)).status, 200);
+    assert_eq!(callback(&first_back, Some(&first)).status, 200);
+    // A planted value that is not one of the gateway's is not reused.
+    let (_, fresh) = tab("__Host-tether-login=planted");
+    assert_ne!(fresh, "planted");
     let cookie = format!("__Host-tether-session={session}");
     let me = get(&s.stack.url("/auth/session"), &[("cookie", &cookie)]).json();
     assert_eq!(me["user"], "alice", "{me}");

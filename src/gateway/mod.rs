@@ -20,6 +20,7 @@
 //!   one JSON line in the access log (`access_log`).
 
 pub mod access_log;
+pub mod forwarded;
 pub mod identity;
 pub mod limits;
 pub mod oidc;
@@ -88,6 +89,9 @@ pub struct GatewayConfig {
     /// A request's headers must all arrive within this (slow-header
     /// clients are cut).
     pub header_timeout: Duration,
+    /// Proxies in front of the gateway whose `X-Forwarded-For` names the
+    /// client (per-address limits, the access log); default none.
+    pub trusted_proxies: forwarded::TrustedProxies,
 }
 
 impl GatewayConfig {
@@ -118,6 +122,7 @@ impl GatewayConfig {
             tls: None,
             workers: 2,
             header_timeout: Duration::from_secs(10),
+            trusted_proxies: forwarded::TrustedProxies::default(),
         }
     }
 }

@@ -188,45 +188,48 @@ impl Upstream {
             })?
     }
 
-    /// An idle pooled connection, or a new one.
-    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, String> {
+    /// An idle pooled connection (true), or a new one (false).
+    async fn sender(&self) -> Result<(SendRequest<Full<Bytes>>, bool), String> {
         loop {
             let Some(mut sender) = self.idle.lock().unwrap().pop() else {
                 break;
             };
             if !sender.is_closed() && sender.ready().await.is_ok() {
-                return Ok(sender);
+                return Ok((sender, true));
             }
         }
-        let io = TokioIo::new(self.connect().await?);
-        let (sender, conn) = hyper::client::conn::http1::handshake(io)
-            .await
-            .map_err(|e| format!("HTTP to the admin plane: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        self.sender_new().await
     }
 
     /// Sends `request`; the response's body streams. The connection goes
     /// back to the pool once that body is read (or is dropped if it stays
     /// busy longer than `RETURN_WAIT`, as an event stream does).
+    ///
+    /// A pooled connection the admin plane closed while it sat idle fails
+    /// the request that finds it: then the request is sent once more on a
+    /// new connection, if it never left, or if it is a GET (which may be
+    /// repeated; a command is never sent twice).
     pub async fn send(
         self: &Arc<Self>,
         request: hyper::Request<Full<Bytes>>,
     ) -> Result<hyper::Response<Incoming>, String> {
-        let mut sender = self.sender().await?;
-        let response = tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(request))
-            .await
-            .map_err(|_| {
-                format!(
-                    "the admin plane at {} did not answer within {RESPONSE_TIMEOUT:?}",
-                    self.authority
-                )
-            })?
-            .map_err(|e| format!("the admin plane at {}: {e}", self.authority))?;
+        let repeatable = (request.method() == hyper::Method::GET).then(|| copy(&request));
+        let (sender, reused) = self.sender().await?;
+        let (sender, response) = match self.exchange(sender, request).await {
+            Err(Failed::Unsent(request)) if reused => {
+                let (sender, _) = self.sender_new().await?;
+                self.exchange(sender, *request).await
+            }
+            Err(Failed::Sent(_)) if reused && repeatable.is_some() => {
+                let (sender, _) = self.sender_new().await?;
+                self.exchange(sender, repeatable.expect("checked")).await
+            }
+            done => done,
+        }
+        .map_err(|f| f.message(&self.authority))?;
         let this = self.clone();
         tokio::spawn(async move {
+            let mut sender = sender;
             if let Ok(Ok(())) = tokio::time::timeout(RETURN_WAIT, sender.ready()).await {
                 let mut idle = this.idle.lock().unwrap();
                 if idle.len() < MAX_IDLE {
@@ -237,10 +240,69 @@ impl Upstream {
         Ok(response)
     }
 
+    /// A new connection, never a pooled one.
+    async fn sender_new(&self) -> Result<(SendRequest<Full<Bytes>>, bool), String> {
+        let io = TokioIo::new(self.connect().await?);
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("HTTP to the admin plane: {e}"))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok((sender, false))
+    }
+
+    /// One request on one connection, within `RESPONSE_TIMEOUT`.
+    async fn exchange(
+        &self,
+        mut sender: SendRequest<Full<Bytes>>,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<(SendRequest<Full<Bytes>>, hyper::Response<Incoming>), Failed> {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, sender.try_send_request(request)).await {
+            Err(_) => Err(Failed::TimedOut),
+            Ok(Ok(response)) => Ok((sender, response)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(request) => Err(Failed::Unsent(Box::new(request))),
+                None => Err(Failed::Sent(e.into_error().to_string())),
+            },
+        }
+    }
+
     /// Idle connections held now.
     pub fn idle(&self) -> usize {
         self.idle.lock().unwrap().len()
     }
+}
+
+/// Why one exchange failed.
+enum Failed {
+    /// The connection failed before the request left: it may go again.
+    Unsent(Box<hyper::Request<Full<Bytes>>>),
+    /// It failed after the request left (or while it did).
+    Sent(String),
+    TimedOut,
+}
+
+impl Failed {
+    fn message(self, authority: &str) -> String {
+        match self {
+            Failed::Unsent(_) => format!("the admin plane at {authority} closed the connection"),
+            Failed::Sent(e) => format!("the admin plane at {authority}: {e}"),
+            Failed::TimedOut => {
+                format!("the admin plane at {authority} did not answer within {RESPONSE_TIMEOUT:?}")
+            }
+        }
+    }
+}
+
+/// A copy of a request (to send a GET again).
+fn copy(request: &hyper::Request<Full<Bytes>>) -> hyper::Request<Full<Bytes>> {
+    let mut copy = hyper::Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
 }
 
 #[cfg(test)]

@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State as AxState};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{any, get, post};
+use axum::{Extension, Router};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -62,6 +62,11 @@ async fn not_found() -> Response {
     )
 }
 
+/// The address a request comes from: the peer, or whom a trusted proxy
+/// spoke for (`forwarded`).
+#[derive(Clone, Copy)]
+struct ClientIp(std::net::IpAddr);
+
 /// Around every request: its id, the security headers, the access log.
 async fn frame(
     AxState(state): AxState<AppState>,
@@ -72,6 +77,13 @@ async fn frame(
     let started = Instant::now();
     let id = random_token(9);
     request.extensions_mut().insert(RequestId(id.clone()));
+    let client = ClientIp(
+        state
+            .config
+            .trusted_proxies
+            .client(peer.addr.ip(), request.headers()),
+    );
+    request.extensions_mut().insert(client);
     let method = request.method().clone();
     let path: String = request.uri().path().chars().take(512).collect();
     let mut response = next.run(request).await;
@@ -90,6 +102,8 @@ async fn frame(
         "ts": crate::admin::now_rfc3339(),
         "id": id,
         "peer": peer.addr.to_string(),
+        // Behind a trusted proxy: whom it spoke for.
+        "client": (client.0 != peer.addr.ip()).then(|| client.0.to_string()),
         "method": method.as_str(),
         "path": path,
         "status": response.status().as_u16(),
@@ -362,7 +376,7 @@ fn command_tool(body: &[u8]) -> Option<String> {
 
 async fn api(
     AxState(state): AxState<AppState>,
-    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    Extension(client): Extension<ClientIp>,
     request: Request,
 ) -> Response {
     let (mut parts, body) = request.into_parts();
@@ -391,7 +405,7 @@ async fn api(
     }
     // An address that used up its failed attempts waits before any more
     // tokens are checked.
-    let ip_key = format!("ip:{}", peer.addr.ip());
+    let ip_key = format!("ip:{}", client.0);
     if let Some(wait) = state.limiter.exhausted(&ip_key) {
         return too_many(wait, "too many failed attempts from this address");
     }
@@ -623,31 +637,42 @@ fn safe_return(path: Option<&str>) -> String {
 }
 
 /// Logins are limited per address like failed attempts.
-fn login_limited(state: &State, peer: &AdminPeer) -> Option<Response> {
-    let wait = state
-        .limiter
-        .take(&format!("ip:{}", peer.addr.ip()))
-        .err()?;
+/// Random bytes in a login cookie's binding.
+const BINDING_BYTES: usize = 24;
+
+/// Whether a login cookie's value is a binding this gateway made (base64url
+/// of `BINDING_BYTES`), so a planted odd value is never reused.
+fn is_binding(value: &str) -> bool {
+    value.len() == BINDING_BYTES.div_ceil(3) * 4
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn login_limited(state: &State, client: ClientIp) -> Option<Response> {
+    let wait = state.limiter.take(&format!("ip:{}", client.0)).err()?;
     Some(too_many(wait, "too many logins from this address"))
 }
 
 /// `GET /auth/login`: off to the identity provider, or the dev login page.
 async fn login(
     AxState(state): AxState<AppState>,
-    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    Extension(client): Extension<ClientIp>,
+    headers: HeaderMap,
     Query(q): Query<LoginQuery>,
 ) -> Response {
-    if let Some(r) = login_limited(&state, &peer) {
+    if let Some(r) = login_limited(&state, client) {
         return r;
     }
     let return_to = safe_return(q.return_to.as_deref());
     if let Some(oidc) = &state.config.oidc {
-        let (login_state, verifier, nonce, binding) = (
-            random_token(24),
-            random_token(32),
-            random_token(16),
-            random_token(24),
-        );
+        // A browser with a login under way (another tab) keeps its binding,
+        // so each of its logins can finish. It is worth nothing without a
+        // pending `state`, which only the provider's redirect carries.
+        let binding = cookie(&headers, LOGIN_COOKIE)
+            .filter(|b| is_binding(b))
+            .map_or_else(|| random_token(BINDING_BYTES), str::to_owned);
+        let (login_state, verifier, nonce) = (random_token(24), random_token(32), random_token(16));
         let url = oidc.authorize_url(&login_state, &verifier, &nonce);
         let pending = PendingLogin {
             verifier,
@@ -723,14 +748,14 @@ struct DevLogin {
 /// `POST /auth/dev-login` (`--dev` only): a session for any name.
 async fn dev_login(
     AxState(state): AxState<AppState>,
-    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    Extension(client): Extension<ClientIp>,
     headers: HeaderMap,
     axum::Form(form): axum::Form<DevLogin>,
 ) -> Response {
     if !state.config.dev_login {
         return not_found().await;
     }
-    if let Some(r) = login_limited(&state, &peer) {
+    if let Some(r) = login_limited(&state, client) {
         return r;
     }
     match check_origin(&state, &headers) {
@@ -770,8 +795,10 @@ struct Callback {
     error_description: Option<String>,
 }
 
+/// The login cookie stays (it expires in 10 minutes): another tab's login
+/// may still need it.
 fn login_failed(status: StatusCode, why: &str) -> Response {
-    let mut r = (
+    (
         status,
         Html(format!(
             "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>tether: login failed</title></head>\
@@ -779,23 +806,21 @@ fn login_failed(status: StatusCode, why: &str) -> Response {
             escape(why)
         )),
     )
-        .into_response();
-    set_cookie(&mut r, cleared(LOGIN_COOKIE, "Lax"));
-    r
+        .into_response()
 }
 
 /// `GET /auth/callback`: the identity provider sends the browser back
 /// with a code; it is exchanged on the server.
 async fn callback(
     AxState(state): AxState<AppState>,
-    ConnectInfo(peer): ConnectInfo<AdminPeer>,
+    Extension(client): Extension<ClientIp>,
     headers: HeaderMap,
     Query(q): Query<Callback>,
 ) -> Response {
     if state.config.oidc.is_none() {
         return not_found().await;
     }
-    if let Some(r) = login_limited(&state, &peer) {
+    if let Some(r) = login_limited(&state, client) {
         return r;
     }
     if let Some(error) = q.error {
@@ -837,7 +862,6 @@ async fn callback(
     let (id, _) = state.sessions.create(user.clone(), Some(tokens));
     let mut r = onward_page(&pending.return_to).into_response();
     set_cookie(&mut r, session_cookie(&id));
-    set_cookie(&mut r, cleared(LOGIN_COOKIE, "Lax"));
     with_user(r, &user.name)
 }
 
