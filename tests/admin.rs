@@ -286,6 +286,14 @@ fn an_instance_shows_its_last_ping_round_trip() {
     assert!(rtts.windows(2).all(|w| w[0] <= w[1]), "sorted: {rtts:?}");
 }
 
+#[test]
+fn a_client_that_trickles_its_headers_is_cut_from_the_admin_plane() {
+    let plane = Plane::start(1, |c| c.header_timeout = Duration::from_secs(1));
+    assert_a_trickling_client_is_cut(plane.admin.local_addr());
+    // Others are served meanwhile and after.
+    assert_eq!(get(&plane.url("/healthz")).0, 200);
+}
+
 /// Each audit line's (phase, tool, outcome or "-").
 fn phases(lines: &[Value]) -> Vec<(&str, &str, &str)> {
     lines

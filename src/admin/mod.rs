@@ -21,6 +21,7 @@ pub mod fuzz;
 mod listener;
 mod mcp;
 mod metrics;
+pub(crate) mod serve;
 mod services;
 
 use std::net::SocketAddr;
@@ -87,6 +88,9 @@ pub struct AdminConfig {
     /// HTTPS on `listen` (the probes' own listener stays plain). With a
     /// client CA, a verified client certificate authenticates like the key.
     pub tls: Option<Arc<AdminTls>>,
+    /// A request's headers must all arrive within this (slow-header
+    /// clients are cut).
+    pub header_timeout: Duration,
 }
 
 impl AdminConfig {
@@ -110,6 +114,7 @@ impl AdminConfig {
             allowed_hosts: access::default_hosts(listen),
             health_listen: None,
             tls: None,
+            header_timeout: serve::HEADER_TIMEOUT,
         }
     }
 }
@@ -262,6 +267,7 @@ impl AdminServer {
         let pump = events::Pump::start().map_err(AdminError::Runtime)?;
         let user_timeout = config.stream_send_timeout;
         let tls = config.tls.clone();
+        let header_timeout = config.header_timeout;
         let state = Arc::new(State {
             api,
             audit,
@@ -294,33 +300,45 @@ impl AdminServer {
                         Ok(l) => l,
                         Err(e) => return tracing::error!("admin listener: {e}"),
                     };
+                    let (graceful, graceful_done) = tokio::sync::watch::channel(false);
+                    let done = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                        let _ = rx.wait_for(|d| *d).await;
+                    };
                     if let Some((health, _)) = health {
-                        match tokio::net::TcpListener::from_std(health) {
+                        match tokio::net::TcpListener::from_std(health)
+                            .and_then(|tcp| listener::AdminListener::start(tcp, None, |_| {}))
+                        {
                             Ok(l) => {
                                 let probes = probes(state.clone());
-                                tokio::spawn(async move { axum::serve(l, probes).await });
+                                let stop = done(graceful_done.clone());
+                                tokio::spawn(serve::serve(
+                                    "admin health",
+                                    l,
+                                    probes,
+                                    stop,
+                                    GRACE,
+                                    header_timeout,
+                                ));
                             }
                             Err(e) => return tracing::error!("admin health listener: {e}"),
                         }
                     }
-                    let app = router(state).into_make_service_with_connect_info::<AdminPeer>();
-                    let (graceful, graceful_done) = tokio::sync::oneshot::channel::<()>();
-                    let server = axum::serve(listener, app).with_graceful_shutdown(async {
-                        let _ = graceful_done.await;
-                    });
-                    let serving = tokio::spawn(async move { server.await });
+                    let app = router(state);
+                    let serving = tokio::spawn(serve::serve(
+                        "admin",
+                        listener,
+                        app,
+                        done(graceful_done),
+                        GRACE,
+                        header_timeout,
+                    ));
                     let _ = stopped.await;
                     // End live streams, then let requests in flight finish,
-                    // for a bounded time.
+                    // for a bounded time (`serve` bounds it by GRACE).
                     let _ = stopping.send(true);
-                    let _ = graceful.send(());
-                    match tokio::time::timeout(GRACE, serving).await {
-                        Ok(Ok(Ok(()))) => {}
-                        Ok(Ok(Err(e))) => tracing::error!("admin server stopped: {e}"),
-                        Ok(Err(e)) => tracing::error!("admin server task failed: {e}"),
-                        Err(_) => tracing::warn!(
-                            "admin requests still open after {GRACE:?}; dropping them"
-                        ),
+                    let _ = graceful.send(true);
+                    if let Err(e) = serving.await {
+                        tracing::error!("admin server task failed: {e}");
                     }
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));

@@ -25,7 +25,6 @@ pub mod identity;
 pub mod limits;
 pub mod oidc;
 pub mod proxy;
-mod serve;
 pub mod session;
 mod ui;
 pub mod upstream;
@@ -121,7 +120,7 @@ impl GatewayConfig {
             access_log: None,
             tls: None,
             workers: 2,
-            header_timeout: Duration::from_secs(10),
+            header_timeout: crate::admin::serve::HEADER_TIMEOUT,
             trusted_proxies: forwarded::TrustedProxies::default(),
         }
     }
@@ -289,7 +288,15 @@ impl Gateway {
                     let stop = async {
                         let _ = stopped.await;
                     };
-                    serve::serve(listener, app, stop, GRACE, header_timeout).await;
+                    crate::admin::serve::serve(
+                        "gateway",
+                        listener,
+                        app,
+                        stop,
+                        GRACE,
+                        header_timeout,
+                    )
+                    .await;
                 });
                 runtime.shutdown_timeout(Duration::from_secs(1));
             })

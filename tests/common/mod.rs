@@ -310,3 +310,25 @@ pub fn json_lines(path: &std::path::Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Opens a connection to `addr` that sends half a request's headers and
+/// never the rest, and asserts the server cuts it (a 408 at most) well
+/// within 10 s (the servers under test are given a 1 s header timeout).
+pub fn assert_a_trickling_client_is_cut(addr: std::net::SocketAddr) {
+    use std::io::{Read, Write};
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let _ = slow.read_to_end(&mut got);
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(10), "held for {waited:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}

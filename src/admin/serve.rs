@@ -1,9 +1,10 @@
-//! Serving the gateway's connections with hyper directly: `axum::serve`
-//! gives hyper no timer, so a client could hold a connection open forever
-//! by trickling a request's headers. Here each request's headers must
-//! arrive within `header_timeout` (`GatewayConfig`), and at most `MAX_CONNECTIONS` are open
-//! at once (more are closed as they come). On stop, connections are asked
-//! to finish their request in flight and close, for a bounded time.
+//! Serving HTTP connections with hyper directly, for the admin plane and
+//! the gateway alike: `axum::serve` gives hyper no timer, so a client could
+//! hold a connection open forever by trickling a request's headers. Here
+//! each request's headers must arrive within `header_timeout`, and at most
+//! `MAX_CONNECTIONS` are open at once (more are closed as they come). On
+//! stop, connections are asked to finish their request in flight and
+//! close, for a bounded time.
 
 use std::future::Future;
 use std::pin::pin;
@@ -16,14 +17,18 @@ use axum::serve::Listener;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 
-use crate::admin::AdminListener;
+use super::AdminListener;
 
 /// Connections open at once.
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// How long a request's headers may take to arrive, by default.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `app` on `listener` until `stop`, then lets connections finish
-/// for at most `grace`.
+/// for at most `grace`. `what` names the server in log lines.
 pub async fn serve(
+    what: &'static str,
     mut listener: AdminListener,
     app: Router,
     stop: impl Future<Output = ()>,
@@ -39,7 +44,7 @@ pub async fn serve(
             () = &mut stop => break,
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!("gateway: {MAX_CONNECTIONS} connections open; closing a new one");
+            tracing::warn!("{what}: {MAX_CONNECTIONS} connections open; closing a new one");
             continue;
         };
         let (app, mut closing) = (app.clone(), closing_rx.clone());
@@ -79,6 +84,6 @@ pub async fn serve(
     // Until every connection has finished, or the grace is up.
     let all = connections.acquire_many(MAX_CONNECTIONS as u32);
     if tokio::time::timeout(grace, all).await.is_err() {
-        tracing::warn!("gateway requests still open after {grace:?}; dropping them");
+        tracing::warn!("{what}: requests still open after {grace:?}; dropping them");
     }
 }
