@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cluster;
 pub mod controller;
 pub mod engine;
 #[cfg(feature = "fuzzing")]

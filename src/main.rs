@@ -198,6 +198,25 @@ struct ControllerArgs {
     /// too, e.g. for a kubelet or Prometheus that must not hold the key.
     #[arg(long)]
     admin_health: Option<SocketAddr>,
+    /// Run active-active with other controller nodes, sharing what each
+    /// holds through etcd: etcd://HOST:PORT[,HOST:PORT…]. Needs --node-id
+    /// and the admin API. Without it the node runs alone and needs no etcd.
+    #[arg(long, requires = "node_id", value_name = "etcd://HOST:PORT")]
+    cluster: Option<String>,
+    /// This node's name in the cluster (unique; A-Z a-z 0-9 . _ -).
+    #[arg(long, env = "TETHER_NODE_ID")]
+    node_id: Option<String>,
+    /// A node that stops keeping its etcd lease alive (killed, cut off)
+    /// leaves the others' view this long after.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    cluster_lease_ttl: Duration,
+    /// Every key of the cluster in etcd is under this prefix.
+    #[arg(long, default_value = "/tether/v1/")]
+    cluster_prefix: String,
+    /// The URL other nodes reach this node's admin API at, for commands
+    /// they forward (default: http(s)://the --admin address).
+    #[arg(long)]
+    cluster_admin_url: Option<String>,
     /// Serve the admin API over HTTPS with this certificate chain (PEM);
     /// with --admin-tls-key. Reloaded on SIGHUP.
     #[arg(long, requires = "admin_tls_key")]
@@ -740,6 +759,35 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             AdminServer::start(controller.api(), admin).context("the admin API could not start")?;
         Some((server, key_file, admin_tls))
     };
+    let cluster = match &args.cluster {
+        None => None,
+        Some(spec) => {
+            let Some((server, _, admin_tls)) = &admin else {
+                anyhow::bail!(
+                    "--cluster needs the admin API (other nodes forward commands to it): drop --no-admin"
+                );
+            };
+            let endpoints = tether::cluster::parse_endpoints(spec).map_err(anyhow::Error::msg)?;
+            let node_id = args.node_id.clone().unwrap_or_default();
+            let mut config = tether::cluster::ClusterConfig::new(endpoints, &node_id);
+            config.lease_ttl = args.cluster_lease_ttl;
+            config.prefix = args.cluster_prefix.clone();
+            config.admin_url = args.cluster_admin_url.clone().unwrap_or_else(|| {
+                let scheme = if admin_tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{}", server.local_addr())
+            });
+            let cluster = tether::cluster::Cluster::start(config, controller.api())
+                .map_err(anyhow::Error::msg)
+                .context("the cluster layer could not start")?;
+            let cluster = std::sync::Arc::new(cluster);
+            let _ = server.cluster().set(cluster.clone());
+            tracing::info!(
+                "cluster: node {node_id} on etcd {spec} (lease {:?})",
+                args.cluster_lease_ttl
+            );
+            Some(cluster)
+        }
+    };
     let admin_line = admin
         .as_ref()
         .map_or("admin off".to_string(), |(a, key_file, admin_tls)| {
@@ -822,6 +870,11 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     // Not ready first (load balancers stop sending, no new commands), then
     // the admin API (bounded: live streams are ended), then the shards.
     controller.api().set_stopping();
+    // The others drop this node's instances now (the lease is revoked),
+    // not a TTL later.
+    if let Some(cluster) = &cluster {
+        cluster.stop();
+    }
     if let Some((admin, _, _)) = admin {
         admin.shutdown();
     }

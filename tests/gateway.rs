@@ -930,16 +930,6 @@ fn the_gateway_never_proxies_service_sockets() {
     });
 }
 
-/// A free port on loopback (for a redirect URI that must be known before
-/// the gateway starts).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Query parameter `name` of a URL.
 fn param(url: &str, name: &str) -> Option<String> {
     url.split_once('?')?.1.split('&').find_map(|kv| {

@@ -397,6 +397,9 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         "1 while the audit file cannot be written (readyz fails, mutating commands are refused).",
     );
     o.sample("tether_audit_failing", "", u64::from(state.audit.failing()));
+    if let Some(c) = state.config.cluster.get() {
+        cluster(&mut o, c);
+    }
     text.push_str(&o.0);
     (
         [(
@@ -406,4 +409,61 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The cluster layer (`--cluster`): its writes to etcd and its view.
+fn cluster(o: &mut Out, c: &crate::cluster::Cluster) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = c.stats();
+    o.family(
+        "tether_cluster_stale",
+        "gauge",
+        "1 while etcd is not reached: this node serves its own sockets and its last view of the others.",
+    );
+    o.sample("tether_cluster_stale", "", u64::from(c.is_stale()));
+    o.family(
+        "tether_cluster_remote_instances",
+        "gauge",
+        "Up instances of the other nodes in this node's view.",
+    );
+    o.sample(
+        "tether_cluster_remote_instances",
+        "",
+        c.with_view(|v| v.instance_count()) as u64,
+    );
+    o.family(
+        "tether_cluster_etcd_ops_total",
+        "counter",
+        "Operations written to etcd, by kind, and the transactions (of at most 128) that carried them.",
+    );
+    for (op, n) in [
+        ("txn", &s.txns),
+        ("put", &s.puts),
+        ("delete", &s.deletes),
+        ("list", &s.lists),
+        ("lease_grant", &s.leases),
+        ("resync", &s.resyncs),
+    ] {
+        o.sample(
+            "tether_cluster_etcd_ops_total",
+            &format!("op=\"{op}\""),
+            n.load(Relaxed),
+        );
+    }
+    o.family(
+        "tether_cluster_etcd_bytes_total",
+        "counter",
+        "Bytes of keys and values written to etcd.",
+    );
+    o.sample("tether_cluster_etcd_bytes_total", "", s.bytes.load(Relaxed));
+    o.family(
+        "tether_cluster_etcd_errors_total",
+        "counter",
+        "Sessions with etcd that ended in an error (each followed by a new one).",
+    );
+    o.sample(
+        "tether_cluster_etcd_errors_total",
+        "",
+        s.errors.load(Relaxed),
+    );
 }

@@ -14,6 +14,7 @@
 
 pub mod access;
 pub mod audit;
+mod cluster;
 mod commands;
 mod events;
 #[cfg(feature = "fuzzing")]
@@ -88,6 +89,9 @@ pub struct AdminConfig {
     /// HTTPS on `listen` (the probes' own listener stays plain). With a
     /// client CA, a verified client certificate authenticates like the key.
     pub tls: Option<Arc<AdminTls>>,
+    /// This node's cluster layer (`--cluster`), set once it has started
+    /// (it needs the admin plane's address first).
+    pub cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>>,
     /// A request's headers must all arrive within this (slow-header
     /// clients are cut).
     pub header_timeout: Duration,
@@ -115,6 +119,7 @@ impl AdminConfig {
             health_listen: None,
             tls: None,
             header_timeout: serve::HEADER_TIMEOUT,
+            cluster: Arc::default(),
         }
     }
 }
@@ -243,6 +248,7 @@ pub struct AdminServer {
     local_addr: SocketAddr,
     health_addr: Option<SocketAddr>,
     serving: Serving,
+    cluster: Arc<std::sync::OnceLock<Arc<crate::cluster::Cluster>>>,
 }
 
 impl AdminServer {
@@ -268,6 +274,7 @@ impl AdminServer {
         let user_timeout = config.stream_send_timeout;
         let tls = config.tls.clone();
         let header_timeout = config.header_timeout;
+        let cluster = config.cluster.clone();
         let state = Arc::new(State {
             api,
             audit,
@@ -349,11 +356,17 @@ impl AdminServer {
             local_addr,
             health_addr,
             serving: Serving::new(stop, thread),
+            cluster,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the cluster layer is set once it has started (`--cluster`).
+    pub fn cluster(&self) -> &std::sync::OnceLock<Arc<crate::cluster::Cluster>> {
+        &self.cluster
     }
 
     /// The probes' own listener, if one was asked for.
@@ -400,6 +413,8 @@ fn router(state: AppState) -> Router {
         .route("/services/{id}/tools", get(commands::tools))
         .route("/commands", post(commands::fanout))
         .route("/summary", get(services::summary))
+        .route("/cluster", get(cluster::status))
+        .route("/cluster/services", get(cluster::services))
         .route("/events", get(events::events))
         .route("/metrics", get(metrics::metrics))
         .route("/ctrl/mcp", get(mcp::mcp))
@@ -424,7 +439,16 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     let api = state.api.clone();
     let probe = tokio::task::spawn_blocking(move || api.counts().up);
     match tokio::time::timeout(Duration::from_secs(1), probe).await {
-        Ok(Ok(_)) => "ready\n".into_response(),
+        // A node that lost etcd still serves its own sockets: ready, and
+        // says its view of the others is stale.
+        Ok(Ok(_)) => match state.config.cluster.get() {
+            Some(c) if c.is_stale() => format!(
+                "ready (cluster view stale: {})\n",
+                c.last_error().unwrap_or_default()
+            )
+            .into_response(),
+            _ => "ready\n".into_response(),
+        },
         _ => (
             StatusCode::SERVICE_UNAVAILABLE,
             "the admin plane cannot serve: no blocking thread or registry within 1 s\n",

@@ -449,6 +449,12 @@ impl Api {
         self.shared.registry().node_of(id)
     }
 
+    /// Several instances under one lock (keep `ids` to a chunk).
+    pub fn nodes(&self, ids: &[Uuid]) -> Vec<Option<crate::registry::Node>> {
+        let registry = self.shared.registry();
+        ids.iter().map(|id| registry.node_of(id)).collect()
+    }
+
     /// Instances by status and the largest services (`top` of them).
     pub fn summary(&self, top: usize) -> crate::registry::Summary {
         self.shared.registry().summary(top)

@@ -2,6 +2,7 @@
 //! blocking raw WebSocket client that can send anything, well formed or not.
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod keys;
 pub mod oidc;
 
@@ -331,4 +332,14 @@ pub fn assert_a_trickling_client_is_cut(addr: std::net::SocketAddr) {
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
+}
+
+/// A port nothing listens on now on loopback (the kernel's pick, let go at
+/// once): for addresses that must be known before their server starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -1,0 +1,449 @@
+//! The cluster layer's one session with etcd at a time, on the cluster
+//! thread's runtime: grant the lease and keep it alive, publish the node
+//! record and every local up instance, list the cluster from one revision,
+//! then watch from the next while coalesced local changes are written.
+//! Any error ends the session; `run` marks the view stale and starts a new
+//! one after a pause (a new lease: the old one's keys that were not
+//! written again expire with it).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::TryRecvError;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
+};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::codec::{NodeRecord, encode_instance};
+use super::view::View;
+use super::{MAX_TXN_OPS, Shared};
+use crate::controller::Api;
+use crate::registry::{Query, Status};
+
+/// Each request to etcd gets this long.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keys read per page of a list.
+const LIST_PAGE: i64 = 4096;
+/// Records read from the registry per lock.
+const REGISTRY_CHUNK: usize = 1024;
+/// How often the local event log is drained into the dirty set.
+const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// Pauses between sessions grow to this.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+type Fail = String;
+
+async fn unary<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, Fail> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("etcd {what}: {e}")),
+        Err(_) => Err(format!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
+/// Sessions until `stopped`.
+pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot::Receiver<()>) {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let Err(e) = session(&shared, &api, &mut stopped).await else {
+            return;
+        };
+        shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        shared.view.lock().unwrap().stale = true;
+        tracing::warn!(
+            "cluster: {e}; serving this node's sockets and the last view (stale) meanwhile"
+        );
+        *shared.last_error.lock().unwrap() = Some(e);
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(250);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = &mut stopped => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// What woke the session's loop.
+enum Wake {
+    Stop,
+    LeaseLost(String),
+    Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
+    Drain,
+    Flush,
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    api: &Arc<Api>,
+    stopped: &mut oneshot::Receiver<()>,
+) -> Result<(), Fail> {
+    let config = &shared.config;
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    let mut client = unary("connect", Client::connect(&config.endpoints, Some(options))).await?;
+    let ttl = config.lease_ttl.as_secs() as i64;
+    let lease = unary("lease grant", client.lease_grant(ttl, None))
+        .await?
+        .id();
+    shared.stats.leases.fetch_add(1, Ordering::Relaxed);
+    let (lease_lost_tx, mut lease_lost) = oneshot::channel();
+    let keeper = KeepAlive(tokio::spawn(keep_alive(
+        client.clone(),
+        lease,
+        config.lease_ttl,
+        lease_lost_tx,
+    )));
+    // Subscribed before the instances are read, so no change falls between.
+    let mut events = api
+        .subscribe_events(None)
+        .map_err(|e| format!("the local event log: {e}"))?
+        .1;
+    let record = NodeRecord {
+        admin: config.admin_url.clone(),
+        epoch: api.events_epoch().to_string(),
+        started_at_ms: crate::controller::now_ms(),
+    };
+    let node_key = shared.keys.node(&config.node_id);
+    let with_lease = || Some(PutOptions::new().with_lease(lease));
+    let record = serde_json::to_vec(&record).expect("records serialize");
+    unary("put", client.put(node_key, record, with_lease())).await?;
+    resync(shared, api, &mut client, lease).await?;
+    let mut watch = list_and_watch(shared, &mut client).await?;
+    *shared.last_error.lock().unwrap() = None;
+    tracing::info!(
+        "cluster: node {} in sync with etcd ({} other instances)",
+        config.node_id,
+        shared.view.lock().unwrap().instance_count()
+    );
+
+    let mut dirty: HashSet<Uuid> = HashSet::new();
+    let mut drain = tokio::time::interval(DRAIN_EVERY);
+    let mut flush = tokio::time::interval(config.flush_interval);
+    for t in [&mut drain, &mut flush] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        let wake = tokio::select! {
+            _ = &mut *stopped => Wake::Stop,
+            lost = &mut lease_lost => Wake::LeaseLost(lost.unwrap_or_else(|_| "the lease keeper ended".into())),
+            m = watch.message() => Wake::Watch(m),
+            _ = drain.tick() => Wake::Drain,
+            _ = flush.tick() => Wake::Flush,
+        };
+        match wake {
+            Wake::Stop => {
+                // Flush what is pending, then revoke: the others drop this
+                // node's instances now, not a TTL later.
+                drain_events(api, &mut events, &mut dirty);
+                let _ = write_dirty(shared, api, &mut client, lease, &mut dirty).await;
+                drop(keeper);
+                let _ = unary("lease revoke", client.lease_revoke(lease)).await;
+                return Ok(());
+            }
+            Wake::LeaseLost(why) => return Err(why),
+            Wake::Watch(m) => {
+                let m = m.map_err(|e| format!("etcd watch: {e}"))?;
+                let Some(resp) = m else {
+                    return Err("etcd ended the watch".into());
+                };
+                if resp.canceled() {
+                    if resp.compact_revision() == 0 {
+                        return Err(format!(
+                            "etcd cancelled the watch: {}",
+                            resp.cancel_reason()
+                        ));
+                    }
+                    // Compacted past where the watch stood: list afresh.
+                    tracing::info!(
+                        "cluster: watch compacted at revision {}; listing again",
+                        resp.compact_revision()
+                    );
+                    watch = list_and_watch(shared, &mut client).await?;
+                    continue;
+                }
+                apply(&mut shared.view.lock().unwrap(), &resp);
+            }
+            Wake::Drain => {
+                if !drain_events(api, &mut events, &mut dirty) {
+                    // Cut from the event log (it fell behind): start again
+                    // from everything the registry holds.
+                    events = api
+                        .subscribe_events(None)
+                        .map_err(|e| format!("the local event log: {e}"))?
+                        .1;
+                    dirty.clear();
+                    resync(shared, api, &mut client, lease).await?;
+                }
+            }
+            Wake::Flush => write_dirty(shared, api, &mut client, lease, &mut dirty).await?,
+        }
+    }
+}
+
+/// Aborts the keep-alive task with the session.
+struct KeepAlive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps `lease` alive every TTL/3 until it is lost (an answer of TTL 0,
+/// no answer for a TTL, a broken stream), then says why.
+async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: oneshot::Sender<String>) {
+    let why = async {
+        let (mut keeper, mut answers) =
+            unary("lease keep-alive", client.lease_keep_alive(lease)).await?;
+        let mut tick = tokio::time::interval(ttl / 3);
+        let mut answered = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if answered.elapsed() > ttl {
+                        return Err::<(), Fail>(format!("the lease went unanswered for {ttl:?}"));
+                    }
+                    unary("lease keep-alive", keeper.keep_alive()).await?;
+                }
+                m = answers.message() => match m {
+                    Ok(Some(r)) if r.ttl() > 0 => answered = Instant::now(),
+                    Ok(Some(_)) => return Err("the lease expired".into()),
+                    Ok(None) => return Err("etcd ended the lease keep-alive".into()),
+                    Err(e) => return Err(format!("etcd lease keep-alive: {e}")),
+                },
+            }
+        }
+    }
+    .await;
+    if let Err(why) = why {
+        let _ = lost.send(why);
+    }
+}
+
+/// Moves what the event log has into `dirty`; false if the subscription
+/// was cut.
+fn drain_events(
+    _api: &Api,
+    events: &mut crate::registry::events::Subscription,
+    dirty: &mut HashSet<Uuid>,
+) -> bool {
+    loop {
+        match events.try_recv() {
+            Ok(e) => {
+                dirty.insert(e.runtime_instance_id);
+            }
+            Err(TryRecvError::Empty) => return true,
+            Err(TryRecvError::Disconnected) => return false,
+        }
+    }
+}
+
+/// Writes the current state of each dirty instance: a put of its value if
+/// it is up here, else a delete. In transactions of at most `MAX_TXN_OPS`.
+async fn write_dirty(
+    shared: &Shared,
+    api: &Api,
+    client: &mut Client,
+    lease: i64,
+    dirty: &mut HashSet<Uuid>,
+) -> Result<(), Fail> {
+    if dirty.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = dirty.drain().collect();
+    let me = &shared.config.node_id;
+    let mut batch = Batch::default();
+    for chunk in ids.chunks(REGISTRY_CHUNK) {
+        let nodes = api.nodes(chunk);
+        for (id, node) in chunk.iter().zip(nodes) {
+            let key = shared.keys.instance(me, id);
+            match node.filter(|n| n.status == Status::Up) {
+                Some(n) => batch.put(key, encode_instance(&n), lease),
+                None => batch.delete(key),
+            }
+            if batch.ops.len() == MAX_TXN_OPS {
+                batch.send(shared, client).await?;
+            }
+        }
+    }
+    batch.send(shared, client).await
+}
+
+/// Every up instance of the registry, written again (a new lease, or a
+/// cut from the event log).
+async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> Result<(), Fail> {
+    shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+    let me = &shared.config.node_id;
+    let up = Query {
+        status: Some(Status::Up),
+        ..Default::default()
+    };
+    let mut cursor = 0;
+    let mut batch = Batch::default();
+    loop {
+        let page = api.page(up.clone(), cursor, REGISTRY_CHUNK);
+        for n in &page.items {
+            batch.put(
+                shared.keys.instance(me, &n.runtime_instance_id),
+                encode_instance(n),
+                lease,
+            );
+            if batch.ops.len() == MAX_TXN_OPS {
+                batch.send(shared, client).await?;
+            }
+        }
+        match page.next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    batch.send(shared, client).await
+}
+
+/// Operations for one transaction.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<TxnOp>,
+    puts: u64,
+    deletes: u64,
+    bytes: u64,
+}
+
+impl Batch {
+    fn put(&mut self, key: String, value: Vec<u8>, lease: i64) {
+        self.bytes += (key.len() + value.len()) as u64;
+        self.puts += 1;
+        self.ops.push(TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        ));
+    }
+
+    fn delete(&mut self, key: String) {
+        self.bytes += key.len() as u64;
+        self.deletes += 1;
+        self.ops.push(TxnOp::delete(key, None));
+    }
+
+    async fn send(&mut self, shared: &Shared, client: &mut Client) -> Result<(), Fail> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        assert!(self.ops.len() <= MAX_TXN_OPS, "etcd refuses bigger txns");
+        let ops = std::mem::take(&mut self.ops);
+        unary("txn", client.txn(Txn::new().and_then(ops))).await?;
+        let s = &shared.stats;
+        s.txns.fetch_add(1, Ordering::Relaxed);
+        s.puts
+            .fetch_add(std::mem::take(&mut self.puts), Ordering::Relaxed);
+        s.deletes
+            .fetch_add(std::mem::take(&mut self.deletes), Ordering::Relaxed);
+        s.bytes
+            .fetch_add(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The end of the range of keys that start with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Lists the whole cluster at one revision into a fresh view (swapped in
+/// whole: no half list is ever served), then watches from the next.
+async fn list_and_watch(shared: &Shared, client: &mut Client) -> Result<WatchStream, Fail> {
+    let config = &shared.config;
+    let prefix = shared.keys.all().as_bytes().to_vec();
+    let end = prefix_end(&prefix);
+    let mut fresh = View::new(
+        &config.node_id,
+        shared.keys.clone(),
+        config.max_remote_instances,
+    );
+    let mut start = prefix.clone();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if revision != 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = unary("list", client.get(start.clone(), Some(options))).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            if let Ok(key) = kv.key_str() {
+                fresh.put(key, kv.value());
+            }
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => break,
+        }
+    }
+    shared.stats.lists.fetch_add(1, Ordering::Relaxed);
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_progress_notify();
+    let watch = unary("watch", client.watch(prefix, Some(options))).await?;
+    let mut view = shared.view.lock().unwrap();
+    fresh.dropped += view.dropped;
+    fresh.malformed += view.malformed;
+    fresh.revision = revision;
+    fresh.stale = false;
+    *view = fresh;
+    Ok(watch)
+}
+
+fn apply(view: &mut View, resp: &etcd_client::WatchResponse) {
+    for event in resp.events() {
+        let Some(kv) = event.kv() else { continue };
+        let Ok(key) = kv.key_str() else { continue };
+        match event.event_type() {
+            EventType::Put => view.put(key, kv.value()),
+            EventType::Delete => view.delete(key),
+        }
+    }
+    if let Some(h) = resp.header() {
+        view.revision = view.revision.max(h.revision());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_byte_grows() {
+        assert_eq!(prefix_end(b"/t/"), b"/t0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), b"\0");
+    }
+}

@@ -1,0 +1,294 @@
+//! Scale-out: active-active controller nodes sharing what they hold through
+//! etcd (`--cluster etcd://…`). No consensus of our own: etcd is the
+//! shared state.
+//!
+//! Owns: this node's lease (ONE per node, never one per service, kept
+//! alive every TTL/3), the publication of its up instances under its own
+//! prefix (changes coalesced per tick and written in transactions of at
+//! most `MAX_TXN_OPS`), and the view of the other nodes (list from one
+//! revision, then watch from the next; after a compaction or a lost
+//! connection, list again). Never touches a socket or a shard: it reads
+//! the registry through `Api` and its event log, like the admin plane.
+//!
+//! While etcd is unreachable the node goes on serving its own sockets and
+//! keeps its last view, flagged stale (`/cluster`, `/readyz` detail,
+//! `tether_cluster_stale`), and it re-publishes everything once etcd is
+//! back. Without `--cluster` none of this runs.
+
+pub mod codec;
+#[cfg(feature = "cluster")]
+mod etcd;
+pub mod view;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::controller::Api;
+use codec::Keys;
+use view::View;
+
+/// etcd's default `--max-txn-ops`.
+pub const MAX_TXN_OPS: usize = 128;
+
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// etcd client URLs (`http://127.0.0.1:2379`).
+    pub endpoints: Vec<String>,
+    pub node_id: String,
+    /// The lease's TTL: a node that stops keeping it alive leaves the
+    /// others' view this long after.
+    pub lease_ttl: Duration,
+    /// Every key of the cluster is under this.
+    pub prefix: String,
+    /// This node's admin API, named in its record for forwarded commands.
+    pub admin_url: String,
+    /// How often coalesced changes are written.
+    pub flush_interval: Duration,
+    /// Remote instances the view holds at most.
+    pub max_remote_instances: usize,
+}
+
+impl ClusterConfig {
+    pub fn new(endpoints: Vec<String>, node_id: &str) -> ClusterConfig {
+        ClusterConfig {
+            endpoints,
+            node_id: node_id.to_string(),
+            lease_ttl: Duration::from_secs(10),
+            prefix: "/tether/v1/".into(),
+            admin_url: String::new(),
+            flush_interval: Duration::from_millis(100),
+            max_remote_instances: 4_000_000,
+        }
+    }
+}
+
+/// `etcd://host:port[,host:port…]` (or http:// URLs, comma-separated) as
+/// etcd client URLs.
+pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
+    let rest = spec
+        .strip_prefix("etcd://")
+        .ok_or_else(|| format!("--cluster {spec:?}: give etcd://HOST:PORT[,HOST:PORT…]"))?;
+    let endpoints: Vec<String> = rest
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|hp| format!("http://{hp}"))
+        .collect();
+    if endpoints.is_empty() {
+        return Err(format!("--cluster {spec:?} names no etcd endpoint"));
+    }
+    Ok(endpoints)
+}
+
+/// What the cluster layer has done, for `/metrics` and `/cluster`.
+#[derive(Default)]
+pub struct Stats {
+    /// Transactions written, and the puts and deletes in them.
+    pub txns: AtomicU64,
+    pub puts: AtomicU64,
+    pub deletes: AtomicU64,
+    /// Bytes of keys and values written.
+    pub bytes: AtomicU64,
+    /// Full lists of the cluster (the first, and after each compaction or
+    /// reconnection).
+    pub lists: AtomicU64,
+    /// Leases granted (more than one: etcd was lost for longer than TTL).
+    pub leases: AtomicU64,
+    /// Times this node re-published everything it holds.
+    pub resyncs: AtomicU64,
+    /// Sessions with etcd that ended in an error.
+    pub errors: AtomicU64,
+}
+
+// (Built, never run, without the feature.)
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct Shared {
+    pub config: ClusterConfig,
+    pub keys: Keys,
+    pub view: Mutex<View>,
+    pub stats: Stats,
+    /// The last error, for `/cluster` and `/readyz`.
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// A running cluster layer; dropping it (or `stop`) revokes the lease, so
+/// the others drop this node's instances at once.
+pub struct Cluster {
+    shared: Arc<Shared>,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Starts publishing what `api`'s registry holds and watching the
+    /// others. Returns at once; etcd may not be reachable yet (the view is
+    /// stale until it is).
+    pub fn start(config: ClusterConfig, api: Arc<Api>) -> Result<Cluster, String> {
+        codec::check_node_id(&config.node_id)?;
+        #[cfg(not(feature = "cluster"))]
+        {
+            let _ = api;
+            Err("this tether was built without the cluster layer: build it with \
+                 `cargo build --release --features cluster` (needs protoc: Debian's protobuf-compiler)"
+                .to_string())
+        }
+        #[cfg(feature = "cluster")]
+        Cluster::spawn(config, api)
+    }
+
+    #[cfg(feature = "cluster")]
+    fn spawn(config: ClusterConfig, api: Arc<Api>) -> Result<Cluster, String> {
+        if config.endpoints.is_empty() {
+            return Err("the cluster needs at least one etcd endpoint".into());
+        }
+        if config.lease_ttl < Duration::from_secs(2) {
+            return Err("--cluster-lease-ttl must be at least 2s".into());
+        }
+        let keys = Keys::new(&config.prefix);
+        let shared = Arc::new(Shared {
+            view: Mutex::new(View::new(
+                &config.node_id,
+                keys.clone(),
+                config.max_remote_instances,
+            )),
+            keys,
+            config,
+            stats: Stats::default(),
+            last_error: Mutex::new(None),
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runner = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tether-cluster".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => return tracing::error!("cluster runtime: {e}"),
+                };
+                runtime.block_on(etcd::run(runner, api, stopped));
+            })
+            .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
+        Ok(Cluster {
+            shared,
+            stop: Mutex::new(Some(stop)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.shared.config.node_id
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Whether the view is out of date (etcd not reached since it was).
+    pub fn is_stale(&self) -> bool {
+        self.shared.view.lock().unwrap().stale
+    }
+
+    /// Why the last session with etcd ended, while it is not back.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().unwrap().clone()
+    }
+
+    /// Reads the view of the other nodes.
+    pub fn with_view<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        f(&self.shared.view.lock().unwrap())
+    }
+
+    /// `/cluster`: this node, the others, and how the view stands.
+    pub fn status_json(&self, local_up: usize) -> Value {
+        let s = &self.shared.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let view = self.shared.view.lock().unwrap();
+        let nodes: Vec<Value> = view
+            .nodes()
+            .map(|(name, node)| {
+                let me = **name == *self.shared.config.node_id;
+                json!({
+                    "node": name.as_ref(),
+                    "self": me,
+                    "admin": node.record.as_ref().map(|r| r.admin.as_str()),
+                    "epoch": node.record.as_ref().map(|r| r.epoch.as_str()),
+                    // A node whose record is gone (its lease) while some of
+                    // its instances are still being deleted is not live.
+                    "live": node.record.is_some(),
+                    "instances": if me { local_up } else { node.instances.len() },
+                })
+            })
+            .collect();
+        json!({
+            "node": self.shared.config.node_id,
+            "localInstances": local_up,
+            "remoteInstances": view.instance_count(),
+            "stale": view.stale,
+            "revision": view.revision,
+            "lastError": *self.shared.last_error.lock().unwrap(),
+            "nodes": nodes,
+            "etcd": {
+                "endpoints": self.shared.config.endpoints,
+                "leaseTtlSeconds": self.shared.config.lease_ttl.as_secs(),
+                "txns": n(&s.txns),
+                "puts": n(&s.puts),
+                "deletes": n(&s.deletes),
+                "bytes": n(&s.bytes),
+                "lists": n(&s.lists),
+                "leases": n(&s.leases),
+                "resyncs": n(&s.resyncs),
+                "errors": n(&s.errors),
+                "droppedRemote": view.dropped,
+                "malformedValues": view.malformed,
+            },
+        })
+    }
+
+    /// Leaves the cluster: pending changes are written, the lease is
+    /// revoked (each within a bound), and the thread ends. Idempotent.
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.lock().unwrap().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node_id", &self.shared.config.node_id)
+            .field("endpoints", &self.shared.config.endpoints)
+            .finish()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_come_from_an_etcd_url() {
+        assert_eq!(
+            parse_endpoints("etcd://127.0.0.1:2379,127.0.0.2:2379").unwrap(),
+            ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
+        );
+        assert!(parse_endpoints("http://127.0.0.1:2379").is_err());
+        assert!(parse_endpoints("etcd://").is_err());
+    }
+}

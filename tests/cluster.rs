@@ -1,0 +1,355 @@
+//! Several controller nodes on one real etcd (Debian's etcd-server, started
+//! here), with swarms split across them: each node sees the others'
+//! instances, a node that leaves or is killed leaves the others' view, and
+//! an etcd restart loses nothing. Built with `--features cluster`.
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::*;
+use serde_json::Value;
+use tether::admin::access::AdminKey;
+use tether::admin::{AdminConfig, AdminServer};
+use tether::agent::parse_source_ips;
+use tether::agent::swarm::{Swarm, SwarmConfig};
+use tether::cluster::{Cluster, ClusterConfig, MAX_TXN_OPS};
+use tether::controller::Controller;
+
+const KEY: &str = "a test admin key, 32 bytes long.";
+
+struct Node {
+    ctl: Controller,
+    admin: AdminServer,
+    cluster: Arc<Cluster>,
+}
+
+impl Node {
+    fn start(etcd: &Etcd, id: &str, ttl: Duration) -> Node {
+        let ctl = controller(1);
+        let mut config = AdminConfig::new("127.0.0.1:0".parse().unwrap());
+        config.key = AdminKey::new(KEY.as_bytes());
+        let admin = AdminServer::start(ctl.api(), config).unwrap();
+        let mut c = ClusterConfig::new(vec![etcd.endpoint()], id);
+        c.lease_ttl = ttl;
+        c.flush_interval = Duration::from_millis(50);
+        c.admin_url = format!("http://{}", admin.local_addr());
+        let cluster = Arc::new(Cluster::start(c, ctl.api()).unwrap());
+        let _ = admin.cluster().set(cluster.clone());
+        Node {
+            ctl,
+            admin,
+            cluster,
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        admin_get(&format!("http://{}{path}", self.admin.local_addr()))
+    }
+
+    fn status(&self) -> Value {
+        self.get("/cluster").1
+    }
+
+    fn swarm(&self, service: &str, n: usize, sources: &str) -> Swarm {
+        swarm_to(&self.ctl.local_addr().to_string(), service, n, sources)
+    }
+
+    /// A swarm whose services follow `first` others of the same name
+    /// (distinct addresses: the same identity would supersede).
+    fn more(&self, service: &str, first: usize, n: usize, sources: &str) -> Swarm {
+        swarm_from(
+            &self.ctl.local_addr().to_string(),
+            service,
+            first,
+            n,
+            sources,
+        )
+    }
+}
+
+fn admin_get(url: &str) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .get(url)
+        .header("authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn swarm_to(addr: &str, service: &str, n: usize, sources: &str) -> Swarm {
+    swarm_from(addr, service, 0, n, sources)
+}
+
+fn swarm_from(addr: &str, service: &str, first: usize, n: usize, sources: &str) -> Swarm {
+    let url = format!("ws://{addr}/ws/microservice").parse().unwrap();
+    let mut config = SwarmConfig::new(url, n);
+    config.service_id = service.into();
+    config.index_offset = first;
+    config.sources = parse_source_ips(sources).unwrap();
+    config.run_for = Some(Duration::from_secs(120));
+    let swarm = Swarm::start(config).unwrap();
+    assert!(swarm.wait_registered(n as u64, Duration::from_secs(60)));
+    swarm
+}
+
+/// Polls `f` for up to `within`; the time it took, or a panic naming `what`
+/// and the last value seen.
+fn until(what: &str, within: Duration, mut f: impl FnMut() -> (bool, Value)) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (done, seen) = f();
+        if done {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "{what} within {within:?}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn remote(status: &Value) -> u64 {
+    status["remoteInstances"].as_u64().unwrap_or(0)
+}
+
+fn node_names(status: &Value) -> Vec<String> {
+    status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["live"] == true && n["self"] == false)
+        .map(|n| n["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
+    let Some(etcd) = Etcd::start() else { return };
+    let a = Node::start(&etcd, "a", Duration::from_secs(10));
+    let b = Node::start(&etcd, "b", Duration::from_secs(10));
+    let _on_a = a.swarm("alpha", 300, "127.0.0.2");
+    let on_b = b.swarm("beta", 200, "127.0.0.3");
+    until("a sees b's 200", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 200, s)
+    });
+    until("b sees a's 300", WAIT, || {
+        let s = b.status();
+        (remote(&s) == 300 && node_names(&s) == ["a"], s)
+    });
+    // Discovery through a's admin API names the node that holds each.
+    let (status, page) = a.get("/cluster/services?serviceId=beta&limit=1000");
+    assert_eq!((status, &page["total"]), (200, &Value::from(200)), "{page}");
+    let items = page["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .all(|i| i["node"] == "b" && i["serviceId"] == "beta")
+    );
+    assert_eq!(
+        a.get("/cluster/services?serviceId=alpha").1["total"],
+        0,
+        "own ones are /services"
+    );
+    // Writes were coalesced: transactions of at most 128, far fewer than
+    // the instances they carried.
+    let etcd_a = &a.status()["etcd"];
+    let (txns, puts) = (
+        etcd_a["txns"].as_u64().unwrap(),
+        etcd_a["puts"].as_u64().unwrap(),
+    );
+    assert!(puts >= 300, "{etcd_a}");
+    assert!(
+        txns * MAX_TXN_OPS as u64 >= puts && txns < puts / 10,
+        "{etcd_a}"
+    );
+    assert_eq!(a.status()["stale"], false);
+    // /metrics says the same.
+    let metrics = ureq::get(&format!("http://{}/metrics", a.admin.local_addr()))
+        .header("authorization", &format!("Bearer {KEY}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("tether_cluster_remote_instances 200"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tether_cluster_stale 0"));
+
+    // b's services go away: a's view follows, one delete each.
+    on_b.stop();
+    until("a sees b's services gone", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 0, s)
+    });
+    // b leaves the cluster (its lease revoked): gone from a's view at once,
+    // not a TTL later.
+    b.cluster.stop();
+    let took = until("b gone from a's view", Duration::from_secs(5), || {
+        let s = a.status();
+        (node_names(&s).is_empty(), s)
+    });
+    assert!(took < Duration::from_secs(5));
+    drop(b);
+}
+
+#[test]
+fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
+    let Some(etcd) = Etcd::start() else { return };
+    let a = Node::start(&etcd, "a", Duration::from_secs(10));
+    // b is a real process, killed with SIGKILL: nothing of it revokes.
+    let dir = std::env::temp_dir().join(format!("tether-cluster-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("admin.key");
+    std::fs::write(&key_file, KEY).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["controller", "--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(["--admin", "127.0.0.1:0", "--admin-key-file"])
+        .arg(&key_file)
+        .args(["--cluster", &etcd.url(), "--node-id", "b"])
+        .args(["--cluster-lease-ttl", "3s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let ready = {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line
+    };
+    let listen = ready
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {ready:?}"))
+        .to_string();
+    let _on_b = swarm_to(&listen, "beta", 100, "127.0.0.4");
+    until("a sees b's 100", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 100, s)
+    });
+    let killed = Instant::now();
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    until(
+        "b's instances leave a's view",
+        Duration::from_secs(10),
+        || {
+            let s = a.status();
+            (remote(&s) == 0 && node_names(&s).is_empty(), s)
+        },
+    );
+    let took = killed.elapsed();
+    eprintln!("a's view converged {took:?} after b was killed (lease TTL 3 s)");
+    assert!(
+        took >= Duration::from_secs(1),
+        "the lease, not something else: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3 + 3), "{took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_etcd_restart_loses_nothing_and_the_view_survives_a_compaction() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let a = Node::start(&etcd, "a", Duration::from_secs(3));
+    let b = Node::start(&etcd, "b", Duration::from_secs(3));
+    let _first = b.swarm("beta", 100, "127.0.0.5");
+    until("a sees b's 100", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 100, s)
+    });
+    // etcd goes away: both keep serving their own, a keeps its last view,
+    // flagged stale, and says so in /readyz.
+    etcd.kill();
+    until("a's view turns stale", Duration::from_secs(20), || {
+        let s = a.status();
+        (s["stale"] == true, s)
+    });
+    assert_eq!(remote(&a.status()), 100, "the last view is kept");
+    let (status, ready) = admin_get(&format!("http://{}/readyz", a.admin.local_addr()));
+    assert_eq!(status, 200);
+    assert!(
+        ready.as_str().unwrap_or("").contains("cluster view stale"),
+        "{ready}"
+    );
+    // Meanwhile b takes on more services, which etcd cannot hear of yet.
+    let _second = b.more("beta", 100, 50, "127.0.0.6");
+    // Longer than the lease TTL: both leases expire in etcd's eyes.
+    std::thread::sleep(Duration::from_secs(4));
+    etcd.resume();
+    until(
+        "a sees all 150 of b's once etcd is back",
+        Duration::from_secs(30),
+        || {
+            let s = a.status();
+            (remote(&s) == 150 && s["stale"] == false, s)
+        },
+    );
+    until("b sees a again", WAIT, || {
+        let s = b.status();
+        (node_names(&s) == ["a"] && s["stale"] == false, s)
+    });
+    // A compaction of everything so far: the watch goes on, and changes
+    // after it still arrive.
+    compact(&etcd);
+    let _third = b.more("beta", 150, 25, "127.0.0.7");
+    until("a sees b's 175 after the compaction", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 175, s)
+    });
+}
+
+/// Compacts etcd's history up to its current revision.
+fn compact(etcd: &Etcd) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let revision = client
+            .get("/", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision();
+        client
+            .compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .unwrap();
+    });
+}
