@@ -732,6 +732,22 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin.allowed_origins = args.admin_allow_origins;
         admin.allowed_hosts.extend(args.admin_allow_hosts);
         admin.health_listen = args.admin_health;
+        // Other nodes reach this one by its --cluster-admin-url: its host
+        // must pass the Host check.
+        if let Some(url) = &args.cluster_admin_url {
+            let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+            let host = match rest.strip_prefix('[') {
+                Some(v6) => v6
+                    .split(']')
+                    .next()
+                    .map(|h| format!("[{h}]"))
+                    .unwrap_or_default(),
+                None => rest.split(['/', ':']).next().unwrap_or("").to_string(),
+            };
+            if !host.is_empty() {
+                admin.allowed_hosts.push(host);
+            }
+        }
         if let (Some(cert), Some(key)) = (args.admin_tls_cert, args.admin_tls_key) {
             let files = tether::engine::tls::TlsFiles {
                 cert,

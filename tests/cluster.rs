@@ -90,6 +90,24 @@ fn admin_get(url: &str) -> (u16, Value) {
     )
 }
 
+fn admin_post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut request = agent
+        .post(url)
+        .header("authorization", &format!("Bearer {KEY}"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let mut r = request.send(body.to_string()).unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
 fn swarm_to(addr: &str, service: &str, n: usize, sources: &str) -> Swarm {
     swarm_from(addr, service, 0, n, sources)
 }
@@ -166,6 +184,29 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         0,
         "own ones are /services"
     );
+    // A command sent through a reaches a service b holds, and the answer
+    // says which node sent it; so do its tools and its record.
+    let id = items[0]["runtimeInstanceId"].as_str().unwrap();
+    let (status, answer) = admin_post(
+        &format!("http://{}/services/{id}/commands", a.admin.local_addr()),
+        &serde_json::json!({"name": "get_service_info", "arguments": {}}),
+        &[],
+    );
+    assert_eq!((status, &answer["outcome"]), (200, &Value::from("ok")), "{answer}");
+    assert_eq!(answer["node"], "b", "{answer}");
+    assert_eq!(answer["result"]["serviceId"], "beta", "{answer}");
+    let (status, tools) = a.get(&format!("/services/{id}/tools"));
+    assert_eq!((status, &tools["node"]), (200, &Value::from("b")), "{tools}");
+    let (status, one) = a.get(&format!("/services/{id}"));
+    assert_eq!((status, &one["node"]), (200, &Value::from("b")), "{one}");
+    // A request another node forwarded is never forwarded again.
+    let (status, _) = admin_post(
+        &format!("http://{}/services/{id}/commands", a.admin.local_addr()),
+        &serde_json::json!({"name": "get_service_info"}),
+        &[("x-tether-forwarded-by", "c")],
+    );
+    assert_eq!(status, 404);
+
     // Writes were coalesced: transactions of at most 128, far fewer than
     // the instances they carried.
     let etcd_a = &a.status()["etcd"];

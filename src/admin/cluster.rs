@@ -5,9 +5,29 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
+
+use crate::cluster::view::RemoteInstance;
 
 use super::{AppState, Reply, fail, respond};
+
+/// Another node's instance as the admin API shows it: what discovery has
+/// of it, and the node that holds it.
+pub(crate) fn remote_item(r: &RemoteInstance) -> Value {
+    let v = &r.value;
+    json!({
+        "node": r.node.as_ref(),
+        "runtimeInstanceId": r.id,
+        "serviceId": v.service_id.as_ref(),
+        "envTag": v.env_tag.as_ref(),
+        "version": v.version.as_ref(),
+        "protocol": v.protocol.as_ref(),
+        "address": v.address.as_ref(),
+        "port": v.port,
+        "tags": serde_json::from_str::<Value>(&v.tags_json).unwrap_or(json!({})),
+        "status": "up",
+    })
+}
 
 fn no_cluster() -> Reply {
     fail(
@@ -50,24 +70,7 @@ pub(crate) async fn services(
         let (total, items) = v.list(service.as_deref(), limit);
         (total, items, v.stale)
     });
-    let items: Vec<_> = items
-        .iter()
-        .map(|r| {
-            let v = &r.value;
-            json!({
-                "node": r.node.as_ref(),
-                "runtimeInstanceId": r.id,
-                "serviceId": v.service_id.as_ref(),
-                "envTag": v.env_tag.as_ref(),
-                "version": v.version.as_ref(),
-                "protocol": v.protocol.as_ref(),
-                "address": v.address.as_ref(),
-                "port": v.port,
-                "tags": serde_json::from_str::<serde_json::Value>(&v.tags_json).unwrap_or(json!({})),
-                "status": "up",
-            })
-        })
-        .collect();
+    let items: Vec<_> = items.iter().map(remote_item).collect();
     respond((
         StatusCode::OK,
         json!({"total": total, "items": items, "stale": stale}),

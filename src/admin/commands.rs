@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -290,6 +290,26 @@ pub(crate) async fn command_reply(
         Audited::new(state, &caller, "command", id.to_string(), &body.name).result("forbidden");
         return forbidden(&body.name);
     }
+    if let Some(holder) = super::forward::holder(state, &caller, &id) {
+        // Held by another node: it sends the command, checks and audits it.
+        let audited = Audited::new(
+            state,
+            &caller,
+            "command",
+            format!("{id}@{}", holder.0),
+            &body.name,
+        );
+        if let Err(refused) = audited.sent().await {
+            return refused;
+        }
+        let path = format!("/services/{id}/commands");
+        let v =
+            json!({"name": body.name, "arguments": body.arguments, "timeoutMs": body.timeout_ms});
+        let (status, answer) =
+            super::forward::forward(state, &caller, holder, Method::POST, &path, Some(&v)).await;
+        audited.result(answer["outcome"].as_str().unwrap_or("forwarded"));
+        return (status, answer);
+    }
     let timeout = timeout_of(state, body.timeout_ms);
     let state = state.clone();
     let work = tokio::spawn(async move {
@@ -325,6 +345,13 @@ pub(crate) async fn tools_reply(
         Ok(id) => id,
         Err(reply) => return reply,
     };
+    if let Some(holder) = super::forward::holder(state, &caller, &id) {
+        let path = match timeout_ms {
+            Some(ms) => format!("/services/{id}/tools?timeoutMs={ms}"),
+            None => format!("/services/{id}/tools"),
+        };
+        return super::forward::forward(state, &caller, holder, Method::GET, &path, None).await;
+    }
     let timeout = timeout_of(state, timeout_ms);
     let state = state.clone();
     let work = tokio::spawn(async move {

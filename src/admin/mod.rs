@@ -17,6 +17,7 @@ pub mod audit;
 mod cluster;
 mod commands;
 mod events;
+mod forward;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod listener;
@@ -24,6 +25,7 @@ mod mcp;
 mod metrics;
 pub(crate) mod serve;
 mod services;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -136,6 +138,8 @@ pub(crate) struct State {
     streams: Arc<tokio::sync::Semaphore>,
     /// Sorted listings running at once (`MAX_CONCURRENT_SORTS`).
     sorts: Arc<tokio::sync::Semaphore>,
+    /// Clients of the other cluster nodes' admin APIs.
+    peers: forward::Peers,
     pump: Arc<events::Pump>,
 }
 
@@ -149,6 +153,8 @@ type AppState = Arc<State>;
 pub(crate) struct Caller {
     who: String,
     scopes: String,
+    /// The cluster node that forwarded this request here, if one did.
+    forwarded_by: Option<String>,
 }
 
 /// How long requests in flight may take to finish when the server stops.
@@ -174,6 +180,7 @@ impl Caller {
         Caller {
             who: header(USER_HEADER).map_or_else(|| format!("admin-api@{peer}"), str::to_owned),
             scopes: header(SCOPES_HEADER).unwrap_or("").to_owned(),
+            forwarded_by: header(forward::FORWARDED_BY_HEADER).map(str::to_owned),
         }
     }
 
@@ -283,6 +290,7 @@ impl AdminServer {
             fanouts,
             streams,
             sorts: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_SORTS)),
+            peers: forward::Peers::default(),
             pump: pump.clone(),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -170,13 +170,21 @@ pub(crate) fn one_reply(state: &AppState, id: &str) -> Reply {
         Ok(id) => id,
         Err(reply) => return reply,
     };
+    let remote = || state.config.cluster.get()?.remote(&id);
     match state.api.node(&id) {
-        Some(node) => (StatusCode::OK, item(&node)),
-        None => fail(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no instance {id}"),
-        ),
+        Some(node) if node.status == Status::Up => (StatusCode::OK, item(&node)),
+        // Up on another node of the cluster (it may be down here).
+        local => match remote() {
+            Some(r) => (StatusCode::OK, super::cluster::remote_item(&r)),
+            None => match local {
+                Some(node) => (StatusCode::OK, item(&node)),
+                None => fail(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no instance {id}"),
+                ),
+            },
+        },
     }
 }
 

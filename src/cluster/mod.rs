@@ -200,6 +200,31 @@ impl Cluster {
         self.shared.last_error.lock().unwrap().clone()
     }
 
+    /// The node holding `id` up, and its admin URL, if another node does
+    /// (and named one).
+    pub fn holder_admin(&self, id: &uuid::Uuid) -> Option<(String, String)> {
+        let view = self.shared.view.lock().unwrap();
+        let (node, _) = view.holder(id)?;
+        let admin = view
+            .nodes()
+            .find(|(n, _)| *n == node)
+            .and_then(|(_, v)| v.record.as_ref())
+            .map(|r| r.admin.clone())
+            .filter(|a| !a.is_empty())?;
+        Some((node.to_string(), admin))
+    }
+
+    /// Another node's up instance `id`, if one holds it.
+    pub fn remote(&self, id: &uuid::Uuid) -> Option<view::RemoteInstance> {
+        let view = self.shared.view.lock().unwrap();
+        let (node, value) = view.holder(id)?;
+        Some(view::RemoteInstance {
+            node: node.clone(),
+            id: *id,
+            value: value.clone(),
+        })
+    }
+
     /// Reads the view of the other nodes.
     pub fn with_view<T>(&self, f: impl FnOnce(&View) -> T) -> T {
         f(&self.shared.view.lock().unwrap())

@@ -27,7 +27,6 @@ pub mod oidc;
 pub mod proxy;
 pub mod session;
 mod ui;
-pub mod upstream;
 mod web;
 
 use std::net::SocketAddr;
@@ -41,6 +40,7 @@ use serde_json::json;
 
 use crate::admin::AdminTls;
 use crate::admin::access::AdminKey;
+pub use crate::admin::upstream;
 use crate::jwt::Verifier;
 use limits::{Limiter, RateLimit, SocketCounts};
 use oidc::Oidc;

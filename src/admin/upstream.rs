@@ -1,8 +1,9 @@
-//! The gateway's client of the controller's admin plane: HTTP/1.1 over
-//! connections of its own, plain or TLS, kept in a small pool, and
-//! WebSockets for `/events` and `/ctrl/mcp`. The gateway authenticates
-//! itself with the admin key (`Authorization: Bearer`) or, over TLS, with
-//! a client certificate the admin plane's client CA signed.
+//! A client of a controller's admin plane, for the gateway and for cluster
+//! nodes forwarding commands to the node that holds an instance: HTTP/1.1
+//! over connections of its own, plain or TLS, kept in a small pool, and
+//! WebSockets for `/events` and `/ctrl/mcp`. It authenticates with the
+//! admin key (`Authorization: Bearer`) or, over TLS, with a client
+//! certificate the admin plane's client CA signed.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,8 +16,8 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
-use crate::admin::TcpOrTls;
-use crate::admin::access::AdminKey;
+use super::TcpOrTls;
+use super::access::AdminKey;
 
 /// The longest a connection to the admin plane may take to open (TCP and
 /// TLS).
