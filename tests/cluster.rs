@@ -30,7 +30,16 @@ struct Node {
 
 impl Node {
     fn start(etcd: &Etcd, id: &str, ttl: Duration) -> Node {
-        let ctl = controller(1);
+        Node::with(etcd, id, ttl, config(1))
+    }
+
+    fn with(
+        etcd: &Etcd,
+        id: &str,
+        ttl: Duration,
+        ctl: tether::controller::ControllerConfig,
+    ) -> Node {
+        let ctl = start(ctl);
         let mut config = AdminConfig::new("127.0.0.1:0".parse().unwrap());
         config.key = AdminKey::new(KEY.as_bytes());
         let admin = AdminServer::start(ctl.api(), config).unwrap();
@@ -105,7 +114,10 @@ fn admin_post(url: &str, body: &Value, headers: &[(&str, &str)]) -> (u16, Value)
     let mut r = request.send(body.to_string()).unwrap();
     let status = r.status().as_u16();
     let text = r.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 fn swarm_to(addr: &str, service: &str, n: usize, sources: &str) -> Swarm {
@@ -159,7 +171,11 @@ fn node_names(status: &Value) -> Vec<String> {
 fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     let Some(etcd) = Etcd::start() else { return };
     let a = Node::start(&etcd, "a", Duration::from_secs(10));
-    let b = Node::start(&etcd, "b", Duration::from_secs(10));
+    // b's event queue is small, so 200 services leaving at once cut the
+    // cluster layer from it: it must find what left by itself.
+    let mut small = config(1);
+    small.registry.event_subscriber_queue = 16;
+    let b = Node::with(&etcd, "b", Duration::from_secs(10), small);
     let _on_a = a.swarm("alpha", 300, "127.0.0.2");
     let on_b = b.swarm("beta", 200, "127.0.0.3");
     until("a sees b's 200", WAIT, || {
@@ -192,11 +208,19 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         &serde_json::json!({"name": "get_service_info", "arguments": {}}),
         &[],
     );
-    assert_eq!((status, &answer["outcome"]), (200, &Value::from("ok")), "{answer}");
+    assert_eq!(
+        (status, &answer["outcome"]),
+        (200, &Value::from("ok")),
+        "{answer}"
+    );
     assert_eq!(answer["node"], "b", "{answer}");
     assert_eq!(answer["result"]["serviceId"], "beta", "{answer}");
     let (status, tools) = a.get(&format!("/services/{id}/tools"));
-    assert_eq!((status, &tools["node"]), (200, &Value::from("b")), "{tools}");
+    assert_eq!(
+        (status, &tools["node"]),
+        (200, &Value::from("b")),
+        "{tools}"
+    );
     let (status, one) = a.get(&format!("/services/{id}"));
     assert_eq!((status, &one["node"]), (200, &Value::from("b")), "{one}");
     // A request another node forwarded is never forwarded again.
@@ -234,12 +258,20 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     );
     assert!(metrics.contains("tether_cluster_stale 0"));
 
-    // b's services go away: a's view follows, one delete each.
+    // b's services go away at once: a's view follows, though b was cut
+    // from its event log on the way (it re-syncs: puts what is up, deletes
+    // what etcd has of it that is not).
+    let resyncs = b.status()["etcd"]["resyncs"].as_u64().unwrap();
     on_b.stop();
     until("a sees b's services gone", WAIT, || {
         let s = a.status();
         (remote(&s) == 0, s)
     });
+    assert!(
+        b.status()["etcd"]["resyncs"].as_u64().unwrap() > resyncs,
+        "the cut path ran: {}",
+        b.status()
+    );
     // b leaves the cluster (its lease revoked): gone from a's view at once,
     // not a TTL later.
     b.cluster.stop();

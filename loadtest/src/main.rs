@@ -10,6 +10,7 @@
 mod abuse;
 mod admin;
 mod capacity;
+mod cluster;
 mod common;
 mod compare;
 mod floor;
@@ -66,6 +67,10 @@ enum Scenario {
     /// The gateway's added latency against the admin plane, side by side,
     /// and the Admin UI's speed in headless Chromium, at N services.
     Ui(ui::UiArgs),
+    /// N services over 2-3 controller nodes on one etcd (started here):
+    /// etcd writes during the wave and at rest, bytes per instance, view
+    /// convergence, and a node SIGKILLed (tether built --features cluster).
+    Cluster(cluster::ClusterArgs),
 }
 
 fn write_json<T: serde::Serialize>(
@@ -105,6 +110,12 @@ fn main() -> anyhow::Result<()> {
             return write_json(json, &report);
         }
         Scenario::Floor(args) => return floor::run(args),
+        Scenario::Cluster(args) => {
+            let json = args.json.clone();
+            let report = cluster::run(args)?;
+            cluster::print(&report);
+            return write_json(json, &report);
+        }
         Scenario::Ui(args) => {
             let json = args.json.clone();
             let report = ui::run(args)?;

@@ -8,8 +8,10 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::TryRecvError;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -31,8 +33,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const LIST_PAGE: i64 = 4096;
 /// Records read from the registry per lock.
 const REGISTRY_CHUNK: usize = 1024;
-/// How often the local event log is drained into the dirty set.
-const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// Largest watch response read (etcd batches events: a registration wave
+/// makes responses of many MB; fragments are asked for too).
+const MAX_WATCH_MESSAGE: usize = 64 << 20;
 /// Pauses between sessions grow to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -77,10 +80,109 @@ pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot
 /// What woke the session's loop.
 enum Wake {
     Stop,
-    LeaseLost(String),
-    Watch(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
-    Drain,
+    /// The lease or the watch was lost: the session ends.
+    Lost(String),
     Flush,
+}
+
+/// Applies the watch's events to the view as they come; on a compaction
+/// lists again and watches anew; says why when the watch is lost.
+async fn follow(
+    shared: Arc<Shared>,
+    mut client: Client,
+    mut watch: WatchStream,
+    lost: oneshot::Sender<String>,
+) {
+    let why = loop {
+        let resp = match watch.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break "etcd ended the watch".to_string(),
+            Err(e) => break format!("etcd watch: {e}"),
+        };
+        if resp.canceled() {
+            if resp.compact_revision() == 0 {
+                break format!("etcd cancelled the watch: {}", resp.cancel_reason());
+            }
+            // Compacted past where the watch stood: list afresh.
+            tracing::info!(
+                "cluster: watch compacted at revision {}; listing again",
+                resp.compact_revision()
+            );
+            match list_and_watch(&shared, &mut client).await {
+                Ok(w) => watch = w,
+                Err(e) => break e,
+            }
+            continue;
+        }
+        apply(&mut shared.view.lock().unwrap(), &resp);
+    };
+    let _ = lost.send(why);
+}
+
+/// A thread that moves the local event log's changes into a dirty set as
+/// they come, so the session never falls behind the log while it waits on
+/// etcd; `cut` says the log dropped the subscription (it fell behind
+/// anyway, in a burst larger than its queue) and a resync is due.
+struct Collector {
+    dirty: Arc<Mutex<HashSet<Uuid>>>,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    fn start(api: &Api) -> Result<Collector, Fail> {
+        let events = api
+            .subscribe_events(None)
+            .map_err(|e| format!("the local event log: {e}"))?
+            .1;
+        let dirty = Arc::new(Mutex::new(HashSet::new()));
+        let (cut, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (d, c, st) = (dirty.clone(), cut.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("tether-cluster-events".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    match events.recv_timeout(Duration::from_millis(100)) {
+                        Ok(e) => {
+                            d.lock().unwrap().insert(e.runtime_instance_id);
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => {
+                            c.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the cluster's event thread: {e}"))?;
+        Ok(Collector {
+            dirty,
+            cut,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn take(&self) -> HashSet<Uuid> {
+        std::mem::take(&mut self.dirty.lock().unwrap())
+    }
+
+    fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 async fn session(
@@ -100,17 +202,14 @@ async fn session(
         .id();
     shared.stats.leases.fetch_add(1, Ordering::Relaxed);
     let (lease_lost_tx, mut lease_lost) = oneshot::channel();
-    let keeper = KeepAlive(tokio::spawn(keep_alive(
+    let keeper = Task(tokio::spawn(keep_alive(
         client.clone(),
         lease,
         config.lease_ttl,
         lease_lost_tx,
     )));
     // Subscribed before the instances are read, so no change falls between.
-    let mut events = api
-        .subscribe_events(None)
-        .map_err(|e| format!("the local event log: {e}"))?
-        .1;
+    let mut events = Collector::start(api)?;
     let record = NodeRecord {
         admin: config.admin_url.clone(),
         epoch: api.events_epoch().to_string(),
@@ -121,82 +220,58 @@ async fn session(
     let record = serde_json::to_vec(&record).expect("records serialize");
     unary("put", client.put(node_key, record, with_lease())).await?;
     resync(shared, api, &mut client, lease).await?;
-    let mut watch = list_and_watch(shared, &mut client).await?;
+    let watch = list_and_watch(shared, &mut client).await?;
     *shared.last_error.lock().unwrap() = None;
     tracing::info!(
         "cluster: node {} in sync with etcd ({} other instances)",
         config.node_id,
         shared.view.lock().unwrap().instance_count()
     );
+    // The watch is read by a task of its own, so it never waits on this
+    // loop's writes (a watcher that reads slowly is caught up by etcd from
+    // its database, in batches: the view would lag the cluster).
+    let (watch_lost_tx, mut watch_lost) = oneshot::channel();
+    let _watcher = Task(tokio::spawn(follow(
+        shared.clone(),
+        client.clone(),
+        watch,
+        watch_lost_tx,
+    )));
 
-    let mut dirty: HashSet<Uuid> = HashSet::new();
-    let mut drain = tokio::time::interval(DRAIN_EVERY);
     let mut flush = tokio::time::interval(config.flush_interval);
-    for t in [&mut drain, &mut flush] {
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    }
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let wake = tokio::select! {
             _ = &mut *stopped => Wake::Stop,
-            lost = &mut lease_lost => Wake::LeaseLost(lost.unwrap_or_else(|_| "the lease keeper ended".into())),
-            m = watch.message() => Wake::Watch(m),
-            _ = drain.tick() => Wake::Drain,
+            lost = &mut lease_lost => Wake::Lost(lost.unwrap_or_else(|_| "the lease keeper ended".into())),
+            lost = &mut watch_lost => Wake::Lost(lost.unwrap_or_else(|_| "the watch ended".into())),
             _ = flush.tick() => Wake::Flush,
         };
         match wake {
             Wake::Stop => {
                 // Flush what is pending, then revoke: the others drop this
                 // node's instances now, not a TTL later.
-                drain_events(api, &mut events, &mut dirty);
-                let _ = write_dirty(shared, api, &mut client, lease, &mut dirty).await;
+                let _ = write_dirty(shared, api, &mut client, lease, events.take()).await;
                 drop(keeper);
                 let _ = unary("lease revoke", client.lease_revoke(lease)).await;
                 return Ok(());
             }
-            Wake::LeaseLost(why) => return Err(why),
-            Wake::Watch(m) => {
-                let m = m.map_err(|e| format!("etcd watch: {e}"))?;
-                let Some(resp) = m else {
-                    return Err("etcd ended the watch".into());
-                };
-                if resp.canceled() {
-                    if resp.compact_revision() == 0 {
-                        return Err(format!(
-                            "etcd cancelled the watch: {}",
-                            resp.cancel_reason()
-                        ));
-                    }
-                    // Compacted past where the watch stood: list afresh.
-                    tracing::info!(
-                        "cluster: watch compacted at revision {}; listing again",
-                        resp.compact_revision()
-                    );
-                    watch = list_and_watch(shared, &mut client).await?;
-                    continue;
-                }
-                apply(&mut shared.view.lock().unwrap(), &resp);
+            Wake::Lost(why) => return Err(why),
+            Wake::Flush if events.was_cut() => {
+                // Cut from the event log (a burst beyond its queue): start
+                // again from everything the registry holds.
+                events = Collector::start(api)?;
+                resync(shared, api, &mut client, lease).await?;
             }
-            Wake::Drain => {
-                if !drain_events(api, &mut events, &mut dirty) {
-                    // Cut from the event log (it fell behind): start again
-                    // from everything the registry holds.
-                    events = api
-                        .subscribe_events(None)
-                        .map_err(|e| format!("the local event log: {e}"))?
-                        .1;
-                    dirty.clear();
-                    resync(shared, api, &mut client, lease).await?;
-                }
-            }
-            Wake::Flush => write_dirty(shared, api, &mut client, lease, &mut dirty).await?,
+            Wake::Flush => write_dirty(shared, api, &mut client, lease, events.take()).await?,
         }
     }
 }
 
-/// Aborts the keep-alive task with the session.
-struct KeepAlive(tokio::task::JoinHandle<()>);
+/// Aborts a session's task (keep-alive, watch) with the session.
+struct Task(tokio::task::JoinHandle<()>);
 
-impl Drop for KeepAlive {
+impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -233,24 +308,6 @@ async fn keep_alive(mut client: Client, lease: i64, ttl: Duration, lost: oneshot
     }
 }
 
-/// Moves what the event log has into `dirty`; false if the subscription
-/// was cut.
-fn drain_events(
-    _api: &Api,
-    events: &mut crate::registry::events::Subscription,
-    dirty: &mut HashSet<Uuid>,
-) -> bool {
-    loop {
-        match events.try_recv() {
-            Ok(e) => {
-                dirty.insert(e.runtime_instance_id);
-            }
-            Err(TryRecvError::Empty) => return true,
-            Err(TryRecvError::Disconnected) => return false,
-        }
-    }
-}
-
 /// Writes the current state of each dirty instance: a put of its value if
 /// it is up here, else a delete. In transactions of at most `MAX_TXN_OPS`.
 async fn write_dirty(
@@ -258,12 +315,12 @@ async fn write_dirty(
     api: &Api,
     client: &mut Client,
     lease: i64,
-    dirty: &mut HashSet<Uuid>,
+    dirty: HashSet<Uuid>,
 ) -> Result<(), Fail> {
     if dirty.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = dirty.drain().collect();
+    let ids: Vec<Uuid> = dirty.into_iter().collect();
     let me = &shared.config.node_id;
     let mut batch = Batch::default();
     for chunk in ids.chunks(REGISTRY_CHUNK) {
@@ -282,8 +339,9 @@ async fn write_dirty(
     batch.send(shared, client).await
 }
 
-/// Every up instance of the registry, written again (a new lease, or a
-/// cut from the event log).
+/// Every up instance of the registry, written again, and every key of this
+/// node's that no longer names one deleted (a new lease, or a cut from the
+/// event log: the changes in between are not known one by one).
 async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> Result<(), Fail> {
     shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
     let me = &shared.config.node_id;
@@ -293,9 +351,11 @@ async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> 
     };
     let mut cursor = 0;
     let mut batch = Batch::default();
+    let mut here: HashSet<Uuid> = HashSet::new();
     loop {
         let page = api.page(up.clone(), cursor, REGISTRY_CHUNK);
         for n in &page.items {
+            here.insert(n.runtime_instance_id);
             batch.put(
                 shared.keys.instance(me, &n.runtime_instance_id),
                 encode_instance(n),
@@ -310,7 +370,64 @@ async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> 
             None => break,
         }
     }
+    batch.send(shared, client).await?;
+    // What etcd still has of this node that is not up here any more.
+    let mut gone = Vec::new();
+    let mine = shared.keys.instances_of(me);
+    list(client, mine.as_bytes(), true, |key, _| {
+        if let Some(super::codec::KeyKind::Instance(_, id)) = shared.keys.parse(key)
+            && !here.contains(&id)
+        {
+            gone.push(key.to_string());
+        }
+    })
+    .await?;
+    for key in gone {
+        batch.delete(key);
+        if batch.ops.len() == MAX_TXN_OPS {
+            batch.send(shared, client).await?;
+        }
+    }
     batch.send(shared, client).await
+}
+
+/// Every key under `prefix` at one revision, page by page; that revision.
+async fn list(
+    client: &mut Client,
+    prefix: &[u8],
+    keys_only: bool,
+    mut each: impl FnMut(&str, &[u8]),
+) -> Result<i64, Fail> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.to_vec();
+    let mut revision = 0;
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if keys_only {
+            options = options.with_keys_only();
+        }
+        if revision != 0 {
+            options = options.with_revision(revision);
+        }
+        let resp = unary("list", client.get(start.clone(), Some(options))).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            if let Ok(key) = kv.key_str() {
+                each(key, kv.value());
+            }
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok(revision),
+        }
+    }
 }
 
 /// Operations for one transaction.
@@ -375,44 +492,22 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 async fn list_and_watch(shared: &Shared, client: &mut Client) -> Result<WatchStream, Fail> {
     let config = &shared.config;
     let prefix = shared.keys.all().as_bytes().to_vec();
-    let end = prefix_end(&prefix);
     let mut fresh = View::new(
         &config.node_id,
         shared.keys.clone(),
         config.max_remote_instances,
     );
-    let mut start = prefix.clone();
-    let mut revision = 0;
-    loop {
-        let mut options = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
-        if revision != 0 {
-            options = options.with_revision(revision);
-        }
-        let resp = unary("list", client.get(start.clone(), Some(options))).await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
-        }
-        for kv in resp.kvs() {
-            if let Ok(key) = kv.key_str() {
-                fresh.put(key, kv.value());
-            }
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                start = last.key().to_vec();
-                start.push(0);
-            }
-            _ => break,
-        }
-    }
+    let revision = list(client, &prefix, false, |key, value| fresh.put(key, value)).await?;
     shared.stats.lists.fetch_add(1, Ordering::Relaxed);
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
-        .with_progress_notify();
-    let watch = unary("watch", client.watch(prefix, Some(options))).await?;
+        .with_progress_notify()
+        .with_fragment();
+    let mut watcher = client
+        .watch_client()
+        .max_decoding_message_size(MAX_WATCH_MESSAGE);
+    let watch = unary("watch", watcher.watch(prefix, Some(options))).await?;
     let mut view = shared.view.lock().unwrap();
     fresh.dropped += view.dropped;
     fresh.malformed += view.malformed;
