@@ -217,6 +217,11 @@ struct ControllerArgs {
     /// they forward (default: http(s)://the --admin address).
     #[arg(long)]
     cluster_admin_url: Option<String>,
+    /// Hosts the other nodes' admin URLs may name (comma-separated or
+    /// repeated; loopback is always allowed): commands and the shared
+    /// admin key are forwarded only there, whatever etcd says.
+    #[arg(long, value_delimiter = ',')]
+    cluster_peer_host: Vec<String>,
     /// Serve the admin API over HTTPS with this certificate chain (PEM);
     /// with --admin-tls-key. Reloaded on SIGHUP.
     #[arg(long, requires = "admin_tls_key")]
@@ -788,6 +793,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             let mut config = tether::cluster::ClusterConfig::new(endpoints, &node_id);
             config.lease_ttl = args.cluster_lease_ttl;
             config.prefix = args.cluster_prefix.clone();
+            config.peer_hosts = args.cluster_peer_host.clone();
             config.admin_url = args.cluster_admin_url.clone().unwrap_or_else(|| {
                 let scheme = if admin_tls.is_some() { "https" } else { "http" };
                 format!("{scheme}://{}", server.local_addr())

@@ -231,6 +231,39 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     );
     assert_eq!(status, 404);
 
+    // A forged record in etcd cannot collect the admin key: its admin URL
+    // names a host no one trusted, and nothing is sent there.
+    let forged = uuid::Uuid::now_v7();
+    etcd_put(
+        &etcd,
+        &[
+            (
+                "/tether/v1/n/mallory".to_string(),
+                r#"{"admin":"http://203.0.113.1:8439","epoch":"00","startedAtMs":1}"#.to_string(),
+            ),
+            (
+                format!("/tether/v1/i/mallory/{forged}"),
+                r#"["beta","","1","https","10.9.9.9",1,{}]"#.to_string(),
+            ),
+        ],
+    );
+    until("a sees the forged record", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 201, s)
+    });
+    let (status, refused) = admin_post(
+        &format!("http://{}/services/{forged}/commands", a.admin.local_addr()),
+        &serde_json::json!({"name": "get_service_info"}),
+        &[],
+    );
+    assert_eq!(
+        (status, &refused["error"]),
+        (502, &Value::from("peer_not_trusted")),
+        "{refused}"
+    );
+    etcd_delete(&etcd, "/tether/v1/n/mallory");
+    etcd_delete(&etcd, &format!("/tether/v1/i/mallory/{forged}"));
+
     // Writes were coalesced: transactions of at most 128, far fewer than
     // the instances they carried.
     let etcd_a = &a.status()["etcd"];
@@ -400,13 +433,37 @@ fn an_etcd_restart_loses_nothing_and_the_view_survives_a_compaction() {
     });
 }
 
-/// Compacts etcd's history up to its current revision.
-fn compact(etcd: &Etcd) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+fn etcd_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    runtime.block_on(async {
+        .unwrap()
+}
+
+/// Writes keys straight to etcd (as anyone with access to it could).
+fn etcd_put(etcd: &Etcd, kvs: &[(String, String)]) {
+    etcd_runtime().block_on(async {
+        let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        for (k, v) in kvs {
+            client.put(k.as_str(), v.as_str(), None).await.unwrap();
+        }
+    });
+}
+
+fn etcd_delete(etcd: &Etcd, key: &str) {
+    etcd_runtime().block_on(async {
+        let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        client.delete(key, None).await.unwrap();
+    });
+}
+
+/// Compacts etcd's history up to its current revision.
+fn compact(etcd: &Etcd) {
+    etcd_runtime().block_on(async {
         let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
             .await
             .unwrap();

@@ -7,6 +7,9 @@
 //! disagree cannot bounce a command between them. The nodes of a cluster
 //! share one admin key (`--admin-key-file`): the peer checks it, the
 //! caller's scopes again, and audits the command under the caller's name.
+//! The admin URL comes from the holder's record in etcd: it is used only
+//! when its host is loopback or one of `--cluster-peer-host`, so a forged
+//! record cannot collect the key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -83,6 +86,21 @@ pub(crate) async fn forward(
             format!("node {node} (holding the instance) at {admin}: {why}"),
         )
     };
+    let trusted = state
+        .config
+        .cluster
+        .get()
+        .is_some_and(|c| c.trusts_peer_url(&admin));
+    if !trusted {
+        return fail(
+            StatusCode::BAD_GATEWAY,
+            "peer_not_trusted",
+            format!(
+                "node {node} names its admin API {admin:?}, whose host is not loopback nor in \
+                 --cluster-peer-host: the command (and the admin key) is not sent there"
+            ),
+        );
+    }
     let upstream = match state.peers.client(&admin, state) {
         Ok(u) => u,
         Err(e) => return unreachable(e),

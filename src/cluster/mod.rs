@@ -50,6 +50,11 @@ pub struct ClusterConfig {
     pub flush_interval: Duration,
     /// Remote instances the view holds at most.
     pub max_remote_instances: usize,
+    /// The hosts (names or addresses, as in the URLs) that peers' admin
+    /// URLs may name: commands, and the shared admin key, are forwarded
+    /// only there, whatever a node record in etcd says. Loopback is
+    /// always allowed.
+    pub peer_hosts: Vec<String>,
 }
 
 impl ClusterConfig {
@@ -62,6 +67,7 @@ impl ClusterConfig {
             admin_url: String::new(),
             flush_interval: Duration::from_millis(100),
             max_remote_instances: 4_000_000,
+            peer_hosts: Vec::new(),
         }
     }
 }
@@ -82,6 +88,32 @@ pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
         return Err(format!("--cluster {spec:?} names no etcd endpoint"));
     }
     Ok(endpoints)
+}
+
+/// Whether `url` is http(s) to loopback or to one of `peer_hosts`.
+pub fn peer_url_trusted(url: &str, peer_hosts: &[String]) -> bool {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback
+        || peer_hosts
+            .iter()
+            .any(|h| !host.is_empty() && h.trim_matches(['[', ']']).eq_ignore_ascii_case(host))
 }
 
 /// What the cluster layer has done, for `/metrics` and `/cluster`.
@@ -200,6 +232,12 @@ impl Cluster {
         self.shared.last_error.lock().unwrap().clone()
     }
 
+    /// Whether commands may be forwarded to `url` (an admin URL from a
+    /// node record): http(s) to loopback or to one of `peer_hosts`.
+    pub fn trusts_peer_url(&self, url: &str) -> bool {
+        peer_url_trusted(url, &self.shared.config.peer_hosts)
+    }
+
     /// The node holding `id` up, and its admin URL, if another node does
     /// (and named one).
     pub fn holder_admin(&self, id: &uuid::Uuid) -> Option<(String, String)> {
@@ -306,6 +344,30 @@ impl Drop for Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_go_only_to_trusted_peer_hosts() {
+        let peers = ["n2.internal".to_string(), "10.0.0.9".to_string()];
+        for ok in [
+            "http://127.0.0.1:8439",
+            "https://[::1]:8439/",
+            "http://localhost:1",
+            "http://N2.internal:8439",
+            "https://10.0.0.9:8439",
+        ] {
+            assert!(peer_url_trusted(ok, &peers), "{ok}");
+        }
+        for bad in [
+            "http://evil.example:8439",
+            "http://10.0.0.99:8439",
+            "ftp://127.0.0.1:1",
+            "http://127.0.0.1@evil.example/",
+            "127.0.0.1:8439",
+            "http://:8439",
+        ] {
+            assert!(!peer_url_trusted(bad, &peers), "{bad}");
+        }
+    }
 
     #[test]
     fn endpoints_come_from_an_etcd_url() {
