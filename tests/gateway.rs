@@ -350,21 +350,33 @@ fn scopes_decide_the_commands_and_the_gateway_sets_who_asks() {
     );
     assert_eq!(a.status, 200, "{}", a.body);
     drop(_swarm);
-    let lines = json_lines(&stack.audit);
-    let who: Vec<(&str, &str)> = lines
-        .iter()
-        .filter(|l| l["phase"] == "result")
-        .map(|l| (l["who"].as_str().unwrap(), l["tool"].as_str().unwrap()))
-        .collect();
-    assert_eq!(
-        who,
-        vec![
-            ("reader", "get_service_info"),
-            ("reader", "tools/list"),
-            ("writer", "set_log_level"),
-            ("reader", "check"),
-        ]
-    );
+    // The audit log is written by a thread of its own: a read-only
+    // command's line may follow its answer by a moment.
+    let results = || -> Vec<(String, String)> {
+        json_lines(&stack.audit)
+            .iter()
+            .filter(|l| l["phase"] == "result")
+            .map(|l| {
+                (
+                    l["who"].as_str().unwrap().into(),
+                    l["tool"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    eventually("four result lines in the audit log", || {
+        results().len() >= 4
+    });
+    let expected: Vec<(String, String)> = [
+        ("reader", "get_service_info"),
+        ("reader", "tools/list"),
+        ("writer", "set_log_level"),
+        ("reader", "check"),
+    ]
+    .iter()
+    .map(|(w, t)| (w.to_string(), t.to_string()))
+    .collect();
+    assert_eq!(results(), expected);
 }
 
 /// Logs in through the dev login page: the session cookie's value.
