@@ -739,19 +739,17 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         admin.health_listen = args.admin_health;
         // Other nodes reach this one by its --cluster-admin-url: its host
         // must pass the Host check.
-        if let Some(url) = &args.cluster_admin_url {
-            let rest = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
-            let host = match rest.strip_prefix('[') {
-                Some(v6) => v6
-                    .split(']')
-                    .next()
-                    .map(|h| format!("[{h}]"))
-                    .unwrap_or_default(),
-                None => rest.split(['/', ':']).next().unwrap_or("").to_string(),
+        if let Some(host) = args
+            .cluster_admin_url
+            .as_deref()
+            .and_then(tether::cluster::url_host)
+        {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
             };
-            if !host.is_empty() {
-                admin.allowed_hosts.push(host);
-            }
+            admin.allowed_hosts.push(host);
         }
         if let (Some(cert), Some(key)) = (args.admin_tls_cert, args.admin_tls_key) {
             let files = tether::engine::tls::TlsFiles {

@@ -90,21 +90,27 @@ pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
     Ok(endpoints)
 }
 
-/// Whether `url` is http(s) to loopback or to one of `peer_hosts`.
-pub fn peer_url_trusted(url: &str, peer_hosts: &[String]) -> bool {
-    let Some(rest) = url
+/// The host of an http(s) URL, without brackets or port (`[::1]` → `::1`);
+/// None for another scheme or a URL with user info.
+pub fn url_host(url: &str) -> Option<&str> {
+    let rest = url
         .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-    else {
-        return false;
-    };
+        .or_else(|| url.strip_prefix("https://"))?;
     let authority = rest.split('/').next().unwrap_or("");
     if authority.contains('@') {
-        return false;
+        return None;
     }
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+/// Whether `url` is http(s) to loopback or to one of `peer_hosts`.
+pub fn peer_url_trusted(url: &str, peer_hosts: &[String]) -> bool {
+    let Some(host) = url_host(url) else {
+        return false;
     };
     let loopback = host == "localhost"
         || host
@@ -113,7 +119,7 @@ pub fn peer_url_trusted(url: &str, peer_hosts: &[String]) -> bool {
     loopback
         || peer_hosts
             .iter()
-            .any(|h| !host.is_empty() && h.trim_matches(['[', ']']).eq_ignore_ascii_case(host))
+            .any(|h| h.trim_matches(['[', ']']).eq_ignore_ascii_case(host))
 }
 
 /// What the cluster layer has done, for `/metrics` and `/cluster`.
