@@ -317,6 +317,39 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
 }
 
 #[test]
+fn a_node_id_in_use_is_refused_and_taken_once_free() {
+    let Some(etcd) = Etcd::start() else { return };
+    let watcher = Node::start(&etcd, "w", Duration::from_secs(10));
+    let first = Node::start(&etcd, "a", Duration::from_secs(10));
+    let _on_first = first.swarm("alpha", 50, "127.0.0.8");
+    until("w sees a's 50", WAIT, || {
+        let s = watcher.status();
+        (remote(&s) == 50, s)
+    });
+    // A second process given the same id must not take a's keys over (its
+    // resync would delete the 50 it does not hold).
+    let second = Node::start(&etcd, "a", Duration::from_secs(10));
+    until("the second a says why it waits", WAIT, || {
+        let e = second.cluster.last_error().unwrap_or_default();
+        (e.contains("held by another live node"), Value::from(e))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = watcher.status();
+    assert_eq!(remote(&s), 50, "a's instances untouched: {s}");
+    assert_eq!(second.status()["stale"], true);
+    // Once the first leaves, the second joins (and publishes its own: 0).
+    first.cluster.stop();
+    until("the second a in sync", Duration::from_secs(20), || {
+        let s = second.status();
+        (s["stale"] == false, s)
+    });
+    until("w sees the second a, holding nothing", WAIT, || {
+        let s = watcher.status();
+        (remote(&s) == 0 && node_names(&s) == ["a"], s)
+    });
+}
+
+#[test]
 fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
     let Some(etcd) = Etcd::start() else { return };
     let a = Node::start(&etcd, "a", Duration::from_secs(10));

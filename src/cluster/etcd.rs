@@ -6,7 +6,7 @@
 //! one after a pause (a new lease: the old one's keys that were not
 //! written again expire with it).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -15,8 +15,8 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
-    WatchStream,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -33,8 +33,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const LIST_PAGE: i64 = 4096;
 /// Records read from the registry per lock.
 const REGISTRY_CHUNK: usize = 1024;
-/// Largest watch response read (etcd batches events: a registration wave
-/// makes responses of many MB; fragments are asked for too).
+/// Largest watch response read. etcd batches events: a registration wave
+/// makes responses of many MB, and a node's lease expiry deletes all its
+/// keys in one revision (50,000 deletes: ~5 MB). Fragments are not asked
+/// for: etcd 3.4 builds them by re-measuring the growing message at each
+/// event (quadratic), which took ~25 s for one node's 50,000 deletes.
 const MAX_WATCH_MESSAGE: usize = 64 << 20;
 /// Pauses between sessions grow to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -55,9 +58,12 @@ async fn unary<T>(
 /// Sessions until `stopped`.
 pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot::Receiver<()>) {
     let mut backoff = Duration::from_millis(250);
+    // The last session's lease: the next session takes the node record
+    // over from it (a lease etcd still keeps, or one it let expire).
+    let mut last_lease = None;
     loop {
         let started = Instant::now();
-        let Err(e) = session(&shared, &api, &mut stopped).await else {
+        let Err(e) = session(&shared, &api, &mut stopped, &mut last_lease).await else {
             return;
         };
         shared.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -171,6 +177,11 @@ impl Collector {
         std::mem::take(&mut self.dirty.lock().unwrap())
     }
 
+    /// Ids taken that still need writing.
+    fn give_back(&self, ids: impl IntoIterator<Item = Uuid>) {
+        self.dirty.lock().unwrap().extend(ids);
+    }
+
     fn was_cut(&self) -> bool {
         self.cut.load(Ordering::Relaxed)
     }
@@ -189,6 +200,7 @@ async fn session(
     shared: &Arc<Shared>,
     api: &Arc<Api>,
     stopped: &mut oneshot::Receiver<()>,
+    last_lease: &mut Option<i64>,
 ) -> Result<(), Fail> {
     let config = &shared.config;
     let options = ConnectOptions::new()
@@ -215,11 +227,20 @@ async fn session(
         epoch: api.events_epoch().to_string(),
         started_at_ms: crate::controller::now_ms(),
     };
-    let node_key = shared.keys.node(&config.node_id);
-    let with_lease = || Some(PutOptions::new().with_lease(lease));
     let record = serde_json::to_vec(&record).expect("records serialize");
-    unary("put", client.put(node_key, record, with_lease())).await?;
-    resync(shared, api, &mut client, lease).await?;
+    let previous = last_lease.replace(lease);
+    if let Err(e) = claim_node(shared, &mut client, lease, previous, record).await {
+        // Another node holds the id: this lease would only expire unused.
+        let _ = unary("lease revoke", client.lease_revoke(lease)).await;
+        *last_lease = previous;
+        return Err(e);
+    }
+    resync(shared, api, &mut client, lease, &events).await?;
+    if let Some(old) = previous {
+        // Every key of this node is on the new lease now: what is still on
+        // the old one is stale (a cut-off session's leftovers).
+        let _ = unary("lease revoke", client.lease_revoke(old)).await;
+    }
     let watch = list_and_watch(shared, &mut client).await?;
     *shared.last_error.lock().unwrap() = None;
     tracing::info!(
@@ -261,11 +282,56 @@ async fn session(
                 // Cut from the event log (a burst beyond its queue): start
                 // again from everything the registry holds.
                 events = Collector::start(api)?;
-                resync(shared, api, &mut client, lease).await?;
+                resync(shared, api, &mut client, lease, &events).await?;
             }
             Wake::Flush => write_dirty(shared, api, &mut client, lease, events.take()).await?,
         }
     }
+}
+
+/// Writes this node's record `n/{node}` on `lease`: created if no node
+/// holds the id, or taken over from this process's previous lease. Refused
+/// while another live node holds the id, so that two processes given the
+/// same `--node-id` never overwrite (and delete) each other's keys.
+async fn claim_node(
+    shared: &Shared,
+    client: &mut Client,
+    lease: i64,
+    previous: Option<i64>,
+    record: Vec<u8>,
+) -> Result<(), Fail> {
+    let key = shared.keys.node(&shared.config.node_id);
+    let put = || {
+        TxnOp::put(
+            key.clone(),
+            record.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    };
+    let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+    let txn = Txn::new().when([absent]).and_then([put()]);
+    if unary("txn", client.txn(txn)).await?.succeeded() {
+        return Ok(());
+    }
+    if let Some(previous) = previous {
+        let ours = Compare::lease(key.clone(), CompareOp::Equal, previous);
+        let txn = Txn::new().when([ours]).and_then([put()]);
+        if unary("txn", client.txn(txn)).await?.succeeded() {
+            return Ok(());
+        }
+    }
+    let holder = unary("get", client.get(key.clone(), None)).await?;
+    let admin = holder
+        .kvs()
+        .first()
+        .and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok())
+        .map_or_else(|| "unknown".to_string(), |r| r.admin);
+    Err(format!(
+        "node id {:?} is held by another live node (admin API {admin}): give every node \
+         its own --node-id. If that was this node before a crash, its lease expires \
+         within {:?} and this node joins then",
+        shared.config.node_id, shared.config.lease_ttl
+    ))
 }
 
 /// Aborts a session's task (keep-alive, watch) with the session.
@@ -342,8 +408,20 @@ async fn write_dirty(
 /// Every up instance of the registry, written again, and every key of this
 /// node's that no longer names one deleted (a new lease, or a cut from the
 /// event log: the changes in between are not known one by one).
-async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> Result<(), Fail> {
+async fn resync(
+    shared: &Shared,
+    api: &Api,
+    client: &mut Client,
+    lease: i64,
+    events: &Collector,
+) -> Result<(), Fail> {
     shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    // A change collected before page k is read is in that page's read if
+    // the page holds the instance: it need not be written again from the
+    // dirty set. Only the others are (read earlier, or not up any more),
+    // so a resync that runs beside a registration wave writes it once.
+    let mut changed: HashMap<Uuid, u32> = HashMap::new();
     let me = &shared.config.node_id;
     let up = Query {
         status: Some(Status::Up),
@@ -351,11 +429,14 @@ async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> 
     };
     let mut cursor = 0;
     let mut batch = Batch::default();
-    let mut here: HashSet<Uuid> = HashSet::new();
-    loop {
-        let page = api.page(up.clone(), cursor, REGISTRY_CHUNK);
+    let mut read_at: HashMap<Uuid, u32> = HashMap::new();
+    for k in 0u32.. {
+        for id in events.take() {
+            changed.entry(id).or_insert(k);
+        }
+        let page = api.page_uncounted(up.clone(), cursor, REGISTRY_CHUNK);
         for n in &page.items {
-            here.insert(n.runtime_instance_id);
+            read_at.insert(n.runtime_instance_id, k);
             batch.put(
                 shared.keys.instance(me, &n.runtime_instance_id),
                 encode_instance(n),
@@ -370,25 +451,35 @@ async fn resync(shared: &Shared, api: &Api, client: &mut Client, lease: i64) -> 
             None => break,
         }
     }
+    changed.retain(|id, k| read_at.get(id).is_none_or(|read| read < k));
+    events.give_back(changed.into_keys());
+    let here = read_at;
     batch.send(shared, client).await?;
     // What etcd still has of this node that is not up here any more.
     let mut gone = Vec::new();
     let mine = shared.keys.instances_of(me);
     list(client, mine.as_bytes(), true, |key, _| {
         if let Some(super::codec::KeyKind::Instance(_, id)) = shared.keys.parse(key)
-            && !here.contains(&id)
+            && !here.contains_key(&id)
         {
             gone.push(key.to_string());
         }
     })
     .await?;
+    let stale = gone.len();
     for key in gone {
         batch.delete(key);
         if batch.ops.len() == MAX_TXN_OPS {
             batch.send(shared, client).await?;
         }
     }
-    batch.send(shared, client).await
+    batch.send(shared, client).await?;
+    tracing::info!(
+        "cluster: {} instances published again, {stale} stale keys deleted, in {:?}",
+        here.len(),
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Every key under `prefix` at one revision, page by page; that revision.
@@ -502,8 +593,7 @@ async fn list_and_watch(shared: &Shared, client: &mut Client) -> Result<WatchStr
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
-        .with_progress_notify()
-        .with_fragment();
+        .with_progress_notify();
     let mut watcher = client
         .watch_client()
         .max_decoding_message_size(MAX_WATCH_MESSAGE);

@@ -203,7 +203,12 @@ impl Cluster {
         let thread = std::thread::Builder::new()
             .name("tether-cluster".into())
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
+                // Two workers: the lease keep-alive and the watch go on
+                // while the session reads registry pages (blocking, though
+                // in short chunks) or waits on a write.
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("tether-cluster")
                     .enable_all()
                     .build()
                 {

@@ -554,8 +554,22 @@ impl Api {
         cursor: u32,
         limit: usize,
     ) -> crate::registry::Page {
+        self.scan_page(crate::registry::PageScan::new(query, cursor, limit))
+    }
+
+    /// A page of `query` (unsorted) from `cursor`, its `total` not counted:
+    /// for walking the whole registry in O(N).
+    pub fn page_uncounted(
+        &self,
+        query: crate::registry::Query,
+        cursor: u32,
+        limit: usize,
+    ) -> crate::registry::Page {
+        self.scan_page(crate::registry::PageScan::new(query, cursor, limit).uncounted())
+    }
+
+    fn scan_page(&self, mut scan: crate::registry::PageScan) -> crate::registry::Page {
         const CHUNK: u32 = 4096;
-        let mut scan = crate::registry::PageScan::new(query, cursor, limit);
         while !self.shared.registry().page_step(&mut scan, CHUNK) {
             // Let shards waiting on the registry in.
             std::thread::yield_now();

@@ -112,6 +112,9 @@ pub struct PageScan {
     /// The texts of the strings a sorted listing ranks, taken when the
     /// scan ends.
     texts: HashMap<Sym, Arc<str>>,
+    /// Whether `total` counts every match (false: the scan starts at the
+    /// cursor and ends with the page, for readers that walk everything).
+    counted: bool,
 }
 
 impl PageScan {
@@ -131,7 +134,18 @@ impl PageScan {
             done: false,
             sorted: Vec::new(),
             texts: HashMap::new(),
+            counted: true,
         }
+    }
+
+    /// A scan that reads from the cursor up to the page's end and leaves
+    /// `total` uncounted: walking all N records page by page then costs
+    /// O(N), not O(N²/page). Not for sorted listings.
+    pub fn uncounted(mut self) -> PageScan {
+        assert!(self.query.sort.is_none(), "a sorted page needs every match");
+        self.counted = false;
+        self.next_slot = self.cursor;
+        self
     }
 
     /// Whether the scan still needs `sort` and `Registry::fill_sorted`.
@@ -367,7 +381,7 @@ impl Registry {
                     page.items.push(self.node(i));
                 } else if page.next.is_none() {
                     page.next = Some(slot);
-                    if unfiltered {
+                    if unfiltered || !scan.counted {
                         scan.next_slot = self.high_water;
                         break;
                     }

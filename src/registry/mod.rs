@@ -875,6 +875,33 @@ mod tests {
             .total,
             100
         );
+        // An uncounted walk reads from its cursor to its page's end and
+        // yields, page after page, what the counted pages yield.
+        let billing = Query {
+            service_id: Some("billing".into()),
+            ..Default::default()
+        };
+        let walk = |uncounted: bool| {
+            let (mut ids, mut cursor, mut pages) = (Vec::new(), Some(0), 0);
+            while let Some(c) = cursor {
+                let mut scan = PageScan::new(billing.clone(), c, 7);
+                if uncounted {
+                    scan = scan.uncounted();
+                }
+                while !r.page_step(&mut scan, 1_000) {}
+                let page = scan.finish();
+                if uncounted && page.next.is_some() {
+                    assert!(page.total <= 8, "stopped at the page's end");
+                }
+                ids.extend(page.items.iter().map(|n| n.runtime_instance_id));
+                cursor = page.next;
+                pages += 1;
+            }
+            (ids, pages)
+        };
+        let (counted, uncounted) = (walk(false), walk(true));
+        assert_eq!(counted.0.len(), 100);
+        assert_eq!(counted, uncounted);
     }
 
     #[test]
