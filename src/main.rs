@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tether::admin::audit::AuditConfig;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::swarm::{Swarm, SwarmConfig};
-use tether::agent::{Agent, Backoff, ControllerUrl, NoTools, ServiceSpec, parse_source_ips};
+use tether::agent::{Agent, Backoff, Controllers, NoTools, ServiceSpec, parse_source_ips};
 use tether::controller::auth::{Auth, AuthPolicy};
 use tether::controller::{Controller, ControllerConfig, default_host_id};
 use tether::engine::{EngineConfig, IoChoice, sys};
@@ -470,9 +470,11 @@ struct ServicesArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The controller's service endpoint (ws:// or wss://).
+    /// The controller's service endpoint (ws:// or wss://), or several
+    /// nodes' comma-separated: a connection that fails, closes or is
+    /// drained moves to the next.
     #[arg(long, default_value = "ws://127.0.0.1:8438/ws/microservice")]
-    controller: ControllerUrl,
+    controller: Controllers,
     /// For wss://: trust this CA (PEM) instead of the web's root CAs.
     #[arg(long)]
     tls_ca: Option<std::path::PathBuf>,
@@ -1205,9 +1207,9 @@ fn agent(mut args: AgentArgs) -> anyhow::Result<()> {
                 let id = agent.runtime_instance_id();
                 if id != announced {
                     match id {
-                        Some(id) => println!("registered as {id} with {}", args.controller.addr),
+                        Some(id) => println!("registered as {id} with {}", args.controller),
                         None => {
-                            println!("not registered; reconnecting to {}", args.controller.addr)
+                            println!("not registered; reconnecting to {}", args.controller)
                         }
                     }
                     announced = id;
@@ -1285,13 +1287,14 @@ fn swarm(config: SwarmConfig, deadline: Option<Instant>) -> anyhow::Result<()> {
         }
         printed = elapsed;
         println!(
-            "swarm: registered={registered} target={target} open={} registrations={} attempts={} connect_failures={} refused={} closed_by_controller={} elapsed_ms={}",
+            "swarm: registered={registered} target={target} open={} registrations={} attempts={} connect_failures={} refused={} closed_by_controller={} moved={} elapsed_ms={}",
             load(&stats.open),
             load(&stats.registrations),
             load(&stats.connect_attempts),
             load(&stats.connect_failures),
             load(&stats.refused),
             load(&stats.closed_by_controller),
+            load(&stats.moved),
             elapsed.as_millis()
         );
         let (probes, p50, p99) = swarm.probe_latency();

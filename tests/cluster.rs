@@ -386,7 +386,18 @@ fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
         .and_then(|r| r.split_whitespace().next())
         .unwrap_or_else(|| panic!("no address in {ready:?}"))
         .to_string();
-    let _on_b = swarm_to(&listen, "beta", 100, "127.0.0.4");
+    // b's services know both nodes, b first: when b dies they move to a.
+    let url = format!(
+        "ws://{listen}/ws/microservice,ws://{}/ws/microservice",
+        a.ctl.local_addr()
+    );
+    let mut config = SwarmConfig::new(url.parse().unwrap(), 100);
+    config.service_id = "beta".into();
+    config.first_controller = Some(0);
+    config.sources = parse_source_ips("127.0.0.4").unwrap();
+    config.run_for = Some(Duration::from_secs(120));
+    let on_b = Swarm::start(config).unwrap();
+    assert!(on_b.wait_registered(100, Duration::from_secs(60)));
     until("a sees b's 100", WAIT, || {
         let s = a.status();
         (remote(&s) == 100, s)
@@ -410,6 +421,16 @@ fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
         "the lease, not something else: {took:?}"
     );
     assert!(took < Duration::from_secs(3 + 3), "{took:?}");
+    // b's services have moved to the survivor, each registered again there.
+    until("b's 100 services registered on a", WAIT, || {
+        let (_, page) = a.get("/services?serviceId=beta&limit=1");
+        (page["total"] == 100, page)
+    });
+    let moved = on_b
+        .stats()
+        .moved
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(moved, 100, "each moved once");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -336,7 +336,7 @@ fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
         .parse()
         .unwrap();
     let agent = Agent::start(
-        url.clone(),
+        url.clone().into(),
         ServiceSpec::new("billing", "10.0.0.5", 7000),
         Arc::new(NoTools),
         Backoff::default(),
@@ -354,7 +354,7 @@ fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
     });
     agent.subscribe("billing", None, WAIT).unwrap();
     let other = Agent::start(
-        url,
+        url.into(),
         ServiceSpec::new("billing", "10.0.0.6", 7000),
         Arc::new(NoTools),
         Backoff::default(),
@@ -382,6 +382,67 @@ fn agent_sdk_registers_looks_up_subscribes_and_deregisters() {
     assert_eq!(ctl.lookup(&filter).nodes.len(), 1);
     agent.stop();
     other.stop();
+}
+
+/// An agent given several controller nodes, the first of which is down,
+/// registers with the next; when that one closes, it moves on round the
+/// list, and counts the move.
+#[test]
+fn an_agent_with_several_controllers_moves_past_a_dead_one() {
+    use std::sync::Arc;
+    use tether::agent::{Agent, Backoff, Controllers, NoTools, ServiceSpec};
+    let ctl = controller(1);
+    let dead = free_port();
+    let urls: Controllers = format!(
+        "ws://127.0.0.1:{dead}/ws/microservice,ws://{}/ws/microservice",
+        ctl.local_addr()
+    )
+    .parse()
+    .unwrap();
+    for _ in 0..2 {
+        // The first tried is random: either way it ends on the live one.
+        let agent = Agent::start(
+            urls.clone(),
+            ServiceSpec::new("billing", "10.0.0.5", 7000),
+            Arc::new(NoTools),
+            Backoff::default(),
+        )
+        .unwrap();
+        let id = agent
+            .wait_registered(Duration::from_secs(15))
+            .expect("registers");
+        let filter = Filter {
+            service_id: "billing".into(),
+            env_tag: None,
+            protocol: None,
+        };
+        let nodes = ctl.lookup(&filter).nodes;
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| n.runtime_instance_id)
+                .collect::<Vec<_>>(),
+            [id]
+        );
+        agent.stop();
+        eventually("the instance leaves", || {
+            ctl.lookup(&filter).nodes.is_empty()
+        });
+    }
+    // The same, the dead one tried first for certain.
+    let mut config = tether::agent::swarm::SwarmConfig::new(urls, 3);
+    config.first_controller = Some(0);
+    let swarm = tether::agent::swarm::Swarm::start(config).unwrap();
+    assert!(swarm.wait_registered(3, Duration::from_secs(15)));
+    let stats = swarm.stats();
+    assert!(
+        stats
+            .connect_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+    assert_eq!(stats.moved.load(std::sync::atomic::Ordering::Relaxed), 0);
+    swarm.stop();
 }
 
 /// light-4j builds `portalUrl + basePath + /ws/microservice`: behind a

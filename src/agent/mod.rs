@@ -243,6 +243,105 @@ impl std::str::FromStr for ControllerUrl {
     }
 }
 
+/// The controller nodes a service may connect to, in its order of
+/// preference: `ws://n1:8438,ws://n2:8438` (one URL is a list of one).
+/// A connection that fails, closes or is drained moves to the next node;
+/// a service that registers again on another node supersedes its record
+/// there (identity is the same).
+#[derive(Clone, Debug)]
+pub struct Controllers(Vec<ControllerUrl>);
+
+impl Controllers {
+    /// Most controller URLs one service takes.
+    pub const MAX: usize = 16;
+
+    pub fn new(urls: Vec<ControllerUrl>) -> Result<Controllers, String> {
+        if urls.is_empty() {
+            return Err("no controller URL given".into());
+        }
+        if urls.len() > Self::MAX {
+            return Err(format!(
+                "{} controller URLs: at most {} are taken",
+                urls.len(),
+                Self::MAX
+            ));
+        }
+        Ok(Controllers(urls))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The `i`th, counted round the list.
+    pub fn get(&self, i: usize) -> &ControllerUrl {
+        &self.0[i % self.0.len()]
+    }
+
+    pub fn first(&self) -> &ControllerUrl {
+        &self.0[0]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ControllerUrl> {
+        self.0.iter()
+    }
+
+    /// For wss:// URLs: trust the CA certificates in `ca` (PEM) instead of
+    /// the web's roots (ws:// URLs are left as they are).
+    pub fn trusting(self, ca: &std::path::Path) -> Result<Controllers, String> {
+        if self.0.iter().all(|u| u.tls.is_none()) {
+            return Err("a CA is only for wss:// URLs".into());
+        }
+        let roots = client_config(crate::engine::tls::load_roots(ca)?);
+        Ok(Controllers(
+            self.0
+                .into_iter()
+                .map(|mut u| {
+                    if u.tls.is_some() {
+                        u.tls = Some(roots.clone());
+                    }
+                    u
+                })
+                .collect(),
+        ))
+    }
+}
+
+impl From<ControllerUrl> for Controllers {
+    fn from(url: ControllerUrl) -> Controllers {
+        Controllers(vec![url])
+    }
+}
+
+impl std::fmt::Display for Controllers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, u) in self.0.iter().enumerate() {
+            let scheme = if u.tls.is_some() { "wss" } else { "ws" };
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{scheme}://{}{}", u.host, u.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Controllers {
+    type Err = String;
+
+    fn from_str(urls: &str) -> Result<Self, Self::Err> {
+        let urls = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<ControllerUrl>, String>>()?;
+        Controllers::new(urls)
+    }
+}
+
 /// Parses `127.0.0.2-127.0.0.9` (a range), `127.0.0.2,127.0.0.5` (a list) or one address.
 pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
     let mut ips = Vec::new();
@@ -366,6 +465,16 @@ mod tests {
             (8438, "/ws/microservice")
         );
         assert!("http://x".parse::<ControllerUrl>().is_err());
+        let list: Controllers = "ws://127.0.0.1:1, ws://127.0.0.2:2/ws/microservice"
+            .parse()
+            .unwrap();
+        assert_eq!((list.len(), list.get(3).addr.port()), (2, 2));
+        assert_eq!(
+            list.to_string(),
+            "ws://127.0.0.1:1/ws/microservice,ws://127.0.0.2:2/ws/microservice"
+        );
+        assert!("".parse::<Controllers>().is_err());
+        assert!("ws://127.0.0.1:1,http://x".parse::<Controllers>().is_err());
         assert_eq!(parse_source_ips("127.0.0.2-127.0.0.4").unwrap().len(), 3);
         assert_eq!(parse_source_ips("127.0.0.2, ::1").unwrap().len(), 2);
         assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());

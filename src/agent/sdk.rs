@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::session::SessionEvent;
 use super::worker::{Control, Observer, SwarmStats, Worker, WorkerConfig};
-use super::{Backoff, ControllerUrl, ServiceSpec, Tools};
+use super::{Backoff, Controllers, ServiceSpec, Tools};
 use crate::engine::io::StartGroup;
 use crate::engine::mailbox::Mailbox;
 
@@ -88,8 +88,12 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Starts the service's connection to one of `controllers`: the first
+    /// tried is picked at random (so services given the same list spread
+    /// over the nodes), and each failure, close or drain moves it to the
+    /// next in the list.
     pub fn start(
-        controller: ControllerUrl,
+        controllers: Controllers,
         spec: ServiceSpec,
         tools: Arc<dyn Tools>,
         backoff: Backoff,
@@ -98,8 +102,10 @@ impl Agent {
         let control = Arc::new(Mailbox::new(1024)?);
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(SwarmStats::default());
+        let first_controller = Some(fastrand::usize(..controllers.len()));
         let config = WorkerConfig {
-            controller,
+            controllers,
+            first_controller,
             authorization: None,
             sources: Vec::new(),
             backoff,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::worker::{NoObserver, Probe, SwarmStats, Worker, WorkerConfig};
-use super::{Backoff, ControllerUrl, NoTools, ServiceSpec};
+use super::{Backoff, Controllers, NoTools, ServiceSpec};
 use crate::engine::io::StartGroup;
 
 /// Connections one worker thread holds at most (one fd table each).
@@ -22,7 +22,12 @@ pub const MAX_PER_THREAD: usize = 15_000;
 
 #[derive(Clone, Debug)]
 pub struct SwarmConfig {
-    pub controller: ControllerUrl,
+    /// Services are spread over these by index, and move to the next
+    /// whenever a connection fails or ends.
+    pub controllers: Controllers,
+    /// None spreads the services over `controllers` by index; Some(i)
+    /// starts them all at the `i`th.
+    pub first_controller: Option<usize>,
     pub services: usize,
     pub service_id: String,
     /// serviceIds are `ID-0 … ID-(n-1)` when n > 1.
@@ -45,9 +50,10 @@ pub struct SwarmConfig {
 }
 
 impl SwarmConfig {
-    pub fn new(controller: ControllerUrl, services: usize) -> SwarmConfig {
+    pub fn new(controllers: Controllers, services: usize) -> SwarmConfig {
         SwarmConfig {
-            controller,
+            controllers,
+            first_controller: None,
             services,
             service_id: "swarm".into(),
             distinct_ids: 1,
@@ -107,7 +113,8 @@ impl Swarm {
                 .expect("valid bounds"),
         ));
         let worker = WorkerConfig {
-            controller: config.controller.clone(),
+            controllers: config.controllers.clone(),
+            first_controller: config.first_controller,
             authorization: None,
             sources: config.sources.clone(),
             backoff: config.backoff,

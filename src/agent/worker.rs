@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::session::{Phase, Session, SessionEvent};
-use super::{Backoff, ControllerUrl, ServiceSpec, Tools, retry_hint};
+use super::{Backoff, ControllerUrl, Controllers, ServiceSpec, Tools, retry_hint};
 use crate::engine::epoll::{EDGE, Epoll, HANGUP, READABLE, WRITABLE};
 use crate::engine::mailbox::Mailbox;
 use crate::engine::wheel::{Link, Links, Tick, Wheel};
@@ -46,11 +46,19 @@ pub struct SwarmStats {
     pub connect_failures: AtomicU64,
     pub refused: AtomicU64,
     pub closed_by_controller: AtomicU64,
+    /// Registrations on another controller node than the service's last
+    /// one (it moved: the node closed, was drained or could not be reached).
+    pub moved: AtomicU64,
 }
 
 #[derive(Clone)]
 pub struct WorkerConfig {
-    pub controller: ControllerUrl,
+    /// The nodes to connect to; a service moves to the next one whenever
+    /// its connection fails or ends.
+    pub controllers: Controllers,
+    /// The node each service tries first: None spreads the services over
+    /// the list by index; Some(i) starts every one at the `i`th.
+    pub first_controller: Option<usize>,
     pub authorization: Option<String>,
     pub sources: Vec<IpAddr>,
     pub backoff: Backoff,
@@ -140,6 +148,10 @@ struct Slot {
     /// The reconnect window a `session/draining` asked for, in ms (0:
     /// none): the next first reconnect is spread over it.
     drain_window_ms: u32,
+    /// The controller (an index into the config's list) this slot connects
+    /// to, and the one it was last registered with (u16::MAX: none yet).
+    target: u16,
+    registered_with: u16,
     /// The slot's place in the worker's wheel, at its earliest timer.
     link: Link,
     timers: Timers,
@@ -257,6 +269,9 @@ impl<O: Observer> Worker<O> {
                 deregistered: false,
                 probing: None,
                 drain_window_ms: 0,
+                target: (config.first_controller.unwrap_or(first_index + i)
+                    % config.controllers.len()) as u16,
+                registered_with: u16::MAX,
                 link: Link::default(),
                 timers: Timers::default(),
                 tls: None,
@@ -480,7 +495,7 @@ impl<O: Observer> Worker<O> {
             return;
         }
         inc(&self.stats.connect_attempts);
-        let addr = self.config.controller.addr;
+        let addr = self.controller(slot).addr;
         let source = self.slots[slot].source;
         match io::connect_from(addr, source) {
             Ok(fd) => {
@@ -521,8 +536,8 @@ impl<O: Observer> Worker<O> {
             s.opened_at = now;
         }
         inc(&self.stats.open);
-        if let Some(config) = &self.config.controller.tls {
-            let name = self.config.controller.server_name();
+        if let Some(config) = &self.controller(slot).tls {
+            let name = self.controller(slot).server_name();
             match name.and_then(|n| {
                 rustls::ClientConnection::new(config.clone(), n).map_err(|e| e.to_string())
             }) {
@@ -535,7 +550,7 @@ impl<O: Observer> Worker<O> {
         }
         let mut out = std::mem::take(&mut self.out);
         out.clear();
-        let url = &self.config.controller;
+        let url = self.config.controllers.get(self.slots[slot].target.into());
         self.slots[slot].session.start(
             &url.host,
             &url.path,
@@ -621,6 +636,11 @@ impl<O: Observer> Worker<O> {
         self.observer.event(slot, &event);
         match event {
             SessionEvent::Registered(_) => {
+                let s = &mut self.slots[slot];
+                if s.registered_with != u16::MAX && s.registered_with != s.target {
+                    inc(&self.stats.moved);
+                }
+                s.registered_with = s.target;
                 self.slots[slot].registered = true;
                 self.slots[slot].probing = None;
                 inc(&self.stats.registered);
@@ -866,6 +886,11 @@ impl<O: Observer> Worker<O> {
         self.deregistering.retain(|(i, _), _| *i != slot);
     }
 
+    /// The controller `slot` connects to.
+    fn controller(&self, slot: usize) -> &ControllerUrl {
+        self.config.controllers.get(self.slots[slot].target.into())
+    }
+
     /// The connection failed or ended: reconnect after the backoff.
     fn fail(&mut self, slot: usize) {
         self.fail_after(slot, None);
@@ -902,6 +927,9 @@ impl<O: Observer> Worker<O> {
             return;
         }
         let s = &mut self.slots[slot];
+        // The next attempt goes to the next node: this one failed, closed
+        // or drained the connection (a lone node is tried again).
+        s.target = ((usize::from(s.target) + 1) % self.config.controllers.len()) as u16;
         let lived = now.duration_since(s.opened_at) > STABLE_AFTER;
         if lived {
             s.attempts = 0;
@@ -951,7 +979,8 @@ mod tests {
     ) -> (JoinHandle<()>, Arc<SwarmStats>, Arc<AtomicBool>) {
         let stop = Arc::new(AtomicBool::new(false));
         let mut config = WorkerConfig {
-            controller: format!("ws://{addr}/ws/microservice").parse().unwrap(),
+            controllers: format!("ws://{addr}/ws/microservice").parse().unwrap(),
+            first_controller: None,
             authorization: None,
             sources: Vec::new(),
             backoff: Backoff {
