@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::etcd::Etcd;
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tether::admin::access::AdminKey;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::parse_source_ips;
@@ -186,6 +186,48 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         let s = b.status();
         (remote(&s) == 300 && node_names(&s) == ["a"], s)
     });
+    // Discovery over the service protocol, on a, shows b's instances as
+    // strictly as its own; a subscription is told when they change.
+    let mut svc = Client::connect(a.ctl.local_addr(), "/ws/microservice");
+    svc.register("gamma", "10.7.0.1", 9000);
+    let snap = svc.call("discovery/lookup", json!({"serviceId": "beta"}));
+    let nodes = snap["result"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 200, "{snap}");
+    for n in nodes {
+        assert!(
+            n["runtimeInstanceId"]
+                .as_str()
+                .unwrap()
+                .parse::<uuid::Uuid>()
+                .is_ok()
+        );
+        assert_eq!(
+            (&n["serviceId"], &n["environment"]),
+            (&json!("beta"), &json!("prod"))
+        );
+        assert!(
+            n["port"].as_u64().is_some_and(|p| p > 0 && p < 65536),
+            "{n}"
+        );
+        for at in ["connectedAt", "lastSeenAt"] {
+            let t = n[at].as_str().unwrap();
+            assert!(
+                t.ends_with('Z') && t.len() == 24 && t.starts_with("20"),
+                "{at}: {t}"
+            );
+        }
+    }
+    let own = svc.call(
+        "discovery/lookup",
+        json!({"serviceId": "alpha", "envTag": "prod"}),
+    );
+    assert_eq!(own["result"]["nodes"].as_array().unwrap().len(), 300);
+    let sub = svc.call(
+        "discovery/subscribe",
+        json!({"serviceId": "beta", "envTag": "prod"}),
+    );
+    assert_eq!(sub["result"]["nodes"].as_array().unwrap().len(), 200);
+
     // Discovery through a's admin API names the node that holds each.
     let (status, page) = a.get("/cluster/services?serviceId=beta&limit=1000");
     assert_eq!((status, &page["total"]), (200, &Value::from(200)), "{page}");
@@ -300,6 +342,13 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         let s = a.status();
         (remote(&s) == 0, s)
     });
+    // a's subscriber hears of it (through snapshots coalesced on the way).
+    loop {
+        let m = svc.recv_json();
+        if m["method"] == "discovery/changed" && m["params"]["nodes"] == json!([]) {
+            break;
+        }
+    }
     assert!(
         b.status()["etcd"]["resyncs"].as_u64().unwrap() > resyncs,
         "the cut path ran: {}",
@@ -406,6 +455,24 @@ fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
     // SAFETY: kill(2) on the child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
+    // b's services move to the survivor (within a second of backoff), each
+    // registered again there, most before b's lease runs out; discovery
+    // on a shows each once meanwhile, not also b's old record.
+    until("b's 100 services registered on a", WAIT, || {
+        let (_, page) = a.get("/services?serviceId=beta&limit=1");
+        (page["total"] == 100, page)
+    });
+    let mut watcher = Client::connect(a.ctl.local_addr(), "/ws/discovery");
+    let snap = watcher.call("discovery/lookup", json!({"serviceId": "beta"}));
+    eprintln!(
+        "b's services moved to a; a's view still holds {} of b's old records",
+        remote(&a.status())
+    );
+    assert_eq!(
+        snap["result"]["nodes"].as_array().unwrap().len(),
+        100,
+        "{snap}"
+    );
     until(
         "b's instances leave a's view",
         Duration::from_secs(10),
@@ -421,11 +488,6 @@ fn a_killed_node_leaves_the_view_within_its_lease_ttl() {
         "the lease, not something else: {took:?}"
     );
     assert!(took < Duration::from_secs(3 + 3), "{took:?}");
-    // b's services have moved to the survivor, each registered again there.
-    until("b's 100 services registered on a", WAIT, || {
-        let (_, page) = a.get("/services?serviceId=beta&limit=1");
-        (page["total"] == 100, page)
-    });
     let moved = on_b
         .stats()
         .moved

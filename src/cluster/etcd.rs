@@ -67,7 +67,11 @@ pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot
             return;
         };
         shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-        shared.view.lock().unwrap().stale = true;
+        shared
+            .view
+            .lock()
+            .unwrap()
+            .set_stale(crate::controller::now_ms());
         tracing::warn!(
             "cluster: {e}; serving this node's sockets and the last view (stale) meanwhile"
         );
@@ -95,6 +99,7 @@ enum Wake {
 /// lists again and watches anew; says why when the watch is lost.
 async fn follow(
     shared: Arc<Shared>,
+    api: Arc<Api>,
     mut client: Client,
     mut watch: WatchStream,
     lost: oneshot::Sender<String>,
@@ -114,13 +119,22 @@ async fn follow(
                 "cluster: watch compacted at revision {}; listing again",
                 resp.compact_revision()
             );
-            match list_and_watch(&shared, &mut client).await {
+            match list_and_watch(&shared, &api, &mut client).await {
                 Ok(w) => watch = w,
                 Err(e) => break e,
             }
             continue;
         }
-        apply(&mut shared.view.lock().unwrap(), &resp);
+        let changed = {
+            let mut view = shared.view.lock().unwrap();
+            apply(&mut view, &resp);
+            view.take_changed()
+        };
+        // With the view let go: the registry is locked before the view
+        // (discovery reads the view under the registry), never after.
+        if !changed.is_empty() {
+            api.remote_instances_changed(changed.iter().map(|(s, e, p)| (&**s, &**e, &**p)));
+        }
     };
     let _ = lost.send(why);
 }
@@ -241,7 +255,7 @@ async fn session(
         // the old one is stale (a cut-off session's leftovers).
         let _ = unary("lease revoke", client.lease_revoke(old)).await;
     }
-    let watch = list_and_watch(shared, &mut client).await?;
+    let watch = list_and_watch(shared, api, &mut client).await?;
     *shared.last_error.lock().unwrap() = None;
     tracing::info!(
         "cluster: node {} in sync with etcd ({} other instances)",
@@ -254,6 +268,7 @@ async fn session(
     let (watch_lost_tx, mut watch_lost) = oneshot::channel();
     let _watcher = Task(tokio::spawn(follow(
         shared.clone(),
+        api.clone(),
         client.clone(),
         watch,
         watch_lost_tx,
@@ -580,7 +595,11 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// Lists the whole cluster at one revision into a fresh view (swapped in
 /// whole: no half list is ever served), then watches from the next.
-async fn list_and_watch(shared: &Shared, client: &mut Client) -> Result<WatchStream, Fail> {
+async fn list_and_watch(
+    shared: &Shared,
+    api: &Api,
+    client: &mut Client,
+) -> Result<WatchStream, Fail> {
     let config = &shared.config;
     let prefix = shared.keys.all().as_bytes().to_vec();
     let mut fresh = View::new(
@@ -603,7 +622,10 @@ async fn list_and_watch(shared: &Shared, client: &mut Client) -> Result<WatchStr
     fresh.malformed += view.malformed;
     fresh.revision = revision;
     fresh.stale = false;
+    fresh.take_changed();
     *view = fresh;
+    drop(view);
+    api.all_remote_instances_changed();
     Ok(watch)
 }
 

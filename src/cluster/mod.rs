@@ -157,6 +157,7 @@ pub(crate) struct Shared {
 /// the others drop this node's instances at once.
 pub struct Cluster {
     shared: Arc<Shared>,
+    api: Arc<Api>,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -199,7 +200,9 @@ impl Cluster {
             last_error: Mutex::new(None),
         });
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        api.set_remote_instances(Some(Arc::new(Discovery(shared.clone()))));
         let runner = shared.clone();
+        let cluster_api = api.clone();
         let thread = std::thread::Builder::new()
             .name("tether-cluster".into())
             .spawn(move || {
@@ -220,6 +223,7 @@ impl Cluster {
             .map_err(|e| format!("cannot start the cluster thread: {e}"))?;
         Ok(Cluster {
             shared,
+            api: cluster_api,
             stop: Mutex::new(Some(stop)),
             thread: Mutex::new(Some(thread)),
         })
@@ -296,7 +300,7 @@ impl Cluster {
                     // A node whose record is gone (its lease) while some of
                     // its instances are still being deleted is not live.
                     "live": node.record.is_some(),
-                    "instances": if me { local_up } else { node.instances.len() },
+                    "instances": if me { local_up } else { node.instances },
                 })
             })
             .collect();
@@ -329,11 +333,41 @@ impl Cluster {
     /// revoked (each within a bound), and the thread ends. Idempotent.
     pub fn stop(&self) {
         if let Some(stop) = self.stop.lock().unwrap().take() {
+            // Discovery shows this node's own from now on.
+            self.api.set_remote_instances(None);
             let _ = stop.send(());
         }
         if let Some(thread) = self.thread.lock().unwrap().take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The view, as discovery merges it: other nodes' up instances as
+/// registry nodes. `connectedAt` is the registration time inside the
+/// instance's UUID v7; `lastSeenAt` is now while the view is in sync (the
+/// holder deletes the key within its pong timeout of a silence), else when
+/// it turned stale.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+struct Discovery(Arc<Shared>);
+
+impl crate::registry::RemoteInstances for Discovery {
+    fn matching(
+        &self,
+        filter: &crate::registry::Filter,
+        limit: usize,
+        out: &mut Vec<crate::registry::Node>,
+    ) -> bool {
+        let view = self.0.view.lock().unwrap();
+        let now = crate::controller::now_ms();
+        let seen = if view.stale { view.stale_since_ms } else { now };
+        view.matching(
+            &filter.service_id,
+            filter.env_tag.as_deref(),
+            filter.protocol.as_deref(),
+            limit,
+            |id, v| out.push(view::registry_node(id, v, seen)),
+        )
     }
 }
 

@@ -21,7 +21,8 @@ pub struct NodeView {
     /// Its record; None while only instances of it were seen (a list
     /// reads keys in order: `i/…` before `n/…`).
     pub record: Option<NodeRecord>,
-    pub instances: HashMap<Uuid, InstanceValue>,
+    /// Its up instances in the view.
+    pub instances: usize,
 }
 
 /// One instance of another node, for listings.
@@ -32,17 +33,29 @@ pub struct RemoteInstance {
     pub value: InstanceValue,
 }
 
+/// What discovery filters on: serviceId, envTag, protocol.
+pub type Triple = (Arc<str>, Arc<str>, Arc<str>);
+
 pub struct View {
     me: String,
     keys: Keys,
     nodes: BTreeMap<Arc<str>, NodeView>,
     strings: HashSet<Arc<str>>,
-    instances: usize,
+    /// Every remote instance, by id, with the node holding it.
+    instances: HashMap<Uuid, (Arc<str>, InstanceValue)>,
+    /// The ids of each serviceId's instances (discovery's index).
+    by_service: HashMap<Arc<str>, HashSet<Uuid>>,
+    /// The (serviceId, envTag, protocol) whose instances came or went
+    /// since `take_changed`: their discovery subscribers are due a snapshot.
+    changed: HashSet<Triple>,
     max_instances: usize,
     /// The etcd revision the view reflects.
     pub revision: i64,
     /// etcd could not be reached since the view was last in sync.
     pub stale: bool,
+    /// When it turned stale (wall ms): the last time its instances were
+    /// known to be up.
+    pub stale_since_ms: u64,
     /// Puts refused by `max_instances`, and values that did not parse.
     pub dropped: u64,
     pub malformed: u64,
@@ -55,20 +68,16 @@ impl View {
             keys,
             nodes: BTreeMap::new(),
             strings: HashSet::new(),
-            instances: 0,
+            instances: HashMap::new(),
+            by_service: HashMap::new(),
+            changed: HashSet::new(),
             max_instances,
             revision: 0,
             stale: true,
+            stale_since_ms: 0,
             dropped: 0,
             malformed: 0,
         }
-    }
-
-    /// Forgets everything, before a fresh list.
-    pub fn clear(&mut self) {
-        self.nodes.clear();
-        self.strings.clear();
-        self.instances = 0;
     }
 
     fn intern(strings: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
@@ -83,6 +92,10 @@ impl View {
     fn node_entry(&mut self, node: &str) -> &mut NodeView {
         let name = Self::intern(&mut self.strings, node);
         self.nodes.entry(name).or_default()
+    }
+
+    fn triple(v: &InstanceValue) -> Triple {
+        (v.service_id.clone(), v.env_tag.clone(), v.protocol.clone())
     }
 
     /// A key was written (a list's key, or a watch's put).
@@ -101,17 +114,46 @@ impl View {
                     self.malformed += 1;
                     return;
                 };
-                let full = self.instances >= self.max_instances;
-                let entry = self.node_entry(node);
-                if !entry.instances.contains_key(&id) && full {
+                if !self.instances.contains_key(&id) && self.instances.len() >= self.max_instances {
                     self.dropped += 1;
                     return;
                 }
-                if entry.instances.insert(id, v).is_none() {
-                    self.instances += 1;
+                let name = Self::intern(&mut self.strings, node);
+                self.changed.insert(Self::triple(&v));
+                let service = v.service_id.clone();
+                match self.instances.insert(id, (name.clone(), v)) {
+                    Some((old_node, old)) => {
+                        self.changed.insert(Self::triple(&old));
+                        if old.service_id != service {
+                            self.unindex(&old.service_id, &id);
+                        }
+                        if old_node != name {
+                            self.count(&old_node, -1);
+                            self.count(&name, 1);
+                        }
+                    }
+                    None => self.count(&name, 1),
                 }
+                self.by_service.entry(service).or_default().insert(id);
             }
             _ => {}
+        }
+    }
+
+    fn count(&mut self, node: &Arc<str>, by: isize) {
+        let n = self.nodes.entry(node.clone()).or_default();
+        n.instances = n.instances.saturating_add_signed(by);
+        if n.instances == 0 && n.record.is_none() {
+            self.nodes.remove(node);
+        }
+    }
+
+    fn unindex(&mut self, service: &Arc<str>, id: &Uuid) {
+        if let Some(ids) = self.by_service.get_mut(service) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_service.remove(service);
+            }
         }
     }
 
@@ -121,21 +163,18 @@ impl View {
             Some(KeyKind::Node(node)) => {
                 if let Some(n) = self.nodes.get_mut(node) {
                     n.record = None;
-                    if n.instances.is_empty() {
+                    if n.instances == 0 {
                         self.nodes.remove(node);
                     }
                 }
             }
-            Some(KeyKind::Instance(node, id)) => {
-                let Some(n) = self.nodes.get_mut(node) else {
+            Some(KeyKind::Instance(_, id)) => {
+                let Some((node, old)) = self.instances.remove(&id) else {
                     return;
                 };
-                if n.instances.remove(&id).is_some() {
-                    self.instances -= 1;
-                }
-                if n.instances.is_empty() && n.record.is_none() {
-                    self.nodes.remove(node);
-                }
+                self.changed.insert(Self::triple(&old));
+                self.unindex(&old.service_id, &id);
+                self.count(&node, -1);
             }
             None => {}
         }
@@ -143,41 +182,131 @@ impl View {
 
     /// Remote instances held now.
     pub fn instance_count(&self) -> usize {
-        self.instances
+        self.instances.len()
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = (&Arc<str>, &NodeView)> {
         self.nodes.iter()
     }
 
+    /// The filters whose instances changed since the last call.
+    pub fn take_changed(&mut self) -> HashSet<Triple> {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// Every (serviceId, envTag, protocol) the view holds instances of.
+    pub fn triples(&self) -> HashSet<Triple> {
+        self.instances
+            .values()
+            .map(|(_, v)| Self::triple(v))
+            .collect()
+    }
+
+    fn remote(&self, id: &Uuid) -> Option<RemoteInstance> {
+        let (node, value) = self.instances.get(id)?;
+        Some(RemoteInstance {
+            node: node.clone(),
+            id: *id,
+            value: value.clone(),
+        })
+    }
+
     /// Up to `limit` remote instances of `service_id` (all services when
-    /// None), from node and id order, with the number that matched.
+    /// None), in node then id order, with the number that matched.
     pub fn list(&self, service_id: Option<&str>, limit: usize) -> (usize, Vec<RemoteInstance>) {
-        let mut total = 0;
-        let mut out = Vec::new();
-        for (node, n) in &self.nodes {
-            for (id, v) in &n.instances {
-                if service_id.is_some_and(|s| s != &*v.service_id) {
-                    continue;
-                }
-                total += 1;
-                if out.len() < limit {
-                    out.push(RemoteInstance {
-                        node: node.clone(),
-                        id: *id,
-                        value: v.clone(),
-                    });
-                }
-            }
+        let mut ids: Vec<(&Arc<str>, &Uuid)> = match service_id {
+            Some(s) => self
+                .by_service
+                .get(s)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.instances.get(id).map(|(n, _)| (n, id)))
+                .collect(),
+            None => self.instances.iter().map(|(id, (n, _))| (n, id)).collect(),
+        };
+        let total = ids.len();
+        if limit < total {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
         }
+        ids.sort_unstable();
+        let out = ids.iter().filter_map(|(_, id)| self.remote(id)).collect();
         (total, out)
+    }
+
+    /// The remote instances discovery shows for a filter: `service_id`'s,
+    /// of `env_tag` and `protocol` when named; at most `limit`, and whether
+    /// more matched.
+    pub fn matching(
+        &self,
+        service_id: &str,
+        env_tag: Option<&str>,
+        protocol: Option<&str>,
+        limit: usize,
+        mut each: impl FnMut(&Uuid, &InstanceValue),
+    ) -> bool {
+        let mut n = 0;
+        for id in self.by_service.get(service_id).into_iter().flatten() {
+            let Some((_, v)) = self.instances.get(id) else {
+                continue;
+            };
+            if env_tag.is_some_and(|e| e != &*v.env_tag)
+                || protocol.is_some_and(|p| p != &*v.protocol)
+            {
+                continue;
+            }
+            if n == limit {
+                return true;
+            }
+            n += 1;
+            each(id, v);
+        }
+        false
+    }
+
+    /// Turns the view stale (etcd lost), noting since when.
+    pub fn set_stale(&mut self, now_ms: u64) {
+        if !self.stale {
+            self.stale = true;
+            self.stale_since_ms = now_ms;
+        }
     }
 
     /// The node that holds `id`, if another does.
     pub fn holder(&self, id: &Uuid) -> Option<(&Arc<str>, &InstanceValue)> {
-        self.nodes
-            .iter()
-            .find_map(|(node, n)| n.instances.get(id).map(|v| (node, v)))
+        self.instances.get(id).map(|(n, v)| (n, v))
+    }
+}
+
+/// A remote instance as a registry node (for discovery snapshots), seen
+/// last at `seen_ms`.
+pub fn registry_node(id: &Uuid, v: &InstanceValue, seen_ms: u64) -> crate::registry::Node {
+    use crate::registry::NodeAddress;
+    let connected_at_ms = id
+        .get_timestamp()
+        .map(|t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos) / 1_000_000
+        })
+        .unwrap_or(seen_ms);
+    crate::registry::Node {
+        runtime_instance_id: *id,
+        service_id: v.service_id.clone(),
+        env_tag: v.env_tag.clone(),
+        version: v.version.clone(),
+        protocol: v.protocol.clone(),
+        address: match v.address.parse() {
+            Ok(ip) => NodeAddress::Ip(ip),
+            Err(_) => NodeAddress::Host(v.address.clone()),
+        },
+        address_derived: false,
+        port: v.port,
+        tags_json: v.tags_json.clone(),
+        connected_at_ms,
+        last_seen_ms: seen_ms.max(connected_at_ms),
+        status: crate::registry::Status::Up,
+        shard: 0,
+        rtt_us: None,
     }
 }
 
@@ -220,7 +349,16 @@ mod tests {
             v.nodes().map(|(n, _)| n.to_string()).collect::<Vec<_>>(),
             ["n3"]
         );
-        v.clear();
-        assert_eq!((v.instance_count(), v.nodes().count()), (0, 0));
+        // Discovery's index follows, and says which filters changed.
+        let changed = v.take_changed();
+        assert!(changed.iter().all(|t| &*t.0 == "billing"), "{changed:?}");
+        let mut seen = 0;
+        let more = v.matching("billing", Some("prod"), Some("https"), 0, |_, _| seen += 1);
+        assert_eq!((seen, more), (0, true), "n3's one is past a limit of 0");
+        let more = v.matching("billing", None, None, 9, |_, _| seen += 1);
+        assert_eq!((seen, more), (1, false));
+        v.matching("billing", Some("dev"), None, 9, |_, _| seen += 1);
+        assert_eq!(seen, 1, "no dev instance");
+        assert!(v.take_changed().is_empty());
     }
 }

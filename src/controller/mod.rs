@@ -586,6 +586,30 @@ impl Api {
         self.shared.registry().lookup(filter)
     }
 
+    /// Merges other nodes' instances into discovery (None: this node's
+    /// alone); every subscriber gets a fresh snapshot.
+    pub fn set_remote_instances(&self, remote: Option<Arc<dyn crate::registry::RemoteInstances>>) {
+        self.shared.registry().set_remote(remote);
+    }
+
+    /// Other nodes' instances of these (serviceId, envTag, protocol) came
+    /// or went: their subscribers are due a snapshot.
+    pub fn remote_instances_changed<'a>(
+        &self,
+        changed: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) {
+        let mut registry = self.shared.registry();
+        for (service, env, protocol) in changed {
+            registry.mark_remote_changed(service, env, protocol);
+        }
+    }
+
+    /// The other nodes' instances were read afresh: every subscriber is
+    /// due a snapshot.
+    pub fn all_remote_instances_changed(&self) {
+        self.shared.registry().mark_all_remote_changed();
+    }
+
     /// Events after `since` (kept ones first), then live ones.
     pub fn subscribe_events(
         &self,

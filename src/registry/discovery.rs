@@ -96,6 +96,15 @@ impl std::ops::Deref for SharedSnapshot {
     }
 }
 
+/// Instances other controller nodes hold (a cluster's view of them),
+/// merged into every discovery snapshot after this node's own.
+pub trait RemoteInstances: Send + Sync {
+    /// Appends to `out` up to `limit` of the remote instances `filter`
+    /// matches; true if more matched. Called with the registry locked: it
+    /// must not call back into the registry.
+    fn matching(&self, filter: &Filter, limit: usize, out: &mut Vec<Node>) -> bool;
+}
+
 /// How long a shared snapshot may serve before it is built again even
 /// though no instance changed (its `lastSeenAt`s move).
 const SNAPSHOT_MAX_AGE_MS: u64 = 1000;
@@ -240,11 +249,64 @@ impl Registry {
             }
             nodes.push(self.node(i));
         }
+        if let Some(remote) = self.remote.as_ref().filter(|_| !truncated) {
+            let mut others = Vec::new();
+            truncated = remote.matching(&filter, max - nodes.len(), &mut others);
+            if !others.is_empty() {
+                // A service that moved to this node is shown once: its old
+                // record, on a node that has not let it go yet, is hidden.
+                let here: HashSet<(String, u16, &str)> = nodes
+                    .iter()
+                    .map(|n| (n.address.to_string(), n.port, &*n.env_tag))
+                    .collect();
+                let moved = |n: &Node| here.contains(&(n.address.to_string(), n.port, &*n.env_tag));
+                others.retain(|n| !moved(n));
+                nodes.extend(others);
+            }
+        }
         Snapshot {
             filter,
             nodes,
             truncated,
         }
+    }
+
+    /// Sets (or clears) the other nodes' instances discovery merges in;
+    /// every subscription is then due a snapshot.
+    pub fn set_remote(&mut self, remote: Option<Arc<dyn RemoteInstances>>) {
+        self.remote = remote;
+        self.mark_all_remote_changed();
+    }
+
+    /// Instances of (service, env, protocol) came or went on another node:
+    /// the filters they match are due a snapshot, their shared ones stale.
+    /// Strings this node never interned match no subscription.
+    pub fn mark_remote_changed(&mut self, service: &str, env: &str, protocol: &str) {
+        let Some(service) = self.strings.find(service) else {
+            return;
+        };
+        // Each filter names the envTag (protocol) or leaves it open.
+        let envs = [Some(None), self.strings.find(env).map(Some)];
+        let protocols = [Some(None), self.strings.find(protocol).map(Some)];
+        for env in envs.into_iter().flatten() {
+            for protocol in protocols.into_iter().flatten() {
+                let key = SubKey {
+                    service,
+                    env,
+                    protocol,
+                };
+                self.snapshots.remove(&key);
+                if self.subs.contains_key(&key) {
+                    self.remote_changed.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Every subscription is due a snapshot (the remote view was replaced).
+    pub fn mark_all_remote_changed(&mut self) {
+        self.snapshots.clear();
+        self.remote_changed.extend(self.subs.keys().copied());
     }
 
     /// The up instances matching `filter`, at most `max_snapshot_nodes`.
@@ -266,11 +328,18 @@ impl Registry {
                 },
                 filter.clone(),
             ),
-            _ => Snapshot {
-                filter: filter.clone(),
-                nodes: Vec::new(),
-                truncated: false,
-            },
+            // No instance here has these names; other nodes' may.
+            _ => {
+                let mut nodes = Vec::new();
+                let truncated = self.remote.as_ref().is_some_and(|r| {
+                    r.matching(filter, self.config.max_snapshot_nodes, &mut nodes)
+                });
+                Snapshot {
+                    filter: filter.clone(),
+                    nodes,
+                    truncated,
+                }
+            }
         }
     }
 
@@ -386,6 +455,15 @@ impl Registry {
         self.sub_count
     }
 
+    fn mark_due(&mut self, key: SubKey) {
+        for sub in self.subs.get_mut(&key).into_iter().flatten() {
+            if !sub.pending {
+                sub.pending = true;
+                self.due[sub.owner.shard as usize].push((key, sub.owner));
+            }
+        }
+    }
+
     /// Turns the services changed since the last call into due
     /// notifications, then hands `shard` the ones it may send now (each
     /// subscription at most once per `notify_interval_ms`), with their
@@ -395,15 +473,14 @@ impl Registry {
     pub fn take_notifications(&mut self, shard: u16, now_ms: u64) -> Vec<Notification> {
         // Indexed by filter: a change touches only the (at most four)
         // filters its instance matches, never every filter of its service.
+        let remote = std::mem::take(&mut self.remote_changed);
         for (service, env, protocol) in std::mem::take(&mut self.changed) {
             for key in Self::keys_matching(service, env, protocol) {
-                for sub in self.subs.get_mut(&key).into_iter().flatten() {
-                    if !sub.pending {
-                        sub.pending = true;
-                        self.due[sub.owner.shard as usize].push((key, sub.owner));
-                    }
-                }
+                self.mark_due(key);
             }
+        }
+        for key in remote {
+            self.mark_due(key);
         }
         let due = std::mem::take(&mut self.due[shard as usize]);
         let mut ready: HashMap<SubKey, Vec<Owner>> = HashMap::new();

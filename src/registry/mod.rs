@@ -36,6 +36,7 @@ mod listing;
 mod records;
 mod summary;
 
+pub use discovery::RemoteInstances;
 pub use discovery::{
     Filter, Node, NodeAddress, Notification, SharedSnapshot, Snapshot, SubscribeError,
 };
@@ -190,6 +191,11 @@ pub struct Registry {
     snapshots: HashMap<SubKey, (u64, Arc<SharedSnapshot>)>,
     /// Subscriptions due a notification, per shard of their owner.
     due: Vec<Vec<(SubKey, Owner)>>,
+    /// What other controller nodes hold (a cluster's view), merged into
+    /// discovery snapshots; and the subscribed filters whose remote
+    /// instances changed since the last `take_notifications`.
+    remote: Option<Arc<dyn discovery::RemoteInstances>>,
+    remote_changed: HashSet<SubKey>,
     /// One past the highest slot ever used (where listings stop).
     high_water: u32,
     /// Identities superseded often lately (bounded).
@@ -226,6 +232,8 @@ impl Registry {
             sub_count: 0,
             changed: HashSet::new(),
             due: (0..shards).map(|_| Vec::new()).collect(),
+            remote: None,
+            remote_changed: HashSet::new(),
             events,
             high_water: 0,
             conflicts: Conflicts::default(),
@@ -514,6 +522,71 @@ mod tests {
                 .superseded,
             Some(owner(1))
         );
+    }
+
+    /// Another node's instances, as a cluster's view would hand them over.
+    struct Others(std::sync::Mutex<Vec<Node>>);
+
+    impl RemoteInstances for Others {
+        fn matching(&self, filter: &Filter, limit: usize, out: &mut Vec<Node>) -> bool {
+            let all = self.0.lock().unwrap();
+            let mut matched = all.iter().filter(|n| {
+                *n.service_id == *filter.service_id
+                    && filter.env_tag.as_deref().is_none_or(|e| e == &*n.env_tag)
+            });
+            out.extend(matched.by_ref().take(limit).cloned());
+            matched.next().is_some()
+        }
+    }
+
+    #[test]
+    fn other_nodes_instances_join_snapshots_and_notify_their_subscribers() {
+        let mut r = Registry::new(RegistryConfig::default(), 2);
+        let a = r
+            .register(&reg("user", "10.0.0.1", 1), owner(10), 0, &mut || None)
+            .unwrap();
+        let remote_node = |address: &str| Node {
+            runtime_instance_id: Uuid::now_v7(),
+            address: NodeAddress::Ip(address.parse().unwrap()),
+            ..r.node_of(&a.id).unwrap()
+        };
+        // One elsewhere, and one that is this node's own (it moved here and
+        // the other node has not let it go yet): shown once.
+        let others = Arc::new(Others(std::sync::Mutex::new(vec![
+            remote_node("10.0.0.2"),
+            remote_node("10.0.0.1"),
+        ])));
+        r.set_remote(Some(others.clone()));
+        let prod = Filter {
+            env_tag: Some("prod".into()),
+            ..filter("user")
+        };
+        let sub = owner(3); // shard 1
+        let snap = r.subscribe(&prod, sub).unwrap();
+        assert_eq!(snap.nodes.len(), 2, "{:?}", snap.nodes);
+        assert_eq!(r.lookup(&filter("user")).nodes.len(), 2);
+        // Names no instance here holds are still looked up elsewhere.
+        others.0.lock().unwrap()[0].service_id = "billing".into();
+        assert_eq!(r.lookup(&filter("billing")).nodes.len(), 1);
+        r.take_notifications(1, 1000);
+        // A remote change notifies the filters it matches, not others.
+        r.mark_remote_changed("user", "prod", "https");
+        let n = r.take_notifications(1, 2000);
+        assert_eq!((n.len(), n[0].owners.clone()), (1, vec![sub]));
+        assert_eq!(n[0].snapshot.nodes.len(), 1, "billing's moved away");
+        r.mark_remote_changed("user", "dev", "https");
+        r.mark_remote_changed("nobody", "prod", "https");
+        r.mark_remote_changed("user", "prod", "wss");
+        assert_eq!(
+            r.take_notifications(1, 3000).len(),
+            1,
+            "envTag left open: wss counts"
+        );
+        r.mark_remote_changed("user", "dev", "https");
+        assert!(r.take_notifications(1, 4000).is_empty(), "dev is not prod");
+        r.set_remote(None);
+        let n = r.take_notifications(1, 5000);
+        assert_eq!(n[0].snapshot.nodes.len(), 1, "its own only");
     }
 
     #[test]
