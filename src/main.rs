@@ -496,6 +496,10 @@ struct AgentArgs {
     /// Spread the swarm over this many serviceIds (ID-0 … ID-k).
     #[arg(long, default_value_t = 1)]
     distinct_ids: usize,
+    /// With several --controller nodes: spread the swarm's services over
+    /// them (by index) instead of starting every one at the first.
+    #[arg(long)]
+    spread_controllers: bool,
     /// Offset of this swarm's service indexes (keeps addresses distinct across swarms).
     #[arg(long, default_value_t = 0)]
     index_offset: usize,
@@ -1235,6 +1239,7 @@ fn agent(mut args: AgentArgs) -> anyhow::Result<()> {
         Some(0) => bail!("--swarm needs at least one service"),
         Some(n) => {
             let mut config = SwarmConfig::new(args.controller, n);
+            config.first_controller = (!args.spread_controllers).then_some(0);
             config.service_id = args.service_id;
             config.distinct_ids = args.distinct_ids.max(1);
             config.index_offset = args.index_offset;

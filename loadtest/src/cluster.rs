@@ -125,6 +125,15 @@ pub struct ClusterReport {
     /// Until the first of its instances left a survivor's view (its lease
     /// expired in etcd).
     pub kill_first_drop_seconds: f64,
+    /// After the kill: until all its services had registered again on the
+    /// survivors (each knows every node's address), and how many did.
+    pub moved_seconds: f64,
+    /// Until 99 % of them had (the rest back off after a refused try).
+    pub moved_99_seconds: f64,
+    pub moved: f64,
+    /// The kernel's listen-queue overflows meanwhile (a reconnect wave
+    /// larger than net.core.somaxconn × shards waits on SYN retries).
+    pub listen_overflows: f64,
     /// Full re-publications by the survivors (the first, and one per cut
     /// from their event log).
     pub survivor_resyncs: f64,
@@ -216,6 +225,14 @@ fn remote_counts(admins: &[String]) -> Vec<f64> {
         .collect()
 }
 
+/// Up instances the nodes hold themselves, summed.
+fn local_up(admins: &[String]) -> f64 {
+    admins
+        .iter()
+        .map(|a| scrape(a).map_or(0.0, |m| metric(&m, "tether_services{status=\"up\"}")))
+        .sum()
+}
+
 fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<f64> {
     let started = Instant::now();
     while !done() {
@@ -269,8 +286,12 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
     let keep_rx = std::sync::Arc::new(std::sync::Mutex::new(keep_rx));
     let mut ramps = Vec::new();
     let mut spawners = Vec::new();
+    let listens: Vec<String> = nodes.iter().map(|n| n.listen.clone()).collect();
     for (i, node) in nodes.iter().enumerate() {
         let (tether, listen, rate) = (tether.clone(), node.listen.clone(), args.connect_rate);
+        // Each service knows every node, its own first: the killed node's
+        // move to the survivors.
+        let also: Vec<String> = listens.iter().filter(|l| **l != listen).cloned().collect();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let keep = keep_rx.clone();
         spawners.push(std::thread::spawn(move || {
@@ -278,6 +299,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
             spec.connect_rate = rate;
             spec.group = 10 + i as u8;
             spec.index_base = i * per_node;
+            spec.also = also;
             let _ = done_tx.send(topology::start_swarms(&tether, &spec));
             // Until the scenario ends (the sender is dropped).
             let _ = keep.lock().map(|rx| rx.recv());
@@ -323,6 +345,8 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
         })
         .sum();
     // SIGKILL the last node: nothing of it revokes its lease.
+    let local_before = local_up(&admins[..args.nodes - 1]);
+    let overflows_before = procs::netstat("TcpExt", "ListenOverflows")?;
     let victim = nodes.pop().expect("two nodes or more");
     let victim_swarms = swarms.pop().expect("its swarms");
     let killed = Instant::now();
@@ -331,19 +355,45 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
     victim.proc.signal(libc::SIGKILL);
     let survivors = &admins[..args.nodes - 1];
     let expected = (per_node * (args.nodes - 2)) as f64;
-    let mut first_drop = None;
+    // One watch of both: the survivors' views dropping the killed node,
+    // and its services registering again on the survivors.
+    let (mut first_drop, mut converged, mut moved_most, mut moved_all) = (None, None, None, None);
+    let mut on_survivors = 0.0;
+    let mut last_print = 0.0;
+    let moved_goal = per_node as f64;
     wait_for(
-        "the others drop the killed node",
+        "the others drop the killed node and take its services",
         Duration::from_secs(args.lease_ttl * 3 + 120),
         || {
+            let t = killed.elapsed().as_secs_f64();
             let counts = remote_counts(survivors);
             if first_drop.is_none() && counts.iter().any(|&n| n < others) {
-                first_drop = Some(killed.elapsed().as_secs_f64());
+                first_drop = Some(t);
             }
-            counts.iter().all(|&n| n == expected)
+            if converged.is_none() && counts.iter().all(|&n| n == expected) {
+                converged = Some(t);
+            }
+            on_survivors = local_up(survivors) - local_before;
+            if moved_most.is_none() && on_survivors >= 0.99 * moved_goal {
+                moved_most = Some(t);
+            }
+            if moved_all.is_none() && on_survivors >= moved_goal {
+                moved_all = Some(t);
+            }
+            if t - last_print >= 1.0 {
+                last_print = t;
+                eprintln!("{t:.1} s after the kill: views {counts:?}, {on_survivors} moved");
+            }
+            converged.is_some() && moved_all.is_some()
         },
-    )?;
-    let kill_converged_seconds = killed.elapsed().as_secs_f64();
+    )
+    .with_context(|| format!("{on_survivors} of {per_node} moved"))?;
+    let kill_converged_seconds = converged.unwrap_or_default();
+    let (moved_99_seconds, moved_seconds) = (
+        moved_most.unwrap_or_default(),
+        moved_all.unwrap_or_default(),
+    );
+    let listen_overflows = procs::netstat("TcpExt", "ListenOverflows")? - overflows_before;
     let resyncs: f64 = survivors
         .iter()
         .map(|a| {
@@ -390,6 +440,10 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
         etcd_db_bytes,
         kill_converged_seconds,
         kill_first_drop_seconds: first_drop.unwrap_or(kill_converged_seconds),
+        moved_seconds,
+        moved_99_seconds,
+        moved: on_survivors,
+        listen_overflows: listen_overflows as f64,
         survivor_resyncs: resyncs,
         false_downs: downs_after - downs_before,
     })
@@ -429,6 +483,10 @@ pub fn print(r: &ClusterReport) {
     println!(
         "node killed (SIGKILL): its first instance left the others' views after {:.1} s, the last after {:.1} s; false downs on the survivors: {:.0}",
         r.kill_first_drop_seconds, r.kill_converged_seconds, r.false_downs
+    );
+    println!(
+        "its services moved: {:.0} registered again on the survivors, 99 % of them {:.1} s after the kill, all {:.1} s after ({:.0} listen-queue overflows)",
+        r.moved, r.moved_99_seconds, r.moved_seconds, r.listen_overflows
     );
     println!(
         "full re-publications by the survivors: {:.0}",

@@ -109,6 +109,9 @@ pub struct SwarmSpec<'a> {
     pub group: u8,
     pub index_base: usize,
     pub extra: Vec<String>,
+    /// Other controller nodes (host:port) the services move to, in order,
+    /// when `target` closes or cannot be reached.
+    pub also: Vec<String>,
     /// Connect with wss://, trusting this CA.
     pub tls_ca: Option<PathBuf>,
 }
@@ -124,6 +127,7 @@ impl<'a> SwarmSpec<'a> {
             group: 0,
             index_base: 0,
             extra: Vec::new(),
+            also: Vec::new(),
             tls_ca: None,
         }
     }
@@ -157,10 +161,14 @@ pub fn start_swarms(tether: &Path, spec: &SwarmSpec<'_>) -> anyhow::Result<(Vec<
         let mut cmd = Command::new(tether);
         let distinct = if spec.service_id == "svc" { "100" } else { "1" };
         let scheme = if spec.tls_ca.is_some() { "wss" } else { "ws" };
+        let controllers: Vec<String> = std::iter::once(spec.target)
+            .chain(spec.also.iter().map(String::as_str))
+            .map(|t| format!("{scheme}://{t}/ws/microservice"))
+            .collect();
         cmd.args([
             "agent",
             "--controller",
-            &format!("{scheme}://{}/ws/microservice", spec.target),
+            &controllers.join(","),
             "--service-id",
             spec.service_id,
         ])
