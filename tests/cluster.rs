@@ -366,6 +366,41 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
 }
 
 #[test]
+fn a_service_that_registers_on_another_node_supersedes_its_old_record() {
+    let Some(etcd) = Etcd::start() else { return };
+    let a = Node::start(&etcd, "a", Duration::from_secs(10));
+    let b = Node::start(&etcd, "b", Duration::from_secs(10));
+    // The service's old socket to b stays open (a half-dead path, say)
+    // while it registers again, the same identity, on a.
+    let (mut old, old_id) = registered(b.ctl.local_addr(), "delta", "10.8.0.1", 7000);
+    until("a sees it on b", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 1, s)
+    });
+    let (_new, new_id) = registered(a.ctl.local_addr(), "delta", "10.8.0.1", 7000);
+    assert_ne!(old_id, new_id);
+    // b learns of it through the watch and lets the old one go: 4000.
+    assert_eq!(old.expect_close(), Some(4000));
+    until("b holds no delta and sees a's", WAIT, || {
+        let (_, page) = b.get("/services?serviceId=delta");
+        let s = b.status();
+        (
+            page["total"] == 0 && remote(&s) == 1 && s["supersededByOtherNodes"] == 1,
+            s,
+        )
+    });
+    until("a no longer sees b's old record", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 0, s)
+    });
+    let mut watcher = Client::connect(b.ctl.local_addr(), "/ws/discovery");
+    let snap = watcher.call("discovery/lookup", json!({"serviceId": "delta"}));
+    let nodes = snap["result"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{snap}");
+    assert_eq!(nodes[0]["runtimeInstanceId"], new_id.to_string());
+}
+
+#[test]
 fn a_node_id_in_use_is_refused_and_taken_once_free() {
     let Some(etcd) = Etcd::start() else { return };
     let watcher = Node::start(&etcd, "w", Duration::from_secs(10));

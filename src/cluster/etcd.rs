@@ -125,11 +125,12 @@ async fn follow(
             }
             continue;
         }
-        let changed = {
+        let (changed, arrived) = {
             let mut view = shared.view.lock().unwrap();
             apply(&mut view, &resp);
-            view.take_changed()
+            (view.take_changed(), view.take_arrived())
         };
+        supersede_moved(&shared, &api, &arrived);
         // With the view let go: the registry is locked before the view
         // (discovery reads the view under the registry), never after.
         if !changed.is_empty() {
@@ -623,10 +624,47 @@ async fn list_and_watch(
     fresh.revision = revision;
     fresh.stale = false;
     fresh.take_changed();
+    // A service that moved while this node was away from etcd: its old
+    // record here goes too.
+    let arrived = fresh.take_arrived();
     *view = fresh;
     drop(view);
     api.all_remote_instances_changed();
+    supersede_moved(shared, api, &arrived);
     Ok(watch)
+}
+
+/// Records here of identities that just registered on another node are
+/// superseded (their sockets closed with 4000), as a second registration
+/// on one node supersedes the first.
+fn supersede_moved(shared: &Shared, api: &Api, arrived: &[super::view::RemoteInstance]) {
+    if arrived.is_empty() {
+        return;
+    }
+    let moved: Vec<_> = arrived
+        .iter()
+        .map(|r| {
+            let v = &r.value;
+            let m = crate::registry::MovedInstance {
+                service_id: &v.service_id,
+                env_tag: &v.env_tag,
+                address: &v.address,
+                port: v.port,
+                node: &r.node,
+            };
+            (r.id, m)
+        })
+        .collect();
+    let n = api.supersede_moved(&moved);
+    if n > 0 {
+        shared
+            .stats
+            .superseded
+            .fetch_add(n as u64, Ordering::Relaxed);
+        tracing::info!(
+            "cluster: {n} services registered on another node: their records here superseded"
+        );
+    }
 }
 
 fn apply(view: &mut View, resp: &etcd_client::WatchResponse) {

@@ -140,6 +140,9 @@ pub struct Stats {
     pub resyncs: AtomicU64,
     /// Sessions with etcd that ended in an error.
     pub errors: AtomicU64,
+    /// Local records superseded by a registration of the same identity on
+    /// another node (the service moved there).
+    pub superseded: AtomicU64,
 }
 
 // (Built, never run, without the feature.)
@@ -310,6 +313,9 @@ impl Cluster {
             "remoteInstances": view.instance_count(),
             "stale": view.stale,
             "revision": view.revision,
+            // Records here closed because their service registered on
+            // another node.
+            "supersededByOtherNodes": n(&s.superseded),
             "lastError": *self.shared.last_error.lock().unwrap(),
             "nodes": nodes,
             "etcd": {

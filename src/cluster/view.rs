@@ -48,6 +48,9 @@ pub struct View {
     /// The (serviceId, envTag, protocol) whose instances came or went
     /// since `take_changed`: their discovery subscribers are due a snapshot.
     changed: HashSet<Triple>,
+    /// Instances new to the view since `take_arrived` (a service that
+    /// registered on another node may have moved from this one).
+    arrived: Vec<RemoteInstance>,
     max_instances: usize,
     /// The etcd revision the view reflects.
     pub revision: i64,
@@ -71,6 +74,7 @@ impl View {
             instances: HashMap::new(),
             by_service: HashMap::new(),
             changed: HashSet::new(),
+            arrived: Vec::new(),
             max_instances,
             revision: 0,
             stale: true,
@@ -132,7 +136,16 @@ impl View {
                             self.count(&name, 1);
                         }
                     }
-                    None => self.count(&name, 1),
+                    None => {
+                        self.count(&name, 1);
+                        if let Some((_, v)) = self.instances.get(&id) {
+                            self.arrived.push(RemoteInstance {
+                                node: name.clone(),
+                                id,
+                                value: v.clone(),
+                            });
+                        }
+                    }
                 }
                 self.by_service.entry(service).or_default().insert(id);
             }
@@ -192,6 +205,11 @@ impl View {
     /// The filters whose instances changed since the last call.
     pub fn take_changed(&mut self) -> HashSet<Triple> {
         std::mem::take(&mut self.changed)
+    }
+
+    /// The instances new to the view since the last call.
+    pub fn take_arrived(&mut self) -> Vec<RemoteInstance> {
+        std::mem::take(&mut self.arrived)
     }
 
     /// Every (serviceId, envTag, protocol) the view holds instances of.

@@ -604,6 +604,43 @@ impl Api {
         }
     }
 
+    /// Instances other nodes registered (id, identity): each record here
+    /// of the same identity, older and up, is superseded and its socket
+    /// closed with 4000 (the service moved to that node and this one had
+    /// not noticed yet). Returns how many were.
+    pub fn supersede_moved(&self, moved: &[(Uuid, crate::registry::MovedInstance<'_>)]) -> usize {
+        let now = now_ms();
+        let mut owners = Vec::new();
+        for chunk in moved.chunks(1024) {
+            let mut registry = self.shared.registry();
+            owners.extend(
+                chunk
+                    .iter()
+                    .filter_map(|(id, m)| registry.supersede_moved(m, id, now)),
+            );
+        }
+        for owner in &owners {
+            let conn = handler::conn_of(*owner);
+            // Its record is gone; the socket must still close. A full queue
+            // is tried again briefly (the shard drains it every tick).
+            let mut msg = ShardMsg::Supersede(conn);
+            let mut tries = 0;
+            while let Err(full) = self.mailboxes[conn.shard.0 as usize].post(msg) {
+                tries += 1;
+                if tries == 50 {
+                    tracing::warn!(
+                        "shard {} queue full for 0.5 s: a superseded socket stays open until its peer or a missed pong closes it",
+                        conn.shard.0
+                    );
+                    break;
+                }
+                msg = full.0;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        owners.len()
+    }
+
     /// The other nodes' instances were read afresh: every subscriber is
     /// due a snapshot.
     pub fn all_remote_instances_changed(&self) {

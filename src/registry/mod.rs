@@ -42,7 +42,9 @@ pub use discovery::{
 };
 use discovery::{SubKey, Subscriber};
 pub use listing::{Page, PageScan, Query, Sort, SortKey};
-pub use records::{MetadataUpdate, Refused, Registered, Registration, UpdateOutcome};
+pub use records::{
+    MetadataUpdate, MovedInstance, Refused, Registered, Registration, UpdateOutcome,
+};
 pub use summary::Summary;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -522,6 +524,40 @@ mod tests {
                 .superseded,
             Some(owner(1))
         );
+    }
+
+    #[test]
+    fn a_registration_on_another_node_supersedes_only_an_older_record() {
+        let mut r = Registry::new(RegistryConfig::default(), 2);
+        let a = r
+            .register(&reg("user", "10.0.0.1", 1), owner(10), 5_000, &mut || None)
+            .unwrap();
+        let moved = MovedInstance {
+            service_id: "user",
+            env_tag: "prod",
+            address: "10.0.0.1",
+            port: 1,
+            node: "n2",
+        };
+        let at = |ms: u64| uuid::Builder::from_unix_timestamp_millis(ms, &[7; 10]).into_uuid();
+        assert_eq!(r.supersede_moved(&moved, &at(4_000), 6_000), None, "older");
+        let other = MovedInstance { port: 2, ..moved };
+        assert_eq!(
+            r.supersede_moved(&other, &at(9_000), 6_000),
+            None,
+            "not here"
+        );
+        let unknown = MovedInstance {
+            service_id: "nobody",
+            ..moved
+        };
+        assert_eq!(r.supersede_moved(&unknown, &at(9_000), 6_000), None);
+        assert_eq!(
+            r.supersede_moved(&moved, &at(9_000), 6_000),
+            Some(owner(10))
+        );
+        assert!(r.node_of(&a.id).is_none(), "gone here");
+        assert!(r.lookup(&filter("user")).nodes.is_empty());
     }
 
     /// Another node's instances, as a cluster's view would hand them over.

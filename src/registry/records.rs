@@ -55,6 +55,15 @@ pub struct Registered {
     pub superseded: Option<Owner>,
 }
 
+/// An instance another node published (its identity, and the node).
+pub struct MovedInstance<'a> {
+    pub service_id: &'a str,
+    pub env_tag: &'a str,
+    pub address: &'a str,
+    pub port: u16,
+    pub node: &'a str,
+}
+
 impl Registry {
     pub(super) fn slot_owned(&self, id: &Uuid, owner: Owner) -> Option<u32> {
         self.get(id)
@@ -391,6 +400,43 @@ impl Registry {
             self.by_service.remove(&service);
         }
         self.mark_changed(slot);
+    }
+
+    /// Another controller node holds this identity now, registered as
+    /// `newer` (the service moved there while its socket here looks open):
+    /// the record here, if up and older, is superseded and removed, and
+    /// its owner returned so that its connection is closed (4000). Interns
+    /// nothing: names this node does not know match nothing here.
+    pub fn supersede_moved(
+        &mut self,
+        moved: &MovedInstance<'_>,
+        newer: &Uuid,
+        now_ms: u64,
+    ) -> Option<Owner> {
+        let service = self.strings.find(moved.service_id)?;
+        let env = self.strings.find(moved.env_tag)?;
+        let address = match moved.address.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => Address::V4(v4),
+            Ok(IpAddr::V6(v6)) => Address::V6(v6),
+            Err(_) => Address::Host(self.strings.find(&moved.address.to_ascii_lowercase())?),
+        };
+        let hash = self.identity_hash(service, env, &address, moved.port);
+        let instances = &self.instances;
+        let slot = *self.identity.find(hash, |&slot| {
+            let i = &instances[slot as usize];
+            i.service == service && i.env == env && i.address == address && i.port == moved.port
+        })?;
+        let old = &self.instances[slot as usize];
+        // UUID v7s order by their registration time (then at random
+        // within one ms): only an older record gives way.
+        if old.status != Status::Up || old.id >= *newer {
+            return None;
+        }
+        let owner = old.owner;
+        let why = format!("superseded by a registration on node {}", moved.node);
+        self.publish(now_ms, EventKind::Superseded, slot, Some(&why));
+        self.remove(slot);
+        Some(owner)
     }
 
     pub(super) fn remove(&mut self, slot: u32) {
