@@ -72,6 +72,11 @@ struct PlanArgs {
     /// Cores of the controller's host [default: this host's].
     #[arg(long)]
     cores: Option<u64>,
+    /// Controller nodes on etcd (`--cluster`) sharing the services: each
+    /// is sized to hold its share with one node down, plus its view of
+    /// the others; etcd's keys, size and writes are planned too.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    nodes: u64,
     /// Print the plan as JSON.
     #[arg(long)]
     json: bool,
@@ -585,14 +590,28 @@ fn main() -> anyhow::Result<()> {
             cli::services(&args.client.connect()?, &query, args.client.json)
         }
         Command::Plan(args) => {
+            // With several nodes, each must hold its share with one down.
+            let per_node = match args.nodes {
+                1 => args.services,
+                k => args.services.div_ceil(k - 1),
+            };
             let plan = make_plan(
-                args.services,
+                per_node,
                 args.ping_interval,
                 args.from.as_deref(),
                 args.nofile,
                 args.cores,
             )?;
-            if args.json {
+            if args.nodes > 1 {
+                let costs = tether::plan::ClusterCosts::built_in();
+                let cluster =
+                    tether::plan::ClusterPlan::new(args.services, args.nodes, plan, costs);
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&cluster)?);
+                } else {
+                    print!("{}", cluster.render());
+                }
+            } else if args.json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
                 print!("{}", plan.render());

@@ -27,6 +27,170 @@ const BUILT_IN_PATH: &str = "loadtest/results/compare/results.json";
 const BUILT_IN_SCALE: &str = include_str!("../loadtest/results/scale/results.json");
 const BUILT_IN_SCALE_PATH: &str = "loadtest/results/scale/results.json";
 
+/// The committed `cluster` run the built-in cluster costs are read from.
+const BUILT_IN_CLUSTER: &str = include_str!("../loadtest/results/cluster/results.json");
+const BUILT_IN_CLUSTER_PATH: &str = "loadtest/results/cluster/results.json";
+
+/// What the cluster layer costs, from a `tether-loadtest cluster` run.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterCosts {
+    #[serde(skip_deserializing)]
+    pub source: String,
+    /// etcd key and value bytes per instance.
+    #[serde(alias = "bytes_per_instance")]
+    pub bytes_per_instance: f64,
+    /// A node's RSS per instance another node holds (its view).
+    #[serde(alias = "view_bytes_per_instance")]
+    pub view_bytes_per_instance: f64,
+    #[serde(alias = "etcd_db_bytes")]
+    pub etcd_db_bytes: f64,
+    #[serde(alias = "etcd_keys")]
+    pub etcd_keys: f64,
+    /// After a SIGKILL: until the others' views dropped the node, with
+    /// this lease TTL; and until 99 % of its services were registered
+    /// again on the survivor, with this many services per node.
+    #[serde(alias = "kill_converged_seconds")]
+    pub kill_converged_seconds: f64,
+    #[serde(alias = "lease_ttl_s")]
+    pub lease_ttl_s: f64,
+    #[serde(alias = "moved_99_seconds")]
+    pub moved_99_seconds: f64,
+    pub services: f64,
+    pub nodes: f64,
+}
+
+impl ClusterCosts {
+    pub fn built_in() -> ClusterCosts {
+        let mut c: ClusterCosts =
+            serde_json::from_str(BUILT_IN_CLUSTER).expect("the built-in cluster results parse");
+        c.source = format!(
+            "built in: {BUILT_IN_CLUSTER_PATH} ({} services over {} nodes)",
+            c.services, c.nodes
+        );
+        c
+    }
+}
+
+/// Several nodes on etcd (`tether plan --nodes K`): each is sized to hold
+/// its share with one node down, and every node also holds the view of
+/// all the others' instances.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterPlan {
+    pub services: u64,
+    pub nodes: u64,
+    pub costs: ClusterCosts,
+    /// Services per node while all are up, and with one node down (what
+    /// each node is sized for: `node`).
+    pub services_per_node: u64,
+    pub services_per_node_one_down: u64,
+    /// Instances of the others each node's view holds, and its memory.
+    pub remote_instances_per_node: u64,
+    pub view_bytes_per_node: f64,
+    /// The per-node plan's memory to provision plus the view.
+    pub node_memory_to_provision_bytes: f64,
+    pub etcd_keys: u64,
+    pub etcd_kv_bytes: f64,
+    /// etcd's database, at the measured bytes per key (one revision each;
+    /// history until compaction adds to it).
+    pub etcd_db_bytes: f64,
+    /// Transactions (≤ 128 ops) to publish every service once: a full
+    /// re-registration of the cluster.
+    pub etcd_txns_to_publish_all: u64,
+    /// A node lost: its services move to the K-1 others, each taking this
+    /// many, in about this long at the measured registration rate.
+    pub failover_services_per_survivor: u64,
+    pub failover_seconds: f64,
+    /// The per-node plan (for `services_per_node_one_down`).
+    pub node: Plan,
+}
+
+impl ClusterPlan {
+    pub fn new(services: u64, nodes: u64, node: Plan, costs: ClusterCosts) -> ClusterPlan {
+        assert!(nodes >= 2, "a cluster has two nodes or more");
+        let per_node = services.div_ceil(nodes);
+        let remote = services - per_node.min(services);
+        let view = remote as f64 * costs.view_bytes_per_instance;
+        let per_key_db = costs.etcd_db_bytes / costs.etcd_keys.max(1.0);
+        let failover = per_node.div_ceil(nodes - 1);
+        ClusterPlan {
+            services,
+            nodes,
+            services_per_node: per_node,
+            services_per_node_one_down: node.services,
+            remote_instances_per_node: remote,
+            view_bytes_per_node: view,
+            node_memory_to_provision_bytes: node.controller_memory_to_provision_bytes + view,
+            etcd_keys: services + nodes,
+            etcd_kv_bytes: services as f64 * costs.bytes_per_instance,
+            etcd_db_bytes: (services + nodes) as f64 * per_key_db,
+            etcd_txns_to_publish_all: services.div_ceil(crate::cluster::MAX_TXN_OPS as u64),
+            failover_services_per_survivor: failover,
+            failover_seconds: failover as f64 / node.costs.registrations_per_second.max(1.0),
+            node,
+            costs,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mib = |b: f64| format!("{:.0} MiB", b / 1048576.0);
+        let mut s = format!(
+            "tether plan: {} services over {} controller nodes on etcd\n\
+             cluster costs: {}\n\n",
+            self.services, self.nodes, self.costs.source
+        );
+        s.push_str(&format!(
+            "per node:\n  \
+             services              {} while all are up; sized for {} (one node down)\n  \
+             view of the others    {} instances, {} ({:.0} B each, measured)\n  \
+             memory to provision   {} (the node below + its view)\n  \
+             run                   tether controller --cluster etcd://… --node-id nI --shards {} --ping-interval {}s\n\n",
+            self.services_per_node,
+            self.services_per_node_one_down,
+            self.remote_instances_per_node,
+            mib(self.view_bytes_per_node),
+            self.costs.view_bytes_per_instance,
+            mib(self.node_memory_to_provision_bytes),
+            self.node.shards,
+            self.node.ping_interval_seconds
+        ));
+        s.push_str(&format!(
+            "etcd (3 members, tuning/kubernetes/cluster.yaml):\n  \
+             keys                  {} (one per instance, one per node; one lease per node)\n  \
+             keys + values         {} ({:.0} B per instance)\n  \
+             database              ~{} at the measured {:.0} B per key (history until compaction adds to it)\n  \
+             publish everything    {} transactions of ≤ 128 ops (a cluster-wide re-registration); 0 writes at rest\n  \
+             quota                 keep --quota-backend-bytes ≥ 4 × the database (etcd's default is 2 GiB)\n\n",
+            self.etcd_keys,
+            mib(self.etcd_kv_bytes),
+            self.costs.bytes_per_instance,
+            mib(self.etcd_db_bytes),
+            self.costs.etcd_db_bytes / self.costs.etcd_keys.max(1.0),
+            self.etcd_txns_to_publish_all
+        ));
+        s.push_str(&format!(
+            "a node lost (SIGKILL):\n  \
+             its services          {} to each of the {} others, ~{:.1} s at {:.0} registrations/s (measured: 99 % of {:.0} moved in {:.1} s)\n  \
+             the others' views     drop it once its lease TTL runs out (measured {:.1} s with {:.0} s)\n\n",
+            self.failover_services_per_survivor,
+            self.nodes - 1,
+            self.failover_seconds,
+            self.node.costs.registrations_per_second,
+            self.costs.services / self.costs.nodes.max(1.0),
+            self.costs.moved_99_seconds,
+            self.costs.kill_converged_seconds,
+            self.costs.lease_ttl_s
+        ));
+        s.push_str(&format!(
+            "each node, as one controller holding {} services:\n\n",
+            self.services_per_node_one_down
+        ));
+        s.push_str(&self.node.render());
+        s
+    }
+}
+
 /// What one service costs, as the load test measures it.
 #[derive(Clone, Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -810,6 +974,30 @@ mod tests {
         assert!((1_000.0..10_000.0).contains(&costs.kernel_bytes_per_socket));
         assert!(costs.nginx_user_bytes > costs.relay_user_bytes);
         assert!(costs.cpu_seconds_per_ping > 0.0 && costs.registrations_per_second > 0.0);
+    }
+
+    #[test]
+    fn a_cluster_sizes_each_node_for_one_down_and_counts_etcd() {
+        let costs = ClusterCosts::built_in();
+        assert!(costs.view_bytes_per_instance > 0.0 && costs.bytes_per_instance > 0.0);
+        let node = Plan::new(1_000_000, 30.0, 1 << 20, 16, Costs::built_in());
+        let c = ClusterPlan::new(3_000_000, 4, node, costs);
+        assert_eq!(
+            (c.services_per_node, c.services_per_node_one_down),
+            (750_000, 1_000_000)
+        );
+        assert_eq!(c.remote_instances_per_node, 2_250_000);
+        assert_eq!(
+            (c.etcd_keys, c.etcd_txns_to_publish_all),
+            (3_000_004, 23_438)
+        );
+        assert_eq!(c.failover_services_per_survivor, 250_000);
+        assert!(
+            c.node_memory_to_provision_bytes
+                > c.node.controller_memory_to_provision_bytes + 2_250_000.0 * 100.0
+        );
+        let text = c.render();
+        assert!(text.contains("sized for 1000000 (one node down)"), "{text}");
     }
 
     #[test]

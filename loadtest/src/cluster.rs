@@ -114,6 +114,9 @@ pub struct ClusterReport {
     pub ops_per_txn: f64,
     /// Key and value bytes written per instance put.
     pub bytes_per_instance: f64,
+    /// RSS growth of a node that holds no service, per instance of the
+    /// others it sees: what each node's view of the cluster costs.
+    pub view_bytes_per_instance: f64,
     pub hold_writes: Writes,
     pub hold_rates: Rates,
     /// As etcd counts them (its /metrics) once the wave has settled.
@@ -273,9 +276,30 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
             .context("a cluster node did not start (is tether built with --features cluster?)")?;
         nodes.push(node);
     }
+    // One more node that holds no service: its RSS growth is the view's
+    // cost per remote instance (what every node pays for the others').
+    let observer = topology::controller_with(
+        &tether,
+        1,
+        &[
+            "--cluster",
+            url.as_str(),
+            "--node-id",
+            "observer",
+            "--cluster-lease-ttl",
+            ttl.as_str(),
+            "--admin-key-file",
+            key.as_str(),
+        ],
+    )?;
     let admins: Vec<String> = nodes.iter().map(|n| n.admin.clone()).collect();
     let per_node = args.services / args.nodes;
     let total = per_node * args.nodes;
+    // In sync (its view empty) before the wave starts.
+    wait_for("the observer joins", Duration::from_secs(30), || {
+        scrape(&observer.admin).is_ok_and(|m| metric(&m, "tether_cluster_stale") == 0.0)
+    })?;
+    let observer_rss_before = procs::status_kb(observer.proc.pid(), "VmRSS")?;
     let before = Writes::of(&admins)?;
     // The wave: every node's swarms ramp at once.
     let started = Instant::now();
@@ -328,6 +352,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
     )
     .with_context(|| format!("each node's count of the others: {last:?}, expected {others}"))?;
     let converged_seconds = started.elapsed().as_secs_f64();
+    wait_for(
+        "the observer sees every service",
+        Duration::from_secs(60),
+        || remote_counts(std::slice::from_ref(&observer.admin))[0] == total as f64,
+    )?;
+    // Settled: the view's strings and tables in place.
+    std::thread::sleep(Duration::from_secs(2));
+    let observer_rss_growth_kb =
+        procs::status_kb(observer.proc.pid(), "VmRSS")?.saturating_sub(observer_rss_before);
+    let view_bytes_per_instance = observer_rss_growth_kb as f64 * 1024.0 / total as f64;
     let wave_writes = Writes::of(&admins)?.since(before);
     // At rest: what the nodes write with no churn.
     let at_rest = Writes::of(&admins)?;
@@ -411,6 +445,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
         })
         .sum();
     victim.proc.kill();
+    observer.proc.stop(Duration::from_secs(5));
     for s in victim_swarms {
         s.stop(Duration::from_secs(5));
     }
@@ -433,6 +468,7 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
         wave_rates: rates(wave_writes, converged_seconds),
         ops_per_txn: ops / wave_writes.txns.max(1.0),
         bytes_per_instance: wave_writes.bytes / wave_writes.puts.max(1.0),
+        view_bytes_per_instance,
         wave_writes,
         hold_rates: rates(hold_writes, args.hold as f64),
         hold_writes,
@@ -473,6 +509,10 @@ pub fn print(r: &ClusterReport) {
         r.bytes_per_instance,
         r.etcd_keys,
         r.etcd_db_bytes / 1e6
+    );
+    println!(
+        "a node's view of the others: {:.0} B of RSS per remote instance (a node holding no service, seeing all {})",
+        r.view_bytes_per_instance, r.services
     );
     println!(
         "at rest ({:.0} s, no churn): {:.0} txns, {:.0} ops written",
