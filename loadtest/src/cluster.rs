@@ -404,7 +404,16 @@ pub fn run(args: ClusterArgs) -> anyhow::Result<ClusterReport> {
             if first_drop.is_none() && counts.iter().any(|&n| n < others) {
                 first_drop = Some(t);
             }
-            if converged.is_none() && counts.iter().all(|&n| n == expected) {
+            // Each survivor sees what the others hold (the killed node's
+            // services that moved to them included).
+            let local: Vec<f64> = survivors
+                .iter()
+                .map(|a| local_up(std::slice::from_ref(a)))
+                .collect();
+            let sum: f64 = local.iter().sum();
+            let settled = counts.iter().zip(&local).all(|(&n, &own)| n == sum - own);
+            if converged.is_none() && settled && counts.iter().all(|&n| n <= expected + moved_goal)
+            {
                 converged = Some(t);
             }
             on_survivors = local_up(survivors) - local_before;

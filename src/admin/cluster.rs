@@ -66,10 +66,20 @@ pub(crate) async fn services(
     };
     let limit = p.limit.unwrap_or(100).clamp(1, state.config.max_page);
     let service = p.service_id.filter(|s| !s.is_empty());
-    let (total, items, stale) = cluster.with_view(|v| {
-        let (total, items) = v.list(service.as_deref(), limit);
-        (total, items, v.stale)
-    });
+    // Off the async workers: the view's lock, and an O(N) count under it.
+    let listed = tokio::task::spawn_blocking(move || {
+        cluster.with_view(|v| {
+            let (total, items) = v.list(service.as_deref(), limit);
+            (total, items, v.stale)
+        })
+    })
+    .await;
+    let Ok((total, items, stale)) = listed else {
+        return respond((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "internal", "message": "listing the cluster view failed"}),
+        ));
+    };
     let items: Vec<_> = items.iter().map(remote_item).collect();
     respond((
         StatusCode::OK,

@@ -152,6 +152,9 @@ struct Slot {
     /// to, and the one it was last registered with (u16::MAX: none yet).
     target: u16,
     registered_with: u16,
+    /// The next reconnect goes to the same node (it refused the
+    /// registration: another would only hide the reason).
+    stay: bool,
     /// The slot's place in the worker's wheel, at its earliest timer.
     link: Link,
     timers: Timers,
@@ -272,6 +275,7 @@ impl<O: Observer> Worker<O> {
                 target: (config.first_controller.unwrap_or(first_index + i)
                     % config.controllers.len()) as u16,
                 registered_with: u16::MAX,
+                stay: false,
                 link: Link::default(),
                 timers: Timers::default(),
                 tls: None,
@@ -641,6 +645,7 @@ impl<O: Observer> Worker<O> {
                     inc(&self.stats.moved);
                 }
                 s.registered_with = s.target;
+                s.stay = false;
                 self.slots[slot].registered = true;
                 self.slots[slot].probing = None;
                 inc(&self.stats.registered);
@@ -670,6 +675,9 @@ impl<O: Observer> Worker<O> {
                 // Rate limited with a wait named (an identity conflict):
                 // no sooner than that.
                 let hint = retry_hint(&message).filter(|_| code == -32003);
+                // Refused by this node (an identity conflict, a bad token):
+                // another node is no answer, so the service stays.
+                self.slots[slot].stay = true;
                 self.fail_after(slot, hint);
             }
             SessionEvent::Closed { code, reason } => {
@@ -928,8 +936,11 @@ impl<O: Observer> Worker<O> {
         }
         let s = &mut self.slots[slot];
         // The next attempt goes to the next node: this one failed, closed
-        // or drained the connection (a lone node is tried again).
-        s.target = ((usize::from(s.target) + 1) % self.config.controllers.len()) as u16;
+        // or drained the connection (a lone node is tried again), unless it
+        // refused the registration itself.
+        if !std::mem::take(&mut s.stay) {
+            s.target = ((usize::from(s.target) + 1) % self.config.controllers.len()) as u16;
+        }
         let lived = now.duration_since(s.opened_at) > STABLE_AFTER;
         if lived {
             s.attempts = 0;

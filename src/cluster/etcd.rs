@@ -130,7 +130,7 @@ async fn follow(
             apply(&mut view, &resp);
             (view.take_changed(), view.take_arrived())
         };
-        supersede_moved(&shared, &api, &arrived);
+        supersede_moved(&shared, &api, &mut client, &arrived).await;
         // With the view let go: the registry is locked before the view
         // (discovery reads the view under the registry), never after.
         if !changed.is_empty() {
@@ -434,7 +434,7 @@ async fn resync(
     shared.stats.resyncs.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     // A change collected before page k is read is in that page's read if
-    // the page holds the instance: it need not be written again from the
+    // the page (or a later one) holds the instance: it need not be written again from the
     // dirty set. Only the others are (read earlier, or not up any more),
     // so a resync that runs beside a registration wave writes it once.
     let mut changed: HashMap<Uuid, u32> = HashMap::new();
@@ -448,7 +448,9 @@ async fn resync(
     let mut read_at: HashMap<Uuid, u32> = HashMap::new();
     for k in 0u32.. {
         for id in events.take() {
-            changed.entry(id).or_insert(k);
+            // The latest collection counts: a change after the page that
+            // read the instance (a deregistration, say) must be written.
+            changed.insert(id, k);
         }
         let page = api.page_uncounted(up.clone(), cursor, REGISTRY_CHUNK);
         for n in &page.items {
@@ -474,7 +476,7 @@ async fn resync(
     // What etcd still has of this node that is not up here any more.
     let mut gone = Vec::new();
     let mine = shared.keys.instances_of(me);
-    list(client, mine.as_bytes(), true, |key, _| {
+    list(client, mine.as_bytes(), true, |key, _, _| {
         if let Some(super::codec::KeyKind::Instance(_, id)) = shared.keys.parse(key)
             && !here.contains_key(&id)
         {
@@ -503,7 +505,7 @@ async fn list(
     client: &mut Client,
     prefix: &[u8],
     keys_only: bool,
-    mut each: impl FnMut(&str, &[u8]),
+    mut each: impl FnMut(&str, &[u8], i64),
 ) -> Result<i64, Fail> {
     let end = prefix_end(prefix);
     let mut start = prefix.to_vec();
@@ -524,7 +526,7 @@ async fn list(
         }
         for kv in resp.kvs() {
             if let Ok(key) = kv.key_str() {
-                each(key, kv.value());
+                each(key, kv.value(), kv.create_revision());
             }
         }
         match resp.kvs().last() {
@@ -608,7 +610,10 @@ async fn list_and_watch(
         shared.keys.clone(),
         config.max_remote_instances,
     );
-    let revision = list(client, &prefix, false, |key, value| fresh.put(key, value)).await?;
+    let revision = list(client, &prefix, false, |key, value, created| {
+        fresh.put_created(key, value, created)
+    })
+    .await?;
     shared.stats.lists.fetch_add(1, Ordering::Relaxed);
     let options = WatchOptions::new()
         .with_prefix()
@@ -618,51 +623,81 @@ async fn list_and_watch(
         .watch_client()
         .max_decoding_message_size(MAX_WATCH_MESSAGE);
     let watch = unary("watch", watcher.watch(prefix, Some(options))).await?;
-    let mut view = shared.view.lock().unwrap();
-    fresh.dropped += view.dropped;
-    fresh.malformed += view.malformed;
     fresh.revision = revision;
     fresh.stale = false;
     fresh.take_changed();
     // A service that moved while this node was away from etcd: its old
     // record here goes too.
     let arrived = fresh.take_arrived();
-    *view = fresh;
-    drop(view);
+    let old = {
+        let mut view = shared.view.lock().unwrap();
+        fresh.dropped += view.dropped;
+        fresh.malformed += view.malformed;
+        std::mem::replace(&mut *view, fresh)
+    };
+    // Freed with the view let go (millions of entries: discovery waits on
+    // the view with the registry locked).
+    drop(old);
     api.all_remote_instances_changed();
-    supersede_moved(shared, api, &arrived);
+    supersede_moved(shared, api, client, &arrived).await;
     Ok(watch)
 }
 
 /// Records here of identities that just registered on another node are
 /// superseded (their sockets closed with 4000), as a second registration
-/// on one node supersedes the first.
-fn supersede_moved(shared: &Shared, api: &Api, arrived: &[super::view::RemoteInstance]) {
+/// on one node supersedes the first. Which registration is newer is
+/// settled without trusting the nodes' clocks alone: this node's key for
+/// its record must have been created in etcd before the other's, and its
+/// UUID v7 be older too; when the two disagree (a key re-created after an
+/// etcd outage, a clock far off) both records stay, and the stale one
+/// goes with its socket or its pong deadline.
+async fn supersede_moved(
+    shared: &Shared,
+    api: &Api,
+    client: &mut Client,
+    arrived: &[(super::view::RemoteInstance, i64)],
+) {
     if arrived.is_empty() {
         return;
     }
     let moved: Vec<_> = arrived
         .iter()
-        .map(|r| {
+        .map(|(r, _)| {
             let v = &r.value;
-            let m = crate::registry::MovedInstance {
+            crate::registry::MovedInstance {
                 service_id: &v.service_id,
                 env_tag: &v.env_tag,
                 address: &v.address,
                 port: v.port,
                 node: &r.node,
-            };
-            (r.id, m)
+            }
         })
         .collect();
-    let n = api.supersede_moved(&moved);
-    if n > 0 {
+    let mut superseded = 0u64;
+    for (i, local) in api.moved_candidates(&moved) {
+        let (remote, remote_created) = &arrived[i];
+        let key = shared.keys.instance(&shared.config.node_id, &local);
+        let ours = match unary("get", client.get(key, None)).await {
+            Ok(r) => r.kvs().first().map(|kv| kv.create_revision()),
+            Err(e) => {
+                tracing::warn!("cluster: cannot order {local} against {}: {e}", remote.id);
+                continue;
+            }
+        };
+        // No key yet: this node's record is too new to be written (< one
+        // flush), so it is the newer one.
+        let older_in_etcd = ours.is_some_and(|created| created < *remote_created);
+        if older_in_etcd && local < remote.id && api.supersede_moved(&local, &moved[i]) {
+            superseded += 1;
+        }
+    }
+    if superseded > 0 {
         shared
             .stats
             .superseded
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .fetch_add(superseded, Ordering::Relaxed);
         tracing::info!(
-            "cluster: {n} services registered on another node: their records here superseded"
+            "cluster: {superseded} services registered on another node: their records here superseded"
         );
     }
 }
@@ -672,7 +707,7 @@ fn apply(view: &mut View, resp: &etcd_client::WatchResponse) {
         let Some(kv) = event.kv() else { continue };
         let Ok(key) = kv.key_str() else { continue };
         match event.event_type() {
-            EventType::Put => view.put(key, kv.value()),
+            EventType::Put => view.put_created(key, kv.value(), kv.create_revision()),
             EventType::Delete => view.delete(key),
         }
     }

@@ -48,9 +48,10 @@ pub struct View {
     /// The (serviceId, envTag, protocol) whose instances came or went
     /// since `take_changed`: their discovery subscribers are due a snapshot.
     changed: HashSet<Triple>,
-    /// Instances new to the view since `take_arrived` (a service that
-    /// registered on another node may have moved from this one).
-    arrived: Vec<RemoteInstance>,
+    /// Instances new to the view since `take_arrived`, with their keys'
+    /// create revisions (a service that registered on another node may
+    /// have moved from this one).
+    arrived: Vec<(RemoteInstance, i64)>,
     max_instances: usize,
     /// The etcd revision the view reflects.
     pub revision: i64,
@@ -104,6 +105,11 @@ impl View {
 
     /// A key was written (a list's key, or a watch's put).
     pub fn put(&mut self, key: &str, value: &[u8]) {
+        self.put_created(key, value, 0);
+    }
+
+    /// The same, with the key's create revision (kept for arrivals).
+    pub fn put_created(&mut self, key: &str, value: &[u8], create_revision: i64) {
         match self.keys.parse(key) {
             Some(KeyKind::Node(node)) => {
                 let Ok(record) = serde_json::from_slice::<NodeRecord>(value) else {
@@ -139,11 +145,12 @@ impl View {
                     None => {
                         self.count(&name, 1);
                         if let Some((_, v)) = self.instances.get(&id) {
-                            self.arrived.push(RemoteInstance {
+                            let r = RemoteInstance {
                                 node: name.clone(),
                                 id,
                                 value: v.clone(),
-                            });
+                            };
+                            self.arrived.push((r, create_revision));
                         }
                     }
                 }
@@ -181,7 +188,11 @@ impl View {
                     }
                 }
             }
-            Some(KeyKind::Instance(_, id)) => {
+            Some(KeyKind::Instance(node, id)) => {
+                // Only the node's own key removes its record.
+                if self.instances.get(&id).is_none_or(|(n, _)| **n != *node) {
+                    return;
+                }
                 let Some((node, old)) = self.instances.remove(&id) else {
                     return;
                 };
@@ -208,7 +219,7 @@ impl View {
     }
 
     /// The instances new to the view since the last call.
-    pub fn take_arrived(&mut self) -> Vec<RemoteInstance> {
+    pub fn take_arrived(&mut self) -> Vec<(RemoteInstance, i64)> {
         std::mem::take(&mut self.arrived)
     }
 

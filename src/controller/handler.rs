@@ -830,6 +830,29 @@ impl Handler for ShardHandler {
             self.drain_some(cx);
         }
         let now = cx.wall_ms();
+        if self
+            .shared
+            .supersede_pending
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // Superseded from another node while this shard's queue was full.
+            let mut later = self
+                .shared
+                .supersede_later
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let shard = self.shard;
+            later.retain(|c| {
+                let mine = c.shard == shard;
+                if mine {
+                    self.supersede_retry.push(*c);
+                }
+                !mine
+            });
+            self.shared
+                .supersede_pending
+                .store(!later.is_empty(), std::sync::atomic::Ordering::Release);
+        }
         let retry = std::mem::take(&mut self.supersede_retry);
         for old in retry {
             self.supersede(cx, old);

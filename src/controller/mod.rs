@@ -248,6 +248,11 @@ pub struct Shared {
     draining: std::sync::atomic::AtomicBool,
     /// Connections a drain has still to close, all shards together.
     drain_left: AtomicUsize,
+    /// Sockets whose records were superseded from outside a shard (by a
+    /// registration on another node) while their shard's queue was full:
+    /// each shard closes its own at its next tick.
+    pub(crate) supersede_later: Mutex<Vec<crate::engine::ConnRef>>,
+    pub(crate) supersede_pending: AtomicBool,
 }
 
 /// The registry, locked. Debug builds count the guards each thread holds,
@@ -329,6 +334,8 @@ impl Shared {
             auth,
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_left: AtomicUsize::new(0),
+            supersede_later: Mutex::new(Vec::new()),
+            supersede_pending: AtomicBool::new(false),
             config,
         }
     }
@@ -604,41 +611,54 @@ impl Api {
         }
     }
 
-    /// Instances other nodes registered (id, identity): each record here
-    /// of the same identity, older and up, is superseded and its socket
-    /// closed with 4000 (the service moved to that node and this one had
-    /// not noticed yet). Returns how many were.
-    pub fn supersede_moved(&self, moved: &[(Uuid, crate::registry::MovedInstance<'_>)]) -> usize {
-        let now = now_ms();
-        let mut owners = Vec::new();
-        for chunk in moved.chunks(1024) {
-            let mut registry = self.shared.registry();
-            owners.extend(
+    /// The up records here of the identities other nodes just published:
+    /// (the index into `moved`, the local record's id). Changes nothing.
+    pub fn moved_candidates(
+        &self,
+        moved: &[crate::registry::MovedInstance<'_>],
+    ) -> Vec<(usize, Uuid)> {
+        let mut found = Vec::new();
+        for (start, chunk) in (0..).step_by(1024).zip(moved.chunks(1024)) {
+            let registry = self.shared.registry();
+            found.extend(
                 chunk
                     .iter()
-                    .filter_map(|(id, m)| registry.supersede_moved(m, id, now)),
+                    .enumerate()
+                    .filter_map(|(i, m)| registry.up_with_identity(m).map(|id| (start + i, id))),
             );
         }
-        for owner in &owners {
-            let conn = handler::conn_of(*owner);
-            // Its record is gone; the socket must still close. A full queue
-            // is tried again briefly (the shard drains it every tick).
-            let mut msg = ShardMsg::Supersede(conn);
-            let mut tries = 0;
-            while let Err(full) = self.mailboxes[conn.shard.0 as usize].post(msg) {
-                tries += 1;
-                if tries == 50 {
-                    tracing::warn!(
-                        "shard {} queue full for 0.5 s: a superseded socket stays open until its peer or a missed pong closes it",
-                        conn.shard.0
-                    );
-                    break;
-                }
-                msg = full.0;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
+        found
+    }
+
+    /// The service moved: its record `local` here (if still up) is
+    /// superseded and removed, and its socket closed with 4000 (now, or by
+    /// its shard's next tick if the shard's queue is full). The caller has
+    /// settled that the other node's registration is the newer one.
+    pub fn supersede_moved(
+        &self,
+        local: &Uuid,
+        moved: &crate::registry::MovedInstance<'_>,
+    ) -> bool {
+        let Some(owner) = self
+            .shared
+            .registry()
+            .supersede_moved(local, moved, now_ms())
+        else {
+            return false;
+        };
+        let conn = handler::conn_of(owner);
+        if let Err(full) = self.mailboxes[conn.shard.0 as usize].post(ShardMsg::Supersede(conn)) {
+            let ShardMsg::Supersede(conn) = full.0 else {
+                unreachable!("the message posted")
+            };
+            self.shared
+                .supersede_later
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+            self.shared.supersede_pending.store(true, Ordering::Release);
         }
-        owners.len()
+        true
     }
 
     /// The other nodes' instances were read afresh: every subscriber is

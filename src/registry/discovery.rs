@@ -250,8 +250,10 @@ impl Registry {
             nodes.push(self.node(i));
         }
         if let Some(remote) = self.remote.as_ref().filter(|_| !truncated) {
+            // Room for the hidden ones too (below), then cut to `max`.
+            let room = max - nodes.len();
             let mut others = Vec::new();
-            truncated = remote.matching(&filter, max - nodes.len(), &mut others);
+            let more = remote.matching(&filter, room + nodes.len(), &mut others);
             if !others.is_empty() {
                 // A service that moved to this node is shown once: its old
                 // record, on a node that has not let it go yet, is hidden.
@@ -261,8 +263,10 @@ impl Registry {
                     .collect();
                 let moved = |n: &Node| here.contains(&(n.address.to_string(), n.port, &*n.env_tag));
                 others.retain(|n| !moved(n));
-                nodes.extend(others);
             }
+            truncated = more || others.len() > room;
+            others.truncate(room);
+            nodes.extend(others);
         }
         Snapshot {
             filter,

@@ -527,7 +527,7 @@ mod tests {
     }
 
     #[test]
-    fn a_registration_on_another_node_supersedes_only_an_older_record() {
+    fn a_registration_on_another_node_supersedes_the_record_it_names() {
         let mut r = Registry::new(RegistryConfig::default(), 2);
         let a = r
             .register(&reg("user", "10.0.0.1", 1), owner(10), 5_000, &mut || None)
@@ -539,25 +539,21 @@ mod tests {
             port: 1,
             node: "n2",
         };
-        let at = |ms: u64| uuid::Builder::from_unix_timestamp_millis(ms, &[7; 10]).into_uuid();
-        assert_eq!(r.supersede_moved(&moved, &at(4_000), 6_000), None, "older");
+        assert_eq!(r.up_with_identity(&moved), Some(a.id));
         let other = MovedInstance { port: 2, ..moved };
-        assert_eq!(
-            r.supersede_moved(&other, &at(9_000), 6_000),
-            None,
-            "not here"
-        );
+        assert_eq!(r.up_with_identity(&other), None, "not here");
         let unknown = MovedInstance {
             service_id: "nobody",
             ..moved
         };
-        assert_eq!(r.supersede_moved(&unknown, &at(9_000), 6_000), None);
-        assert_eq!(
-            r.supersede_moved(&moved, &at(9_000), 6_000),
-            Some(owner(10))
-        );
+        assert_eq!(r.up_with_identity(&unknown), None);
+        // Only the record the caller ordered gives way (not a newer one
+        // that took the identity meanwhile).
+        assert_eq!(r.supersede_moved(&Uuid::now_v7(), &moved, 6_000), None);
+        assert_eq!(r.supersede_moved(&a.id, &moved, 6_000), Some(owner(10)));
         assert!(r.node_of(&a.id).is_none(), "gone here");
         assert!(r.lookup(&filter("user")).nodes.is_empty());
+        assert_eq!(r.up_with_identity(&moved), None);
     }
 
     /// Another node's instances, as a cluster's view would hand them over.

@@ -402,17 +402,9 @@ impl Registry {
         self.mark_changed(slot);
     }
 
-    /// Another controller node holds this identity now, registered as
-    /// `newer` (the service moved there while its socket here looks open):
-    /// the record here, if up and older, is superseded and removed, and
-    /// its owner returned so that its connection is closed (4000). Interns
-    /// nothing: names this node does not know match nothing here.
-    pub fn supersede_moved(
-        &mut self,
-        moved: &MovedInstance<'_>,
-        newer: &Uuid,
-        now_ms: u64,
-    ) -> Option<Owner> {
+    /// The slot of the up record with `moved`'s identity, if one is here.
+    /// Interns nothing: names this node does not know match nothing here.
+    fn slot_with_identity(&self, moved: &MovedInstance<'_>) -> Option<u32> {
         let service = self.strings.find(moved.service_id)?;
         let env = self.strings.find(moved.env_tag)?;
         let address = match moved.address.parse::<IpAddr>() {
@@ -426,10 +418,28 @@ impl Registry {
             let i = &instances[slot as usize];
             i.service == service && i.env == env && i.address == address && i.port == moved.port
         })?;
+        (self.instances[slot as usize].status == Status::Up).then_some(slot)
+    }
+
+    /// The id of the up record with `moved`'s identity, if one is here.
+    pub fn up_with_identity(&self, moved: &MovedInstance<'_>) -> Option<Uuid> {
+        self.slot_with_identity(moved)
+            .map(|slot| self.instances[slot as usize].id)
+    }
+
+    /// Another controller node holds this identity now, by a registration
+    /// newer than record `local` here (the caller orders the two): the
+    /// record, if it is still `local` and up, is superseded and removed,
+    /// and its owner returned so that its connection is closed (4000).
+    pub fn supersede_moved(
+        &mut self,
+        local: &Uuid,
+        moved: &MovedInstance<'_>,
+        now_ms: u64,
+    ) -> Option<Owner> {
+        let slot = self.slot_with_identity(moved)?;
         let old = &self.instances[slot as usize];
-        // UUID v7s order by their registration time (then at random
-        // within one ms): only an older record gives way.
-        if old.status != Status::Up || old.id >= *newer {
+        if old.id != *local {
             return None;
         }
         let owner = old.owner;
