@@ -660,3 +660,46 @@ fn a_dev_gateway_logs_in_with_tether_tokens_and_refuses_unsafe_setups() {
     assert_eq!(call("/api/summary", "forged", None).0, 401);
     let _ = std::fs::remove_dir_all(&runtime);
 }
+
+/// The Kubernetes manifests in tuning/ pass tether only flags it has: each
+/// `--flag` of a container whose args start with `controller` or `gateway`
+/// is in that command's --help.
+#[test]
+fn the_kubernetes_manifests_use_only_flags_tether_knows() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/kubernetes");
+    let help = |command: &str| {
+        let out = tether().args([command, "--help"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (controller, gateway) = (help("controller"), help("gateway"));
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut within: Option<&str> = None;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('#') {
+                continue;
+            }
+            match line {
+                "- controller" => within = Some(&controller),
+                "- gateway" => within = Some(&gateway),
+                _ if line.starts_with("- --") => {
+                    if let Some(help) = within {
+                        let flag = line[2..].split(['=', ' ']).next().unwrap();
+                        assert!(
+                            help.contains(&format!("{flag} "))
+                                || help.contains(&format!("{flag}\n")),
+                            "{}: {flag} is not a flag of tether",
+                            path.display()
+                        );
+                        checked += 1;
+                    }
+                }
+                _ if !line.starts_with("- ") => within = None,
+                _ => {}
+            }
+        }
+    }
+    assert!(checked > 30, "only {checked} flags found");
+}
