@@ -265,6 +265,39 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     );
     let (status, one) = a.get(&format!("/services/{id}"));
     assert_eq!((status, &one["node"]), (200, &Value::from("b")), "{one}");
+    // A fan-out through a is split by node: b runs its part, the answer
+    // merges both, each result naming its node.
+    let (status, fan) = admin_post(
+        &format!("http://{}/commands", a.admin.local_addr()),
+        &json!({"name": "get_service_info", "concurrency": 64, "timeoutMs": 1000}),
+        &[],
+    );
+    assert_eq!(status, 200, "{fan}");
+    // 300 alpha and the raw gamma client (which answers no tool) on a.
+    assert_eq!(
+        (&fan["total"], &fan["outcomes"]),
+        (&json!(501), &json!({"ok": 500, "timeout": 1})),
+        "{}",
+        fan["nodes"]
+    );
+    assert_eq!(
+        (&fan["nodes"]["a"]["total"], &fan["nodes"]["b"]["total"]),
+        (&json!(301), &json!(200))
+    );
+    let results = fan["results"].as_array().unwrap();
+    let from_b = results.iter().filter(|r| r["node"] == "b").count();
+    assert_eq!((results.len(), from_b), (501, 200));
+    let (_, only_b) = admin_post(
+        &format!("http://{}/commands", a.admin.local_addr()),
+        &json!({"name": "get_service_info", "serviceId": "beta"}),
+        &[],
+    );
+    assert_eq!(
+        (&only_b["total"], &only_b["nodes"]["a"]["total"]),
+        (&json!(200), &json!(0)),
+        "{only_b}"
+    );
+
     // A request another node forwarded is never forwarded again.
     let (status, _) = admin_post(
         &format!("http://{}/services/{id}/commands", a.admin.local_addr()),

@@ -419,7 +419,7 @@ pub(crate) fn check_bodies(body: &[u8]) {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct FanoutBody {
     name: String,
@@ -434,8 +434,124 @@ pub(crate) struct FanoutBody {
     q: Option<String>,
 }
 
-/// One tool call to every instance matching a filter.
+/// One tool call to every instance matching a filter: this node's, and
+/// in a cluster each other node's that holds matching instances, sent to
+/// it as the caller (split by node, all at once). Each node bounds, checks
+/// and audits its own part; the answer merges them, each result naming
+/// its node, with each node's status under `nodes`.
 pub(crate) async fn fanout_reply(state: &AppState, caller: Arc<Caller>, body: FanoutBody) -> Reply {
+    let peers = fanout_peers(state, &caller, &body);
+    if peers.is_empty() {
+        return fanout_here(state, caller, body).await;
+    }
+    // What every node would refuse alike is refused once, before any is sent.
+    if let Err(reply) = check_tool_name(&body.name) {
+        return reply;
+    }
+    if is_mutating(&body.name) && !caller.can_write() {
+        return fanout_here(state, caller, body).await;
+    }
+    let json = serde_json::to_value(&body).expect("a fan-out body serializes");
+    let remote: Vec<_> = peers
+        .into_iter()
+        .map(|(node, admin, expected)| {
+            let (state, caller, json) = (state.clone(), caller.clone(), json.clone());
+            tokio::spawn(async move {
+                let reply = super::forward::forward(
+                    &state,
+                    &caller,
+                    (node.clone(), admin),
+                    Method::POST,
+                    "/commands",
+                    Some(&json),
+                )
+                .await;
+                (node, expected, reply)
+            })
+        })
+        .collect();
+    let (status, mut merged) = fanout_here(state, caller, body).await;
+    if status != StatusCode::OK {
+        return (status, merged);
+    }
+    let me = super::forward::this_node(state);
+    let mut nodes = serde_json::Map::new();
+    nodes.insert(me.clone(), json!({"status": 200, "total": merged["total"]}));
+    for r in merged["results"].as_array_mut().into_iter().flatten() {
+        r["node"] = json!(me);
+    }
+    for task in remote {
+        let Ok((node, expected, (status, answer))) = task.await else {
+            continue;
+        };
+        merge_fanout(&mut merged, &node, expected, status, answer, &mut nodes);
+    }
+    merged["nodes"] = Value::Object(nodes);
+    (StatusCode::OK, merged)
+}
+
+/// The other nodes holding instances a fan-out may reach: none unless
+/// clustered, asked directly (not forwarded) and aimed at up instances.
+fn fanout_peers(
+    state: &AppState,
+    caller: &Caller,
+    body: &FanoutBody,
+) -> Vec<(String, String, usize)> {
+    let Some(cluster) = state.config.cluster.get() else {
+        return Vec::new();
+    };
+    let up_only = body.status.as_deref().is_none_or(|s| s == "up");
+    if caller.forwarded_by.is_some() || !up_only {
+        return Vec::new();
+    }
+    cluster.peers_holding(body.service_id.as_deref(), body.env_tag.as_deref())
+}
+
+/// Adds one node's fan-out answer to `merged`; a node that did not answer
+/// 200 counts its `expected` instances as `node_failed`.
+fn merge_fanout(
+    merged: &mut Value,
+    node: &str,
+    expected: usize,
+    status: StatusCode,
+    answer: Value,
+    nodes: &mut serde_json::Map<String, Value>,
+) {
+    let add = |merged: &mut Value, label: &str, n: u64| {
+        let counts = &mut merged["outcomes"];
+        counts[label] = json!(counts[label].as_u64().unwrap_or(0) + n);
+    };
+    if status != StatusCode::OK {
+        merged["total"] = json!(merged["total"].as_u64().unwrap_or(0) + expected as u64);
+        add(merged, "node_failed", expected as u64);
+        nodes.insert(
+            node.to_string(),
+            json!({"status": status.as_u16(), "error": answer["error"], "message": answer["message"]}),
+        );
+        return;
+    }
+    merged["total"] =
+        json!(merged["total"].as_u64().unwrap_or(0) + answer["total"].as_u64().unwrap_or(0));
+    for (label, n) in answer["outcomes"].as_object().into_iter().flatten() {
+        add(merged, label, n.as_u64().unwrap_or(0));
+    }
+    if let (Some(into), Some(from)) = (
+        merged["results"].as_array_mut(),
+        answer["results"].as_array(),
+    ) {
+        into.extend(from.iter().cloned().map(|mut r| {
+            r["node"] = json!(node);
+            r
+        }));
+    }
+    nodes.insert(
+        node.to_string(),
+        json!({"status": 200, "total": answer["total"]}),
+    );
+}
+
+/// This node's part of a fan-out.
+async fn fanout_here(state: &AppState, caller: Arc<Caller>, body: FanoutBody) -> Reply {
     if let Err(reply) = check_tool_name(&body.name) {
         return reply;
     }

@@ -69,6 +69,16 @@ pub(crate) fn holder(state: &State, caller: &Caller, id: &Uuid) -> Option<(Strin
     cluster.holder_admin(id)
 }
 
+/// This node's id in the cluster ("" when not clustered).
+pub(crate) fn this_node(state: &State) -> String {
+    state
+        .config
+        .cluster
+        .get()
+        .map_or("", |c| c.node_id())
+        .to_string()
+}
+
 /// Sends `method path` with `body` to the node at `admin` as `caller`, and
 /// gives its answer, with `"node"` added.
 pub(crate) async fn forward(
@@ -105,12 +115,7 @@ pub(crate) async fn forward(
         Ok(u) => u,
         Err(e) => return unreachable(e),
     };
-    let me = state
-        .config
-        .cluster
-        .get()
-        .map_or("", |c| c.node_id())
-        .to_string();
+    let me = this_node(state);
     let mut builder = hyper::Request::builder()
         .method(method)
         .uri(path)

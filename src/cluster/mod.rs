@@ -270,6 +270,30 @@ impl Cluster {
         Some((node.to_string(), admin))
     }
 
+    /// The other nodes holding up instances that match (serviceId and
+    /// envTag; all when None): each one's name, admin URL and count. A node
+    /// whose record names no admin URL is listed with an empty one.
+    pub fn peers_holding(
+        &self,
+        service_id: Option<&str>,
+        env_tag: Option<&str>,
+    ) -> Vec<(String, String, usize)> {
+        let view = self.shared.view.lock().unwrap();
+        let counts = view.count_by_node(service_id, env_tag);
+        counts
+            .into_iter()
+            .map(|(node, n)| {
+                let admin = view
+                    .nodes()
+                    .find(|(name, _)| **name == node)
+                    .and_then(|(_, v)| v.record.as_ref())
+                    .map(|r| r.admin.clone())
+                    .unwrap_or_default();
+                (node.to_string(), admin, n)
+            })
+            .collect()
+    }
+
     /// Another node's up instance `id`, if one holds it.
     pub fn remote(&self, id: &uuid::Uuid) -> Option<view::RemoteInstance> {
         let view = self.shared.view.lock().unwrap();

@@ -301,6 +301,33 @@ impl View {
         }
     }
 
+    /// Per node, its up instances of `service_id` (every service's when
+    /// None) in `env_tag` (any when None).
+    pub fn count_by_node(
+        &self,
+        service_id: Option<&str>,
+        env_tag: Option<&str>,
+    ) -> Vec<(Arc<str>, usize)> {
+        let mut counts: BTreeMap<Arc<str>, usize> = BTreeMap::new();
+        let mut count = |id: &Uuid| {
+            if let Some((node, v)) = self.instances.get(id)
+                && env_tag.is_none_or(|e| e == &*v.env_tag)
+            {
+                *counts.entry(node.clone()).or_default() += 1;
+            }
+        };
+        match service_id {
+            Some(s) => self
+                .by_service
+                .get(s)
+                .into_iter()
+                .flatten()
+                .for_each(&mut count),
+            None => self.instances.keys().for_each(&mut count),
+        }
+        counts.into_iter().collect()
+    }
+
     /// The node that holds `id`, if another does.
     pub fn holder(&self, id: &Uuid) -> Option<(&Arc<str>, &InstanceValue)> {
         self.instances.get(id).map(|(n, v)| (n, v))
