@@ -227,6 +227,15 @@ struct ControllerArgs {
     /// admin key are forwarded only there, whatever etcd says.
     #[arg(long, value_delimiter = ',')]
     cluster_peer_host: Vec<String>,
+    /// Authenticate to etcd as this user (etcd's auth enabled; the user's
+    /// role needs read and write on --cluster-prefix); with
+    /// --cluster-password-file.
+    #[arg(long, requires = "cluster_password_file")]
+    cluster_user: Option<String>,
+    /// The etcd user's password, read from this file (owner-only, as the
+    /// admin key; one line).
+    #[arg(long, requires = "cluster_user")]
+    cluster_password_file: Option<std::path::PathBuf>,
     /// Serve the admin API over HTTPS with this certificate chain (PEM);
     /// with --admin-tls-key. Reloaded on SIGHUP.
     #[arg(long, requires = "admin_tls_key")]
@@ -817,6 +826,10 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
             config.lease_ttl = args.cluster_lease_ttl;
             config.prefix = args.cluster_prefix.clone();
             config.peer_hosts = args.cluster_peer_host.clone();
+            if let (Some(user), Some(file)) = (&args.cluster_user, &args.cluster_password_file) {
+                let password = read_secret_file(file, "--cluster-password-file")?;
+                config.user = Some((user.clone(), password));
+            }
             config.admin_url = args.cluster_admin_url.clone().unwrap_or_else(|| {
                 let scheme = if admin_tls.is_some() { "https" } else { "http" };
                 format!("{scheme}://{}", server.local_addr())
@@ -1044,8 +1057,7 @@ fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 .oidc_client_secret_file
                 .as_ref()
                 .expect("clap requires it");
-            let secret = std::fs::read_to_string(secret_file)
-                .with_context(|| format!("cannot read {}", secret_file.display()))?;
+            let secret = read_secret_file(secret_file, "--oidc-client-secret-file")?;
             let oidc = oidc::Oidc::discover(oidc::OidcConfig {
                 issuer: issuer.clone(),
                 client_id: args.oidc_client_id.clone().expect("clap requires it"),
@@ -1191,6 +1203,28 @@ fn chained_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     while sys::wait_for_signal(Duration::from_secs(3600))?.is_none() {}
     relay.stop();
     Ok(())
+}
+
+/// A secret (a password, a client secret) from a file only its owner may
+/// read, trimmed; refused when others could read it or it is empty.
+fn read_secret_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let show = path.display();
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("{flag} {show}"))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        bail!("{flag} {show} may be read by others (mode {mode:o}): chmod 600 it");
+    }
+    let secret =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {flag} {show}"))?;
+    let secret = secret.trim();
+    if secret.is_empty() {
+        bail!("{flag} {show} is empty");
+    }
+    Ok(secret.to_string())
 }
 
 fn trim_ascii(bytes: &[u8]) -> &[u8] {

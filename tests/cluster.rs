@@ -39,6 +39,16 @@ impl Node {
         ttl: Duration,
         ctl: tether::controller::ControllerConfig,
     ) -> Node {
+        Node::tweaked(etcd, id, ttl, ctl, |_| {})
+    }
+
+    fn tweaked(
+        etcd: &Etcd,
+        id: &str,
+        ttl: Duration,
+        ctl: tether::controller::ControllerConfig,
+        tweak: impl FnOnce(&mut ClusterConfig),
+    ) -> Node {
         let ctl = start(ctl);
         let mut config = AdminConfig::new("127.0.0.1:0".parse().unwrap());
         config.key = AdminKey::new(KEY.as_bytes());
@@ -47,6 +57,7 @@ impl Node {
         c.lease_ttl = ttl;
         c.flush_interval = Duration::from_millis(50);
         c.admin_url = format!("http://{}", admin.local_addr());
+        tweak(&mut c);
         let cluster = Arc::new(Cluster::start(c, ctl.api()).unwrap());
         let _ = admin.cluster().set(cluster.clone());
         Node {
@@ -431,6 +442,41 @@ fn a_service_that_registers_on_another_node_supersedes_its_old_record() {
     let nodes = snap["result"]["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 1, "{snap}");
     assert_eq!(nodes[0]["runtimeInstanceId"], new_id.to_string());
+}
+
+#[test]
+fn with_etcd_auth_on_a_node_needs_its_user() {
+    let Some(etcd) = Etcd::start() else { return };
+    // etcd's auth: root, and a user whose role may use the prefix only.
+    etcd_runtime().block_on(async {
+        use etcd_client::Permission;
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        c.user_add("root", "root-pw", None).await.unwrap();
+        c.user_grant_role("root", "root").await.unwrap();
+        c.role_add("tether").await.unwrap();
+        let prefix = Permission::read_write("/tether/v1/").with_prefix();
+        c.role_grant_permission("tether", prefix).await.unwrap();
+        c.user_add("tether", "tether-pw", None).await.unwrap();
+        c.user_grant_role("tether", "tether").await.unwrap();
+        c.auth_enable().await.unwrap();
+    });
+    let with_user = |c: &mut ClusterConfig| c.user = Some(("tether".into(), "tether-pw".into()));
+    let a = Node::tweaked(&etcd, "a", Duration::from_secs(10), config(1), with_user);
+    let b = Node::tweaked(&etcd, "b", Duration::from_secs(10), config(1), with_user);
+    let _on_b = b.swarm("beta", 20, "127.0.0.9");
+    until("a sees b's 20 through an authenticated etcd", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 20 && s["stale"] == false, s)
+    });
+    // Without the user, a node says why it is out of the cluster.
+    let anonymous = Node::start(&etcd, "c", Duration::from_secs(10));
+    until("the anonymous node says why", WAIT, || {
+        let s = anonymous.status();
+        let e = s["lastError"].as_str().unwrap_or("");
+        (s["stale"] == true && e.contains("--cluster-user"), s)
+    });
 }
 
 #[test]

@@ -50,7 +50,23 @@ async fn unary<T>(
 ) -> Result<T, Fail> {
     match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("etcd {what}: {e}")),
+        Ok(Err(e)) => {
+            let text = e.to_string();
+            let auth = [
+                "user name is empty",
+                "permission denied",
+                "authentication failed",
+            ]
+            .iter()
+            .any(|m| text.contains(m));
+            let hint = if auth {
+                " (etcd's auth is on: give --cluster-user and --cluster-password-file, a user \
+                 whose role may read and write --cluster-prefix)"
+            } else {
+                ""
+            };
+            Err(format!("etcd {what}: {text}{hint}"))
+        }
         Err(_) => Err(format!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}")),
     }
 }
@@ -218,10 +234,13 @@ async fn session(
     last_lease: &mut Option<i64>,
 ) -> Result<(), Fail> {
     let config = &shared.config;
-    let options = ConnectOptions::new()
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true);
+    if let Some((user, password)) = &config.user {
+        options = options.with_user(user.clone(), password.clone());
+    }
     let mut client = unary("connect", Client::connect(&config.endpoints, Some(options))).await?;
     let ttl = config.lease_ttl.as_secs() as i64;
     let lease = unary("lease grant", client.lease_grant(ttl, None))

@@ -55,6 +55,8 @@ pub struct ClusterConfig {
     /// only there, whatever a node record in etcd says. Loopback is
     /// always allowed.
     pub peer_hosts: Vec<String>,
+    /// etcd user and password, when etcd's auth is on.
+    pub user: Option<(String, String)>,
 }
 
 impl ClusterConfig {
@@ -68,6 +70,7 @@ impl ClusterConfig {
             flush_interval: Duration::from_millis(100),
             max_remote_instances: 4_000_000,
             peer_hosts: Vec::new(),
+            user: None,
         }
     }
 }
