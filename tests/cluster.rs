@@ -239,6 +239,40 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     );
     assert_eq!(sub["result"]["nodes"].as_array().unwrap().len(), 200);
 
+    // GET /services?scope=cluster: a's own, then the others', paged.
+    let (status, first) = a.get("/services?scope=cluster&serviceId=beta&limit=150");
+    assert_eq!((status, &first["total"]), (200, &json!(200)), "{first}");
+    let items = first["items"].as_array().unwrap();
+    assert!(items.len() == 150 && items.iter().all(|i| i["node"] == "b"));
+    let next = first["nextCursor"].as_str().unwrap();
+    let (_, second) = a.get(&format!(
+        "/services?scope=cluster&serviceId=beta&limit=150&cursor={next}"
+    ));
+    assert_eq!(second["items"].as_array().unwrap().len(), 50, "{second}");
+    assert_eq!(second["nextCursor"], Value::Null);
+    let ids = |page: &Value| -> Vec<String> {
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["runtimeInstanceId"].to_string())
+            .collect()
+    };
+    let mut all = ids(&first);
+    all.extend(ids(&second));
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 200, "pages neither repeat nor skip");
+    let (_, whole) = a.get("/services?scope=cluster&limit=1000");
+    assert_eq!(whole["total"], 501, "300 alpha, gamma, 200 beta");
+    let whole = whole["items"].as_array().unwrap();
+    assert_eq!(whole.iter().filter(|i| i["node"] == "a").count(), 301);
+    assert_eq!(whole[0]["node"], "a", "this node's first");
+    let (_, narrowed) = a.get("/services?scope=cluster&q=BETA&limit=1");
+    assert_eq!(narrowed["total"], 200, "{narrowed}");
+    let (status, _) = a.get("/services?scope=cluster&sort=serviceId");
+    assert_eq!(status, 400);
+
     // Discovery through a's admin API names the node that holds each.
     let (status, page) = a.get("/cluster/services?serviceId=beta&limit=1000");
     assert_eq!((status, &page["total"]), (200, &Value::from(200)), "{page}");

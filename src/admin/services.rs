@@ -22,6 +22,9 @@ pub(crate) struct ListParams {
     pub limit: Option<String>,
     pub cursor: Option<String>,
     pub sort: Option<String>,
+    /// `node` (the default): this node's instances; `cluster`: then the
+    /// other nodes' (up ones, each naming its node).
+    pub scope: Option<String>,
 }
 
 /// An empty query parameter means no filter.
@@ -123,11 +126,59 @@ pub(crate) fn list_query(
     Ok((query, cursor, limit))
 }
 
-pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
+pub(crate) async fn list_reply(state: &AppState, mut p: ListParams) -> Reply {
+    let cluster = match given(p.scope.take()).as_deref() {
+        None | Some("node") => None,
+        Some("cluster") => match state.config.cluster.get() {
+            Some(c) => Some(c.clone()),
+            None => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "no_cluster",
+                    "scope=cluster: this controller runs alone (no --cluster)",
+                );
+            }
+        },
+        Some(other) => {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "bad_scope",
+                format!("scope is node (the default) or cluster; not {other:?}"),
+            );
+        }
+    };
+    // A cluster listing's cursor past this node's own: `r` and an offset
+    // into the others'.
+    let mut remote_from = None;
+    if cluster.is_some()
+        && let Some(offset) = p.cursor.as_deref().and_then(|c| c.strip_prefix('r'))
+    {
+        match offset.parse::<usize>() {
+            Ok(n) => remote_from = Some(n),
+            Err(_) => {
+                return fail(
+                    StatusCode::BAD_REQUEST,
+                    "bad_cursor",
+                    "cursor is the nextCursor of a previous page",
+                );
+            }
+        }
+        p.cursor = None;
+    }
     let (query, cursor, limit) = match list_query(p, state.config.max_page) {
         Ok(parsed) => parsed,
         Err(reply) => return reply,
     };
+    if let Some(cluster) = cluster {
+        if query.sort.is_some() {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                "sort_per_node",
+                "sort orders one node's instances: drop scope=cluster, or the sort",
+            );
+        }
+        return cluster_list(state, cluster, query, cursor, remote_from, limit).await;
+    }
     // A sorted listing holds a key per match until it answers: only a
     // few at once (the others wait their turn).
     let _permit = match query.sort {
@@ -150,6 +201,82 @@ pub(crate) async fn list_reply(state: &AppState, p: ListParams) -> Reply {
         "total": page.total,
         "items": page.items.iter().map(item).collect::<Vec<_>>(),
         "nextCursor": page.next.map(|c| c.to_string()),
+    });
+    (StatusCode::OK, body)
+}
+
+/// This node's page, then the other nodes' instances (up ones, matching
+/// serviceId, envTag and q), each item naming its node; `total` counts
+/// both. Paged this node's first, then by an `r`-offset into the others'.
+async fn cluster_list(
+    state: &AppState,
+    cluster: std::sync::Arc<crate::cluster::Cluster>,
+    query: registry::Query,
+    cursor: u32,
+    remote_from: Option<usize>,
+    limit: usize,
+) -> Reply {
+    let api = state.api.clone();
+    let here = query.clone();
+    // Past this node's own, its page only counts them.
+    let local_limit = if remote_from.is_some() { 0 } else { limit };
+    let page = tokio::task::spawn_blocking(move || api.page(here, cursor, local_limit))
+        .await
+        .expect("listing does not panic");
+    let me = cluster.node_id().to_string();
+    let mut items: Vec<Value> = if remote_from.is_some() {
+        Vec::new()
+    } else {
+        page.items.iter().map(item).collect()
+    };
+    for i in &mut items {
+        i["node"] = json!(me);
+    }
+    let local_done = remote_from.is_some() || page.next.is_none();
+    let offset = remote_from.unwrap_or(0);
+    let room = if local_done { limit - items.len() } else { 0 };
+    let wants_up = query.status.is_none_or(|s| s == Status::Up);
+    let (env, q) = (
+        query.env_tag.clone(),
+        query.q.clone().map(|q| q.to_ascii_lowercase()),
+    );
+    let service = query.service_id.clone();
+    let (remote_total, remote) = tokio::task::spawn_blocking(move || {
+        if !wants_up {
+            return (0, Vec::new());
+        }
+        let keep = |id: &Uuid, v: &crate::cluster::codec::InstanceValue| {
+            env.as_deref().is_none_or(|e| e == &*v.env_tag)
+                && q.as_deref().is_none_or(|q| {
+                    [
+                        &*v.service_id,
+                        &*v.env_tag,
+                        &*v.version,
+                        &*v.address,
+                        &*v.tags_json,
+                    ]
+                    .iter()
+                    .any(|s| s.to_ascii_lowercase().contains(q))
+                        || id.to_string().contains(q)
+                })
+        };
+        cluster.with_view(|v| v.list_page(service.as_deref(), keep, offset, room))
+    })
+    .await
+    .expect("listing does not panic");
+    let shown = remote.len();
+    items.extend(remote.iter().map(super::cluster::remote_item));
+    let next = if !local_done {
+        page.next.map(|c| c.to_string())
+    } else if offset + shown < remote_total {
+        Some(format!("r{}", offset + shown))
+    } else {
+        None
+    };
+    let body = json!({
+        "total": page.total + remote_total,
+        "items": items,
+        "nextCursor": next,
     });
     (StatusCode::OK, body)
 }

@@ -243,23 +243,49 @@ impl View {
     /// Up to `limit` remote instances of `service_id` (all services when
     /// None), in node then id order, with the number that matched.
     pub fn list(&self, service_id: Option<&str>, limit: usize) -> (usize, Vec<RemoteInstance>) {
+        self.list_page(service_id, |_, _| true, 0, limit)
+    }
+
+    /// The page `[offset, offset + limit)` of the remote instances of
+    /// `service_id` (all when None) that `keep` keeps, in node then id
+    /// order (stable across pages while the view holds still), with the
+    /// number that matched. O(matches): a selection, then the page sorted.
+    pub fn list_page(
+        &self,
+        service_id: Option<&str>,
+        keep: impl Fn(&Uuid, &InstanceValue) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> (usize, Vec<RemoteInstance>) {
+        let kept = |id: &&Uuid| self.instances.get(*id).is_some_and(|(_, v)| keep(id, v));
         let mut ids: Vec<(&Arc<str>, &Uuid)> = match service_id {
             Some(s) => self
                 .by_service
                 .get(s)
                 .into_iter()
                 .flatten()
+                .filter(kept)
                 .filter_map(|id| self.instances.get(id).map(|(n, _)| (n, id)))
                 .collect(),
-            None => self.instances.iter().map(|(id, (n, _))| (n, id)).collect(),
+            None => self
+                .instances
+                .iter()
+                .filter(|(id, (_, v))| keep(id, v))
+                .map(|(id, (n, _))| (n, id))
+                .collect(),
         };
         let total = ids.len();
-        if limit < total {
-            ids.select_nth_unstable(limit);
-            ids.truncate(limit);
+        let end = offset.saturating_add(limit).min(total);
+        if end < total {
+            ids.select_nth_unstable(end);
+            ids.truncate(end);
         }
         ids.sort_unstable();
-        let out = ids.iter().filter_map(|(_, id)| self.remote(id)).collect();
+        let out = ids
+            .iter()
+            .skip(offset)
+            .filter_map(|(_, id)| self.remote(id))
+            .collect();
         (total, out)
     }
 
