@@ -239,6 +239,29 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
     );
     assert_eq!(sub["result"]["nodes"].as_array().unwrap().len(), 200);
 
+    // Each node's event stream names the node: (node, epoch, seq) tell its
+    // events from every other node's; the epoch is the one /cluster shows.
+    let hello = {
+        use std::io::BufRead;
+        let mut r = ureq::get(&format!("http://{}/events", a.admin.local_addr()))
+            .header("authorization", &format!("Bearer {KEY}"))
+            .call()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(r.body_mut().as_reader()).lines();
+        let data = lines
+            .find_map(|l| l.ok()?.strip_prefix("data:").map(|d| d.trim().to_string()))
+            .unwrap();
+        serde_json::from_str::<Value>(&data).unwrap()
+    };
+    let epoch_of_a = b.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "a")
+        .map(|n| n["epoch"].clone())
+        .unwrap();
+    assert_eq!((&hello["node"], &hello["epoch"]), (&json!("a"), &epoch_of_a), "{hello}");
+
     // GET /services?scope=cluster: a's own, then the others', paged.
     let (status, first) = a.get("/services?scope=cluster&serviceId=beta&limit=150");
     assert_eq!((status, &first["total"]), (200, &json!(200)), "{first}");

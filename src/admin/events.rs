@@ -186,12 +186,28 @@ fn subscribe(
     Ok((seq, rx))
 }
 
-fn event_json(epoch: Epoch, e: &Event) -> serde_json::Value {
+/// The cluster node whose events a stream carries (None: not clustered).
+type Node = Option<std::sync::Arc<str>>;
+
+/// Names the node on a hello or an event: with the epoch and seq, an event
+/// is told apart from every other node's.
+fn with_node(mut v: serde_json::Value, node: &Node) -> serde_json::Value {
+    if let Some(n) = node {
+        v["node"] = json!(&**n);
+    }
+    v
+}
+
+fn hello_json(epoch: Epoch, seq: u64, node: &Node) -> String {
+    with_node(json!({"type": "hello", "epoch": epoch, "seq": seq}), node).to_string()
+}
+
+fn event_json(epoch: Epoch, node: &Node, e: &Event) -> serde_json::Value {
     let mut v = serde_json::to_value(e).expect("events serialize");
     v["type"] = json!("event");
     v["epoch"] = json!(epoch);
     v["at"] = json!(crate::controller::rpc::Rfc3339(e.at_ms).to_string());
-    v
+    with_node(v, node)
 }
 
 pub(crate) async fn events(
@@ -223,27 +239,32 @@ pub(crate) async fn events(
     let stop = state.stopping.subscribe();
     let send_timeout = state.config.stream_send_timeout;
     let epoch = state.api.events_epoch();
+    let node: Node = state
+        .config
+        .cluster
+        .get()
+        .map(|c| std::sync::Arc::from(c.node_id()));
     match ws {
         Ok(upgrade) => upgrade
             .on_upgrade(move |socket| async move {
-                stream_ws(socket, epoch, seq, rx, stop, send_timeout).await;
+                stream_ws(socket, (epoch, node), seq, rx, stop, send_timeout).await;
                 drop(permit);
             })
             .into_response(),
-        Err(_) => stream_sse(epoch, seq, rx, stop, permit).into_response(),
+        Err(_) => stream_sse((epoch, node), seq, rx, stop, permit).into_response(),
     }
 }
 
 async fn stream_ws(
     socket: WebSocket,
-    epoch: Epoch,
+    (epoch, node): (Epoch, Node),
     seq: u64,
     mut rx: mpsc::Receiver<Event>,
     mut stop: watch::Receiver<bool>,
     send_timeout: Duration,
 ) {
     let (mut tx, mut inbound) = socket.split();
-    let hello = json!({"type": "hello", "epoch": epoch, "seq": seq}).to_string();
+    let hello = hello_json(epoch, seq, &node);
     if tx.send(Message::Text(hello.into())).await.is_err() {
         return;
     }
@@ -253,7 +274,7 @@ async fn stream_ws(
             event = rx.recv() => match event {
                 Some(e) => {
                     last = e.seq;
-                    let text = event_json(epoch, &e).to_string();
+                    let text = event_json(epoch, &node, &e).to_string();
                     match tokio::time::timeout(send_timeout, tx.send(Message::Text(text.into()))).await {
                         Ok(Ok(())) => {}
                         _ => return,
@@ -281,7 +302,7 @@ async fn stream_ws(
 }
 
 fn stream_sse(
-    epoch: Epoch,
+    (epoch, node): (Epoch, Node),
     seq: u64,
     rx: mpsc::Receiver<Event>,
     stop: watch::Receiver<bool>,
@@ -292,36 +313,39 @@ fn stream_sse(
     // skipped.
     let hello = SseEvent::default()
         .event("hello")
-        .data(json!({"type": "hello", "epoch": epoch, "seq": seq}).to_string());
+        .data(hello_json(epoch, seq, &node));
     // The permit lives in the stream's state: it is released when hyper
     // drops the body (the client left, or the kernel gave up on it).
     let live = futures_util::stream::unfold(
         (rx, stop, seq, false, permit),
-        move |(mut rx, mut stop, last, done, permit)| async move {
-            if done {
-                return None;
+        move |(mut rx, mut stop, last, done, permit)| {
+            let node = node.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                let next = tokio::select! {
+                    e = rx.recv() => e.ok_or("cut"),
+                    _ = stop.changed() => Err("stopping"),
+                };
+                Some(match next {
+                    Ok(e) => {
+                        let sse = SseEvent::default()
+                            .event(e.kind.label())
+                            .id(format!("{epoch}:{}", e.seq))
+                            .data(event_json(epoch, &node, &e).to_string());
+                        (Ok(sse), (rx, stop, e.seq, false, permit))
+                    }
+                    Err(why) => {
+                        let data =
+                            json!({"type": why, "resumeSince": last, "epoch": epoch}).to_string();
+                        (
+                            Ok(SseEvent::default().event(why).data(data)),
+                            (rx, stop, last, true, permit),
+                        )
+                    }
+                })
             }
-            let next = tokio::select! {
-                e = rx.recv() => e.ok_or("cut"),
-                _ = stop.changed() => Err("stopping"),
-            };
-            Some(match next {
-                Ok(e) => {
-                    let sse = SseEvent::default()
-                        .event(e.kind.label())
-                        .id(format!("{epoch}:{}", e.seq))
-                        .data(event_json(epoch, &e).to_string());
-                    (Ok(sse), (rx, stop, e.seq, false, permit))
-                }
-                Err(why) => {
-                    let data =
-                        json!({"type": why, "resumeSince": last, "epoch": epoch}).to_string();
-                    (
-                        Ok(SseEvent::default().event(why).data(data)),
-                        (rx, stop, last, true, permit),
-                    )
-                }
-            })
         },
     );
     Sse::new(futures_util::stream::once(async move { Ok(hello) }).chain(live))
