@@ -260,7 +260,61 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         .find(|n| n["node"] == "a")
         .map(|n| n["epoch"].clone())
         .unwrap();
-    assert_eq!((&hello["node"], &hello["epoch"]), (&json!("a"), &epoch_of_a), "{hello}");
+    assert_eq!(
+        (&hello["node"], &hello["epoch"]),
+        (&json!("a"), &epoch_of_a),
+        "{hello}"
+    );
+
+    // One merged stream on a: a's hello, b's hello and b's events, each
+    // naming its node.
+    let merged = {
+        let url = format!("http://{}/events?scope=cluster", a.admin.local_addr());
+        let (tx, rx) = std::sync::mpsc::channel::<Value>();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut r = ureq::get(&url)
+                .header("authorization", &format!("Bearer {KEY}"))
+                .call()
+                .unwrap();
+            for line in std::io::BufReader::new(r.body_mut().as_reader()).lines() {
+                let Ok(line) = line else { return };
+                if let Some(data) = line.strip_prefix("data:")
+                    && tx.send(serde_json::from_str(data.trim()).unwrap()).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        rx
+    };
+    let next = |what: &str, f: &dyn Fn(&Value) -> bool| loop {
+        let m = merged
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("no {what}"));
+        if f(&m) {
+            return m;
+        }
+    };
+    next("b's hello", &|m| m["type"] == "hello" && m["node"] == "b");
+    let (_epsilon, epsilon_id) = registered(b.ctl.local_addr(), "epsilon", "10.9.0.1", 7000);
+    let event = next("b's event for epsilon", &|m| {
+        m["type"] == "event" && m["node"] == "b" && m["serviceId"] == "epsilon"
+    });
+    assert_eq!(
+        event["runtimeInstanceId"],
+        epsilon_id.to_string(),
+        "{event}"
+    );
+    assert!(
+        event["seq"].as_u64().is_some() && event["epoch"].is_string(),
+        "{event}"
+    );
+    drop(_epsilon);
+    until("epsilon gone from a's view", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 200, s)
+    });
 
     // GET /services?scope=cluster: a's own, then the others', paged.
     let (status, first) = a.get("/services?scope=cluster&serviceId=beta&limit=150");

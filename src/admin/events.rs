@@ -129,6 +129,8 @@ impl Pump {
 pub(crate) struct EventParams {
     since: Option<u64>,
     epoch: Option<String>,
+    /// `cluster`: every node's events merged (SSE), each naming its node.
+    scope: Option<String>,
 }
 
 /// Where to resume, from the query or from `Last-Event-ID` (`E:SEQ`).
@@ -212,25 +214,35 @@ fn event_json(epoch: Epoch, node: &Node, e: &Event) -> serde_json::Value {
 
 pub(crate) async fn events(
     State(state): State<AppState>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<super::AdminPeer>,
     Query(p): Query<EventParams>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    match p.scope.as_deref().filter(|s| !s.is_empty()) {
+        None | Some("node") => {}
+        Some("cluster") => {
+            let caller = Arc::new(super::Caller::from_headers(&headers, peer.addr));
+            let resumed = p.since.is_some() || p.epoch.is_some() || last_event_id.is_some();
+            return respond_or(cluster_events(&state, caller, resumed, ws.is_ok()));
+        }
+        Some(other) => {
+            return respond(fail(
+                StatusCode::BAD_REQUEST,
+                "bad_scope",
+                format!("scope is node (the default) or cluster; not {other:?}"),
+            ));
+        }
+    }
     let since = match resume_point(&p, last_event_id) {
         Ok(since) => since,
         Err(reply) => return respond(reply),
     };
     // Held by the stream until its task ends, however it ends.
-    let Ok(permit) = state.streams.clone().try_acquire_owned() else {
-        return respond(fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_subscribers",
-            format!(
-                "{} event streams are open, the limit",
-                state.config.max_event_streams
-            ),
-        ));
+    let permit = match stream_permit(&state) {
+        Ok(p) => p,
+        Err(reply) => return respond(reply),
     };
     let (seq, rx) = match subscribe(&state, since) {
         Ok(s) => s,
@@ -252,6 +264,173 @@ pub(crate) async fn events(
             })
             .into_response(),
         Err(_) => stream_sse((epoch, node), seq, rx, stop, permit).into_response(),
+    }
+}
+
+/// One of the event streams' bounded places, or the 503 that says so.
+fn stream_permit(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, Reply> {
+    state.streams.clone().try_acquire_owned().map_err(|_| {
+        fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_subscribers",
+            format!(
+                "{} event streams are open, the limit",
+                state.config.max_event_streams
+            ),
+        )
+    })
+}
+
+fn respond_or(r: Result<Response, Reply>) -> Response {
+    r.unwrap_or_else(respond)
+}
+
+/// Merged texts queued for one cluster stream's client at most.
+const MERGED_QUEUE: usize = 4096;
+
+/// `GET /events?scope=cluster` (SSE): this node's hello and events, and
+/// each other node's, read from its own `/events` as the caller (nodes
+/// that join later are picked up within a second; one that goes says
+/// `node_left`). Every hello and event names its node: (node, epoch, seq)
+/// is unique across the cluster. It starts live: resume is per node
+/// (`/events?since=…&epoch=…` on that node).
+fn cluster_events(
+    state: &AppState,
+    caller: Arc<super::Caller>,
+    resumed: bool,
+    websocket: bool,
+) -> Result<Response, Reply> {
+    let Some(cluster) = state.config.cluster.get().cloned() else {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "no_cluster",
+            "scope=cluster: this controller runs alone (no --cluster)",
+        ));
+    };
+    if resumed || websocket {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "bad_scope",
+            "scope=cluster is an SSE stream that starts live (take GET /services?scope=cluster \
+             first); resume each node's own stream with since and epoch",
+        ));
+    }
+    let permit = stream_permit(state)?;
+    let (seq, mut local) = subscribe(state, None)?;
+    let node: Node = Some(Arc::from(cluster.node_id()));
+    let epoch = state.api.events_epoch();
+    let (tx, rx) = mpsc::channel::<String>(MERGED_QUEUE);
+    let _ = tx.try_send(hello_json(epoch, seq, &node));
+    let local_tx = tx.clone();
+    tokio::spawn(async move {
+        while let Some(e) = local.recv().await {
+            if local_tx
+                .send(event_json(epoch, &node, &e).to_string())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let why = with_node(
+            json!({"type": "cut", "resumeSince": seq, "epoch": epoch}),
+            &node,
+        );
+        let _ = local_tx.send(why.to_string()).await;
+    });
+    let state = state.clone();
+    tokio::spawn(async move {
+        let followed = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        while !tx.is_closed() {
+            for (peer, admin) in cluster.peers() {
+                if !followed.lock().unwrap().insert(peer.clone()) {
+                    continue;
+                }
+                let (state, caller, tx, followed) =
+                    (state.clone(), caller.clone(), tx.clone(), followed.clone());
+                tokio::spawn(async move {
+                    follow_peer(&state, &caller, &peer, &admin, &tx).await;
+                    followed.lock().unwrap().remove(&peer);
+                    let _ = tx
+                        .send(json!({"type": "node_left", "node": peer}).to_string())
+                        .await;
+                });
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
+        let text = rx.recv().await?;
+        Some((
+            Ok::<_, Infallible>(SseEvent::default().data(text)),
+            (rx, permit),
+        ))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// Copies one peer's `/events` data lines into `tx` until either ends.
+async fn follow_peer(
+    state: &AppState,
+    caller: &super::Caller,
+    peer: &str,
+    admin: &str,
+    tx: &mpsc::Sender<String>,
+) {
+    use http_body_util::BodyExt;
+    let response = match super::forward::send(
+        state,
+        caller,
+        (peer, admin),
+        axum::http::Method::GET,
+        "/events",
+        None,
+    )
+    .await
+    {
+        Ok(r) if r.status() == StatusCode::OK => r,
+        Ok(r) => {
+            let why = format!("node {peer} answered {}", r.status());
+            let _ = tx
+                .send(json!({"type": "node_error", "node": peer, "message": why}).to_string())
+                .await;
+            return;
+        }
+        Err((_, why)) => {
+            let _ = tx
+                .send(
+                    json!({"type": "node_error", "node": peer, "message": why["message"]})
+                        .to_string(),
+                )
+                .await;
+            return;
+        }
+    };
+    let mut body = response.into_body();
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if tx.is_closed() {
+            return;
+        }
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        pending.extend_from_slice(&data);
+        // One event's lines at most: a peer never sends more per event.
+        if pending.len() > 1 << 20 {
+            return;
+        }
+        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            if let Some(text) = line.strip_prefix("data:")
+                && tx.send(text.trim().to_string()).await.is_err()
+            {
+                return;
+            }
+        }
     }
 }
 

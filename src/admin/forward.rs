@@ -89,63 +89,18 @@ pub(crate) async fn forward(
     path: &str,
     body: Option<&Value>,
 ) -> Reply {
+    let response = match send(state, caller, (&node, &admin), method, path, body).await {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let status = response.status();
     let unreachable = |why: String| {
         fail(
             StatusCode::BAD_GATEWAY,
             "peer_unreachable",
-            format!("node {node} (holding the instance) at {admin}: {why}"),
+            format!("node {node} at {admin}: {why}"),
         )
     };
-    let trusted = state
-        .config
-        .cluster
-        .get()
-        .is_some_and(|c| c.trusts_peer_url(&admin));
-    if !trusted {
-        return fail(
-            StatusCode::BAD_GATEWAY,
-            "peer_not_trusted",
-            format!(
-                "node {node} names its admin API {admin:?}, whose host is not loopback nor in \
-                 --cluster-peer-host: the command (and the admin key) is not sent there"
-            ),
-        );
-    }
-    let upstream = match state.peers.client(&admin, state) {
-        Ok(u) => u,
-        Err(e) => return unreachable(e),
-    };
-    let me = this_node(state);
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", upstream.authority())
-        .header(USER_HEADER, &caller.who)
-        .header(SCOPES_HEADER, &caller.scopes)
-        .header(FORWARDED_BY_HEADER, me)
-        .header("content-type", "application/json");
-    if let Some(bearer) = upstream.bearer() {
-        builder = builder.header("authorization", bearer);
-    }
-    let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
-    let request = builder
-        .body(Full::new(bytes))
-        .expect("a well-formed request");
-    let response = match upstream.send(request).await {
-        Ok(r) => r,
-        Err(e) => return unreachable(e),
-    };
-    let status = response.status();
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::MISDIRECTED_REQUEST {
-        return fail(
-            StatusCode::BAD_GATEWAY,
-            "peer_refused",
-            format!(
-                "node {node} refused this node ({status}): cluster nodes share one --admin-key-file, \
-                 and each allows the host of its --cluster-admin-url"
-            ),
-        );
-    }
     let body = match Limited::new(response.into_body(), MAX_ANSWER)
         .collect()
         .await
@@ -161,4 +116,68 @@ pub(crate) async fn forward(
         o.insert("node".into(), Value::String(node));
     }
     (status, v)
+}
+
+/// Sends `method path` with `body` to the node at `admin` as `caller` (to
+/// a trusted peer host only); its response, its body still to read (a
+/// stream, for `GET /events`), or why there is none.
+pub(crate) async fn send(
+    state: &State,
+    caller: &Caller,
+    (node, admin): (&str, &str),
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<hyper::Response<hyper::body::Incoming>, Reply> {
+    let unreachable = |why: String| {
+        fail(
+            StatusCode::BAD_GATEWAY,
+            "peer_unreachable",
+            format!("node {node} at {admin}: {why}"),
+        )
+    };
+    let trusted = state
+        .config
+        .cluster
+        .get()
+        .is_some_and(|c| c.trusts_peer_url(admin));
+    if !trusted {
+        return Err(fail(
+            StatusCode::BAD_GATEWAY,
+            "peer_not_trusted",
+            format!(
+                "node {node} names its admin API {admin:?}, whose host is not loopback nor in \
+                 --cluster-peer-host: the command (and the admin key) is not sent there"
+            ),
+        ));
+    }
+    let upstream = state.peers.client(admin, state).map_err(unreachable)?;
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", upstream.authority())
+        .header(USER_HEADER, &caller.who)
+        .header(SCOPES_HEADER, &caller.scopes)
+        .header(FORWARDED_BY_HEADER, this_node(state))
+        .header("content-type", "application/json");
+    if let Some(bearer) = upstream.bearer() {
+        builder = builder.header("authorization", bearer);
+    }
+    let bytes = body.map_or_else(Bytes::new, |b| Bytes::from(b.to_string()));
+    let request = builder
+        .body(Full::new(bytes))
+        .expect("a well-formed request");
+    let response = upstream.send(request).await.map_err(unreachable)?;
+    let status = response.status();
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::MISDIRECTED_REQUEST {
+        return Err(fail(
+            StatusCode::BAD_GATEWAY,
+            "peer_refused",
+            format!(
+                "node {node} refused this node ({status}): cluster nodes share one --admin-key-file, \
+                 and each allows the host of its --cluster-admin-url"
+            ),
+        ));
+    }
+    Ok(response)
 }

@@ -273,6 +273,15 @@ impl Cluster {
         Some((node.to_string(), admin))
     }
 
+    /// The other live nodes (their record in the view) and their admin URLs.
+    pub fn peers(&self) -> Vec<(String, String)> {
+        let view = self.shared.view.lock().unwrap();
+        view.nodes()
+            .filter(|(name, _)| ***name != *self.shared.config.node_id)
+            .filter_map(|(name, n)| Some((name.to_string(), n.record.as_ref()?.admin.clone())))
+            .collect()
+    }
+
     /// The other nodes holding up instances that match (serviceId and
     /// envTag; all when None): each one's name, admin URL and count. A node
     /// whose record names no admin URL is listed with an empty one.
