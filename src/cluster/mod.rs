@@ -264,13 +264,8 @@ impl Cluster {
     pub fn holder_admin(&self, id: &uuid::Uuid) -> Option<(String, String)> {
         let view = self.shared.view.lock().unwrap();
         let (node, _) = view.holder(id)?;
-        let admin = view
-            .nodes()
-            .find(|(n, _)| *n == node)
-            .and_then(|(_, v)| v.record.as_ref())
-            .map(|r| r.admin.clone())
-            .filter(|a| !a.is_empty())?;
-        Some((node.to_string(), admin))
+        let admin = view.admin_of(node).filter(|a| !a.is_empty())?;
+        Some((node.to_string(), admin.to_string()))
     }
 
     /// The other live nodes (their record in the view) and their admin URLs.
@@ -295,12 +290,7 @@ impl Cluster {
         counts
             .into_iter()
             .map(|(node, n)| {
-                let admin = view
-                    .nodes()
-                    .find(|(name, _)| **name == node)
-                    .and_then(|(_, v)| v.record.as_ref())
-                    .map(|r| r.admin.clone())
-                    .unwrap_or_default();
+                let admin = view.admin_of(&node).unwrap_or_default().to_string();
                 (node.to_string(), admin, n)
             })
             .collect()
@@ -308,13 +298,7 @@ impl Cluster {
 
     /// Another node's up instance `id`, if one holds it.
     pub fn remote(&self, id: &uuid::Uuid) -> Option<view::RemoteInstance> {
-        let view = self.shared.view.lock().unwrap();
-        let (node, value) = view.holder(id)?;
-        Some(view::RemoteInstance {
-            node: node.clone(),
-            id: *id,
-            value: value.clone(),
-        })
+        self.shared.view.lock().unwrap().remote(id)
     }
 
     /// Reads the view of the other nodes.

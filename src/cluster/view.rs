@@ -223,15 +223,13 @@ impl View {
         std::mem::take(&mut self.arrived)
     }
 
-    /// Every (serviceId, envTag, protocol) the view holds instances of.
-    pub fn triples(&self) -> HashSet<Triple> {
-        self.instances
-            .values()
-            .map(|(_, v)| Self::triple(v))
-            .collect()
+    /// The admin URL node `node`'s record names, if its record is here.
+    pub fn admin_of(&self, node: &str) -> Option<&str> {
+        Some(self.nodes.get(node)?.record.as_ref()?.admin.as_str())
     }
 
-    fn remote(&self, id: &Uuid) -> Option<RemoteInstance> {
+    /// Another node's up instance `id`, if one holds it.
+    pub fn remote(&self, id: &Uuid) -> Option<RemoteInstance> {
         let (node, value) = self.instances.get(id)?;
         Some(RemoteInstance {
             node: node.clone(),
@@ -257,15 +255,16 @@ impl View {
         offset: usize,
         limit: usize,
     ) -> (usize, Vec<RemoteInstance>) {
-        let kept = |id: &&Uuid| self.instances.get(*id).is_some_and(|(_, v)| keep(id, v));
         let mut ids: Vec<(&Arc<str>, &Uuid)> = match service_id {
             Some(s) => self
                 .by_service
                 .get(s)
                 .into_iter()
                 .flatten()
-                .filter(kept)
-                .filter_map(|id| self.instances.get(id).map(|(n, _)| (n, id)))
+                .filter_map(|id| {
+                    let (n, v) = self.instances.get(id)?;
+                    keep(id, v).then_some((n, id))
+                })
                 .collect(),
             None => self
                 .instances

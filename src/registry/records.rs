@@ -110,14 +110,7 @@ impl Registry {
         let env = self.strings.intern(reg.env_tag.unwrap_or(""));
         let address = self.intern_address(reg.address);
         let hash = self.identity_hash(service, env, &address, reg.port);
-        let instances = &self.instances;
-        let existing = self
-            .identity
-            .find(hash, |&slot| {
-                let i = &instances[slot as usize];
-                i.service == service && i.env == env && i.address == address && i.port == reg.port
-            })
-            .copied();
+        let existing = self.slot_of_identity(hash, service, env, &address, reg.port);
         let mut superseded = None;
         if let Some(slot) = existing {
             let old = &self.instances[slot as usize];
@@ -413,12 +406,26 @@ impl Registry {
             Err(_) => Address::Host(self.strings.find(&moved.address.to_ascii_lowercase())?),
         };
         let hash = self.identity_hash(service, env, &address, moved.port);
-        let instances = &self.instances;
-        let slot = *self.identity.find(hash, |&slot| {
-            let i = &instances[slot as usize];
-            i.service == service && i.env == env && i.address == address && i.port == moved.port
-        })?;
+        let slot = self.slot_of_identity(hash, service, env, &address, moved.port)?;
         (self.instances[slot as usize].status == Status::Up).then_some(slot)
+    }
+
+    /// The slot of the record (up or down) with this identity, if any.
+    fn slot_of_identity(
+        &self,
+        hash: u64,
+        service: Sym,
+        env: Sym,
+        address: &Address,
+        port: u16,
+    ) -> Option<u32> {
+        let instances = &self.instances;
+        self.identity
+            .find(hash, |&slot| {
+                let i = &instances[slot as usize];
+                i.service == service && i.env == env && i.address == *address && i.port == port
+            })
+            .copied()
     }
 
     /// The id of the up record with `moved`'s identity, if one is here.
