@@ -236,6 +236,17 @@ struct ControllerArgs {
     /// admin key; one line).
     #[arg(long, requires = "cluster_user")]
     cluster_password_file: Option<std::path::PathBuf>,
+    /// Reach etcd over TLS (https), trusting the CA in this PEM file for
+    /// etcd's certificate.
+    #[arg(long, requires = "cluster")]
+    cluster_ca: Option<std::path::PathBuf>,
+    /// This node's client certificate chain (PEM) for an etcd that asks for
+    /// one (--client-cert-auth); with --cluster-key and --cluster-ca.
+    #[arg(long, requires_all = ["cluster_key", "cluster_ca"])]
+    cluster_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM, owner-only) of --cluster-cert.
+    #[arg(long, requires = "cluster_cert")]
+    cluster_key: Option<std::path::PathBuf>,
     /// Serve the admin API over HTTPS with this certificate chain (PEM);
     /// with --admin-tls-key. Reloaded on SIGHUP.
     #[arg(long, requires = "admin_tls_key")]
@@ -820,12 +831,19 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
                     "--cluster needs the admin API (other nodes forward commands to it): drop --no-admin"
                 );
             };
-            let endpoints = tether::cluster::parse_endpoints(spec).map_err(anyhow::Error::msg)?;
+            let tls = cluster_tls(
+                args.cluster_ca.as_deref(),
+                args.cluster_cert.as_deref(),
+                args.cluster_key.as_deref(),
+            )?;
+            let endpoints = tether::cluster::parse_endpoints(spec, tls.is_some())
+                .map_err(anyhow::Error::msg)?;
             let node_id = args.node_id.clone().unwrap_or_default();
             let mut config = tether::cluster::ClusterConfig::new(endpoints, &node_id);
             config.lease_ttl = args.cluster_lease_ttl;
             config.prefix = args.cluster_prefix.clone();
             config.peer_hosts = args.cluster_peer_host.clone();
+            config.tls = tls;
             if let (Some(user), Some(file)) = (&args.cluster_user, &args.cluster_password_file) {
                 let password = read_secret_file(file, "--cluster-password-file")?;
                 config.user = Some((user.clone(), password));
@@ -1207,6 +1225,43 @@ fn chained_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 
 /// A secret (a password, a client secret) from a file only its owner may
 /// read, trimmed; refused when others could read it or it is empty.
+/// --cluster-ca, --cluster-cert and --cluster-key, read and checked: PEM
+/// that holds what each flag names, and a key only its owner may read.
+fn cluster_tls(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> anyhow::Result<Option<tether::cluster::EtcdTls>> {
+    let Some(ca) = ca else {
+        return Ok(None);
+    };
+    let pem = |path: &std::path::Path, flag: &str, holds: &str| -> anyhow::Result<Vec<u8>> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read {flag} {}", path.display()))?;
+        if !bytes.windows(holds.len()).any(|w| w == holds.as_bytes()) {
+            bail!("{flag} {} holds no PEM {holds} block", path.display());
+        }
+        Ok(bytes)
+    };
+    let ca_pem = pem(ca, "--cluster-ca", "CERTIFICATE")?;
+    let identity = match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let chain = pem(cert, "--cluster-cert", "CERTIFICATE")?;
+            // Owner-only, as every secret tether reads.
+            let key_pem = read_secret_file(key, "--cluster-key")?;
+            if !key_pem.contains("PRIVATE KEY") {
+                bail!(
+                    "--cluster-key {} holds no PEM PRIVATE KEY block",
+                    key.display()
+                );
+            }
+            Some((chain, key_pem.into_bytes()))
+        }
+        _ => None,
+    };
+    Ok(Some(tether::cluster::EtcdTls { ca_pem, identity }))
+}
+
 fn read_secret_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let show = path.display();

@@ -42,22 +42,27 @@ fn key_file() -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// `tether controller` on loopback ports of its own, the admin API's key
+/// in `keys`.
+fn controller_on_loopback(keys: &str) -> Command {
+    let mut command = tether();
+    command.args([
+        "controller",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    command.args(["--admin-key-file", keys]);
+    command
+}
+
 /// Also returns the admin API's address from the ready line, and its key
 /// file.
 fn controller_with_admin(extra: &[&str]) -> (Running, String, String, String) {
     let keys = key_file();
-    let mut child = tether()
-        .args([
-            "controller",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--admin-key-file",
-            &keys,
-            "--shards",
-            "2",
-        ])
+    let mut child = controller_on_loopback(&keys)
+        .args(["--shards", "2"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -122,6 +127,54 @@ fn bad_flags_exit_non_zero_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RLIMIT_NOFILE"), "{err}");
+}
+
+#[test]
+fn etcd_tls_files_are_checked_before_the_controller_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("tether-cli-etcd-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    let admin_key = key_file();
+    let open_key = dir.join("client.key");
+    std::fs::copy(keys.join("client.key"), &open_key).unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let k = |f: &str| keys.join(f).display().to_string();
+    let (ca, cert, open) = (k("ca.pem"), k("client.pem"), open_key.display().to_string());
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["--cluster-ca", "/nonexistent/ca.pem"],
+            "cannot read --cluster-ca",
+        ),
+        (
+            vec!["--cluster-ca", &cert, "--cluster-cert", &cert],
+            "--cluster-key",
+        ),
+        (vec!["--cluster-ca", &open], "no PEM CERTIFICATE"),
+        (
+            vec![
+                "--cluster-ca",
+                &ca,
+                "--cluster-cert",
+                &cert,
+                "--cluster-key",
+                &open,
+            ],
+            "chmod 600",
+        ),
+    ];
+    for (flags, says) in cases {
+        let out = controller_on_loopback(&admin_key)
+            .args(["--cluster", "etcd://127.0.0.1:1", "--node-id", "a"])
+            .args(&flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flags:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&admin_key);
 }
 
 #[test]
@@ -678,6 +731,11 @@ fn the_kubernetes_manifests_use_only_flags_tether_knows() {
         let text = std::fs::read_to_string(&path).unwrap();
         let mut within: Option<&str> = None;
         for line in text.lines().map(str::trim) {
+            // A flag commented out for the reader to turn on must exist too.
+            let line = line
+                .strip_prefix("# ")
+                .filter(|l| l.starts_with("- --"))
+                .unwrap_or(line);
             if line.starts_with('#') {
                 continue;
             }

@@ -17,7 +17,7 @@ use tether::admin::access::AdminKey;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::parse_source_ips;
 use tether::agent::swarm::{Swarm, SwarmConfig};
-use tether::cluster::{Cluster, ClusterConfig, MAX_TXN_OPS};
+use tether::cluster::{Cluster, ClusterConfig, EtcdTls, MAX_TXN_OPS};
 use tether::controller::Controller;
 
 const KEY: &str = "a test admin key, 32 bytes long.";
@@ -608,6 +608,56 @@ fn with_etcd_auth_on_a_node_needs_its_user() {
         let e = s["lastError"].as_str().unwrap_or("");
         (s["stale"] == true && e.contains("--cluster-user"), s)
     });
+}
+
+#[test]
+fn over_tls_a_node_needs_etcd_s_ca_and_its_own_certificate() {
+    let Some(etcd) = Etcd::start_tls() else {
+        return;
+    };
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+    let read = |f: &str| std::fs::read(keys.join(f)).unwrap();
+    let full = EtcdTls {
+        ca_pem: read("ca.pem"),
+        identity: Some((read("client.pem"), read("client.key"))),
+    };
+    let with = |tls: Option<EtcdTls>| move |c: &mut ClusterConfig| c.tls = tls;
+    let ttl = Duration::from_secs(10);
+    let a = Node::tweaked(&etcd, "a", ttl, config(1), with(Some(full.clone())));
+    let b = Node::tweaked(&etcd, "b", ttl, config(1), with(Some(full.clone())));
+    let _on_b = b.swarm("beta", 20, "127.0.0.10");
+    until("a sees b's 20 through etcd over TLS", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 20 && s["stale"] == false, s)
+    });
+    // etcd asks for a client certificate; one without is out, and says why.
+    let no_cert = EtcdTls {
+        identity: None,
+        ..full.clone()
+    };
+    let c = Node::tweaked(&etcd, "c", ttl, config(1), with(Some(no_cert)));
+    // etcd's certificate not from the CA given: refused, and said so.
+    let other_ca = EtcdTls {
+        ca_pem: read("server2.pem"),
+        ..full.clone()
+    };
+    let d = Node::tweaked(&etcd, "d", ttl, config(1), with(Some(other_ca)));
+    // Plain http to an https etcd.
+    let e = Node::tweaked(&etcd, "e", ttl, config(1), |c| {
+        c.endpoints = vec![c.endpoints[0].replace("https://", "http://")]
+    });
+    for (node, hint) in [
+        (&c, "--cluster-cert"),
+        (&d, "--cluster-ca"),
+        (&e, "--cluster-ca"),
+    ] {
+        until("a node that cannot reach etcd says why", WAIT, || {
+            let s = node.status();
+            let err = s["lastError"].as_str().unwrap_or("");
+            (s["stale"] == true && err.contains(hint), s)
+        });
+    }
+    assert_eq!(remote(&a.status()), 20);
 }
 
 #[test]

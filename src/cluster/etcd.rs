@@ -63,11 +63,30 @@ async fn unary<T>(
                 " (etcd's auth is on: give --cluster-user and --cluster-password-file, a user \
                  whose role may read and write --cluster-prefix)"
             } else {
-                ""
+                tls_hint(&format!("{e:?}"))
             };
             Err(format!("etcd {what}: {text}{hint}"))
         }
         Err(_) => Err(format!("etcd {what}: no answer within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
+/// What to do about a TLS failure, from the error's whole chain (tonic's
+/// transport error says only "transport error" at the top).
+fn tls_hint(chain: &str) -> &'static str {
+    let chain = chain.to_ascii_lowercase();
+    let has = |m: &str| chain.contains(m);
+    if has("invalidcontenttype") || has("corruptmessage") || has("invalid http version") {
+        " (etcd and this node disagree on TLS: give --cluster-ca (and --cluster-cert, \
+         --cluster-key) when etcd serves https, and none when it serves http)"
+    } else if has("unknownissuer") || has("notvalidforname") || has("invalid peer certificate") {
+        " (etcd's certificate is not one --cluster-ca signed for the endpoint's host: give \
+         --cluster-ca the CA that signed it)"
+    } else if has("certificaterequired") || has("badcertificate") {
+        " (etcd wants a client certificate it trusts: give --cluster-cert and --cluster-key, \
+         signed by a CA in etcd's --trusted-ca-file)"
+    } else {
+        ""
     }
 }
 
@@ -83,6 +102,13 @@ pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot
             return;
         };
         shared.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let closed = ["broken pipe", "connection reset"];
+        let e = if shared.config.tls.is_none() && closed.iter().any(|c| e.contains(c)) {
+            // What a TLS-only etcd does to a plaintext HTTP/2 preface.
+            format!("{e} (etcd closed the connection: if it serves https, give --cluster-ca)")
+        } else {
+            e
+        };
         shared
             .view
             .lock()
@@ -240,6 +266,14 @@ async fn session(
         .with_keep_alive_while_idle(true);
     if let Some((user, password)) = &config.user {
         options = options.with_user(user.clone(), password.clone());
+    }
+    if let Some(tls) = &config.tls {
+        let mut t = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            t = t.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(t);
     }
     let mut client = unary("connect", Client::connect(&config.endpoints, Some(options))).await?;
     let ttl = config.lease_ttl.as_secs() as i64;

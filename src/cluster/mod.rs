@@ -57,6 +57,28 @@ pub struct ClusterConfig {
     pub peer_hosts: Vec<String>,
     /// etcd user and password, when etcd's auth is on.
     pub user: Option<(String, String)>,
+    /// TLS to etcd (its endpoints are then https://).
+    pub tls: Option<EtcdTls>,
+}
+
+/// What a node needs to reach etcd over TLS: the CA that signed etcd's
+/// certificate and, when etcd asks for one (`--client-cert-auth`), this
+/// node's certificate and key. All PEM.
+#[derive(Clone)]
+pub struct EtcdTls {
+    pub ca_pem: Vec<u8>,
+    /// (certificate chain, private key).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EtcdTls")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
 }
 
 impl ClusterConfig {
@@ -71,13 +93,15 @@ impl ClusterConfig {
             max_remote_instances: 4_000_000,
             peer_hosts: Vec::new(),
             user: None,
+            tls: None,
         }
     }
 }
 
-/// `etcd://host:port[,host:port…]` (or http:// URLs, comma-separated) as
-/// etcd client URLs.
-pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
+/// `etcd://host:port[,host:port…]` as etcd client URLs: https:// when the
+/// node reaches etcd over TLS (`tls`), else http://.
+pub fn parse_endpoints(spec: &str, tls: bool) -> Result<Vec<String>, String> {
+    let scheme = if tls { "https" } else { "http" };
     let rest = spec
         .strip_prefix("etcd://")
         .ok_or_else(|| format!("--cluster {spec:?}: give etcd://HOST:PORT[,HOST:PORT…]"))?;
@@ -85,7 +109,7 @@ pub fn parse_endpoints(spec: &str) -> Result<Vec<String>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|hp| format!("http://{hp}"))
+        .map(|hp| format!("{scheme}://{hp}"))
         .collect();
     if endpoints.is_empty() {
         return Err(format!("--cluster {spec:?} names no etcd endpoint"));
@@ -443,10 +467,14 @@ mod tests {
     #[test]
     fn endpoints_come_from_an_etcd_url() {
         assert_eq!(
-            parse_endpoints("etcd://127.0.0.1:2379,127.0.0.2:2379").unwrap(),
+            parse_endpoints("etcd://127.0.0.1:2379,127.0.0.2:2379", false).unwrap(),
             ["http://127.0.0.1:2379", "http://127.0.0.2:2379"]
         );
-        assert!(parse_endpoints("http://127.0.0.1:2379").is_err());
-        assert!(parse_endpoints("etcd://").is_err());
+        assert_eq!(
+            parse_endpoints("etcd://[::1]:2379", true).unwrap(),
+            ["https://[::1]:2379"]
+        );
+        assert!(parse_endpoints("http://127.0.0.1:2379", false).is_err());
+        assert!(parse_endpoints("etcd://", false).is_err());
     }
 }

@@ -16,6 +16,9 @@ pub struct Etcd {
     dir: PathBuf,
     pub client_port: u16,
     peer_port: u16,
+    /// Serves clients over TLS with tests/keys/server.pem, and asks each
+    /// for a certificate tests/keys/ca.pem signed.
+    tls: bool,
     child: Option<Child>,
 }
 
@@ -24,6 +27,15 @@ impl Etcd {
     /// (`.ci/run` installs it and sets TETHER_REQUIRE_ETCD, so CI never
     /// skips).
     pub fn start() -> Option<Etcd> {
+        Etcd::start_with(false)
+    }
+
+    /// One that serves https only and asks clients for a certificate.
+    pub fn start_tls() -> Option<Etcd> {
+        Etcd::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Option<Etcd> {
         if !std::path::Path::new(ETCD).exists() {
             assert!(
                 std::env::var_os("TETHER_REQUIRE_ETCD").is_none(),
@@ -42,6 +54,7 @@ impl Etcd {
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
             child: None,
         };
         etcd.resume();
@@ -54,16 +67,28 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// Starts it (again) on its data and ports; waits until clients can
     /// connect.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "etcd is running");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(ETCD)
+        let mut etcd = Command::new(ETCD);
+        if self.tls {
+            let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/keys");
+            etcd.arg("--cert-file")
+                .arg(keys.join("server.pem"))
+                .arg("--key-file")
+                .arg(keys.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(keys.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let child = etcd
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
