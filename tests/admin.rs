@@ -249,6 +249,11 @@ fn list_filter_and_page_over_2000_swarm_services() {
     let (_, summary) = get(&plane.url("/summary"));
     assert_eq!(summary["byStatus"], json!({"up": 2000, "down": 0}));
     assert_eq!(summary["distinctServices"], 20);
+    assert_eq!(
+        summary["node"],
+        serde_json::Value::Null,
+        "alone: no node name"
+    );
     let held: u64 = summary["shards"]
         .as_array()
         .unwrap()

@@ -11,43 +11,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
 use tether::admin::access::AdminKey;
 use tether::admin::{AdminConfig, AdminServer};
 use tether::agent::parse_source_ips;
 use tether::agent::swarm::{Swarm, SwarmConfig};
-use tether::gateway::identity::{DEV_AUDIENCE, DEV_ISSUER};
-use tether::gateway::{Gateway, GatewayConfig};
-use tether::jwt::{Expect, Verifier};
 
 const KEY: &str = "a test admin key, 32 bytes long.";
-
-fn chromium() -> PathBuf {
-    std::env::var_os("CHROMIUM").map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from)
-}
-
-/// What the browser test lacks here, if anything.
-fn missing(ui: &Path) -> Option<String> {
-    if Command::new("node").arg("--version").output().is_err() {
-        return Some("node".into());
-    }
-    if !ui.join("node_modules/playwright-core").exists() {
-        return Some("ui/node_modules (run npm ci in ui/)".into());
-    }
-    if !chromium().exists() {
-        return Some(format!(
-            "{} (apt-get install chromium)",
-            chromium().display()
-        ));
-    }
-    None
-}
 
 fn swarm(
     ctl: &tether::controller::Controller,
@@ -71,13 +43,7 @@ fn swarm(
 
 #[test]
 fn the_admin_ui_works_in_chromium() {
-    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("ui");
-    if let Some(what) = missing(&ui) {
-        assert!(
-            std::env::var_os("TETHER_REQUIRE_BROWSER").is_none(),
-            "the browser test needs {what}"
-        );
-        eprintln!("SKIPPED the browser test: no {what} here (.ci/run installs it)");
+    if !browser::available() {
         return;
     }
     // Pinged every second, so the detail page has a round trip to show.
@@ -87,62 +53,28 @@ fn the_admin_ui_works_in_chromium() {
     let mut admin = AdminConfig::new("127.0.0.1:0".parse().unwrap());
     admin.key = AdminKey::new(KEY.as_bytes());
     let admin = AdminServer::start(ctl.api(), admin).unwrap();
-    let mut config = GatewayConfig::new(
-        "127.0.0.1:0".parse().unwrap(),
-        &format!("http://{}", admin.local_addr()),
-        Some(AdminKey::new(KEY.as_bytes())),
-    );
-    config.dev_login = true;
-    config.bearer = Some(Verifier::shared_secret(
-        b"the browser test's dev key......",
-        Expect {
-            issuer: Some(DEV_ISSUER.into()),
-            audience: Some(DEV_AUDIENCE.into()),
-        },
-    ));
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
-    std::fs::create_dir_all(&artifacts).unwrap();
-    config.access_log = Some(artifacts.join("access.jsonl"));
-    let gateway = Gateway::start(config).unwrap();
+    let gateway = browser::dev_gateway(admin.local_addr(), KEY);
+    let artifacts = browser::artifacts();
     let fleet = swarm(&ctl, "svc", 1000, 10, "127.0.0.2-127.0.0.3");
     let mut canary = Some(swarm(&ctl, "canary", 1, 1, "127.0.0.4"));
 
-    let mut child = Command::new("node")
-        .current_dir(&ui)
-        .arg("e2e/admin.mjs")
-        .arg(gateway.public_origin())
-        .arg(&artifacts)
-        .arg("1001")
-        .env("CHROMIUM", chromium())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    // The script is bounded by its own timeouts; this one bounds it too.
-    let pid = child.id();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(180));
-        // SAFETY: kill(2) with a pid we started; at worst it is gone.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let mut steps: Vec<Value> = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        println!("browser: {line}");
-        if line == "STOP canary" {
-            canary.take().unwrap().stop();
-            continue;
-        }
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            steps.push(v);
-        }
-    }
-    let status = child.wait().unwrap();
-    drop(watchdog);
-    let names: Vec<&str> = steps.iter().filter_map(|s| s["step"].as_str()).collect();
-    assert!(status.success(), "the browser test failed: {steps:?}");
+    let (ok, steps) = browser::run(
+        "e2e/admin.mjs",
+        &[
+            gateway.public_origin(),
+            &artifacts.display().to_string(),
+            "1001",
+        ],
+        Duration::from_secs(180),
+        |line| {
+            if line == "STOP canary" {
+                canary.take().unwrap().stop();
+            }
+        },
+    );
+    assert!(ok, "the browser test failed: {steps:?}");
     assert_eq!(
-        names,
+        browser::names(&steps),
         [
             "logged in",
             "table",

@@ -495,6 +495,9 @@ fn every_node_sees_the_others_and_a_node_that_leaves_is_gone_at_once() {
         "{etcd_a}"
     );
     assert_eq!(a.status()["stale"], false);
+    // The summary names the node (the Admin UI asks it whether to show
+    // the cluster).
+    assert_eq!(a.get("/summary?top=0").1["node"], "a");
     // /metrics says the same.
     let metrics = metrics(&a);
     assert!(
@@ -893,4 +896,50 @@ fn compact(etcd: &Etcd) {
             .await
             .unwrap();
     });
+}
+
+/// The Admin UI through a gateway in front of node a only: it lists a's
+/// and b's instances, runs a tool on one of b's, and shows both nodes
+/// (ui/e2e/cluster.mjs in headless Chromium).
+#[test]
+fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
+    if !browser::available() {
+        return;
+    }
+    let Some(etcd) = Etcd::start() else { return };
+    let a = Node::start(&etcd, "a", Duration::from_secs(10));
+    let b = Node::start(&etcd, "b", Duration::from_secs(10));
+    let _on_a = a.swarm("alpha", 30, "127.0.0.11");
+    let _on_b = b.swarm("beta", 20, "127.0.0.12");
+    until("a sees b's 20", WAIT, || {
+        let s = a.status();
+        (remote(&s) == 20, s)
+    });
+    let gateway = browser::dev_gateway(a.admin.local_addr(), KEY);
+    let (ok, steps) = browser::run(
+        "e2e/cluster.mjs",
+        &[
+            gateway.public_origin(),
+            &browser::artifacts().display().to_string(),
+            "30",
+            "20",
+        ],
+        Duration::from_secs(120),
+        |_| {},
+    );
+    assert!(ok, "the browser test failed: {steps:?}");
+    assert_eq!(
+        browser::names(&steps),
+        [
+            "logged in",
+            "cluster table",
+            "b's instances",
+            "this node's",
+            "remote detail",
+            "forwarded tool",
+            "cluster overview",
+            "done"
+        ],
+        "{steps:?}"
+    );
 }

@@ -14,19 +14,17 @@ use super::{AppState, Reply, fail, respond};
 /// Another node's instance as the admin API shows it: what discovery has
 /// of it, and the node that holds it.
 pub(crate) fn remote_item(r: &RemoteInstance) -> Value {
-    let v = &r.value;
-    json!({
-        "node": r.node.as_ref(),
-        "runtimeInstanceId": r.id,
-        "serviceId": v.service_id.as_ref(),
-        "envTag": v.env_tag.as_ref(),
-        "version": v.version.as_ref(),
-        "protocol": v.protocol.as_ref(),
-        "address": v.address.as_ref(),
-        "port": v.port,
-        "tags": serde_json::from_str::<Value>(&v.tags_json).unwrap_or(json!({})),
-        "status": "up",
-    })
+    // As discovery shows it (connectedAt from its UUID v7), without the
+    // socket's last-seen time: the holder has that, this node does not.
+    let mut v =
+        crate::controller::rpc::node_json(&crate::cluster::view::registry_node(&r.id, &r.value, 0));
+    if let Some(fields) = v.as_object_mut() {
+        fields.remove("lastSeenAt");
+        fields.remove("connected");
+    }
+    v["node"] = json!(r.node.as_ref());
+    v["status"] = json!("up");
+    v
 }
 
 fn no_cluster() -> Reply {

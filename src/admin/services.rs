@@ -342,6 +342,9 @@ pub(crate) fn summary_reply(state: &AppState, top: Option<usize>) -> Reply {
         "eventSubscribers": counts.event_subscribers,
         "lastEventSeq": counts.last_event_seq,
         "eventEpoch": api.events_epoch(),
+        // This node's name in a cluster (the UI then asks GET /cluster);
+        // null when it runs alone.
+        "node": state.config.cluster.get().map(|c| c.node_id().to_string()),
     });
     (StatusCode::OK, body)
 }

@@ -77,6 +77,7 @@ pub fn route(method: &Method, path: &str) -> Option<Target> {
     match (method, parts.as_slice()) {
         (&Method::GET, ["services"]) => target("/services".into(), Carry::Http, false),
         (&Method::GET, ["summary"]) => target("/summary".into(), Carry::Http, false),
+        (&Method::GET, ["cluster"]) => target("/cluster".into(), Carry::Http, false),
         (&Method::GET, ["services", id]) if segment_ok(id) => {
             target(format!("/services/{id}"), Carry::Http, false)
         }
@@ -512,6 +513,8 @@ mod tests {
                 .command
         );
         assert!(route(&post, "/api/commands").unwrap().command);
+        assert_eq!(route(&get, "/api/cluster").unwrap().path, "/cluster");
+        assert!(route(&post, "/api/cluster").is_none());
         assert_eq!(route(&get, "/api/events").unwrap().carry, Carry::Stream);
         assert_eq!(route(&get, "/api/ctrl/mcp").unwrap().carry, Carry::Socket);
         for (m, p) in [

@@ -2,6 +2,7 @@
 //! blocking raw WebSocket client that can send anything, well formed or not.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod etcd;
 pub mod keys;
 pub mod oidc;

@@ -4,50 +4,21 @@
 //   node e2e/admin.mjs <gateway URL> <artifact dir> <expected services>
 // It prints one JSON line per step; `STOP canary` asks the test to stop the
 // canary's swarm, after which the page must show it down, live.
-import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
+import { login, open, run, sendTool, step, tableCount } from "./common.mjs";
 
 const [base, out, expected] = process.argv.slice(2);
-mkdirSync(out, { recursive: true });
-const step = (name, detail = {}) => console.log(JSON.stringify({ step: name, ...detail }));
+const session = await open(out);
+const { page, problems, shot } = session;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-  ],
-});
-const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-const page = await context.newPage();
-const problems = [];
-page.on("pageerror", (e) => problems.push(String(e)));
-page.on("console", (m) => m.type() === "error" && problems.push(m.text()));
-const shot = (name) => page.screenshot({ path: `${out}/${name}.png`, fullPage: false });
-
-try {
+await run(session, async () => {
   // Not logged in: the UI sends the browser to the login page.
-  await page.goto(base + "/instances");
-  await page.waitForURL(/\/auth\/login/);
-  await page.fill("input[name=user]", "e2e-admin");
-  await shot("01-login");
-  await page.click("button[type=submit]");
-  await page.waitForURL(/\/instances$/);
+  await login(page, base, "/instances", "e2e-admin", () => shot("01-login"));
   step("logged in", { url: page.url() });
   // What the login page and the redirect to it logged is expected.
   problems.length = 0;
 
   // The table: every swarm service, paged from the server.
-  await page.waitForSelector(".vtable[data-loaded]");
-  await page.waitForFunction(() => /^\d[\d,]* instances/.test(document.querySelector(".count")?.textContent ?? ""));
-  const count = await page.textContent(".count");
-  const total = Number((count ?? "").replace(/,/g, "").match(/^\d+/)?.[0]);
+  const { count, total } = await tableCount(page);
   const firstPage = await page.evaluate(() => performance.getEntriesByName("tether:first-page").pop()?.detail);
   step("table", { count, total, firstPageMs: firstPage?.ms });
   if (total !== Number(expected)) throw new Error(`the table says ${count}, not ${expected} instances`);
@@ -93,9 +64,7 @@ try {
   await page.waitForSelector("form[data-tool=get_service_info]");
   const tools = await page.$$eval("form[data-tool]", (fs) => fs.map((f) => f.getAttribute("data-tool")));
   step("tools", { tools });
-  await page.click("form[data-tool=get_service_info] button[type=submit]");
-  await page.waitForFunction(() => document.querySelector("form[data-tool=get_service_info] .result")?.getAttribute("data-outcome") === "ok");
-  const reply = await page.textContent("form[data-tool=get_service_info] .result");
+  const reply = await sendTool(page, "get_service_info");
   step("get_service_info", { reply: reply?.slice(0, 200) });
   if (!reply?.includes('"serviceId": "svc-3"')) throw new Error("the reply does not name the service: " + reply);
   await shot("04-detail");
@@ -119,12 +88,4 @@ try {
   await page.emulateMedia({ colorScheme: "dark" });
   await shot("07-overview-dark");
   step("overview", { instances: await page.textContent(".cards .card .value"), downs });
-  if (problems.length) throw new Error("page errors: " + problems.join("; "));
-  step("done");
-} catch (e) {
-  await shot("failure").catch(() => {});
-  console.log(JSON.stringify({ step: "failed", error: String(e), problems }));
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-}
+});

@@ -98,6 +98,28 @@ export interface RegistryEvent {
   runtimeInstanceId: string;
   serviceId: string;
   reason?: string;
+  /** The node it happened on, when the controller runs in a cluster. */
+  node?: string;
+}
+
+/** `GET /cluster`: this node's view of the others (404 when it runs alone). */
+export interface ClusterStatus {
+  node: string;
+  stale: boolean;
+  lastError: string | null;
+  localInstances: number;
+  remoteInstances: number;
+  nodes: { node: string; instances: number; live: boolean; self: boolean; epoch: string }[];
+}
+
+/** The cluster's status, or null when this controller runs alone. */
+export async function clusterStatus(): Promise<ClusterStatus | null> {
+  try {
+    return await get<ClusterStatus>("/cluster");
+  } catch (e) {
+    if (e instanceof ApiError && e.status === 404) return null;
+    throw e;
+  }
 }
 
 type Listener = (e: RegistryEvent) => void;

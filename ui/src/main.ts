@@ -3,7 +3,7 @@
 // feed; all through the gateway, live over one WebSocket.
 
 import "./style.css";
-import { ApiError, get, live, loadSession, logout, post, session, type RegistryEvent } from "./api";
+import { ApiError, clusterStatus, get, live, loadSession, logout, post, session, type ClusterStatus, type RegistryEvent } from "./api";
 
 const main = document.getElementById("main") as HTMLElement;
 
@@ -35,6 +35,9 @@ function fail(where: HTMLElement, e: unknown): void {
   const msg = e instanceof ApiError ? `${e.message} (${e.status})` : String(e);
   where.replaceChildren(h("p", { class: "error", role: "alert", text: msg }));
 }
+
+/** This node's name when it runs in a cluster (set at start), else null. */
+let clusterNode: string | null = null;
 
 // -- recent downs, kept from the live feed ------------------------------------
 
@@ -89,6 +92,8 @@ interface Summary {
   byService: { serviceId: string; up: number }[];
   shards: { shard: number; connections: number }[];
   commandsInFlight: number;
+  /** This node's name in a cluster; null when it runs alone. */
+  node?: string | null;
 }
 
 function overview(): () => void {
@@ -99,7 +104,7 @@ function overview(): () => void {
   let stopped = false;
   const load = async () => {
     try {
-      const s = await get<Summary>("/summary?top=20");
+      const [s, c] = await Promise.all([get<Summary>("/summary?top=20"), clusterNode ? clusterStatus() : Promise.resolve(null)]);
       if (stopped) return;
       const card = (label: string, value: string | number, cls = "") =>
         h("div", { class: "card " + cls }, h("span", { class: "label", text: label }), h("span", { class: "value", text: String(value) }));
@@ -136,13 +141,16 @@ function overview(): () => void {
         h(
           "div",
           { class: "cards" },
-          card("Instances", s.total),
+          card(c ? `Instances on ${c.node}` : "Instances", s.total),
           card("Up", s.byStatus.up, "up"),
           card("Down", s.byStatus.down, "down"),
           card("Services", s.distinctServices),
           card("Events/s", live.rate().toFixed(1)),
           card("Commands in flight", s.commandsInFlight),
+          c ? card("Nodes", c.nodes.filter((n) => n.live).length) : null,
+          c ? card("Up in the cluster", c.localInstances + c.remoteInstances, "up") : null,
         ),
+        ...(c ? [clusterPanel(c)] : []),
         h("div", { class: "columns" }, services, shards),
         downList,
       );
@@ -160,6 +168,33 @@ function overview(): () => void {
   };
 }
 
+/** The cluster's nodes as this node sees them; a warning when that is stale. */
+function clusterPanel(c: ClusterStatus): HTMLElement {
+  const nodes = h(
+    "table",
+    { "aria-label": "Nodes" },
+    h("caption", { text: `Nodes of the cluster (this one: ${c.node})` }),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Node" }), h("th", { scope: "col", text: "Up instances" }), h("th", { scope: "col", text: "State" }))),
+    h(
+      "tbody",
+      {},
+      ...c.nodes.map((n) =>
+        h(
+          "tr",
+          { "data-node": n.node },
+          h("td", { text: n.node }),
+          h("td", { class: "num", text: String(n.self ? c.localInstances : n.instances) }),
+          h("td", { class: n.live ? "status up" : "status down", text: n.self ? "this node" : n.live ? "live" : "gone" }),
+        ),
+      ),
+    ),
+  );
+  const stale = c.stale
+    ? h("p", { class: "stale error", role: "alert", text: `This node's view of the cluster is stale (etcd unreachable): ${c.lastError ?? "no detail"}. Its own instances are current.` })
+    : null;
+  return h("section", { "aria-label": "Cluster" }, stale, nodes);
+}
+
 // -- instances: server-side pages, a virtualized list -------------------------
 
 interface Item {
@@ -170,9 +205,13 @@ interface Item {
   port: number;
   version: string;
   envTag?: string;
-  shard: number;
+  /** Absent for an instance another node holds. */
+  shard?: number;
   connectedAt: string;
-  lastSeenAt: string;
+  /** Absent for an instance another node holds (that node sees its socket). */
+  lastSeenAt?: string;
+  /** The node that holds it (cluster listings). */
+  node?: string;
   /** The last ping's round trip; null when none was measured. */
   rttMs: number | null;
 }
@@ -189,7 +228,7 @@ interface Page {
 
 const ROW = 32;
 const PAGE = 500;
-const FILTERS = ["serviceId", "status", "envTag", "q", "sort"] as const;
+const FILTERS = ["scope", "serviceId", "status", "envTag", "q", "sort"] as const;
 
 /** The table's columns: their header and the server's sort key. */
 const COLUMNS: [string, string][] = [
@@ -213,6 +252,13 @@ function instances(): () => void {
   status.value = params.get("status") ?? "";
   // The order is sorted on the server; it lives in the URL with the filters.
   const sort = h("input", { type: "hidden", name: "sort", value: params.get("sort") ?? "" });
+  // In a cluster the table lists every node's instances unless told to
+  // list this node's; sorting orders one node's only.
+  const scope = h("select", { name: "scope" }, h("option", { value: "cluster", text: "whole cluster" }), h("option", { value: "node", text: `this node (${clusterNode ?? ""})` }));
+  scope.value = params.get("scope") === "node" ? "node" : "cluster";
+  const clustered = () => clusterNode !== null && scope.value === "cluster";
+  if (clustered()) sort.value = "";
+  if (clusterNode) form.append(h("label", {}, "Scope ", scope));
   form.append(
     input("serviceId", "Service", "exact serviceId"),
     h("label", {}, "Status ", status),
@@ -221,6 +267,7 @@ function instances(): () => void {
     sort,
   );
   const count = h("p", { class: "count", role: "status", "aria-live": "polite", text: "Loading…" });
+  const nodeHeader = clusterNode ? h("span", { role: "columnheader", text: "Node" }) : null;
   const headers = COLUMNS.map(([label, key]) => {
     const button = h("button", { type: "button", class: "sort", text: label, title: `Sort by ${label.toLowerCase()}` });
     const cell = h("span", { role: "columnheader", "data-sort": key }, button);
@@ -237,13 +284,20 @@ function instances(): () => void {
       const key = cell.dataset.sort;
       const dir = sort.value === key ? "ascending" : sort.value === "-" + key ? "descending" : "none";
       cell.setAttribute("aria-sort", dir);
+      const button = cell.querySelector("button")!;
+      button.disabled = clustered();
+      button.title = clustered() ? "Sorting orders one node's instances: choose the scope 'this node'" : `Sort by ${button.textContent!.toLowerCase()}`;
     }
   };
   showSort();
-  const head = h("div", { class: "row head", role: "row" }, ...headers);
+  scope.addEventListener("change", () => {
+    if (clustered()) sort.value = "";
+    showSort();
+  });
+  const head = h("div", { class: "row head", role: "row" }, nodeHeader, ...headers);
   const spacer = h("div", { class: "spacer" });
   const viewport = h("div", { class: "viewport", role: "rowgroup", tabindex: "0", "aria-label": "Instances" }, spacer);
-  const table = h("div", { class: "vtable", role: "table", "aria-label": "Instances" }, head, viewport);
+  const table = h("div", { class: clusterNode ? "vtable cluster" : "vtable", role: "table", "aria-label": "Instances" }, head, viewport);
   main.replaceChildren(h("h1", { text: "Instances" }), form, count, table);
 
   let rows: Item[] = [];
@@ -259,6 +313,10 @@ function instances(): () => void {
       const v = new URLSearchParams(location.search).get(f);
       if (v) q.set(f, v);
     }
+    if (clustered()) {
+      q.set("scope", "cluster");
+      q.delete("sort");
+    } else q.delete("scope");
     return q;
   };
 
@@ -272,13 +330,14 @@ function instances(): () => void {
       const row = r
         ? h(
             "div",
-            { class: "row", role: "row", "data-id": r.runtimeInstanceId },
+            { class: "row", role: "row", "data-id": r.runtimeInstanceId, "data-node": r.node ?? "" },
+            clusterNode ? h("span", { role: "cell", class: "node", text: r.node ?? clusterNode }) : null,
             h("span", { role: "cell" }, link(`/instances/${r.runtimeInstanceId}`, r.serviceId)),
             h("span", { role: "cell", class: "status " + r.status, text: r.status }),
             h("span", { role: "cell", text: `${r.address}:${r.port}` }),
             h("span", { role: "cell", text: r.version }),
             h("span", { role: "cell", text: r.envTag ?? "" }),
-            h("span", { role: "cell", class: "num", text: String(r.shard) }),
+            h("span", { role: "cell", class: "num", text: r.shard == null ? "—" : String(r.shard) }),
             h("span", { role: "cell", class: "num", text: rtt(r.rttMs) }),
             h("span", { role: "cell", text: when(r.lastSeenAt) }),
           )
@@ -428,6 +487,8 @@ function detail(id: string): () => void {
       document.title = `tether: ${n.serviceId}`;
       const dl = h("dl", { class: "meta" });
       const row = (k: string, v: string, cls = "") => dl.append(h("dt", { text: k }), h("dd", { class: cls, text: v }));
+      const holder = n.node ?? clusterNode;
+      if (holder) row("Node", holder + (holder === clusterNode ? " (this one)" : " (commands go to it through this one)"));
       row("Service", n.serviceId);
       row("Status", n.status, "status " + n.status);
       row("Instance", n.runtimeInstanceId);
@@ -435,10 +496,10 @@ function detail(id: string): () => void {
       row("Version", n.version);
       row("Env", n.envTag ?? "");
       row("Protocol", String(n["protocol"] ?? ""));
-      row("Shard", String(n.shard));
+      row("Shard", n.shard == null ? "— (on another node)" : String(n.shard));
       row("Connected", when(n.connectedAt));
-      row("Last seen", when(n.lastSeenAt));
-      row("RTT", n.rttMs == null ? "— (not measured yet, or it shows life on its own and is not pinged)" : `${rtt(n.rttMs)} (last ping)`);
+      row("Last seen", n.lastSeenAt ? when(n.lastSeenAt) : "— (its node sees its socket; up there)");
+      if (n.node === clusterNode || !n.node) row("RTT", n.rttMs == null ? "— (not measured yet, or it shows life on its own and is not pinged)" : `${rtt(n.rttMs)} (last ping)`);
       meta.replaceChildren(dl);
     } catch (e) {
       fail(meta, e);
@@ -541,7 +602,7 @@ function events(): () => void {
         "li",
         { class: e.kind },
         h("time", { text: when(e.at) }),
-        ` #${e.seq} ${e.kind} `,
+        ` #${e.seq} ${e.node ? `${e.node} ` : ""}${e.kind} `,
         link(`/instances/${e.runtimeInstanceId}`, e.serviceId),
         e.reason ? ` (${e.reason})` : "",
       ),
@@ -549,7 +610,8 @@ function events(): () => void {
     while (list.children.length > 500) list.lastElementChild!.remove();
   };
   recent.slice().reverse().forEach(add);
-  main.replaceChildren(h("h1", { text: "Events" }), h("p", { text: "Live: registrations, downs and the rest, newest first." }), list);
+  const whose = clusterNode ? ` on this node (${clusterNode}); each node keeps its own stream` : "";
+  main.replaceChildren(h("h1", { text: "Events" }), h("p", { text: `Live: registrations, downs and the rest${whose}, newest first.` }), list);
   return live.on(add);
 }
 
@@ -557,6 +619,9 @@ function events(): () => void {
 
 async function start(): Promise<void> {
   const s = await loadSession();
+  // Asked of the summary, which every controller answers (GET /cluster is
+  // a 404 where it runs alone).
+  clusterNode = (await get<Summary>("/summary?top=0")).node ?? null;
   const who = document.getElementById("who") as HTMLElement;
   who.textContent = `${s.user}${s.canWrite ? "" : " (read only)"}`;
   const out = document.getElementById("logout") as HTMLButtonElement;
