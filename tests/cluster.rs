@@ -943,3 +943,40 @@ fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
         "{steps:?}"
     );
 }
+
+/// The etcd-wave load test's writer (the cluster layer's batches and
+/// pipeline, paced): every instance put once, in transactions of at most
+/// 128, and nothing left once its lease is revoked.
+#[test]
+fn a_paced_wave_writes_each_instance_once_in_bounded_transactions() {
+    use tether::cluster::wave::{WaveConfig, run};
+    let Some(etcd) = Etcd::start() else { return };
+    let r = run(&WaveConfig {
+        endpoint: etcd.endpoint(),
+        prefix: "/wave-test/".into(),
+        rate: 10_000,
+        instances: 5_000,
+        in_flight: 4,
+        flush: Duration::from_millis(100),
+    })
+    .unwrap();
+    assert_eq!(r.puts, 5_000, "{r:?}");
+    assert!(
+        r.txns * MAX_TXN_OPS as u64 >= r.puts && r.txns < r.puts / 20,
+        "{r:?}"
+    );
+    assert!(
+        r.elapsed >= r.scheduled - Duration::from_millis(150),
+        "paced: {r:?}"
+    );
+    let left = etcd_runtime().block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .unwrap();
+        let opts = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        c.get("/wave-test/", Some(opts)).await.unwrap().count()
+    });
+    assert_eq!(left, 0, "the wave's keys go with its lease");
+}

@@ -145,14 +145,14 @@ pub struct ClusterReport {
 }
 
 /// etcd on loopback ports of its own, its data in a temporary directory.
-struct Etcd {
+pub(crate) struct Etcd {
     proc: Option<Proc>,
     dir: PathBuf,
-    client: String,
+    pub(crate) client: String,
 }
 
 impl Etcd {
-    fn start(binary: &Path) -> anyhow::Result<Etcd> {
+    pub(crate) fn start(binary: &Path) -> anyhow::Result<Etcd> {
         if !binary.exists() {
             bail!(
                 "{} is missing: install Debian's etcd-server",

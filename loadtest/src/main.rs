@@ -26,6 +26,7 @@ mod scale;
 mod sockets;
 mod topology;
 mod ui;
+mod wave;
 mod zombie;
 
 use clap::{Parser, Subcommand};
@@ -71,6 +72,11 @@ enum Scenario {
     /// etcd writes during the wave and at rest, bytes per instance, view
     /// convergence, and a node SIGKILLed (tether built --features cluster).
     Cluster(cluster::ClusterArgs),
+    /// The cluster layer's etcd transactions alone, at a registration
+    /// wave's rate (default 50,000/s) on an etcd started here: does etcd
+    /// keep pace, one transaction in flight and several (tether built
+    /// --features cluster).
+    EtcdWave(wave::WaveArgs),
 }
 
 fn write_json<T: serde::Serialize>(
@@ -114,6 +120,12 @@ fn main() -> anyhow::Result<()> {
             let json = args.json.clone();
             let report = cluster::run(args)?;
             cluster::print(&report);
+            return write_json(json, &report);
+        }
+        Scenario::EtcdWave(args) => {
+            let json = args.json.clone();
+            let report = wave::run(args)?;
+            wave::print(&report);
             return write_json(json, &report);
         }
         Scenario::Ui(args) => {

@@ -19,6 +19,8 @@ pub mod codec;
 #[cfg(feature = "cluster")]
 mod etcd;
 pub mod view;
+#[doc(hidden)]
+pub mod wave;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
