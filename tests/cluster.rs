@@ -899,8 +899,9 @@ fn compact(etcd: &Etcd) {
 }
 
 /// The Admin UI through a gateway in front of node a only: it lists a's
-/// and b's instances, runs a tool on one of b's, and shows both nodes
-/// (ui/e2e/cluster.mjs in headless Chromium).
+/// and b's instances, runs a tool on one of b's, shows both nodes, and its
+/// live feed (the merged stream, over a WebSocket) shows what happens on
+/// b (ui/e2e/cluster.mjs in headless Chromium).
 #[test]
 fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
     if !browser::available() {
@@ -916,6 +917,7 @@ fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
         (remote(&s) == 20, s)
     });
     let gateway = browser::dev_gateway(a.admin.local_addr(), KEY);
+    let mut zeta = None;
     let (ok, steps) = browser::run(
         "e2e/cluster.mjs",
         &[
@@ -925,7 +927,11 @@ fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
             "20",
         ],
         Duration::from_secs(120),
-        |_| {},
+        |line| {
+            if line == "REGISTER on b" {
+                zeta = Some(registered(b.ctl.local_addr(), "zeta", "10.9.9.1", 7000));
+            }
+        },
     );
     assert!(ok, "the browser test failed: {steps:?}");
     assert_eq!(
@@ -938,6 +944,7 @@ fn the_admin_ui_shows_the_whole_cluster_through_one_node() {
             "remote detail",
             "forwarded tool",
             "cluster overview",
+            "b's event live",
             "done"
         ],
         "{steps:?}"

@@ -225,7 +225,7 @@ pub(crate) async fn events(
         Some("cluster") => {
             let caller = Arc::new(super::Caller::from_headers(&headers, peer.addr));
             let resumed = p.since.is_some() || p.epoch.is_some() || last_event_id.is_some();
-            return respond_or(cluster_events(&state, caller, resumed, ws.is_ok()));
+            return respond_or(cluster_events(&state, caller, resumed, ws.ok()));
         }
         Some(other) => {
             return respond(fail(
@@ -288,17 +288,19 @@ fn respond_or(r: Result<Response, Reply>) -> Response {
 /// Merged texts queued for one cluster stream's client at most.
 const MERGED_QUEUE: usize = 4096;
 
-/// `GET /events?scope=cluster` (SSE): this node's hello and events, and
-/// each other node's, read from its own `/events` as the caller (nodes
-/// that join later are picked up within a second; one that goes says
-/// `node_left`). Every hello and event names its node: (node, epoch, seq)
-/// is unique across the cluster. It starts live: resume is per node
-/// (`/events?since=…&epoch=…` on that node).
+/// `GET /events?scope=cluster` (SSE, or a WebSocket of text messages):
+/// this node's hello and events, and each other node's, read from its own
+/// `/events` as the caller (nodes that join later are picked up within a
+/// second; one that goes says `node_left`). Every hello and event names
+/// its node: (node, epoch, seq) is unique across the cluster. It starts
+/// live: resume is per node (`/events?since=…&epoch=…` on that node). If
+/// this node's own part is cut (a slow reader), the WebSocket closes with
+/// 1008 and SSE says `cut`: the client reloads and starts again.
 fn cluster_events(
     state: &AppState,
     caller: Arc<super::Caller>,
     resumed: bool,
-    websocket: bool,
+    websocket: Option<WebSocketUpgrade>,
 ) -> Result<Response, Reply> {
     let Some(cluster) = state.config.cluster.get().cloned() else {
         return Err(fail(
@@ -307,11 +309,11 @@ fn cluster_events(
             "scope=cluster: this controller runs alone (no --cluster)",
         ));
     };
-    if resumed || websocket {
+    if resumed {
         return Err(fail(
             StatusCode::BAD_REQUEST,
             "bad_scope",
-            "scope=cluster is an SSE stream that starts live (take GET /services?scope=cluster \
+            "scope=cluster is a stream that starts live (take GET /services?scope=cluster \
              first); resume each node's own stream with since and epoch",
         ));
     }
@@ -322,6 +324,10 @@ fn cluster_events(
     let (tx, rx) = mpsc::channel::<String>(MERGED_QUEUE);
     let _ = tx.try_send(hello_json(epoch, seq, &node));
     let local_tx = tx.clone();
+    // Set before this node's `cut` is queued: a WebSocket closes after it.
+    let local_cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cut_flag = local_cut.clone();
+    let (stop, send_timeout) = (state.stopping.subscribe(), state.config.stream_send_timeout);
     tokio::spawn(async move {
         while let Some(e) = local.recv().await {
             if local_tx
@@ -336,6 +342,7 @@ fn cluster_events(
             json!({"type": "cut", "resumeSince": seq, "epoch": epoch}),
             &node,
         );
+        cut_flag.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = local_tx.send(why.to_string()).await;
     });
     let state = state.clone();
@@ -359,6 +366,14 @@ fn cluster_events(
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
+    if let Some(upgrade) = websocket {
+        return Ok(upgrade
+            .on_upgrade(move |socket| async move {
+                merged_ws(socket, rx, local_cut, stop, send_timeout).await;
+                drop(permit);
+            })
+            .into_response());
+    }
     let stream = futures_util::stream::unfold((rx, permit), |(mut rx, permit)| async move {
         let text = rx.recv().await?;
         Some((
@@ -430,6 +445,45 @@ async fn follow_peer(
             {
                 return;
             }
+        }
+    }
+}
+
+/// The merged texts as WebSocket messages, until the client goes, the
+/// controller stops, or this node's part is cut (`cut`: 1008).
+async fn merged_ws(
+    socket: WebSocket,
+    mut rx: mpsc::Receiver<String>,
+    local_cut: Arc<std::sync::atomic::AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+    send_timeout: Duration,
+) {
+    let (mut tx, mut inbound) = socket.split();
+    loop {
+        tokio::select! {
+            text = rx.recv() => {
+                let Some(text) = text else { return };
+                let sent = tokio::time::timeout(send_timeout, tx.send(Message::Text(text.into()))).await;
+                if !matches!(sent, Ok(Ok(()))) {
+                    return;
+                }
+                // This node's part is incomplete from here: the client
+                // reloads and streams again (what is queued is moot).
+                if local_cut.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reason = "too slow; reload GET /services?scope=cluster and stream again";
+                    let _ = tx.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.into() }))).await;
+                    return;
+                }
+            }
+            _ = stop.changed() => {
+                let reason = "controller stopping; reload and stream again";
+                let _ = tx.send(Message::Close(Some(CloseFrame { code: 1001, reason: reason.into() }))).await;
+                return;
+            }
+            incoming = inbound.next() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
         }
     }
 }

@@ -4,7 +4,8 @@
 //   node e2e/cluster.mjs <gateway URL> <artifact dir> <on a> <on b>
 // Through a alone the page lists both nodes' instances, each with its
 // node, opens one that b holds and runs a tool on it (a forwards it), and
-// the overview shows both nodes.
+// the overview shows both nodes. `REGISTER on b` asks the test to register
+// a service "zeta" on b, which the live feed must show.
 import { login, open, run, sendTool, step, tableCount } from "./common.mjs";
 
 const [base, out, onA, onB] = process.argv.slice(2);
@@ -70,4 +71,18 @@ await run(session, async () => {
   if (cards["Nodes"] !== "2") throw new Error("the overview does not count 2 nodes: " + JSON.stringify(cards));
   if (cards["Up in the cluster"] !== String(all)) throw new Error("the overview's cluster count: " + JSON.stringify(cards));
   await shot("13-cluster-overview");
+
+  // The live feed is every node's: a service that registers on b shows on
+  // a's page, named with its node.
+  await page.click("nav a[href='/events']");
+  await page.waitForFunction(() => document.querySelector("#live")?.getAttribute("data-nodes") === "a b");
+  console.log("REGISTER on b");
+  await page.waitForFunction(
+    () => [...document.querySelectorAll(".feed li")].some((li) => /b registered zeta/.test(li.textContent ?? "")),
+    null,
+    { timeout: 15000 },
+  );
+  const badge = await page.textContent("#live");
+  step("b's event live", { badge });
+  await shot("14-cluster-events");
 });

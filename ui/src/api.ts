@@ -140,6 +140,12 @@ export class Live {
   private restart = false;
   private stamps: number[] = [];
   connected = false;
+  /** The merged stream of every node of a cluster (`scope=cluster`): it
+   * starts live, so a reconnect starts afresh (views reload). */
+  cluster = false;
+  /** The nodes whose events the merged stream carries now. */
+  nodes = new Set<string>();
+  private streams = 0;
   onState: (connected: boolean) => void = () => {};
 
   on(f: Listener): () => void {
@@ -162,8 +168,12 @@ export class Live {
   connect(): void {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
     let url = `${scheme}//${location.host}/api/events`;
-    const resuming = this.epoch !== null && this.seq !== null && !this.restart;
-    if (resuming) url += `?since=${this.seq}&epoch=${encodeURIComponent(this.epoch!)}`;
+    const resuming = !this.cluster && this.epoch !== null && this.seq !== null && !this.restart;
+    if (this.cluster) url += "?scope=cluster";
+    else if (resuming) url += `?since=${this.seq}&epoch=${encodeURIComponent(this.epoch!)}`;
+    // The merged stream's first hello is this node's; the others' follow.
+    let hellos = 0;
+    const stream = ++this.streams;
     const ws = new WebSocket(url, ["tether.v1", "csrf." + (session?.csrf ?? "")]);
     let opened = false;
     ws.onopen = () => {
@@ -175,7 +185,18 @@ export class Live {
     };
     ws.onmessage = (m) => {
       const v = JSON.parse(String(m.data));
-      if (v.type === "hello") {
+      if (v.type === "hello" && this.cluster) {
+        if (hellos++ === 0) {
+          this.nodes.clear();
+          if (stream > 1) this.resets.forEach((f) => f());
+        }
+        this.epoch = this.epoch ?? v.epoch;
+        if (v.node) this.nodes.add(v.node);
+        this.onState(true);
+      } else if (v.type === "node_left" && this.cluster) {
+        this.nodes.delete(v.node);
+        this.onState(true);
+      } else if (v.type === "hello") {
         // A fresh start after an earlier stream (a refused resume, a
         // restart's new epoch): views reload. Not the first stream: the
         // views have just loaded.

@@ -610,7 +610,7 @@ function events(): () => void {
     while (list.children.length > 500) list.lastElementChild!.remove();
   };
   recent.slice().reverse().forEach(add);
-  const whose = clusterNode ? ` on this node (${clusterNode}); each node keeps its own stream` : "";
+  const whose = clusterNode ? ", on every node of the cluster" : "";
   main.replaceChildren(h("h1", { text: "Events" }), h("p", { text: `Live: registrations, downs and the rest${whose}, newest first.` }), list);
   return live.on(add);
 }
@@ -629,9 +629,13 @@ async function start(): Promise<void> {
   out.addEventListener("click", () => void logout());
   const badge = document.getElementById("live") as HTMLElement;
   live.onState = (up) => {
-    badge.textContent = up ? "live" : "reconnecting…";
+    const nodes = [...live.nodes].sort();
+    badge.textContent = !up ? "reconnecting…" : nodes.length ? `live: ${nodes.join(", ")}` : "live";
     badge.dataset.state = up ? "up" : "down";
+    badge.dataset.nodes = nodes.join(" ");
   };
+  // In a cluster the live feed is every node's (the merged stream).
+  live.cluster = clusterNode !== null;
   live.connect();
   route();
 }
