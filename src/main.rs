@@ -1223,8 +1223,6 @@ fn chained_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A secret (a password, a client secret) from a file only its owner may
-/// read, trimmed; refused when others could read it or it is empty.
 /// --cluster-ca, --cluster-cert and --cluster-key, read and checked: PEM
 /// that holds what each flag names, and a key only its owner may read.
 fn cluster_tls(
@@ -1262,6 +1260,8 @@ fn cluster_tls(
     Ok(Some(tether::cluster::EtcdTls { ca_pem, identity }))
 }
 
+/// A secret (a password, a client secret) from a file only its owner may
+/// read, trimmed; refused when others could read it or it is empty.
 fn read_secret_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let show = path.display();

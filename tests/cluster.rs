@@ -987,3 +987,38 @@ fn a_paced_wave_writes_each_instance_once_in_bounded_transactions() {
     });
     assert_eq!(left, 0, "the wave's keys go with its lease");
 }
+
+/// A merged event stream whose reader goes frees its place in this node's
+/// event log at once, on a quiet node too (nothing to send would tell it):
+/// page loads of the Admin UI must not use the log's subscribers up.
+#[test]
+fn a_merged_stream_that_is_left_frees_its_subscription() {
+    let Some(etcd) = Etcd::start() else { return };
+    let a = Node::start(&etcd, "a", Duration::from_secs(10));
+    let _b = Node::start(&etcd, "b", Duration::from_secs(10));
+    until("a sees b", WAIT, || {
+        let s = a.status();
+        (node_names(&s) == ["b"], s)
+    });
+    let subscribers = || {
+        a.get("/summary?top=0").1["eventSubscribers"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = subscribers();
+    for _ in 0..10 {
+        use std::io::BufRead;
+        let url = format!("http://{}/events?scope=cluster", a.admin.local_addr());
+        let mut r = ureq::get(&url)
+            .header("authorization", &format!("Bearer {KEY}"))
+            .call()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(r.body_mut().as_reader()).lines();
+        assert!(lines.next().is_some(), "the stream starts with a's hello");
+        // Dropped here: the reader goes.
+    }
+    until("the streams' subscriptions freed", WAIT, || {
+        let n = subscribers();
+        (n <= before, Value::from(n))
+    });
+}

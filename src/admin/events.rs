@@ -329,7 +329,15 @@ fn cluster_events(
     let cut_flag = local_cut.clone();
     let (stop, send_timeout) = (state.stopping.subscribe(), state.config.stream_send_timeout);
     tokio::spawn(async move {
-        while let Some(e) = local.recv().await {
+        loop {
+            // The client gone, this task ends at once (a quiet node sends
+            // nothing that would fail): dropping `local` frees its place in
+            // the event log.
+            let e = tokio::select! {
+                e = local.recv() => e,
+                () = local_tx.closed() => return,
+            };
+            let Some(e) = e else { break };
             if local_tx
                 .send(event_json(epoch, &node, &e).to_string())
                 .await
@@ -425,10 +433,14 @@ async fn follow_peer(
     };
     let mut body = response.into_body();
     let mut pending: Vec<u8> = Vec::new();
-    while let Some(Ok(frame)) = body.frame().await {
-        if tx.is_closed() {
-            return;
-        }
+    loop {
+        // The client gone, the peer's stream (its permit and subscriber
+        // there) is let go at once, not at its next keep-alive.
+        let frame = tokio::select! {
+            f = body.frame() => f,
+            () = tx.closed() => return,
+        };
+        let Some(Ok(frame)) = frame else { break };
         let Ok(data) = frame.into_data() else {
             continue;
         };
@@ -440,9 +452,23 @@ async fn follow_peer(
         while let Some(end) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
-            if let Some(text) = line.strip_prefix("data:")
-                && tx.send(text.trim().to_string()).await.is_err()
-            {
+            let Some(text) = line.strip_prefix("data:") else {
+                continue;
+            };
+            let text = text.trim();
+            // The peer's own end (`cut`, `stopping`) names no node: say
+            // whose, so a reader knows that node's events have a gap.
+            let text = if text.contains(r#""type":"event""#) {
+                text.to_string()
+            } else {
+                match serde_json::from_str::<serde_json::Value>(text) {
+                    Ok(v) if v["type"] == "cut" || v["type"] == "stopping" => {
+                        json!({"type": "node_cut", "node": peer, "why": v["type"]}).to_string()
+                    }
+                    _ => text.to_string(),
+                }
+            };
+            if tx.send(text).await.is_err() {
                 return;
             }
         }

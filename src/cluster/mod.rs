@@ -36,7 +36,7 @@ use view::View;
 /// etcd's default `--max-txn-ops`.
 pub const MAX_TXN_OPS: usize = 128;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ClusterConfig {
     /// etcd client URLs (`http://127.0.0.1:2379`).
     pub endpoints: Vec<String>,
@@ -79,6 +79,24 @@ impl std::fmt::Debug for EtcdTls {
         f.debug_struct("EtcdTls")
             .field("ca_pem_bytes", &self.ca_pem.len())
             .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the etcd password.
+        f.debug_struct("ClusterConfig")
+            .field("endpoints", &self.endpoints)
+            .field("node_id", &self.node_id)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("prefix", &self.prefix)
+            .field("admin_url", &self.admin_url)
+            .field("flush_interval", &self.flush_interval)
+            .field("max_remote_instances", &self.max_remote_instances)
+            .field("peer_hosts", &self.peer_hosts)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field("tls", &self.tls)
             .finish()
     }
 }

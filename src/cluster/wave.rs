@@ -109,7 +109,9 @@ pub fn run(config: &WaveConfig) -> Result<WaveReport, String> {
 #[cfg(feature = "cluster")]
 async fn wave(config: &WaveConfig) -> Result<WaveReport, String> {
     let mut client = unary("connect", Client::connect([&config.endpoint], None)).await?;
-    let lease = unary("lease grant", client.lease_grant(120, None))
+    // Not kept alive: long enough for the wave at its rate, and a minute.
+    let ttl = 60 + config.instances / config.rate;
+    let lease = unary("lease grant", client.lease_grant(ttl as i64, None))
         .await?
         .id();
     let keys = Keys::new(&config.prefix);

@@ -173,6 +173,7 @@ export class Live {
     else if (resuming) url += `?since=${this.seq}&epoch=${encodeURIComponent(this.epoch!)}`;
     // The merged stream's first hello is this node's; the others' follow.
     let hellos = 0;
+    const seen = new Set<string>();
     const stream = ++this.streams;
     const ws = new WebSocket(url, ["tether.v1", "csrf." + (session?.csrf ?? "")]);
     let opened = false;
@@ -186,14 +187,16 @@ export class Live {
     ws.onmessage = (m) => {
       const v = JSON.parse(String(m.data));
       if (v.type === "hello" && this.cluster) {
-        if (hellos++ === 0) {
-          this.nodes.clear();
-          if (stream > 1) this.resets.forEach((f) => f());
-        }
+        // A reconnect, or a node followed again after a gap in its events
+        // (cut, restarted): the views reload.
+        const first = hellos++ === 0;
+        if (first) this.nodes.clear();
+        if ((first && stream > 1) || seen.has(v.node)) this.resets.forEach((f) => f());
+        seen.add(v.node);
         this.epoch = this.epoch ?? v.epoch;
         if (v.node) this.nodes.add(v.node);
         this.onState(true);
-      } else if (v.type === "node_left" && this.cluster) {
+      } else if ((v.type === "node_left" || v.type === "node_cut") && this.cluster) {
         this.nodes.delete(v.node);
         this.onState(true);
       } else if (v.type === "hello") {
@@ -212,7 +215,8 @@ export class Live {
       }
     };
     ws.onclose = (ev) => {
-      // 1008: the session ended (logout elsewhere, expiry): log in again.
+      // 1008: the session ended (logout elsewhere, expiry), or this page
+      // read too slowly and was cut; a session check logs in if need be.
       if (ev.code === 1008) void loadSession().catch(() => {});
       this.connected = false;
       this.onState(false);
