@@ -1223,37 +1223,44 @@ fn chained_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// --cluster-ca, --cluster-cert and --cluster-key, read and checked: PEM
-/// that holds what each flag names, and a key only its owner may read.
+/// --cluster-ca, --cluster-cert and --cluster-key, read and parsed as the
+/// listeners' TLS files are (engine::tls), the key only its owner may read;
+/// their PEM as the etcd client takes it.
 fn cluster_tls(
     ca: Option<&std::path::Path>,
     cert: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<tether::cluster::EtcdTls>> {
+    use tether::engine::tls;
     let Some(ca) = ca else {
         return Ok(None);
     };
-    let pem = |path: &std::path::Path, flag: &str, holds: &str| -> anyhow::Result<Vec<u8>> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read {flag} {}", path.display()))?;
-        if !bytes.windows(holds.len()).any(|w| w == holds.as_bytes()) {
-            bail!("{flag} {} holds no PEM {holds} block", path.display());
-        }
-        Ok(bytes)
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
     };
-    let ca_pem = pem(ca, "--cluster-ca", "CERTIFICATE")?;
+    let roots = tls::load_roots(ca)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot read --cluster-ca {}", ca.display()))?;
+    if roots.is_empty() {
+        bail!(
+            "--cluster-ca {} holds no PEM CERTIFICATE block",
+            ca.display()
+        );
+    }
+    let ca_pem = read(ca, "--cluster-ca")?;
     let identity = match (cert, key) {
         (Some(cert), Some(key)) => {
-            let chain = pem(cert, "--cluster-cert", "CERTIFICATE")?;
             // Owner-only, as every secret tether reads.
             let key_pem = read_secret_file(key, "--cluster-key")?;
-            if !key_pem.contains("PRIVATE KEY") {
-                bail!(
-                    "--cluster-key {} holds no PEM PRIVATE KEY block",
-                    key.display()
-                );
-            }
-            Some((chain, key_pem.into_bytes()))
+            let files = tls::TlsFiles {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                client_ca: None,
+            };
+            tls::load_chain(&files)
+                .map_err(anyhow::Error::msg)
+                .context("--cluster-cert and --cluster-key")?;
+            Some((read(cert, "--cluster-cert")?, key_pem.into_bytes()))
         }
         _ => None,
     };

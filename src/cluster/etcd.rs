@@ -642,10 +642,11 @@ impl Batch {
 
     /// One transaction of what it holds; counted in `s` once etcd took it.
     async fn send(mut self, s: &super::Stats, mut client: Client) -> Result<(), Fail> {
-        if self.ops.is_empty() {
-            return Ok(());
-        }
-        assert!(self.ops.len() <= MAX_TXN_OPS, "etcd refuses bigger txns");
+        // `Pipeline::push` sends no empty batch.
+        assert!(
+            !self.ops.is_empty() && self.ops.len() <= MAX_TXN_OPS,
+            "a txn holds 1..=MAX_TXN_OPS ops (etcd refuses bigger ones)"
+        );
         let ops = std::mem::take(&mut self.ops);
         unary("txn", client.txn(Txn::new().and_then(ops))).await?;
         s.txns.fetch_add(1, Ordering::Relaxed);

@@ -169,7 +169,7 @@ fn show(p: &Path) -> String {
 }
 
 /// The certificate chain and key in `files`.
-fn load_chain(
+pub fn load_chain(
     files: &TlsFiles,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
