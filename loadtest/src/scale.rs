@@ -28,6 +28,11 @@ pub struct ScaleArgs {
     /// same swarms, with as many threads as the controller has shards).
     #[arg(long)]
     pub no_floor: bool,
+    /// Runs at each N (each a floor and a controller, one after the
+    /// other): the report gives each run's ratios and their median, since
+    /// one run's ratio moves by 10-30 % on a shared machine.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeat: u32,
     #[command(flatten)]
     pub common: Common,
 }
@@ -170,7 +175,8 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     let points = args
         .services
         .iter()
-        .map(|s| run_one(&args, &tether, *s, &out))
+        .flat_map(|s| std::iter::repeat_n(*s, args.repeat as usize))
+        .map(|s| run_one(&args, &tether, s, &out))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let xy = |f: &dyn Fn(&Point) -> f64| {
         points
@@ -231,42 +237,25 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
             "× floor",
         ],
     );
-    for p in &points {
-        let Some(f) = &p.floor else { continue };
-        let per_ping = |cpu: f64, pings: f64| {
-            if pings > 0.0 {
-                cpu * 1e6 / pings
-            } else {
-                f64::NAN
-            }
-        };
-        let (ping, fping) = (
-            per_ping(p.cpu_seconds_hold, p.pings_during_hold),
-            per_ping(f.cpu_seconds_hold, f.pings_during_hold),
-        );
-        let per_reg = |cpu: f64| cpu * 1e6 / p.services as f64;
-        let (reg, freg) = (per_reg(p.cpu_seconds_ramp), per_reg(f.cpu_seconds_ramp));
-        // The ramp's CPU less its pings at the hold's cost per ping.
-        let net = |cpu: f64, pings: f64, per_ping_us: f64| {
-            per_reg(cpu) - pings * per_ping_us.max(0.0) / p.services as f64
-        };
-        let (nreg, nfreg) = (
-            net(p.cpu_seconds_ramp, p.pings_during_ramp, ping),
-            net(f.cpu_seconds_ramp, f.pings_during_ramp, fping),
-        );
+    let against: Vec<(usize, AgainstFloor)> = points
+        .iter()
+        .filter_map(|p| Some((p.services, against_floor(p)?)))
+        .collect();
+    for (services, a) in &against {
         floor_table.row(vec![
-            p.services.to_string(),
-            n(reg),
-            n(freg),
-            format!("{:.2}", reg / freg),
-            n(nreg),
-            n(nfreg),
-            format!("{:.2}", nreg / nfreg),
-            n(ping),
-            n(fping),
-            format!("{:.2}", ping / fping),
+            services.to_string(),
+            n(a.register_us),
+            n(a.floor_register_us),
+            format!("{:.2}", a.register_us / a.floor_register_us),
+            n(a.net_register_us),
+            n(a.floor_net_register_us),
+            format!("{:.2}", a.net_register_us / a.floor_net_register_us),
+            n(a.ping_us),
+            n(a.floor_ping_us),
+            format!("{:.2}", a.ping_us / a.floor_ping_us),
         ]);
     }
+    let medians = median_section(&against, args.repeat);
     floor_table.note(
         "The floor is `tether-loadtest floor`: one thread per controller shard, each with its own fd table and SO_REUSEPORT listener on level-triggered epoll; it accepts, answers the upgrade, answers each registration with a canned result and pings every connection once per interval. It runs first at each N, against swarm processes started the same way (same count, sources, connect rate), with the same settle and hold. CPU is the process's utime+stime; on loopback it includes the kernel's receive path of what the process sends, for both. A ramp longer than the ping interval pings the services registered first: \"net of pings\" takes those pings out at the hold's cost per ping."
             .to_string(),
@@ -393,6 +382,7 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
         meta: meta(&tether),
         config: serde_json::json!({
             "services": args.services,
+            "repeat": args.repeat,
             "holdSeconds": hold_s,
             "pingInterval": args.ping_interval,
             "common": args.common.config(),
@@ -407,7 +397,10 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
                 register_cpu_seconds_per_service: ramp,
             },
         })?,
-        sections: vec![table, floor_table, fits],
+        sections: [Some(table), Some(floor_table), medians, Some(fits)]
+            .into_iter()
+            .flatten()
+            .collect(),
         plots: vec![
             ("scale-memory.svg".into(), "Memory vs N".into()),
             ("scale-cpu.svg".into(), "CPU vs N".into()),
@@ -419,6 +412,104 @@ pub fn run(args: ScaleArgs) -> anyhow::Result<Report> {
     };
     report.write(&out)?;
     Ok(report)
+}
+
+/// One run's controller against its floor, in µs of CPU.
+#[derive(Clone, Copy, Debug)]
+struct AgainstFloor {
+    register_us: f64,
+    floor_register_us: f64,
+    /// Registration less the ramp's pings at the hold's cost per ping.
+    net_register_us: f64,
+    floor_net_register_us: f64,
+    ping_us: f64,
+    floor_ping_us: f64,
+}
+
+fn against_floor(p: &Point) -> Option<AgainstFloor> {
+    let f = p.floor.as_ref()?;
+    let per_ping = |cpu: f64, pings: f64| {
+        if pings > 0.0 {
+            cpu * 1e6 / pings
+        } else {
+            f64::NAN
+        }
+    };
+    let ping_us = per_ping(p.cpu_seconds_hold, p.pings_during_hold);
+    let floor_ping_us = per_ping(f.cpu_seconds_hold, f.pings_during_hold);
+    let per_reg = |cpu: f64| cpu * 1e6 / p.services as f64;
+    let net = |cpu: f64, pings: f64, per_ping_us: f64| {
+        per_reg(cpu) - pings * per_ping_us.max(0.0) / p.services as f64
+    };
+    Some(AgainstFloor {
+        register_us: per_reg(p.cpu_seconds_ramp),
+        floor_register_us: per_reg(f.cpu_seconds_ramp),
+        net_register_us: net(p.cpu_seconds_ramp, p.pings_during_ramp, ping_us),
+        floor_net_register_us: net(f.cpu_seconds_ramp, f.pings_during_ramp, floor_ping_us),
+        ping_us,
+        floor_ping_us,
+    })
+}
+
+/// The median of `values` (NaNs left out); NaN if none is left.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| !v.is_nan());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// Each N's ratios over its runs: the median, and the lowest and highest.
+fn median_section(against: &[(usize, AgainstFloor)], repeat: u32) -> Option<Section> {
+    if repeat < 2 {
+        return None;
+    }
+    let mut section = Section::new(
+        "Ratios to the floor, median of the runs at each N",
+        &[
+            "services",
+            "runs",
+            "registration × floor",
+            "net of pings × floor",
+            "ping × floor",
+        ],
+    );
+    let mut ns: Vec<usize> = against.iter().map(|(s, _)| *s).collect();
+    ns.dedup();
+    for services in ns {
+        let runs: Vec<AgainstFloor> = (against.iter())
+            .filter(|(s, _)| *s == services)
+            .map(|(_, a)| *a)
+            .collect();
+        let cell = |ratio: &dyn Fn(&AgainstFloor) -> f64| {
+            let values: Vec<f64> = runs.iter().map(ratio).collect();
+            let (lo, hi) = values
+                .iter()
+                .filter(|v| !v.is_nan())
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                    (lo.min(*v), hi.max(*v))
+                });
+            format!("{:.2} ({lo:.2}–{hi:.2})", median(values))
+        };
+        section.row(vec![
+            services.to_string(),
+            runs.len().to_string(),
+            cell(&|a| a.register_us / a.floor_register_us),
+            cell(&|a| a.net_register_us / a.floor_net_register_us),
+            cell(&|a| a.ping_us / a.floor_ping_us),
+        ]);
+    }
+    section.note(format!(
+        "Each run starts a floor and then the controller against fresh swarms; the ratio is taken within the run, and the median over the {repeat} runs at each N is the figure to quote."
+    ));
+    Some(section)
 }
 
 #[cfg(test)]
@@ -434,5 +525,12 @@ mod tests {
                 && (f.r2 - 1.0).abs() < 1e-9
         );
         assert!(fit(&[(1.0, 1.0)]).is_none());
+    }
+
+    #[test]
+    fn the_median_leaves_out_runs_without_a_figure() {
+        assert_eq!(median(vec![1.3, f64::NAN, 1.1, 1.2]), 1.2);
+        assert_eq!(median(vec![1.4, 1.0]), 1.2);
+        assert!(median(vec![f64::NAN]).is_nan());
     }
 }

@@ -180,6 +180,9 @@ pub enum Fed {
 /// What a deadline means when it comes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Due {
+    /// Called before `poll_deadline`: nothing is due yet (the shard's wheel
+    /// leaves a deadline that moved later where it was, and comes early).
+    Early,
     /// No upgrade within the handshake deadline: drop the socket.
     HandshakeTimeout,
     /// Upgraded but never admitted (no register): close 1008.
@@ -389,10 +392,13 @@ impl Conn {
         self.release_if_empty();
     }
 
-    /// The deadline came: what it means. A terminal one (every `Due` but
-    /// `SendPing` and `SkipPing`) leaves the deadline where it was, so it
+    /// The deadline came: what it means (`Early` if it has not). A terminal
+    /// one (every `Due` but `Early`, `SendPing` and `SkipPing`) leaves the deadline where it was, so it
     /// comes again if the shard does not end the connection.
     pub fn on_deadline(&mut self, now: Tick, timing: &Timing) -> Due {
+        if now < self.poll_deadline() {
+            return Due::Early;
+        }
         let pong_timeout = timing.pong_timeout.max(1);
         if self
             .bufs
@@ -1039,6 +1045,10 @@ mod tests {
         let pong = client_frame(OpCode::Pong, true, b"");
         feed_at(&mut conn, 90, &pong, &mut log, &mut out);
         assert_eq!(log.pongs, 1);
+        assert_eq!(conn.poll_deadline(), 340);
+        // The wheel still holds the pong check (140): it comes early, and
+        // changes nothing.
+        assert_eq!(conn.on_deadline(140, &t), Due::Early);
         assert_eq!(conn.poll_deadline(), 340);
         assert_eq!(conn.on_deadline(340, &t), Due::SendPing);
         feed_at(&mut conn, 400, &pong, &mut log, &mut out);
