@@ -95,6 +95,22 @@ fn tls_hint(chain: &str) -> &'static str {
     }
 }
 
+/// A session's error, with the hint a plaintext node needs when etcd
+/// serves only TLS: such an etcd closes the connection on the HTTP/2
+/// preface, which hyper reports as "broken pipe" or "connection reset"
+/// while it writes, "connection closed" while it waits for the answer.
+/// Only where a session starts: a plain etcd that restarts closes
+/// connections too, and that needs no TLS advice.
+fn plaintext_hint(tls: bool, e: String) -> String {
+    let closed = ["broken pipe", "connection reset", "connection closed"];
+    let starting = e.starts_with("etcd connect") || e.starts_with("etcd lease grant");
+    if !tls && starting && closed.iter().any(|c| e.contains(c)) {
+        format!("{e} (etcd closed the connection: if it serves https, give --cluster-ca)")
+    } else {
+        e
+    }
+}
+
 /// Sessions until `stopped`.
 pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot::Receiver<()>) {
     let mut backoff = Duration::from_millis(250);
@@ -107,16 +123,7 @@ pub(super) async fn run(shared: Arc<Shared>, api: Arc<Api>, mut stopped: oneshot
             return;
         };
         shared.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let closed = ["broken pipe", "connection reset"];
-        // Only where a session starts: a plain etcd that restarts resets
-        // connections too, and that needs no TLS advice.
-        let starting = e.starts_with("etcd connect") || e.starts_with("etcd lease grant");
-        let e = if shared.config.tls.is_none() && starting && closed.iter().any(|c| e.contains(c)) {
-            // What a TLS-only etcd does to a plaintext HTTP/2 preface.
-            format!("{e} (etcd closed the connection: if it serves https, give --cluster-ca)")
-        } else {
-            e
-        };
+        let e = plaintext_hint(shared.config.tls.is_some(), e);
         shared
             .view
             .lock()
@@ -855,7 +862,27 @@ fn apply(view: &mut View, resp: &etcd_client::WatchResponse) {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{plaintext_hint, prefix_end};
+
+    #[test]
+    fn a_plaintext_node_refused_by_a_tls_etcd_is_told_to_give_its_ca() {
+        // The three ways hyper words it, as seen from a TLS-only etcd 3.5.
+        for e in [
+            "etcd connect: transport error: broken pipe (os error 32)",
+            "etcd lease grant: grpc request error: connection reset by peer",
+            "etcd lease grant: grpc request error: code: 'The operation was cancelled', \
+             source: tonic::transport::Error(Transport, hyper::Error(Canceled, \"connection closed\"))",
+        ] {
+            assert!(
+                plaintext_hint(false, e.into()).ends_with("give --cluster-ca)"),
+                "{e}"
+            );
+            assert_eq!(plaintext_hint(true, e.into()), e, "a TLS node is not told");
+        }
+        // Mid-session (a plain etcd restarting): no TLS advice.
+        let put = "etcd put: grpc request error: connection reset by peer";
+        assert_eq!(plaintext_hint(false, put.into()), put);
+    }
 
     #[test]
     fn a_prefix_ends_where_its_last_byte_grows() {
