@@ -10,6 +10,7 @@
 //! connection owns no buffer. Kernel >= 6.0 (multishot recv); `probe`
 //! says whether this one will do.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -53,6 +54,8 @@ pub enum Op {
     Send(u32),
     /// Shutdown and socket options: nothing to do on completion.
     Quiet,
+    /// A write-side shutdown of a slot (its close waits for it).
+    ShutWr(u32),
     Mailbox,
     /// A slot's close (counted until done: teardown waits for them).
     Closed,
@@ -72,6 +75,7 @@ impl Op {
             Op::Mailbox => 5 << 56,
             Op::Closed => 6 << 56,
             Op::Install => 7 << 56,
+            Op::ShutWr(slot) => 8 << 56 | slot as u64,
         }
     }
 
@@ -85,6 +89,7 @@ impl Op {
             5 => Op::Mailbox,
             6 => Op::Closed,
             7 => Op::Install,
+            8 => Op::ShutWr(low),
             _ => return None,
         })
     }
@@ -361,9 +366,18 @@ pub struct Uring {
     /// One-shot accepts kept armed, each with the buffer its peer's
     /// address is written to (boxed: the kernel holds the pointers).
     accepts: Box<[Accepting]>,
+    /// Slots with a write-side shutdown in flight: how many, and whether
+    /// the slot's close waits for them.
+    shutting: HashMap<u32, Shutting>,
     // What is in the kernel: teardown waits until none is.
     armed_recvs: usize,
     closing: usize,
+}
+
+#[derive(Default)]
+struct Shutting {
+    in_flight: u32,
+    close: bool,
 }
 
 impl Uring {
@@ -387,6 +401,7 @@ impl Uring {
             deferred: Vec::new(),
             in_flight: 0,
             accepts: (0..ACCEPTS).map(|_| Accepting::default()).collect(),
+            shutting: HashMap::new(),
             armed_recvs: 0,
             closing: 0,
         })
@@ -611,17 +626,50 @@ impl Uring {
         }
     }
 
+    /// Sends a FIN on `slot`. A shutdown runs in the kernel's worker
+    /// threads and finds its socket by slot only when it runs, which can
+    /// be after a close queued later has freed the slot and an accept has
+    /// put a new connection in it (the new peer would get our FIN): the
+    /// slot's close waits for this to complete (`shutdown_done`).
     pub fn shutdown_write(&mut self, slot: u32) {
+        self.shutting.entry(slot).or_default().in_flight += 1;
         let entry = opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR).build();
-        self.push(entry.user_data(Op::Quiet.encode()));
+        self.push(entry.user_data(Op::ShutWr(slot).encode()));
     }
 
-    /// Releases a socket. A multishot receive holds a reference to it, so a
-    /// bare close would leave it open (no FIN) until that receive ends:
-    /// shut it down first, which ends the receive, then close the slot. Hard
-    /// linked, so the close runs even if the shutdown fails (the slot must
-    /// come back either way).
+    /// A write-side shutdown of `slot` completed: the slot's close, if it
+    /// waited for the last of them, goes now.
+    pub fn shutdown_done(&mut self, slot: u32) {
+        let Some(shutting) = self.shutting.get_mut(&slot) else {
+            return;
+        };
+        shutting.in_flight -= 1;
+        if shutting.in_flight == 0 {
+            let close = shutting.close;
+            self.shutting.remove(&slot);
+            if close {
+                self.submit_close(slot);
+            }
+        }
+    }
+
+    /// Releases a socket, once no write-side shutdown of it is in flight
+    /// (counted until done either way: teardown waits for it).
     pub fn close(&mut self, slot: u32) {
+        self.closing += 1;
+        match self.shutting.get_mut(&slot) {
+            Some(shutting) => shutting.close = true,
+            None => self.submit_close(slot),
+        }
+    }
+
+    /// A multishot receive holds a reference to the socket, so a bare
+    /// close would leave it open (no FIN) until that receive ends: shut it
+    /// down first, which ends the receive, then close the slot. Hard
+    /// linked, so the close runs even if the shutdown fails (the slot must
+    /// come back either way); the close waits for the shutdown, so the
+    /// slot still holds this socket when the shutdown looks it up.
+    fn submit_close(&mut self, slot: u32) {
         let shutdown = opcode::Shutdown::new(Fixed(slot), libc::SHUT_RDWR)
             .build()
             .flags(squeue::Flags::IO_HARDLINK)
@@ -637,7 +685,6 @@ impl Uring {
         self.push(shutdown);
         let entry = opcode::Close::new(Fixed(slot)).build();
         self.push(entry.user_data(Op::Closed.encode()));
-        self.closing += 1;
     }
 
     /// The buffer a receive completion selected, with its `len` bytes.
@@ -724,6 +771,7 @@ mod tests {
             Op::Recv(u32::MAX, 1),
             Op::Send(42),
             Op::Quiet,
+            Op::ShutWr(9),
             Op::Mailbox,
             Op::Closed,
             Op::Install,

@@ -71,6 +71,7 @@ impl UringIo {
                             self.ring.resend(index);
                         }
                     }
+                    Some(Op::ShutWr(slot)) => self.ring.shutdown_done(slot),
                     Some(Op::Recv(..)) => {
                         if let Some(bid) = c.buffer() {
                             let buf = self.ring.received(bid, c.result.max(0) as usize);
@@ -210,6 +211,7 @@ impl<H: Handler> Shard<H, UringIo> {
             Some(Op::Accept(index)) => self.accept_done(&c, index),
             Some(Op::Recv(key, generation24)) => self.recv_done(&c, key, generation24),
             Some(Op::Send(index)) => self.send_done(&c, index),
+            Some(Op::ShutWr(slot)) => self.driver.ring.shutdown_done(slot),
             Some(Op::Mailbox) => {
                 if !c.more() {
                     let fd = self.mailboxes[self.id.0 as usize].wake_fd();
