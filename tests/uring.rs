@@ -1,4 +1,5 @@
-//! The io_uring driver's edges: more receives at once than buffers; a slot reused while our shutdown of its last connection is in flight.
+//! The io_uring driver's edges: more receives at once than buffers; a
+//! slot reused while our shutdown of its last connection is in flight.
 
 mod common;
 
