@@ -761,3 +761,54 @@ fn the_kubernetes_manifests_use_only_flags_tether_knows() {
     }
     assert!(checked > 30, "only {checked} flags found");
 }
+
+/// A crash (SIGKILL) of an io_uring controller with thousands of
+/// services: once the process is gone, so is its listener, at once. (An
+/// accept waiting in the kernel held it until the dead ring was torn
+/// down in the background: the port stayed taken, and connects landed in
+/// a queue nobody would accept from.)
+#[test]
+fn a_crashed_io_uring_controller_leaves_no_listener_behind() {
+    let (mut running, addr) = controller(&["--io", "uring"]);
+    let services = 30_000;
+    let mut swarm = Running(
+        tether()
+            .args([
+                "agent",
+                "--controller",
+                &format!("ws://{addr}/ws/microservice"),
+                "--service-id",
+                "crash",
+            ])
+            .args(["--swarm", &services.to_string()])
+            .args(["--source-ips", "127.0.0.2-127.0.0.5"])
+            .args(["--connect-rate", "20000", "--exit-after", "60s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = BufReader::new(swarm.0.stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut registered = false;
+    for line in lines.lines() {
+        let line = line.unwrap();
+        if line.contains(&format!("all {services} registered")) {
+            registered = true;
+            break;
+        }
+        assert!(Instant::now() < deadline, "the swarm did not register");
+    }
+    assert!(registered, "the swarm ended before registering");
+    running.0.kill().unwrap();
+    running.0.wait().unwrap();
+    let refused = std::net::TcpStream::connect(&addr);
+    assert_eq!(
+        refused.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "nothing listens on {addr} once the controller is gone"
+    );
+    // The port is free for the next controller at once.
+    let listener = std::net::TcpListener::bind(&addr);
+    assert!(listener.is_ok(), "{addr}: {listener:?}");
+}

@@ -67,6 +67,12 @@ impl Epoll {
     }
 }
 
+impl std::os::fd::AsRawFd for Epoll {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}
+
 impl Drop for Epoll {
     fn drop(&mut self) {
         sys::close(self.fd);

@@ -61,6 +61,9 @@ pub enum Op {
     Closed,
     /// A direct descriptor installed into the fd table (waited for).
     Install,
+    /// The listener may have connections waiting (a poll of the epoll
+    /// instance that watches it).
+    Listener,
 }
 
 impl Op {
@@ -76,6 +79,7 @@ impl Op {
             Op::Closed => 6 << 56,
             Op::Install => 7 << 56,
             Op::ShutWr(slot) => 8 << 56 | slot as u64,
+            Op::Listener => 9 << 56,
         }
     }
 
@@ -90,6 +94,7 @@ impl Op {
             6 => Op::Closed,
             7 => Op::Install,
             8 => Op::ShutWr(low),
+            9 => Op::Listener,
             _ => return None,
         })
     }
@@ -320,9 +325,29 @@ pub struct Sending {
     pub offset: usize,
 }
 
-/// One-shot accepts a shard keeps armed: up to this many connections are
-/// taken per completion batch without re-arming in between.
+/// One-shot accepts a shard submits at once: up to this many connections
+/// are taken per submission.
 const ACCEPTS: usize = 16;
+
+/// `IORING_ACCEPT_DONTWAIT` (kernel 6.10), in an accept's `ioprio`: with
+/// no connection waiting the accept completes at once with -EAGAIN
+/// instead of waiting in the kernel.
+const ACCEPT_DONTWAIT: u16 = 1 << 1;
+
+/// With accepts that do not wait, how often the listener is tried even
+/// without a readiness event (a safety net; each try is one submission).
+const ACCEPT_PROBE: Duration = Duration::from_secs(1);
+
+/// What an accept's completion amounts to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// A connection, in this direct slot, from this peer.
+    Socket(u32, Option<SocketAddr>),
+    /// None: no connection was waiting, or the accept was cancelled.
+    Nothing,
+    /// An error (the errno).
+    Failed(i32),
+}
 
 #[derive(Copy, Clone, PartialEq, Eq, Default)]
 enum AcceptState {
@@ -366,12 +391,31 @@ pub struct Uring {
     /// One-shot accepts kept armed, each with the buffer its peer's
     /// address is written to (boxed: the kernel holds the pointers).
     accepts: Box<[Accepting]>,
+    /// The listener's readiness, told by an epoll instance that watches
+    /// it (None: accepts wait in the kernel, as before kernel 6.10).
+    listening: Option<Listening>,
     /// Slots with a write-side shutdown in flight: how many, and whether
     /// the slot's close waits for them.
     shutting: HashMap<u32, Shutting>,
     // What is in the kernel: teardown waits until none is.
     armed_recvs: usize,
     closing: usize,
+}
+
+/// Accepts that do not wait. A request in the kernel holds a reference
+/// to its listener, and after a crash the kernel ends a ring's requests
+/// in the background, late at scale (seconds at 100,000 connections):
+/// the dead process's listener kept its port (a restart could not bind)
+/// and took connections into a queue nobody accepts from. So no accept
+/// stays in the kernel: an epoll instance (which holds no reference)
+/// watches the listener, a multishot poll of it says when connections
+/// wait, and the accepts submitted then complete during the submission.
+struct Listening {
+    epoll: super::epoll::Epoll,
+    /// Connections may be waiting: accept at the next chance.
+    ready: bool,
+    /// The last accepts submitted, for the periodic try.
+    last_try: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -401,6 +445,7 @@ impl Uring {
             deferred: Vec::new(),
             in_flight: 0,
             accepts: (0..ACCEPTS).map(|_| Accepting::default()).collect(),
+            listening: None,
             shutting: HashMap::new(),
             armed_recvs: 0,
             closing: 0,
@@ -449,10 +494,70 @@ impl Uring {
         self.closing -= closes_done;
     }
 
-    /// Arms every accept not in the kernel on `listener`, each into a free
-    /// direct slot. One-shot accepts (not multishot) so that each tells its
-    /// peer's address, for the per-source limits, without a system call.
+    /// Watches `listener` for connections waiting, so that accepts need
+    /// not wait in the kernel (see `Listening`). If that cannot be set up,
+    /// accepts wait in the kernel.
+    pub fn listen(&mut self, listener: RawFd) {
+        let epoll = match super::epoll::Epoll::new(1) {
+            Ok(epoll) => epoll,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch the listener with epoll ({e}): accepts wait in the kernel"
+                );
+                return;
+            }
+        };
+        // Level-triggered: the instance stays readable while any wait.
+        if let Err(e) = epoll.add(listener, super::epoll::READABLE, 0) {
+            tracing::warn!(
+                "cannot watch the listener with epoll ({e}): accepts wait in the kernel"
+            );
+            return;
+        }
+        self.watch_listener(epoll.as_raw_fd());
+        self.listening = Some(Listening {
+            epoll,
+            ready: true,
+            last_try: std::time::Instant::now(),
+        });
+    }
+
+    fn watch_listener(&mut self, epoll: RawFd) {
+        let entry = opcode::PollAdd::new(Fd(epoll), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.push(entry.user_data(Op::Listener.encode()));
+    }
+
+    /// The listener's poll completed: connections wait (and the poll,
+    /// if it ended, is armed again).
+    pub fn listener_ready(&mut self, c: &Completion) {
+        let Some(listening) = &mut self.listening else {
+            return;
+        };
+        listening.ready = true;
+        if !c.more() {
+            let fd = listening.epoll.as_raw_fd();
+            self.watch_listener(fd);
+        }
+    }
+
+    /// Submits every accept not in flight on `listener`, each into a free
+    /// direct slot: at once when accepts wait in the kernel, else when
+    /// connections may be waiting (or a second has passed). One-shot
+    /// accepts (not multishot) so that each tells its peer's address, for
+    /// the per-source limits, without a system call.
     pub fn accept(&mut self, listener: RawFd) {
+        let ioprio = match &mut self.listening {
+            None => 0,
+            Some(listening) => {
+                if !listening.ready && listening.last_try.elapsed() < ACCEPT_PROBE {
+                    return;
+                }
+                listening.last_try = std::time::Instant::now();
+                ACCEPT_DONTWAIT
+            }
+        };
         for index in 0..self.accepts.len() {
             let accepting = &mut self.accepts[index];
             if accepting.state != AcceptState::Free {
@@ -467,6 +572,7 @@ impl Uring {
             )
             .file_index(Some(types::DestinationSlot::auto_target()))
             .build();
+            let entry = with_ioprio(entry, ioprio);
             // SAFETY (of the pointers): `accepts` is boxed and never
             // resized, and this entry is not armed again until its
             // completion was handled (`accepted`).
@@ -474,14 +580,39 @@ impl Uring {
         }
     }
 
-    /// Accept `index` completed: the peer's address it wrote, if it took a
-    /// socket. Frees it to be armed again.
-    pub fn accepted(&mut self, index: u32, took_socket: bool) -> Option<SocketAddr> {
-        let accepting = self.accepts.get_mut(index as usize)?;
+    /// Accept `index` completed with `result`: a socket (and the peer's
+    /// address it wrote), nothing, or an error. Frees it to be armed again.
+    pub fn accepted(&mut self, index: u32, result: i32) -> Accepted {
+        let Some(accepting) = self.accepts.get_mut(index as usize) else {
+            return Accepted::Nothing;
+        };
         accepting.state = AcceptState::Free;
-        took_socket
-            .then(|| super::sys::socket_addr(accepting.addr, accepting.len))
-            .flatten()
+        if result >= 0 {
+            let peer = super::sys::socket_addr(accepting.addr, accepting.len);
+            // A socket taken: more may wait.
+            if let Some(listening) = &mut self.listening {
+                listening.ready = true;
+            }
+            return Accepted::Socket(result as u32, peer);
+        }
+        match (-result, &mut self.listening) {
+            (libc::EAGAIN, Some(listening)) => {
+                // Completions come in order: a connection that arrives
+                // after this was found empty is told by a later poll.
+                listening.ready = false;
+                Accepted::Nothing
+            }
+            (libc::EAGAIN | libc::ECANCELED, _) => Accepted::Nothing,
+            (libc::EINVAL, Some(_)) => {
+                // A kernel before 6.10: accepts wait in the kernel.
+                tracing::info!(
+                    "this kernel's io_uring accepts cannot be told not to wait (6.10): they wait in the kernel, and a crashed controller's port stays taken until its ring is torn down"
+                );
+                self.listening = None;
+                Accepted::Nothing
+            }
+            (errno, _) => Accepted::Failed(errno),
+        }
     }
 
     /// An accept is in the kernel.
@@ -753,6 +884,23 @@ impl Uring {
     }
 }
 
+/// `entry` with its `ioprio` field (which accept reads its own flags from)
+/// set: the builder has no setter for it.
+fn with_ioprio(entry: squeue::Entry, ioprio: u16) -> squeue::Entry {
+    const _: () = assert!(size_of::<squeue::Entry>() == 64);
+    if ioprio == 0 {
+        return entry;
+    }
+    // SAFETY: an `Entry` is the kernel's 64-byte SQE (repr(C)), whose
+    // bytes 2..4 are `ioprio` (include/uapi/linux/io_uring.h); any u16 is
+    // a valid value there.
+    unsafe {
+        let mut bytes: [u8; 64] = std::mem::transmute(entry);
+        bytes[2..4].copy_from_slice(&ioprio.to_ne_bytes());
+        std::mem::transmute::<[u8; 64], squeue::Entry>(bytes)
+    }
+}
+
 impl AsRawFd for Uring {
     fn as_raw_fd(&self) -> RawFd {
         self.ring.as_raw_fd()
@@ -775,6 +923,7 @@ mod tests {
             Op::Mailbox,
             Op::Closed,
             Op::Install,
+            Op::Listener,
         ] {
             assert_eq!(Op::decode(op.encode()), Some(op));
         }

@@ -1,5 +1,7 @@
-//! A shard's io_uring loop: completions. One-shot accepts kept armed,
-//! straight into direct descriptors and each telling its peer's address, multishot receive from a ring of provided buffers
+//! A shard's io_uring loop: completions. One-shot accepts submitted when
+//! the listener has connections waiting (none waits in the kernel), straight
+//! into direct descriptors and each telling its peer's address, multishot
+//! receive from a ring of provided buffers
 //! (an idle connection owns no read buffer), one send in flight per
 //! connection (so its bytes stay in order), and the next tick as the
 //! submit-and-wait timeout.
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::{Driver, Setup, Shard};
 use crate::engine::conn::Conn;
-use crate::engine::uring::{Completion, MAX_SEND, Op, SendDone, Uring};
+use crate::engine::uring::{Accepted, Completion, MAX_SEND, Op, SendDone, Uring};
 use crate::engine::wheel::Tick;
 use crate::engine::{Handler, OVER_CAP_GRACE, io, sys};
 use crate::metrics::{self, ShardStats};
@@ -39,6 +41,7 @@ impl UringIo {
             (setup.config.max_conns_per_shard + OVER_CAP_GRACE + SLOT_SLACK).min(nofile) as u32;
         let mut ring = Uring::new(slots, setup.config.uring_recv_buffers)?;
         ring.watch(wake_fd);
+        ring.listen(setup.listener);
         ring.accept(setup.listener);
         Ok(UringIo {
             ring,
@@ -221,6 +224,7 @@ impl<H: Handler> Shard<H, UringIo> {
             }
             // An install that outlived its wait: nobody holds its fd.
             Some(Op::Install) if c.result >= 0 => sys::close(c.result),
+            Some(Op::Listener) => self.driver.ring.listener_ready(&c),
             Some(Op::Quiet | Op::Closed | Op::Install) | None => {}
         }
     }
@@ -229,35 +233,37 @@ impl<H: Handler> Shard<H, UringIo> {
     /// peer's address) or an error. It is armed again at once, unless the
     /// shard is at its bound.
     fn accept_done(&mut self, c: &Completion, index: u32) {
-        let peer = self.driver.ring.accepted(index, c.result >= 0);
-        if c.result >= 0 {
-            let slot = c.result as u32;
-            match self.adopt(slot as RawFd, peer) {
-                Some((key, generation)) => {
-                    let ring = &mut self.driver.ring;
-                    ring.nodelay(slot);
-                    ring.recv(slot, key, generation);
+        match self.driver.ring.accepted(index, c.result) {
+            Accepted::Socket(slot, peer) => {
+                match self.adopt(slot as RawFd, peer) {
+                    Some((key, generation)) => {
+                        let ring = &mut self.driver.ring;
+                        ring.nodelay(slot);
+                        ring.recv(slot, key, generation);
+                    }
+                    None => self.driver.ring.close(slot),
                 }
-                None => self.driver.ring.close(slot),
+                if self.should_pause_accepts() {
+                    // Stop taking connections: the backlog keeps them
+                    // until room frees.
+                    self.accept_paused = true;
+                    self.driver.ring.cancel_accept();
+                } else if !self.accept_paused && self.now >= self.driver.accept_retry {
+                    self.driver.ring.accept(self.listener);
+                }
             }
-            if self.should_pause_accepts() {
-                // Stop taking connections: the backlog keeps them
-                // until room frees.
-                self.accept_paused = true;
+            Accepted::Nothing => {}
+            Accepted::Failed(errno) => {
+                // ENFILE (no free slot: closes still in flight), EMFILE,
+                // ENOBUFS. The kernel may have taken the connection before
+                // it found no slot, so the other accepts armed are
+                // cancelled rather than each lose one the same way; accept
+                // again at the next tick, not at once.
+                let next = self.now + 1;
+                self.driver.accept_retry = next;
                 self.driver.ring.cancel_accept();
-            } else if !self.accept_paused && self.now >= self.driver.accept_retry {
-                self.driver.ring.accept(self.listener);
+                self.warn_accept(&std::io::Error::from_raw_os_error(errno));
             }
-        } else if c.result != -libc::ECANCELED {
-            // ENFILE (no free slot: closes still in flight), EMFILE,
-            // ENOBUFS. The kernel may have taken the connection before it
-            // found no slot, so the other accepts armed are cancelled
-            // rather than each lose one the same way; accept again at the
-            // next tick, not at once.
-            let next = self.now + 1;
-            self.driver.accept_retry = next;
-            self.driver.ring.cancel_accept();
-            self.warn_accept(&std::io::Error::from_raw_os_error(-c.result));
         }
     }
 
