@@ -457,6 +457,52 @@ fn half_open_sockets_cannot_keep_services_out() {
     }
 }
 
+/// The other side of that bound: a herd of clients that are merely slow
+/// (each registers a second after its upgrade, as on a busy network) with
+/// the handshake table full and more waiting. Evicting them after the
+/// configured grace would only send each back to reconnect; the shard
+/// learns their pace and takes all of them in, none evicted.
+#[test]
+fn a_herd_of_slow_clients_is_taken_in_not_evicted() {
+    let mut cfg = abuse_config(1);
+    cfg.engine.max_unadmitted_per_shard = 6;
+    cfg.engine.unadmitted_grace = Duration::from_millis(200);
+    cfg.engine.handshake_timeout = Duration::from_secs(8);
+    cfg.engine.admit_timeout = Duration::from_secs(8);
+    let ctl = start(cfg);
+    let addr = ctl.local_addr();
+    // Each thread hands its client back (kept open) if it registered.
+    let clients: Vec<JoinHandle<Option<Client>>> = (0..18)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Client::tcp(addr);
+                if c.upgrade("/ws/microservice", None) != 101 {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+                let params = register_params("slow", &format!("10.2.0.{i}"), 1);
+                c.send_json(&json!({"jsonrpc": "2.0", "id": 1, "method": "service/register", "params": params}));
+                let Some(Frame::Text(t)) = c.next_frame(WAIT) else {
+                    return None;
+                };
+                let reply: Value = serde_json::from_str(&t).unwrap();
+                (reply["result"]["status"] == "registered").then_some(c)
+            })
+        })
+        .collect();
+    let registered: Vec<Client> = clients
+        .into_iter()
+        .filter_map(|c| c.join().ok().flatten())
+        .collect();
+    assert_eq!(
+        metrics::total(ctl.stats(), |s| &s.unadmitted_evicted),
+        0,
+        "slow clients were evicted"
+    );
+    assert_eq!(registered.len(), 18);
+    eventually("all 18 are up", || ctl.counts().up == 18);
+}
+
 /// Whether a socket from `source` gets through its upgrade (false if it
 /// was closed at accept).
 fn upgrades_from(addr: SocketAddr, source: std::net::IpAddr) -> bool {

@@ -271,7 +271,8 @@ pub struct Conn {
     /// The last tick a frame arrived while no pong was awaited: the peer's
     /// own life (its pings, its messages), which spares it our ping. (A
     /// pong to our ping only ends the wait: counted here, it would put
-    /// every ping off by an interval.) Fits in the padding before `bufs`.
+    /// every ping off by an interval.) Until admitted, the accept's tick.
+    /// Fits in the padding before `bufs`.
     last_life: Tick,
     bufs: Option<Box<Bufs>>,
 }
@@ -287,7 +288,8 @@ impl Conn {
             phase: Phase::Handshake,
             flags: 0,
             due: now + timing.handshake,
-            last_life: 0,
+            // Until admitted: the accept's tick.
+            last_life: now,
             bufs: None,
         }
     }
@@ -303,6 +305,11 @@ impl Conn {
             Some(b) if b.input_due != 0 => self.due.min(b.input_due),
             _ => self.due,
         }
+    }
+
+    /// When a connection not admitted yet was accepted.
+    pub fn accepted_at(&self) -> Option<Tick> {
+        (!self.was_admitted()).then_some(self.last_life)
     }
 
     pub fn set_live(&mut self) {
@@ -374,6 +381,7 @@ impl Conn {
         self.phase = Phase::Admitted;
         self.flags |= ADMITTED;
         self.due = now + first_ping.max(1);
+        self.last_life = 0;
         true
     }
 

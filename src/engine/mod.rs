@@ -162,7 +162,11 @@ pub struct EngineConfig {
     /// it registers rather than evicted.
     pub max_unadmitted_per_shard: usize,
     /// A connection not admitted yet is evicted for another only once it
-    /// is this old: it had its chance to register.
+    /// is this old (it had its chance to register), or four times as old
+    /// as the shard's recent connections took from accept to admission if
+    /// that is longer (at most the admit timeout; a new shard assumes that
+    /// much until some register): slow clients in a herd are not evicted
+    /// only to come back, while a slowloris's sockets still go.
     pub unadmitted_grace: Duration,
     /// Sockets one source address may hold in their handshakes (accepted,
     /// not yet admitted), node-wide; past it its new sockets are closed at
