@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use hashbrown::HashMap;
 
+use super::wheel::Tick;
+
 const STRIPES: usize = 64;
 
 /// Why a source's new socket was refused.
@@ -126,9 +128,80 @@ impl Sources {
     }
 }
 
+/// How long a shard's clients take from accept to admission: the slow end
+/// of it, so that a connection not admitted yet is evicted only once it is
+/// slower than the clients that do register. It rises at once toward a
+/// slower registration and falls slowly (1/32 of the way per faster one);
+/// until `WARM` clients have registered it is unknown, and nothing is
+/// evicted before it could have timed out (a restarted node's first herd).
+#[derive(Default)]
+pub struct Pace {
+    /// Ticks × 32.
+    slow_x32: u64,
+    seen: u32,
+}
+
+impl Pace {
+    const WARM: u32 = 16;
+
+    /// A connection was admitted `took` ticks after its accept.
+    pub fn record(&mut self, took: Tick) {
+        let took = u64::from(took) * 32;
+        if self.seen == 0 {
+            self.slow_x32 = took;
+        } else if took > self.slow_x32 {
+            self.slow_x32 += (took - self.slow_x32) / 2;
+        } else {
+            self.slow_x32 -= (self.slow_x32 - took) / 32;
+        }
+        self.seen = self.seen.saturating_add(1);
+    }
+
+    /// How old a connection not admitted yet must be to be evicted: four
+    /// times the slow pace, at least `least`, at most `most` (the admit
+    /// timeout), which is also the answer until the pace is known.
+    pub fn grace(&self, least: Tick, most: Tick) -> Tick {
+        if self.seen < Self::WARM {
+            return most.max(least);
+        }
+        let four = (4 * self.slow_x32 / 32).min(u64::from(most)) as Tick;
+        four.max(least)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pace_follows_the_slow_clients_and_forgets_them_slowly() {
+        let mut pace = Pace::default();
+        // Unknown until 16 have registered: the admit timeout.
+        for _ in 0..15 {
+            pace.record(1);
+        }
+        assert_eq!(pace.grace(20, 100), 100);
+        pace.record(1);
+        // Fast clients: the configured least.
+        assert_eq!(pace.grace(20, 100), 20);
+        // One slow registration (15 ticks) moves it halfway at once.
+        pace.record(15);
+        assert_eq!(pace.grace(20, 100), 4 * 8);
+        // Fast ones wear it down slowly: 32 of them take it below 4 ticks.
+        for _ in 0..10 {
+            pace.record(1);
+        }
+        assert!(pace.grace(0, 100) > 16, "{}", pace.grace(0, 100));
+        for _ in 0..60 {
+            pace.record(1);
+        }
+        assert!(pace.grace(20, 100) == 20);
+        // Never past the most.
+        for _ in 0..4 {
+            pace.record(90);
+        }
+        assert_eq!(pace.grace(20, 100), 100);
+    }
 
     fn key(s: &str) -> u128 {
         source_key(s.parse().unwrap())

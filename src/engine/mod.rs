@@ -163,10 +163,11 @@ pub struct EngineConfig {
     pub max_unadmitted_per_shard: usize,
     /// A connection not admitted yet is evicted for another only once it
     /// is this old (it had its chance to register), or four times as old
-    /// as the shard's recent connections took from accept to admission if
-    /// that is longer (at most the admit timeout; a new shard assumes that
-    /// much until some register): slow clients in a herd are not evicted
-    /// only to come back, while a slowloris's sockets still go.
+    /// as the slow end of the shard's clients' time from accept to
+    /// admission if that is longer (at most the admit timeout, which is
+    /// also the answer until 16 have registered): slow clients in a herd
+    /// are not evicted only to come back, while a slowloris's sockets
+    /// still go.
     pub unadmitted_grace: Duration,
     /// Sockets one source address may hold in their handshakes (accepted,
     /// not yet admitted), node-wide; past it its new sockets are closed at

@@ -228,13 +228,9 @@ struct Shard<H: Handler, D: Driver> {
     /// admitted or gone since are skipped, and pruned), and their number.
     unadmitted: VecDeque<(u32, u32, Tick)>,
     unadmitted_count: usize,
-    /// How long the connections admitted lately took from their accept to
-    /// their registration, in ticks × 4 (a moving average, weight 1/4): the
-    /// clients' own pace, which sets how old a connection not admitted yet
-    /// must be before it can be evicted. It starts at a quarter of the
-    /// admit timeout: until clients have shown their pace none is evicted
-    /// before it could have timed out (a restarted node's first herd).
-    register_pace_x4: Tick,
+    /// How long this shard's clients take from accept to admission: how old
+    /// a connection not admitted yet must be before it can be evicted.
+    pace: admission::Pace,
     /// Per-source counts shared with the other shards, if limits are set.
     sources: Option<Arc<Sources>>,
     /// The peer of each connection in its handshake (and of every one when
@@ -269,7 +265,6 @@ struct Shard<H: Handler, D: Driver> {
 impl<H: Handler, D: Driver> Shard<H, D> {
     fn new(setup: Setup<H::Msg>, handler: H, driver: D) -> Shard<H, D> {
         let timing = setup.config.timing();
-        let admit = timing.admit;
         let now = 0;
         Shard {
             id: setup.id,
@@ -294,7 +289,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             held_out: 0,
             unadmitted: VecDeque::new(),
             unadmitted_count: 0,
-            register_pace_x4: admit,
+            pace: admission::Pace::default(),
             making_room: false,
             collect_freed: false,
             collected_at: 0,
@@ -434,7 +429,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if conn.admit(self.now, spread) {
             if let Some(at) = accepted_at {
                 let took = self.now.saturating_sub(at).min(self.timing.admit);
-                self.register_pace_x4 = self.register_pace_x4 - self.register_pace_x4 / 4 + took;
+                self.pace.record(took);
             }
             self.unadmitted_count -= 1;
             self.release_handshake(key);
@@ -473,17 +468,14 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// that would evict every socket before it could register, so the
     /// shard stops accepting instead (the listen backlog holds the rest).
     ///
-    /// Old enough means `unadmitted_grace`, or four times the clients' pace
-    /// lately if longer (capped at the admit timeout): in a herd on a busy
-    /// network every client answers slowly, and evicting them only makes
-    /// each come back later; a slowloris's sockets still go, as those that
-    /// do register keep the pace short.
+    /// Old enough means `unadmitted_grace`, or four times the slow end of
+    /// the clients' pace if longer (at most the admit timeout; see `Pace`):
+    /// in a herd on a busy network every client answers slowly, and
+    /// evicting them only makes each come back later; a slowloris's sockets
+    /// still go, as those that do register keep the pace short.
     fn evict_stale_unadmitted(&mut self) -> bool {
-        let pace = self.register_pace_x4 / 4;
-        let grace = self
-            .config
-            .ticks(self.config.unadmitted_grace)
-            .max((4 * pace).min(self.timing.admit));
+        let least = self.config.ticks(self.config.unadmitted_grace);
+        let grace = self.pace.grace(least, self.timing.admit);
         while let Some(&(key, generation, since)) = self.unadmitted.front() {
             let Some(conn) = self.conns.get(key as usize) else {
                 self.unadmitted.pop_front();
