@@ -83,30 +83,82 @@ pub fn open_listeners(
     count: usize,
 ) -> Result<(Vec<RawFd>, SocketAddr), ListenError> {
     assert!(count > 0, "at least one listener");
-    // Without SO_REUSEPORT a bind fails if anybody listens there, even
-    // another SO_REUSEPORT group we would otherwise silently join.
-    if addr.port() != 0 {
-        let probe = socket_for(addr, false).map_err(|e| classify(addr, e))?;
-        probe.bind(&addr.into()).map_err(|e| classify(addr, e))?;
-        drop(probe);
-    }
     let mut bound = addr;
     let mut fds = Vec::with_capacity(count);
+    let mut sockets = Vec::with_capacity(count);
     let result = (0..count).try_for_each(|_| {
         let socket = socket_for(bound, true)?;
         socket.bind(&bound.into())?;
-        socket.listen(BACKLOG)?;
         if bound.port() == 0 {
             bound = socket.local_addr()?.as_socket().expect("inet socket");
         }
-        fds.push(TcpListener::from(socket).into_raw_fd());
+        sockets.push(socket);
         Ok(())
     });
     if let Err(e) = result {
-        fds.into_iter().for_each(super::sys::close);
         return Err(classify(bound, e));
     }
+    // Bound with SO_REUSEPORT, they would silently join another group
+    // listening there. They listen only once none is: a bound socket takes
+    // no connections, so none of the other group's is lost meanwhile.
+    if addr.port() != 0 && others_listen(bound, &sockets)? {
+        return Err(ListenError::InUse { addr });
+    }
+    for socket in sockets {
+        socket.listen(BACKLOG).map_err(|e| classify(bound, e))?;
+        fds.push(TcpListener::from(socket).into_raw_fd());
+    }
     Ok((fds, bound))
+}
+
+/// Whether a socket other than `ours` listens on `addr`'s port at an
+/// address that overlaps it (the same, or either a wildcard).
+///
+/// The kernel is asked with sock_diag for its TCP listeners only, which
+/// it keeps apart. (A probe bind without SO_REUSEPORT, the obvious test,
+/// walks every socket that holds the port: after a crash under 300k
+/// services that is the dead process's 300k closing sockets, and it took
+/// 1.1 s, then as long again for the next bind, whose fast path the probe
+/// had turned off.) Where sock_diag is not available, the probe it is.
+fn others_listen(addr: SocketAddr, ours: &[Socket]) -> Result<bool, ListenError> {
+    let mut inodes = Vec::with_capacity(ours.len());
+    for socket in ours {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fstat fills the struct it is given, on our own fd.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(socket.as_raw_fd(), &mut st) } != 0 {
+            return probe(addr);
+        }
+        inodes.push(st.st_ino);
+    }
+    let listeners = match super::sys::tcp_listeners() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!("sock_diag: {e}; probing {addr} with a bind instead");
+            return probe(addr);
+        }
+    };
+    let overlaps = |other: &SocketAddr| {
+        let canonical = |ip: std::net::IpAddr| ip.to_canonical();
+        other.port() == addr.port()
+            && (other.ip().is_unspecified()
+                || addr.ip().is_unspecified()
+                || canonical(other.ip()) == canonical(addr.ip()))
+    };
+    Ok(listeners
+        .iter()
+        .any(|(other, inode)| overlaps(other) && !inodes.contains(&u64::from(*inode))))
+}
+
+/// A bind without SO_REUSEPORT fails if anybody listens there (our own
+/// sockets are not listening yet).
+fn probe(addr: SocketAddr) -> Result<bool, ListenError> {
+    let probe = socket_for(addr, false).map_err(|e| classify(addr, e))?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(classify(addr, e)),
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +175,30 @@ mod tests {
             Err(ListenError::InUse { .. }) => {}
             other => panic!("expected InUse, got {other:?}"),
         }
+        fds.into_iter().for_each(crate::engine::sys::close);
+    }
+
+    /// A plain listener (no SO_REUSEPORT) of another program, on the same
+    /// address or the wildcard, is seen too, and a port nobody listens on
+    /// is free however many sockets are bound there without listening.
+    #[test]
+    fn another_program_s_listener_is_seen_and_a_free_port_is_free() {
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = other.local_addr().unwrap();
+        let listed = crate::engine::sys::tcp_listeners().unwrap();
+        assert!(listed.iter().any(|(a, _)| *a == addr), "{listed:?}");
+        match open_listeners(addr, 2) {
+            Err(ListenError::InUse { .. }) => {}
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        let wildcard = SocketAddr::new("0.0.0.0".parse().unwrap(), addr.port());
+        assert!(matches!(
+            open_listeners(wildcard, 1),
+            Err(ListenError::InUse { .. })
+        ));
+        drop(other);
+        let (fds, bound) = open_listeners(addr, 2).unwrap();
+        assert_eq!(bound, addr);
         fds.into_iter().for_each(crate::engine::sys::close);
     }
 }
