@@ -63,6 +63,13 @@ pub struct Run {
     /// TcpExt counters of /proc/net/netstat over the restart (machine-wide).
     pub listen_overflows: u64,
     pub listen_drops: u64,
+    /// The new controller's accepted sockets per service (1.0: no socket
+    /// wasted), and its work thrown away: sockets evicted before they
+    /// registered, and sockets refused at accept (a per-source bound, or the
+    /// connection bound).
+    pub accepts_per_service: f64,
+    pub evicted: u64,
+    pub refused_at_accept: u64,
     /// (seconds after the stop began, registrations per second).
     pub reconnect_curve: Vec<(f64, f64)>,
 }
@@ -147,6 +154,17 @@ fn run_one(
     bar.finish_and_clear();
     // A second more of the curve's tail.
     std::thread::sleep(Duration::from_secs(1));
+    let text = crate::observe::scrape(&controller.admin).unwrap_or_default();
+    let accepted = crate::observe::metric(&text, "tether_accepted_total");
+    let evicted: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("tether_connections_cut_total{")
+                && l.contains("reason=\"evicted_unadmitted\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let refused_at_accept = crate::observe::metric(&text, "tether_admission_refused_total");
     let samples = poller.samples();
     drop(poller);
     let listen_overflows = procs::netstat("TcpExt", "ListenOverflows")? - overflows0;
@@ -174,6 +192,9 @@ fn run_one(
         reconnect_peak_per_second: peak_rate(&after, began, Duration::from_secs(1), registrations),
         listen_overflows,
         listen_drops,
+        accepts_per_service: accepted / services.max(1) as f64,
+        evicted: evicted as u64,
+        refused_at_accept: refused_at_accept as u64,
         reconnect_curve: curve,
     };
     eprintln!(
@@ -207,6 +228,9 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             "peak registrations/s",
             "ListenOverflows",
             "ListenDrops",
+            "accepts/service",
+            "evicted",
+            "refused at accept",
             "stop s",
             "start s",
         ],
@@ -226,6 +250,9 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             n(r.reconnect_peak_per_second),
             r.listen_overflows.to_string(),
             r.listen_drops.to_string(),
+            format!("{:.3}", r.accepts_per_service),
+            r.evicted.to_string(),
+            r.refused_at_accept.to_string(),
             n(r.stop_seconds),
             n(r.start_seconds),
         ]);
@@ -237,7 +264,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             StopMode::Graceful => "SIGINT (it closed every socket with 1001 before exiting)",
         }
     ));
-    table.note("Recovery: from the old controller's stop until the new one has every service registered. ListenOverflows/ListenDrops are machine-wide TcpExt counters over the restart: connects the listen queue turned away, each retried by the client's TCP after a second or more.");
+    table.note("Recovery: from the old controller's stop until the new one has every service registered. ListenOverflows/ListenDrops are machine-wide TcpExt counters over the restart: connects the listen queue turned away, each retried by the client's TCP after a second or more. Accepts/service, evicted and refused at accept are the new controller's (/metrics): sockets it took per service registered again, those it evicted before they registered (to make room in its handshake table) and those refused at accept (a per-source bound, or the connection bound); each of those clients came back later, with a longer backoff.");
     std::fs::create_dir_all(&out)?;
     let series: Vec<plots::Series> = runs
         .iter()
