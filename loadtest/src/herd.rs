@@ -156,14 +156,11 @@ fn run_one(
     std::thread::sleep(Duration::from_secs(1));
     let text = crate::observe::scrape(&controller.admin).unwrap_or_default();
     let accepted = crate::observe::metric(&text, "tether_accepted_total");
-    let evicted: f64 = text
-        .lines()
-        .filter(|l| {
-            l.starts_with("tether_connections_cut_total{")
-                && l.contains("reason=\"evicted_unadmitted\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let evicted = crate::observe::metric_where(
+        &text,
+        "tether_connections_cut_total",
+        "reason=\"evicted_unadmitted\"",
+    );
     let refused_at_accept = crate::observe::metric(&text, "tether_admission_refused_total");
     let samples = poller.samples();
     drop(poller);

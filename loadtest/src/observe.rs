@@ -140,6 +140,19 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Sums the samples of a metric whose labels include `label` (e.g.
+/// `reason="evicted_unadmitted"`), whatever its other labels.
+pub fn metric_where(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.strip_prefix('{'))
+                .is_some_and(|r| r.split('}').next().is_some_and(|ls| ls.contains(label)))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A histogram's cumulative buckets (le, count), sorted.
 fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let mut buckets: Vec<(f64, f64)> = text
@@ -316,6 +329,13 @@ pub fn peak_rate(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_labelled_sum_takes_only_its_label() {
+        let text = "tether_cut_total{shard=\"0\",reason=\"a\"} 2\ntether_cut_total{shard=\"1\",reason=\"a\"} 3\ntether_cut_total{shard=\"0\",reason=\"b\"} 7\ntether_cut_totals{reason=\"a\"} 9\n";
+        assert_eq!(metric_where(text, "tether_cut_total", "reason=\"a\""), 5.0);
+    }
+
     use super::*;
 
     #[test]

@@ -84,7 +84,6 @@ pub fn open_listeners(
 ) -> Result<(Vec<RawFd>, SocketAddr), ListenError> {
     assert!(count > 0, "at least one listener");
     let mut bound = addr;
-    let mut fds = Vec::with_capacity(count);
     let mut sockets = Vec::with_capacity(count);
     let result = (0..count).try_for_each(|_| {
         let socket = socket_for(bound, true)?;
@@ -104,10 +103,15 @@ pub fn open_listeners(
     if addr.port() != 0 && others_listen(bound, &sockets)? {
         return Err(ListenError::InUse { addr });
     }
-    for socket in sockets {
+    // All listen before any is handed over as a raw fd, so an error drops
+    // (closes) every one.
+    for socket in &sockets {
         socket.listen(BACKLOG).map_err(|e| classify(bound, e))?;
-        fds.push(TcpListener::from(socket).into_raw_fd());
     }
+    let fds = sockets
+        .into_iter()
+        .map(|s| TcpListener::from(s).into_raw_fd())
+        .collect();
     Ok((fds, bound))
 }
 
