@@ -329,14 +329,13 @@ pub fn peak_rate(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn a_labelled_sum_takes_only_its_label() {
         let text = "tether_cut_total{shard=\"0\",reason=\"a\"} 2\ntether_cut_total{shard=\"1\",reason=\"a\"} 3\ntether_cut_total{shard=\"0\",reason=\"b\"} 7\ntether_cut_totals{reason=\"a\"} 9\n";
         assert_eq!(metric_where(text, "tether_cut_total", "reason=\"a\""), 5.0);
     }
-
-    use super::*;
 
     #[test]
     fn reads_counters_and_histogram_quantiles() {

@@ -429,20 +429,20 @@ struct Listening {
 /// one accept that finds nothing per connection, as epoll's drain to
 /// EAGAIN does, and in a herd the window doubles every round to 16.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct AcceptWindow(usize);
+struct AcceptWindow(usize);
 
 impl AcceptWindow {
-    pub(crate) fn size(self) -> usize {
+    fn size(self) -> usize {
         self.0.clamp(1, ACCEPTS)
     }
 
     /// An accept took a connection.
-    pub(crate) fn taken(&mut self) {
+    fn taken(&mut self) {
         self.0 = (self.0 + 1).min(ACCEPTS);
     }
 
     /// An accept found the queue empty.
-    pub(crate) fn empty(&mut self) {
+    fn empty(&mut self) {
         self.0 /= 2;
     }
 }
