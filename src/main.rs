@@ -139,9 +139,10 @@ struct ControllerArgs {
     max_conns_per_shard: Option<usize>,
     /// Sockets one source address may hold in their handshakes (upgrade or
     /// registration in progress), node-wide; past it, its new sockets are
-    /// closed at accept. 0: no bound.
-    #[arg(long, default_value_t = 1024)]
-    max_handshakes_per_source: u32,
+    /// closed at accept. 0: no bound. Default: an eighth of the node's
+    /// handshake room (shards × 1,024), at least 1,024.
+    #[arg(long)]
+    max_handshakes_per_source: Option<u32>,
     /// Connections one source address may hold, node-wide; past it, its
     /// new sockets are closed at accept. 0 (default): no bound. Set it above
     /// the most instances one host (or NAT address) runs.
@@ -702,7 +703,9 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     engine.ping_interval = args.ping_interval;
     engine.pong_timeout = args.pong_timeout;
     engine.admit_timeout = args.register_timeout;
-    engine.max_handshakes_per_source = args.max_handshakes_per_source;
+    if let Some(max) = args.max_handshakes_per_source {
+        engine.max_handshakes_per_source = max;
+    }
     engine.max_conns_per_source = args.max_conns_per_source;
     if let Some(max) = args.max_conns_per_shard {
         engine.max_conns_per_shard = max;
@@ -722,6 +725,19 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         tether::plan::show_size(budget),
         tether::plan::show_size(engine.buffer_budget as u64),
         tether::plan::show_size((engine.buffer_budget / shards.max(1)) as u64),
+    );
+    let bound = |n: u32| {
+        if n == 0 {
+            "no bound".to_string()
+        } else {
+            n.to_string()
+        }
+    };
+    let admission_line = format!(
+        "per source address: {} sockets in their handshakes, {} connections; per shard: {} in their handshakes",
+        bound(engine.max_handshakes_per_source),
+        bound(engine.max_conns_per_source),
+        engine.max_unadmitted_per_shard,
     );
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => {
@@ -889,6 +905,7 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     );
     // On stderr: stdout carries the one ready line scripts wait for.
     tracing::info!("{budget_line}");
+    tracing::info!("{admission_line}");
     if !config_base_path.is_empty() {
         tracing::info!(
             "services connect to {config_base_path}/ws/microservice and {config_base_path}/ws/discovery"

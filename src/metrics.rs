@@ -147,6 +147,10 @@ pub struct ShardStats {
     /// sockets in their handshakes, or its most connections.
     pub refused_source_handshakes: AtomicU64,
     pub refused_source_conns: AtomicU64,
+    /// The most sockets one source address held in their handshakes,
+    /// node-wide, as this shard saw it when it took one (a high-water mark
+    /// since start: what `--max-handshakes-per-source` is held against).
+    pub source_handshakes_peak: AtomicU64,
     /// Gauges, set every tick: heap bytes held for input (partial frames,
     /// messages being reassembled), for output not yet taken by the socket,
     /// and by sends in flight (io_uring).

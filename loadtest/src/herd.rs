@@ -34,6 +34,10 @@ pub struct HerdArgs {
     /// Give up waiting for recovery after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
     pub recovery_limit: Duration,
+    /// A flag for both controllers, the one stopped and the one restarted
+    /// (repeat it for more; e.g. `--controller-arg=--max-handshakes-per-source=0`).
+    #[arg(long, allow_hyphen_values = true)]
+    pub controller_arg: Vec<String>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -70,6 +74,10 @@ pub struct Run {
     pub accepts_per_service: f64,
     pub evicted: u64,
     pub refused_at_accept: u64,
+    /// Of those, refused by the per-source handshake bound.
+    pub refused_source_handshakes: u64,
+    /// The most sockets one source address held in their handshakes.
+    pub source_handshakes_peak: u64,
     /// (seconds after the stop began, registrations per second).
     pub reconnect_curve: Vec<(f64, f64)>,
 }
@@ -97,7 +105,8 @@ fn run_one(
         "== controller restart under {services} services, {}",
         label(jitter, window_seconds)
     );
-    let controller = topology::controller_with(tether, shards, &[])?;
+    let extra: Vec<&str> = args.controller_arg.iter().map(String::as_str).collect();
+    let controller = topology::controller_with(tether, shards, &extra)?;
     let (port, admin_port, admin) = (
         controller.port,
         controller.admin_port,
@@ -128,7 +137,7 @@ fn run_one(
     // (io_uring tears a ring down in the background): retry, as a
     // supervisor would.
     let controller = loop {
-        match topology::controller_at(tether, port, admin_port, shards, &[]) {
+        match topology::controller_at(tether, port, admin_port, shards, &extra) {
             Ok(c) => break c,
             Err(e) if restarted.elapsed() < Duration::from_secs(30) => {
                 eprintln!("restart: {e}; retrying");
@@ -162,6 +171,12 @@ fn run_one(
         "reason=\"evicted_unadmitted\"",
     );
     let refused_at_accept = crate::observe::metric(&text, "tether_admission_refused_total");
+    let refused_source_handshakes = crate::observe::metric_where(
+        &text,
+        "tether_admission_refused_total",
+        "reason=\"source_handshakes\"",
+    );
+    let source_handshakes_peak = crate::observe::metric(&text, "tether_source_handshakes_peak");
     let samples = poller.samples();
     drop(poller);
     let listen_overflows = procs::netstat("TcpExt", "ListenOverflows")? - overflows0;
@@ -192,6 +207,8 @@ fn run_one(
         accepts_per_service: accepted / services.max(1) as f64,
         evicted: evicted as u64,
         refused_at_accept: refused_at_accept as u64,
+        refused_source_handshakes: refused_source_handshakes as u64,
+        source_handshakes_peak: source_handshakes_peak as u64,
         reconnect_curve: curve,
     };
     eprintln!(
@@ -227,7 +244,8 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             "ListenDrops",
             "accepts/service",
             "evicted",
-            "refused at accept",
+            "refused at accept (per-source handshakes)",
+            "most handshakes per source",
             "stop s",
             "start s",
         ],
@@ -249,7 +267,8 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             r.listen_drops.to_string(),
             format!("{:.3}", r.accepts_per_service),
             r.evicted.to_string(),
-            r.refused_at_accept.to_string(),
+            format!("{} ({})", r.refused_at_accept, r.refused_source_handshakes),
+            r.source_handshakes_peak.to_string(),
             n(r.stop_seconds),
             n(r.start_seconds),
         ]);
@@ -285,6 +304,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             "beforeSeconds": args.before.as_secs_f64(),
             "stop": args.stop,
             "reconnectWindowSeconds": args.reconnect_window.map(|w| w.as_secs_f64()),
+            "controllerArgs": args.controller_arg,
             "common": args.common.config(),
         }),
         results: serde_json::json!({ "runs": runs }),

@@ -150,6 +150,17 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
             );
         }
     }
+    o.family(
+        "tether_source_handshakes_peak",
+        "gauge",
+        "The most sockets one source address has held in their handshakes (accepted, not yet registered), node-wide, since start: against --max-handshakes-per-source.",
+    );
+    let peak = stats
+        .iter()
+        .map(|s| r(&s.source_handshakes_peak))
+        .max()
+        .unwrap_or(0);
+    o.sample("tether_source_handshakes_peak", "", peak);
     o.per_shard(
         stats,
         "tether_slow_consumers_cut_total",

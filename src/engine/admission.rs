@@ -75,8 +75,9 @@ impl Sources {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A new socket from `key`, in its handshake: counted, or refused.
-    pub fn open(&self, key: u128) -> Result<(), Refused> {
+    /// A new socket from `key`, in its handshake: counted (the answer is
+    /// how many of its sockets are in their handshakes now), or refused.
+    pub fn open(&self, key: u128) -> Result<u32, Refused> {
         let mut map = self.stripe(key);
         let counts = map.entry(key).or_default();
         if self.max_handshakes > 0 && counts.handshakes >= self.max_handshakes {
@@ -87,7 +88,7 @@ impl Sources {
         }
         counts.handshakes += 1;
         counts.conns += 1;
-        Ok(())
+        Ok(counts.handshakes)
     }
 
     /// One of `key`'s sockets finished its handshake (it was admitted).
@@ -128,43 +129,88 @@ impl Sources {
     }
 }
 
-/// How long a shard's clients take from accept to admission: the slow end
-/// of it, so that a connection not admitted yet is evicted only once it is
-/// slower than the clients that do register. It rises at once toward a
-/// slower registration and falls slowly (1/32 of the way per faster one);
-/// until `WARM` clients have registered it is unknown, and nothing is
-/// evicted before it could have timed out (a restarted node's first herd).
-#[derive(Default)]
+/// How long a shard's clients take from accept to admission, over the
+/// last one to two windows (a window is the admit timeout): the 95th
+/// percentile, so that a connection not admitted yet is evicted only once
+/// it is slower than nearly all the clients that do register. A herd on a
+/// machine that is busy (clients and controller sharing two cores) has a
+/// slow tail for seconds while most register in milliseconds: a pace that
+/// forgot the slow ones after a few dozen fast ones (as this did before)
+/// evicted that tail at the 2 s floor, each evicted client coming back
+/// after a longer backoff. A slowloris must make one registration in
+/// twenty slow to hold its sockets longer, and never past the admit
+/// timeout. With fewer than `WARM` registrations in the windows the pace
+/// is unknown and nothing is evicted before it could have timed out (a
+/// restarted node's first herd).
 pub struct Pace {
-    /// Ticks × 32.
-    slow_x32: u64,
-    seen: u32,
+    window: Tick,
+    since: Tick,
+    /// Registrations by how long they took: bucket 0 under one tick,
+    /// bucket i (1..) under 2^i ticks, the last one open.
+    current: [u32; PACE_BUCKETS],
+    previous: [u32; PACE_BUCKETS],
 }
+
+const PACE_BUCKETS: usize = 10;
 
 impl Pace {
     const WARM: u32 = 16;
 
-    /// A connection was admitted `took` ticks after its accept.
-    pub fn record(&mut self, took: Tick) {
-        let took = u64::from(took) * 32;
-        if self.seen == 0 {
-            self.slow_x32 = took;
-        } else if took > self.slow_x32 {
-            self.slow_x32 += (took - self.slow_x32) / 2;
-        } else {
-            self.slow_x32 -= (self.slow_x32 - took) / 32;
+    /// `window`: ticks a window spans (at least one).
+    pub fn new(window: Tick) -> Pace {
+        Pace {
+            window: window.max(1),
+            since: 0,
+            current: [0; PACE_BUCKETS],
+            previous: [0; PACE_BUCKETS],
         }
-        self.seen = self.seen.saturating_add(1);
     }
 
-    /// How old a connection not admitted yet must be to be evicted: four
-    /// times the slow pace, at least `least`, at most `most` (the admit
-    /// timeout), which is also the answer until the pace is known.
-    pub fn grace(&self, least: Tick, most: Tick) -> Tick {
-        if self.seen < Self::WARM {
+    fn rotate(&mut self, now: Tick) {
+        if now < self.since.saturating_add(self.window) {
+            return;
+        }
+        self.previous = if now < self.since.saturating_add(2 * self.window) {
+            self.current
+        } else {
+            [0; PACE_BUCKETS]
+        };
+        self.current = [0; PACE_BUCKETS];
+        self.since = now;
+    }
+
+    /// A connection was admitted at `now`, `took` ticks after its accept.
+    pub fn record(&mut self, now: Tick, took: Tick) {
+        self.rotate(now);
+        let bucket = (Tick::BITS - took.leading_zeros()) as usize;
+        self.current[bucket.min(PACE_BUCKETS - 1)] += 1;
+    }
+
+    /// How old a connection not admitted yet must be at `now` to be
+    /// evicted: four times the 95th percentile of the recent clients' time
+    /// to admission (the upper end of its bucket), at least `least`, at
+    /// most `most` (the admit timeout), which is also the answer until the
+    /// pace is known.
+    pub fn grace(&mut self, now: Tick, least: Tick, most: Tick) -> Tick {
+        self.rotate(now);
+        let count = |i: usize| self.current[i] + self.previous[i];
+        let total: u32 = (0..PACE_BUCKETS).map(count).sum();
+        if total < Self::WARM {
             return most.max(least);
         }
-        let four = (4 * self.slow_x32 / 32).min(u64::from(most)) as Tick;
+        let within = total - total / 20;
+        let mut seen = 0;
+        let bucket = (0..PACE_BUCKETS)
+            .find(|&i| {
+                seen += count(i);
+                seen >= within
+            })
+            .unwrap_or(PACE_BUCKETS - 1);
+        if bucket == PACE_BUCKETS - 1 {
+            return most.max(least);
+        }
+        let slow = 1u64 << bucket;
+        let four = (4 * slow).min(u64::from(most)) as Tick;
         four.max(least)
     }
 }
@@ -174,33 +220,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_pace_follows_the_slow_clients_and_forgets_them_slowly() {
-        let mut pace = Pace::default();
+    fn the_pace_is_the_slow_tail_of_the_recent_registrations() {
+        // Windows of 100 ticks (the admit timeout).
+        let mut pace = Pace::new(100);
         // Unknown until 16 have registered: the admit timeout.
         for _ in 0..15 {
-            pace.record(1);
+            pace.record(0, 1);
         }
-        assert_eq!(pace.grace(20, 100), 100);
-        pace.record(1);
-        // Fast clients: the configured least.
-        assert_eq!(pace.grace(20, 100), 20);
-        // One slow registration (15 ticks) moves it halfway at once.
-        pace.record(15);
-        assert_eq!(pace.grace(20, 100), 4 * 8);
-        // Fast ones wear it down slowly: 32 of them take it below 4 ticks.
-        for _ in 0..10 {
-            pace.record(1);
-        }
-        assert!(pace.grace(0, 100) > 16, "{}", pace.grace(0, 100));
-        for _ in 0..60 {
-            pace.record(1);
-        }
-        assert!(pace.grace(20, 100) == 20);
-        // Never past the most.
+        assert_eq!(pace.grace(0, 20, 100), 100);
+        pace.record(0, 1);
+        // Fast clients (under 2 ticks): the configured least.
+        assert_eq!(pace.grace(1, 20, 100), 20);
+        // A slow tail of more than one in twenty (15 ticks: under 16) sets
+        // it, however many fast ones register after: four times 16.
         for _ in 0..4 {
-            pace.record(90);
+            pace.record(2, 15);
         }
-        assert_eq!(pace.grace(20, 100), 100);
+        for _ in 0..50 {
+            pace.record(3, 1);
+        }
+        assert_eq!(pace.grace(3, 20, 100), 64);
+        // One slow one in twenty or fewer does not.
+        for _ in 0..30 {
+            pace.record(4, 1);
+        }
+        assert_eq!(pace.grace(4, 20, 100), 20);
+        // Never past the most.
+        for _ in 0..40 {
+            pace.record(5, 90);
+        }
+        assert_eq!(pace.grace(5, 20, 100), 100);
+        // Two windows on, the slow ones are forgotten...
+        for _ in 0..20 {
+            pace.record(150, 1);
+        }
+        assert_eq!(
+            pace.grace(150, 20, 100),
+            100,
+            "the previous window still counts"
+        );
+        for _ in 0..20 {
+            pace.record(260, 1);
+        }
+        assert_eq!(pace.grace(260, 20, 100), 20);
+        // ...and after a quiet spell the pace is unknown again.
+        assert_eq!(pace.grace(500, 20, 100), 100);
     }
 
     fn key(s: &str) -> u128 {
@@ -211,13 +275,13 @@ mod tests {
     fn handshakes_are_bounded_per_source_and_freed_on_admission() {
         let sources = Sources::new(2, 0).unwrap();
         let a = key("127.0.0.5:1000");
-        assert_eq!(sources.open(a), Ok(()));
-        assert_eq!(sources.open(a), Ok(()));
+        assert_eq!(sources.open(a), Ok(1));
+        assert_eq!(sources.open(a), Ok(2));
         assert_eq!(sources.open(a), Err(Refused::Handshakes));
         // Another source is not affected.
-        assert_eq!(sources.open(key("127.0.0.6:1000")), Ok(()));
+        assert_eq!(sources.open(key("127.0.0.6:1000")), Ok(1));
         sources.admitted(a);
-        assert_eq!(sources.open(a), Ok(()));
+        assert_eq!(sources.open(a), Ok(2));
         sources.closed(a, true);
         sources.closed(a, true);
         sources.closed(key("127.0.0.6:1"), true);
@@ -234,7 +298,7 @@ mod tests {
         sources.open(a).unwrap();
         assert_eq!(sources.open(a), Err(Refused::Connections));
         sources.closed(a, false);
-        assert_eq!(sources.open(a), Ok(()));
+        assert_eq!(sources.open(a), Ok(2));
         sources.closed(a, true);
         sources.closed(a, true);
         assert_eq!(sources.tracked(), 0);

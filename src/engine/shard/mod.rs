@@ -306,7 +306,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
             held_out: 0,
             unadmitted: VecDeque::new(),
             unadmitted_count: 0,
-            pace: admission::Pace::default(),
+            pace: admission::Pace::new(setup.config.timing().admit),
             making_room: false,
             collect_freed: false,
             collected_at: 0,
@@ -446,7 +446,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         if conn.admit(self.now, spread) {
             if let Some(at) = accepted_at {
                 let took = self.now.saturating_sub(at).min(self.timing.admit);
-                self.pace.record(took);
+                self.pace.record(self.now, took);
             }
             self.unadmitted_count -= 1;
             self.release_handshake(key);
@@ -492,7 +492,7 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// still go, as those that do register keep the pace short.
     fn evict_stale_unadmitted(&mut self) -> bool {
         let least = self.config.ticks(self.config.unadmitted_grace);
-        let grace = self.pace.grace(least, self.timing.admit);
+        let grace = self.pace.grace(self.now, least, self.timing.admit);
         while let Some(&(key, generation, since)) = self.unadmitted.front() {
             let Some(conn) = self.conns.get(key as usize) else {
                 self.unadmitted.pop_front();
@@ -558,7 +558,12 @@ impl<H: Handler, D: Driver> Shard<H, D> {
         }
         if let (Some(sources), Some(peer)) = (&self.sources, peer) {
             match sources.open(admission::source_key(peer)) {
-                Ok(()) => {}
+                Ok(held) => {
+                    let peak = &self.stats().source_handshakes_peak;
+                    if u64::from(held) > peak.load(Ordering::Relaxed) {
+                        peak.fetch_max(u64::from(held), Ordering::Relaxed);
+                    }
+                }
                 Err(Refused::Handshakes) => {
                     metrics::inc(&self.stats().refused_source_handshakes);
                     return None;
