@@ -726,17 +726,17 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
         tether::plan::show_size(engine.buffer_budget as u64),
         tether::plan::show_size((engine.buffer_budget / shards.max(1)) as u64),
     );
-    let bound = |n: u32| {
+    let bound = |n: u32, what: &str| {
         if n == 0 {
-            "no bound".to_string()
+            format!("no bound on {what}")
         } else {
-            n.to_string()
+            format!("at most {n} {what}")
         }
     };
     let admission_line = format!(
-        "per source address: {} sockets in their handshakes, {} connections; per shard: {} in their handshakes",
-        bound(engine.max_handshakes_per_source),
-        bound(engine.max_conns_per_source),
+        "per source address: {}, {}; per shard: at most {} sockets in their handshakes",
+        bound(engine.max_handshakes_per_source, "sockets in their handshakes"),
+        bound(engine.max_conns_per_source, "connections"),
         engine.max_unadmitted_per_shard,
     );
     let tls = match (args.tls_cert, args.tls_key) {
