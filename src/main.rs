@@ -735,7 +735,10 @@ fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     };
     let admission_line = format!(
         "per source address: {}, {}; per shard: at most {} sockets in their handshakes",
-        bound(engine.max_handshakes_per_source, "sockets in their handshakes"),
+        bound(
+            engine.max_handshakes_per_source,
+            "sockets in their handshakes"
+        ),
         bound(engine.max_conns_per_source, "connections"),
         engine.max_unadmitted_per_shard,
     );
