@@ -34,10 +34,12 @@ pub struct HerdArgs {
     /// Give up waiting for recovery after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3m")]
     pub recovery_limit: Duration,
-    /// A flag for both controllers, the one stopped and the one restarted
-    /// (repeat it for more; e.g. `--controller-arg=--max-handshakes-per-source=0`).
-    #[arg(long, allow_hyphen_values = true)]
-    pub controller_arg: Vec<String>,
+    /// Extra flags for both controllers, the one stopped and the one
+    /// restarted, as abuse takes them (e.g. `--controller-args
+    /// --max-handshakes-per-source 1000000`: a bound no source reaches,
+    /// which still counts each source's peak; 0 counts nothing).
+    #[arg(long, allow_hyphen_values = true, num_args = 0..)]
+    pub controller_args: Vec<String>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -105,7 +107,7 @@ fn run_one(
         "== controller restart under {services} services, {}",
         label(jitter, window_seconds)
     );
-    let extra: Vec<&str> = args.controller_arg.iter().map(String::as_str).collect();
+    let extra: Vec<&str> = args.controller_args.iter().map(String::as_str).collect();
     let controller = topology::controller_with(tether, shards, &extra)?;
     let (port, admin_port, admin) = (
         controller.port,
@@ -304,7 +306,7 @@ pub fn run(args: HerdArgs) -> anyhow::Result<Report> {
             "beforeSeconds": args.before.as_secs_f64(),
             "stop": args.stop,
             "reconnectWindowSeconds": args.reconnect_window.map(|w| w.as_secs_f64()),
-            "controllerArgs": args.controller_arg,
+            "controllerArgs": args.controller_args,
             "common": args.common.config(),
         }),
         results: serde_json::json!({ "runs": runs }),

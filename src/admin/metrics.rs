@@ -153,7 +153,7 @@ fn connections(o: &mut Out, stats: &[ShardStats]) {
     o.family(
         "tether_source_handshakes_peak",
         "gauge",
-        "The most sockets one source address has held in their handshakes (accepted, not yet registered), node-wide, since start: against --max-handshakes-per-source.",
+        "The most sockets one source address has held in their handshakes (accepted, not yet registered), node-wide, since start: against --max-handshakes-per-source (0 when neither per-source bound is set: nothing is counted).",
     );
     let peak = stats
         .iter()

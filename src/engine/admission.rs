@@ -130,88 +130,100 @@ impl Sources {
 }
 
 /// How long a shard's clients take from accept to admission, over the
-/// last one to two windows (a window is the admit timeout): the 95th
-/// percentile, so that a connection not admitted yet is evicted only once
-/// it is slower than nearly all the clients that do register. A herd on a
-/// machine that is busy (clients and controller sharing two cores) has a
-/// slow tail for seconds while most register in milliseconds: a pace that
-/// forgot the slow ones after a few dozen fast ones (as this did before)
-/// evicted that tail at the 2 s floor, each evicted client coming back
-/// after a longer backoff. A slowloris must make one registration in
-/// twenty slow to hold its sockets longer, and never past the admit
-/// timeout. With fewer than `WARM` registrations in the windows the pace
-/// is unknown and nothing is evicted before it could have timed out (a
-/// restarted node's first herd).
+/// current and the previous window (windows are the admit timeout long,
+/// aligned to multiples of it): the 95th percentile, so that a connection
+/// not admitted yet is evicted only once it is slower than nearly all the
+/// clients that do register. A herd on a machine that is busy (clients
+/// and controller sharing two cores) has a slow tail for seconds while
+/// most register in milliseconds: a pace that forgot the slow ones after a
+/// few dozen fast ones (as this did before) evicted that tail at the 2 s
+/// floor, each evicted client coming back after a longer backoff. A
+/// slowloris must make more than one registration in twenty slow to hold
+/// its sockets longer, and never past the admit timeout.
+///
+/// With fewer than `WARM` registrations in the two windows (a quiet node:
+/// its services stay connected) the last pace known stands; before any is
+/// known, the answer is the admit timeout, so nothing is evicted before it
+/// could have timed out (a restarted node's first herd).
 pub struct Pace {
     window: Tick,
-    since: Tick,
+    /// Where the current window began (a multiple of `window`).
+    epoch: Tick,
     /// Registrations by how long they took: bucket 0 under one tick,
     /// bucket i (1..) under 2^i ticks, the last one open.
     current: [u32; PACE_BUCKETS],
     previous: [u32; PACE_BUCKETS],
+    /// The 95th percentile's bucket when the windows last held `WARM`.
+    known: Option<usize>,
 }
 
 const PACE_BUCKETS: usize = 10;
 
 impl Pace {
-    const WARM: u32 = 16;
+    /// Registrations the windows must hold for their 95th percentile to
+    /// stand: twenty, so one slow client in twenty does not set it.
+    const WARM: u32 = 20;
 
-    /// `window`: ticks a window spans (at least one).
+    /// `window`: ticks a window spans (at least one; the admit timeout).
     pub fn new(window: Tick) -> Pace {
         Pace {
-            window: window.max(1),
-            since: 0,
+            window: window.clamp(1, Tick::MAX / 4),
+            epoch: 0,
             current: [0; PACE_BUCKETS],
             previous: [0; PACE_BUCKETS],
+            known: None,
         }
     }
 
     fn rotate(&mut self, now: Tick) {
-        if now < self.since.saturating_add(self.window) {
+        let epoch = now - now % self.window;
+        if epoch == self.epoch {
             return;
         }
-        self.previous = if now < self.since.saturating_add(2 * self.window) {
+        self.previous = if epoch == self.epoch + self.window {
             self.current
         } else {
             [0; PACE_BUCKETS]
         };
         self.current = [0; PACE_BUCKETS];
-        self.since = now;
+        self.epoch = epoch;
     }
 
     /// A connection was admitted at `now`, `took` ticks after its accept.
     pub fn record(&mut self, now: Tick, took: Tick) {
         self.rotate(now);
-        let bucket = (Tick::BITS - took.leading_zeros()) as usize;
-        self.current[bucket.min(PACE_BUCKETS - 1)] += 1;
+        let bucket = ((Tick::BITS - took.leading_zeros()) as usize).min(PACE_BUCKETS - 1);
+        self.current[bucket] = self.current[bucket].saturating_add(1);
     }
 
     /// How old a connection not admitted yet must be at `now` to be
     /// evicted: four times the 95th percentile of the recent clients' time
-    /// to admission (the upper end of its bucket), at least `least`, at
-    /// most `most` (the admit timeout), which is also the answer until the
+    /// to admission, taken at the upper end of its power-of-two bucket (so
+    /// four to eight times the percentile itself), at least `least`, at
+    /// most `most` (the admit timeout), which is also the answer until a
     /// pace is known.
     pub fn grace(&mut self, now: Tick, least: Tick, most: Tick) -> Tick {
         self.rotate(now);
-        let count = |i: usize| self.current[i] + self.previous[i];
-        let total: u32 = (0..PACE_BUCKETS).map(count).sum();
-        if total < Self::WARM {
-            return most.max(least);
+        let count = |i: usize| u64::from(self.current[i]) + u64::from(self.previous[i]);
+        let total: u64 = (0..PACE_BUCKETS).map(count).sum();
+        if total >= u64::from(Self::WARM) {
+            let within = total - total / 20;
+            let mut seen = 0;
+            let bucket = (0..PACE_BUCKETS)
+                .find(|&i| {
+                    seen += count(i);
+                    seen >= within
+                })
+                .unwrap_or(PACE_BUCKETS - 1);
+            self.known = Some(bucket);
         }
-        let within = total - total / 20;
-        let mut seen = 0;
-        let bucket = (0..PACE_BUCKETS)
-            .find(|&i| {
-                seen += count(i);
-                seen >= within
-            })
-            .unwrap_or(PACE_BUCKETS - 1);
-        if bucket == PACE_BUCKETS - 1 {
-            return most.max(least);
+        match self.known {
+            Some(bucket) if bucket < PACE_BUCKETS - 1 => {
+                let four = (4u64 << bucket).min(u64::from(most)) as Tick;
+                four.max(least)
+            }
+            _ => most.max(least),
         }
-        let slow = 1u64 << bucket;
-        let four = (4 * slow).min(u64::from(most)) as Tick;
-        four.max(least)
     }
 }
 
@@ -223,8 +235,8 @@ mod tests {
     fn the_pace_is_the_slow_tail_of_the_recent_registrations() {
         // Windows of 100 ticks (the admit timeout).
         let mut pace = Pace::new(100);
-        // Unknown until 16 have registered: the admit timeout.
-        for _ in 0..15 {
+        // Unknown until 20 have registered: the admit timeout.
+        for _ in 0..19 {
             pace.record(0, 1);
         }
         assert_eq!(pace.grace(0, 20, 100), 100);
@@ -232,7 +244,7 @@ mod tests {
         // Fast clients (under 2 ticks): the configured least.
         assert_eq!(pace.grace(1, 20, 100), 20);
         // A slow tail of more than one in twenty (15 ticks: under 16) sets
-        // it, however many fast ones register after: four times 16.
+        // it to four times 16: 4 slow of 74.
         for _ in 0..4 {
             pace.record(2, 15);
         }
@@ -240,8 +252,9 @@ mod tests {
             pace.record(3, 1);
         }
         assert_eq!(pace.grace(3, 20, 100), 64);
-        // One slow one in twenty or fewer does not.
-        for _ in 0..30 {
+        // One in twenty exactly does not: 5 slow of 100.
+        pace.record(4, 15);
+        for _ in 0..25 {
             pace.record(4, 1);
         }
         assert_eq!(pace.grace(4, 20, 100), 20);
@@ -250,21 +263,38 @@ mod tests {
             pace.record(5, 90);
         }
         assert_eq!(pace.grace(5, 20, 100), 100);
-        // Two windows on, the slow ones are forgotten...
+        // The next window still counts the previous one...
         for _ in 0..20 {
             pace.record(150, 1);
         }
-        assert_eq!(
-            pace.grace(150, 20, 100),
-            100,
-            "the previous window still counts"
-        );
+        assert_eq!(pace.grace(150, 20, 100), 100, "the previous window counts");
+        // ...and the one after forgets it.
         for _ in 0..20 {
             pace.record(260, 1);
         }
         assert_eq!(pace.grace(260, 20, 100), 20);
-        // ...and after a quiet spell the pace is unknown again.
-        assert_eq!(pace.grace(500, 20, 100), 100);
+        // A quiet node keeps the pace it last knew: a flood of half-open
+        // sockets long after the last registrations is still evicted at
+        // the least, not held to the admit timeout.
+        assert_eq!(pace.grace(5_000, 20, 100), 20);
+        pace.record(5_001, 90);
+        assert_eq!(pace.grace(5_002, 20, 100), 20, "one slow one is not a pace");
+    }
+
+    #[test]
+    fn the_pace_windows_are_aligned_so_nothing_counts_past_two() {
+        let mut pace = Pace::new(100);
+        // 20 slow at the end of window 0, 20 fast early in window 1.
+        for _ in 0..20 {
+            pace.record(99, 90);
+        }
+        for _ in 0..20 {
+            pace.record(100, 0);
+        }
+        assert_eq!(pace.grace(150, 20, 100), 100);
+        // Window 2 begins at 200: the slow ones (tick 99) are gone, the
+        // fast ones (under one tick) are the pace.
+        assert_eq!(pace.grace(200, 2, 100), 4);
     }
 
     fn key(s: &str) -> u128 {

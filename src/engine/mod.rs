@@ -162,10 +162,10 @@ pub struct EngineConfig {
     /// it registers rather than evicted.
     pub max_unadmitted_per_shard: usize,
     /// A connection not admitted yet is evicted for another only once it
-    /// is this old (it had its chance to register), or four times as old
-    /// as the slow end of the shard's clients' time from accept to
-    /// admission if that is longer (at most the admit timeout, which is
-    /// also the answer until 16 have registered): slow clients in a herd
+    /// is this old (it had its chance to register), or four to eight times
+    /// the 95th percentile of the shard's recent clients' time from accept
+    /// to admission if that is longer (at most the admit timeout, which is
+    /// also the answer until a pace is known; see `admission::Pace`): slow clients in a herd
     /// are not evicted only to come back, while a slowloris's sockets
     /// still go.
     pub unadmitted_grace: Duration,
@@ -273,7 +273,6 @@ impl EngineConfig {
     }
 }
 
-/// Just under what one fd table holds: RLIMIT_NOFILE minus the reserve.
 /// Sockets one shard holds in their handshakes before it stops accepting.
 pub const DEFAULT_MAX_UNADMITTED_PER_SHARD: usize = 1024;
 
@@ -284,12 +283,16 @@ pub const DEFAULT_MAX_UNADMITTED_PER_SHARD: usize = 1024;
 /// the many services behind one address (a NAT, a big host) reconnecting
 /// in a herd are not refused: a fixed 1,024 was 5 % of a 20-shard node,
 /// and measured at 300,000 services over 30 addresses one address held up
-/// to 1,082 in a restart's herd, each refusal a longer backoff.
+/// to 1,082 in a restart's herd, each refusal a longer backoff. The 1,024
+/// floor means one address may take half of a 2-shard node's room and all
+/// of a 1-shard node's (as before); a source is one full address, so an
+/// IPv6 host with many addresses is many sources.
 pub fn default_max_handshakes_per_source(shards: usize, max_unadmitted_per_shard: usize) -> u32 {
     let share = shards.saturating_mul(max_unadmitted_per_shard) / 8;
     share.clamp(1024, u32::MAX as usize) as u32
 }
 
+/// Just under what one fd table holds: RLIMIT_NOFILE minus the reserve.
 pub fn default_max_conns_per_shard(shards: usize) -> usize {
     let nofile = sys::nofile_limit().unwrap_or(1024) as usize;
     nofile.saturating_sub(FD_RESERVE + shards).max(1)
@@ -762,7 +765,7 @@ mod tests {
 
     #[test]
     fn one_source_may_hold_an_eighth_of_the_nodes_handshakes_at_least_1024() {
-        // Small nodes keep the old bound: 1,024 of 2 × 1,024 or 4 × 1,024.
+        // Up to 8 shards the bound stays 1,024 (half of a 2-shard node's room).
         assert_eq!(default_max_handshakes_per_source(2, 1024), 1024);
         assert_eq!(default_max_handshakes_per_source(8, 1024), 1024);
         // A 20-shard node (300,000 services here): 2,560 of 20,480.

@@ -485,11 +485,12 @@ impl<H: Handler, D: Driver> Shard<H, D> {
     /// that would evict every socket before it could register, so the
     /// shard stops accepting instead (the listen backlog holds the rest).
     ///
-    /// Old enough means `unadmitted_grace`, or four times the slow end of
-    /// the clients' pace if longer (at most the admit timeout; see `Pace`):
-    /// in a herd on a busy network every client answers slowly, and
-    /// evicting them only makes each come back later; a slowloris's sockets
-    /// still go, as those that do register keep the pace short.
+    /// Old enough means `unadmitted_grace`, or four to eight times the 95th
+    /// percentile of the recent clients' time to admission if longer (at
+    /// most the admit timeout; see `Pace`): in a herd on a busy network the
+    /// clients answer slowly, and evicting them only makes each come back
+    /// later; a slowloris's sockets still go, as those that do register
+    /// keep the pace short.
     fn evict_stale_unadmitted(&mut self) -> bool {
         let least = self.config.ticks(self.config.unadmitted_grace);
         let grace = self.pace.grace(self.now, least, self.timing.admit);
